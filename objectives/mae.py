@@ -1,0 +1,168 @@
+"""Masked autoencoder (He et al., CVPR 2022), 2D and 3D, for any backbone (``objective=mae``).
+
+Formula (``facebookresearch/mae``, ``models_mae.py``): per image, ``noise ~ U(0, 1)`` per token; the
+``floor(N (1 - r))`` tokens of lowest noise are kept; the encoder sees only those (visible-only
+forward); a light decoder gets the kept tokens back at their positions and a learned mask token
+elsewhere, plus fixed sin-cos positions, and predicts each patch's pixels. With ``norm_pix_loss``
+the target is per-patch normalised, ``(x - mean) / sqrt(var_unbiased + 1e-6)``. The loss is the
+per-patch MSE averaged over masked patches only: ``sum_i e_i m_i / sum_i m_i``.
+
+Deviations from the reference, on purpose:
+    * kept indices are sorted (raster order) so that sequence backbones (Mamba, xLSTM) see the
+      visible tokens in scan order; for attention this changes nothing;
+    * the decoder receives patch tokens only (the reference also carries the encoder's CLS token
+      through the decoder, where the loss never uses it);
+    * 3D uses the same code with 3D patches and the 3D sin-cos table (Hi-End-MAE's MAE baseline).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from monai.transforms import Compose, RandFlipd
+from torch import Tensor, nn
+
+from ssl_med.encoder import Encoder
+from ssl_med.layers.patch_embed import patchify, unpatchify
+from ssl_med.layers.pos_embed import sincos_pos_embed
+from ssl_med.layers.transformer import Block
+from ssl_med.objective import Objective, ObjectiveOutput, Sample
+from ssl_med.registry import OBJECTIVES
+
+
+def random_masking(noise: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor]:
+    """Choose visible tokens from per-token noise ``(B, N)``.
+
+    Returns:
+        keep_idx: ``(B, N_keep)`` visible token indices, ascending, ``N_keep = floor(N (1 - r))``.
+        mask: ``(B, N)`` bool, True where a token is masked (removed).
+    """
+    b, n = noise.shape
+    n_keep = int(n * (1 - mask_ratio))
+    if not 0 < n_keep <= n:
+        raise ValueError(f"mask_ratio={mask_ratio} keeps {n_keep} of {n} tokens; need at least one")
+    keep_idx = noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values
+    mask = torch.ones(b, n, dtype=torch.bool, device=noise.device)
+    mask.scatter_(1, keep_idx, False)
+    return keep_idx, mask
+
+
+def masked_patch_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool) -> Tensor:
+    """MAE loss: per-patch MSE ``(B, N)`` averaged over masked patches (``mask`` True).
+
+    ``pred``/``target``: ``(B, N, P)`` patch vectors.
+    """
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)  # unbiased, as the reference
+        target = (target - mean) / (var + 1.0e-6).sqrt()
+    per_patch = (pred - target).pow(2).mean(dim=-1)
+    m = mask.to(per_patch.dtype)
+    return (per_patch * m).sum() / m.sum().clamp_min(1.0)
+
+
+class MAEDecoder(nn.Module):
+    """Light transformer decoder: visible tokens + mask tokens at fixed sin-cos positions -> pixels.
+
+    Shapes: visible ``(B, N_keep, D)`` with ``keep_idx (B, N_keep)`` -> ``(B, N, prod(p) * C)``.
+    """
+
+    def __init__(self, embed_dim: int, decoder_dim: int, depth: int, num_heads: int, patch_dim: int) -> None:
+        super().__init__()
+        self.decoder_dim = decoder_dim
+        self.embed = nn.Linear(embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.blocks = nn.ModuleList(Block(decoder_dim, num_heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.pred = nn.Linear(decoder_dim, patch_dim)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, visible: Tensor, keep_idx: Tensor, grid: tuple[int, ...]) -> Tensor:
+        b = visible.shape[0]
+        n = math.prod(grid)
+        x = self.mask_token.to(visible.dtype).expand(b, n, -1).clone()
+        x = x.scatter(1, keep_idx.unsqueeze(-1).expand(-1, -1, self.decoder_dim), self.embed(visible))
+        x = x + sincos_pos_embed(grid, self.decoder_dim).to(x)[None]
+        for block in self.blocks:
+            x = block(x)
+        return self.pred(self.norm(x))
+
+
+@OBJECTIVES.register("mae")
+class MAE(Objective):
+    """Masked autoencoder objective.
+
+    Args:
+        encoder: any :class:`~ssl_med.encoder.Encoder` with a fixed channel count.
+        mask_ratio: fraction of tokens removed (0.75).
+        norm_pix_loss: per-patch normalised targets (True, as the reference recipe).
+        decoder_dim, decoder_depth, decoder_heads: decoder size (reference: 512, 8, 16).
+        flip_prob: probability of a random flip per spatial axis in the view transform.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        flip_prob: float = 0.5,
+    ) -> None:
+        super().__init__(encoder)
+        if encoder.in_chans is None:
+            raise ValueError("MAE needs an encoder with a fixed number of input channels")
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.flip_prob = flip_prob
+        patch_dim = math.prod(encoder.patch_size) * encoder.in_chans
+        self.decoder = MAEDecoder(encoder.embed_dim, decoder_dim, decoder_depth, decoder_heads, patch_dim)
+
+    def view_transform(self) -> Callable[[Sample], Sample]:
+        flips = [RandFlipd(keys="image", prob=self.flip_prob, spatial_axis=a) for a in range(self.encoder.spatial_dims)]
+        return Compose(flips)
+
+    def forward(self, batch: dict[str, Any], noise: Tensor | None = None) -> ObjectiveOutput:
+        """One step; ``noise`` ``(B, N)`` fixes the masking (tests), else drawn uniformly."""
+        images = batch["image"]
+        grid = self.encoder.grid_shape(images.shape[2:])
+        if noise is None:
+            noise = torch.rand(images.shape[0], math.prod(grid), device=images.device)
+        keep_idx, mask = random_masking(noise, self.mask_ratio)
+        out = self.encoder(images, keep_idx=keep_idx)
+        pred = self.decoder(out.patch_tokens, keep_idx, grid)
+        loss = masked_patch_loss(pred, patchify(images, self.encoder.patch_size), mask, self.norm_pix_loss)
+        return ObjectiveOutput(loss=loss, terms={"mae": loss.detach()}, embeddings=out.pooled.detach())
+
+    @torch.no_grad()
+    def preview(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        images = batch["image"]
+        grid = self.encoder.grid_shape(images.shape[2:])
+        noise = torch.rand(images.shape[0], math.prod(grid), device=images.device)
+        keep_idx, mask = random_masking(noise, self.mask_ratio)
+        pred = self.decoder(self.encoder(images, keep_idx=keep_idx).patch_tokens, keep_idx, grid)
+        return {
+            "input": images,
+            "masked": self._masked_input(images, mask, grid),
+            "reconstruction": self._reconstruct(pred, images, grid),
+        }
+
+    def _masked_input(self, images: Tensor, mask: Tensor, grid: tuple[int, ...]) -> Tensor:
+        """``(B, C, *S)`` with masked patches zeroed (for previews)."""
+        patches = patchify(images, self.encoder.patch_size) * (~mask).unsqueeze(-1)
+        return unpatchify(patches, grid, self.encoder.patch_size, images.shape[1])
+
+    def _reconstruct(self, pred: Tensor, images: Tensor, grid: tuple[int, ...]) -> Tensor:
+        """De-normalised prediction ``(B, C, *S)``: with ``norm_pix_loss`` each patch's statistics are
+        taken from the input so the preview is in image units."""
+        pred = pred.detach()
+        if self.norm_pix_loss:
+            target = patchify(images, self.encoder.patch_size)
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1.0e-6).sqrt() + target.mean(dim=-1, keepdim=True)
+        return unpatchify(pred, grid, self.encoder.patch_size, images.shape[1])

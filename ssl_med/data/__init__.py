@@ -1,0 +1,1 @@
+"""Data layer: the Zarr image store, crop sampling and the Lightning data module."""

@@ -1,0 +1,164 @@
+"""Random crops read straight from the chunks of an :class:`~ssl_med.data.store.ImageStore`.
+
+A crop is drawn deterministically from ``(seed, index)``: the image (weighted by its number of
+crop positions, so large volumes are sampled more), for 2D crops from a volume the slice along
+``slice_axis``, and the crop origin. Only the chunks that the crop touches are read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ssl_med.data.store import ImageMeta, ImageStore
+
+
+def normalise_intensity(crop: np.ndarray, meta: ImageMeta) -> np.ndarray:
+    """Scale each channel to ``[0, 1]`` from its stored 0.5/99.5 percentiles (clipped); NaN -> 0."""
+    lo = np.asarray(meta.intensity["p0.5"], dtype=np.float32).reshape(-1, *([1] * (crop.ndim - 1)))
+    hi = np.asarray(meta.intensity["p99.5"], dtype=np.float32).reshape(lo.shape)
+    out = (crop.astype(np.float32) - lo) / np.maximum(hi - lo, 1e-6)
+    return np.nan_to_num(np.clip(out, 0.0, 1.0), nan=0.0)
+
+
+def match_channels(crop: np.ndarray, num_channels: int | None) -> np.ndarray:
+    """Adapt ``(C, ...)`` to ``num_channels``: mean to 1 channel, or repeat 1 channel; ``None`` keeps C."""
+    c = crop.shape[0]
+    if num_channels is None or c == num_channels:
+        return crop
+    if num_channels == 1:
+        return crop.mean(axis=0, keepdims=True)
+    if c == 1:
+        return np.repeat(crop, num_channels, axis=0)
+    raise ValueError(f"cannot map a {c}-channel image to {num_channels} channels")
+
+
+class RandomCropDataset(Dataset):
+    """Random ``crop_size`` crops from an image store, as ``{"image": (C, *crop_size) float32, ...}``.
+
+    Args:
+        store_path: path/URL of the store (opened lazily in each worker process).
+        crop_size: one size per spatial axis of the crop (2 or 3 values).
+        num_channels: channels the model expects (see :func:`match_channels`); ``None`` keeps them.
+        slice_axis: for 2D crops from 3D volumes, the axis the slice is taken along (0 = Z, axial).
+        length: nominal number of crops per epoch.
+        seed: crops are a function of ``(seed, index)``.
+        split: only images of this split (``None``: all).
+        transform: per-sample callable applied last (the objective's view transform).
+
+    Images smaller than the crop are padded with zeros after normalisation.
+    """
+
+    def __init__(
+        self,
+        store_path: str | os.PathLike[str],
+        crop_size: Sequence[int],
+        num_channels: int | None = 1,
+        slice_axis: int = 0,
+        length: int = 1024,
+        seed: int = 0,
+        split: str | None = None,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        self.store_path = str(store_path)
+        self.crop_size = tuple(int(c) for c in crop_size)
+        self.spatial_dims = len(self.crop_size)
+        self.num_channels = num_channels
+        self.slice_axis = slice_axis
+        self.length = length
+        self.seed = seed
+        self.transform = transform
+        manifest = ImageStore(self.store_path).manifest
+        self.names = [
+            n for n, m in manifest.items() if (split is None or m.split == split) and m.spatial_dims >= self.spatial_dims
+        ]
+        if not self.names:
+            raise ValueError(
+                f"store {self.store_path} has no {self.spatial_dims}D-compatible images"
+                + (f" in split {split!r}" if split else "")
+            )
+        self.metas = [manifest[n] for n in self.names]
+        weights = np.array([self._num_positions(m) for m in self.metas], dtype=np.float64)
+        self.weights = weights / weights.sum()
+        self._store: ImageStore | None = None
+        self._pid: int | None = None
+
+    def _num_positions(self, meta: ImageMeta) -> int:
+        spatial = meta.shape[1:]
+        if meta.spatial_dims > self.spatial_dims:  # slices of a volume
+            n_slices = spatial[self.slice_axis]
+            spatial = tuple(s for i, s in enumerate(spatial) if i != self.slice_axis)
+        else:
+            n_slices = 1
+        return n_slices * math.prod(max(s - c, 0) + 1 for s, c in zip(spatial, self.crop_size))
+
+    @property
+    def store(self) -> ImageStore:
+        """The store handle of this process (re-opened after a fork: zarr handles are not fork-safe)."""
+        if self._store is None or self._pid != os.getpid():
+            self._store, self._pid = ImageStore(self.store_path), os.getpid()
+        return self._store
+
+    def __len__(self) -> int:
+        return self.length
+
+    def region(self, index: int) -> tuple[str, tuple[slice, ...]]:
+        """The image name and the spatial region (in store coordinates) of crop ``index``."""
+        rng = np.random.default_rng([self.seed, index])
+        k = int(rng.choice(len(self.names), p=self.weights))
+        meta = self.metas[k]
+        spatial = list(meta.shape[1:])
+        region: list[slice] = []
+        crop = list(self.crop_size)
+        if meta.spatial_dims > self.spatial_dims:
+            z = int(rng.integers(spatial[self.slice_axis]))
+            crop.insert(self.slice_axis, 1)
+        for axis, (size, c) in enumerate(zip(spatial, crop)):
+            if meta.spatial_dims > self.spatial_dims and axis == self.slice_axis:
+                region.append(slice(z, z + 1))
+                continue
+            start = int(rng.integers(max(size - c, 0) + 1))
+            region.append(slice(start, min(start + c, size)))
+        return self.names[k], tuple(region)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name, region = self.region(index)
+        k = self.names.index(name)
+        meta = self.metas[k]
+        crop = self.store.read(name, region)
+        if meta.spatial_dims > self.spatial_dims:
+            crop = crop.squeeze(1 + self.slice_axis)
+        crop = match_channels(normalise_intensity(crop, meta), self.num_channels)
+        pad = [(0, 0)] + [(0, c - s) for s, c in zip(crop.shape[1:], self.crop_size)]
+        if any(p[1] for p in pad):
+            crop = np.pad(crop, pad)
+        sample: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(crop))}
+        return self.transform(sample) if self.transform is not None else sample
+
+
+class EpochSampler(Sampler[int]):
+    """Yields ``length`` fresh crop indices per epoch, sharded without overlap across ``world_size`` ranks.
+
+    Epoch ``e`` on rank ``r`` yields ``e * length + r, e * length + r + world_size, ...``; Lightning calls
+    :meth:`set_epoch` so every epoch draws new crops.
+    """
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.length, self.rank, self.world_size = length, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        base = self.epoch * self.length
+        return iter(range(base + self.rank, base + self.length, self.world_size))

@@ -1,0 +1,17 @@
+"""Reusable layers shared by every backbone and decoder (patch/position embedding, attention)."""
+
+from ssl_med.layers.attention import Attention, attention
+from ssl_med.layers.patch_embed import PatchEmbed, patchify, unpatchify
+from ssl_med.layers.pos_embed import resample_pos_embed, sincos_pos_embed
+from ssl_med.layers.transformer import Block
+
+__all__ = [
+    "Attention",
+    "Block",
+    "PatchEmbed",
+    "attention",
+    "patchify",
+    "resample_pos_embed",
+    "sincos_pos_embed",
+    "unpatchify",
+]

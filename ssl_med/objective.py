@@ -1,0 +1,71 @@
+"""The objective interface: an objective owns its views, heads, teacher and loss.
+
+The Lightning module only wires ``encoder + objective + optimiser``::
+
+    objective = OBJECTIVES.build("mae", encoder=encoder, **cfg)
+    views = objective.view_transform()      # per-sample, runs in DataLoader workers
+    out = objective(batch)                  # ObjectiveOutput(loss, terms, embeddings)
+    objective.on_train_step_end(step, max_steps)   # e.g. EMA teacher update
+
+``batch`` is the collated output of the view transform; its ``"image"`` key holds the crops
+``(B, C, *S)`` sampled by the data module.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from ssl_med.encoder import Encoder
+
+Sample = dict[str, Any]
+
+
+@dataclass
+class ObjectiveOutput:
+    """Result of one objective step.
+
+    Attributes:
+        loss: scalar to minimise.
+        terms: named, detached loss terms for logging (``{"mae": ...}``).
+        embeddings: ``(B, D)`` pooled encoder embeddings of this step, for the collapse monitor.
+    """
+
+    loss: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    embeddings: Tensor | None = None
+
+
+class Objective(nn.Module, ABC):
+    """Base class of all pretraining objectives.
+
+    Args:
+        encoder: the trained encoder (student); exported at the end of pretraining.
+    """
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def view_transform(self) -> Callable[[Sample], Sample]:
+        """Per-sample transform from a data-module crop to this objective's views (default: none)."""
+        return _identity
+
+    @abstractmethod
+    def forward(self, batch: dict[str, Any]) -> ObjectiveOutput:
+        """Compute the loss of one collated batch."""
+
+    def preview(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Named images ``(B, C, *S)`` worth looking at (input, masked input, reconstruction...)."""
+        return {}
+
+    def on_train_step_end(self, step: int, max_steps: int) -> None:
+        """Hook after each optimiser step (EMA teachers, schedules); ``step`` counts from 1."""
+
+
+def _identity(sample: Sample) -> Sample:
+    return sample

@@ -1,0 +1,42 @@
+"""Shared fixtures: paths to ../shared/data (skipped when absent) and the demo stores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SSL_MED_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (real labelled medical data); tests using it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the demo-store cache inside the test session unless the user set one."""
+    os.environ.setdefault("SSL_MED_CACHE", str(tmp_path_factory.mktemp("ssl_med_cache")))
+
+
+@pytest.fixture(scope="session")
+def demo_store_2d() -> str:
+    from ssl_med.data.sources.demo import demo_store
+
+    return demo_store(2)
+
+
+@pytest.fixture(scope="session")
+def demo_store_3d() -> str:
+    from ssl_med.data.sources.demo import demo_store
+
+    return demo_store(3)
