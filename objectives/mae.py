@@ -138,7 +138,9 @@ class MAE(Objective):
         out = self.encoder(images, keep_idx=keep_idx)
         pred = self.decoder(out.patch_tokens, keep_idx, grid)
         loss = masked_patch_loss(pred, patchify(images, self.encoder.patch_size), mask, self.norm_pix_loss)
-        return ObjectiveOutput(loss=loss, terms={"mae": loss.detach()}, embeddings=out.pooled.detach())
+        # the loss never touches the CLS token, so the collapse monitor watches the mean visible token
+        embeddings = out.patch_tokens.mean(dim=1).detach()
+        return ObjectiveOutput(loss=loss, terms={"mae": loss.detach()}, embeddings=embeddings)
 
     @torch.no_grad()
     def preview(self, batch: dict[str, Any]) -> dict[str, Tensor]:

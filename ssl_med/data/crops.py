@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.transforms import Randomizable
 from torch.utils.data import Dataset, Sampler
 
 from ssl_med.data.store import ImageMeta, ImageStore
@@ -139,26 +141,29 @@ class RandomCropDataset(Dataset):
         if any(p[1] for p in pad):
             crop = np.pad(crop, pad)
         sample: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(crop))}
-        return self.transform(sample) if self.transform is not None else sample
+        if self.transform is None:
+            return sample
+        if isinstance(self.transform, Randomizable):  # views depend on (seed, index) only, not on workers
+            self.transform.set_random_state(seed=int(np.random.default_rng([self.seed, index, 1]).integers(2**31)))
+        return {k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in self.transform(sample).items()}
 
 
 class EpochSampler(Sampler[int]):
-    """Yields ``length`` fresh crop indices per epoch, sharded without overlap across ``world_size`` ranks.
+    """Crop indices that continue across epochs and resumes, sharded without overlap across ranks.
 
-    Epoch ``e`` on rank ``r`` yields ``e * length + r, e * length + r + world_size, ...``; Lightning calls
-    :meth:`set_epoch` so every epoch draws new crops.
+    Each pass yields ``length / world_size`` indices starting at ``offset()``, the number of samples
+    the whole job has consumed so far (``global_step * batch_size * world_size``), so a resumed run
+    continues with exactly the crops it would have drawn, and every epoch draws new ones.
+    Rank ``r`` takes ``offset + r, offset + r + world_size, ...``.
     """
 
-    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1, offset: Callable[[], int] = lambda: 0) -> None:
         self.length, self.rank, self.world_size = length, rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.offset = offset
 
     def __len__(self) -> int:
         return len(range(self.rank, self.length, self.world_size))
 
     def __iter__(self) -> Iterator[int]:
-        base = self.epoch * self.length
+        base = self.offset()
         return iter(range(base + self.rank, base + self.length, self.world_size))

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from importlib import resources
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 
 import numpy as np

@@ -1,0 +1,1 @@
+"""Hydra config tree of ssl_med (installed as the package ``ssl_med.conf``)."""

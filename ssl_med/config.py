@@ -1,0 +1,95 @@
+"""Typed config objects mirroring the YAML tree in ``conf/``.
+
+``backbone`` and ``objective`` are free-form (their keys are the registered constructor's arguments,
+checked by :meth:`ssl_med.registry.Registry.build`); every other group has a dataclass here, so a
+misspelt key in a YAML file or an override fails before any work starts, with the valid keys listed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """An invalid configuration (unknown key, wrong type, missing value)."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"
+    source: str = "demo"
+    store: str | None = None
+    spatial_dims: int = 2
+    crop_size: list[int] = field(default_factory=lambda: [64, 64])
+    patch_size: int = 8
+    num_channels: int | None = 1
+    slice_axis: int = 0
+    samples_per_epoch: int = 2048
+    batch_size: int = 32
+    num_workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 5.0e-4
+    min_lr: float = 1.0e-6
+    warmup_steps: int = 20
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.05
+    weight_decay_end: float = 0.05
+    grad_clip: float | None = 3.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    checkpoint_every_n_steps: int = 100
+    log_every_n_steps: int = 10
+    preview_every_n_steps: int = 100
+    progress_bar: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    backbone: dict[str, Any]
+    objective: dict[str, Any]
+    data: DataConfig
+    optim: OptimConfig
+    trainer: TrainerConfig
+    seed: int = 0
+    resume: str = "auto"
+    experiment: str = "run"
+
+
+def _check_group(group: str, cfg: DictConfig, schema: type) -> None:
+    valid = {f.name for f in fields(schema)}
+    unknown = sorted(set(cfg.keys()) - valid)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in '{group}'; valid keys: {', '.join(sorted(valid))}")
+
+
+def parse_pretrain_config(cfg: DictConfig) -> PretrainConfig:
+    """Validate a composed Hydra config and return typed objects (``backbone``/``objective`` as dicts)."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for group, schema in (("data", DataConfig), ("optim", OptimConfig), ("trainer", TrainerConfig)):
+        _check_group(group, cfg[group], schema)
+    top_unknown = sorted(set(cfg.keys()) - {f.name for f in fields(PretrainConfig)} - {"hydra"})
+    if top_unknown:
+        raise ConfigError(f"unknown top-level key(s) {top_unknown}")
+    for group in ("backbone", "objective"):
+        if "name" not in cfg[group]:
+            raise ConfigError(f"'{group}' needs a 'name' (a registered {group}; see `ssl_med list`)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PretrainConfig), cfg)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except Exception as err:  # omegaconf's ValidationError / MissingMandatoryValue
+        raise ConfigError(str(err)) from err

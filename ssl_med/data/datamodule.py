@@ -1,0 +1,77 @@
+"""LightningDataModule handing store crops to the objective's view transform."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from ssl_med.config import DataConfig
+from ssl_med.data.crops import EpochSampler, RandomCropDataset
+from ssl_med.registry import DATASETS
+
+
+def resolve_store(cfg: DataConfig) -> str:
+    """Path/URL of the image store that ``cfg.source`` names (built or checked by the source)."""
+    kwargs: dict[str, Any] = {"spatial_dims": cfg.spatial_dims}
+    if cfg.store is not None:
+        kwargs["store"] = cfg.store
+    return DATASETS.build(cfg.source, **kwargs)
+
+
+class CropDataModule(L.LightningDataModule):
+    """Random crops from an image store, transformed into an objective's views.
+
+    Args:
+        cfg: the ``data`` config group.
+        view_transform: the objective's per-sample transform (runs in the workers).
+        seed: crop sampling seed.
+
+    Workers are started with ``spawn`` (zarr v3 handles are not fork-safe once the parent has read
+    data); each worker opens its own store handle.
+    """
+
+    def __init__(self, cfg: DataConfig, view_transform: Callable[[dict], dict], seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.view_transform = view_transform
+        self.seed = seed
+        self.dataset: RandomCropDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if len(self.cfg.crop_size) != self.cfg.spatial_dims:
+            raise ValueError(f"data.crop_size {self.cfg.crop_size} does not have spatial_dims={self.cfg.spatial_dims} values")
+        if self.dataset is None:
+            self.dataset = RandomCropDataset(
+                resolve_store(self.cfg),
+                crop_size=self.cfg.crop_size,
+                num_channels=self.cfg.num_channels,
+                slice_axis=self.cfg.slice_axis,
+                length=self.cfg.samples_per_epoch,
+                seed=self.seed,
+                transform=self.view_transform,
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.dataset is not None, "call setup() first"
+        trainer = self.trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
+        batch = self.cfg.batch_size
+
+        def consumed() -> int:  # samples the whole job has used so far (restored on resume)
+            return trainer.global_step * batch * world if trainer is not None else 0
+
+        workers = self.cfg.num_workers
+        return DataLoader(
+            self.dataset,
+            batch_size=batch,
+            sampler=EpochSampler(self.cfg.samples_per_epoch, rank, world, consumed),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            multiprocessing_context=multiprocessing.get_context("spawn") if workers > 0 else None,
+            drop_last=True,
+        )

@@ -1,0 +1,1 @@
+"""Training: the Lightning module, schedules, callbacks and the ``pretrain`` entry point."""

@@ -1,0 +1,72 @@
+"""Callbacks carrying cross-cutting behaviour: atomic checkpoints, image previews, encoder export."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from torch import Tensor
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file and renames it into place: a run killed mid-save never
+    leaves a truncated ``last.ckpt`` behind."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
+def _preview_grid(images: dict[str, Tensor], max_items: int = 4) -> Tensor:
+    """Rows of ``(C, H, W)`` tiles: one row per image, one column per name; 3D shows the central slice."""
+    columns = []
+    for tensor in images.values():
+        x = tensor[:max_items].detach().float().cpu()
+        if x.ndim == 5:  # (B, C, D, H, W) -> central axial slice
+            x = x[:, :, x.shape[2] // 2]
+        x = x[:, :1]  # first channel
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        columns.append((x - lo) / (hi - lo).clamp_min(1e-6))
+    tiles = torch.cat([torch.cat(list(col), dim=-1) for col in zip(*columns)], dim=-2)
+    return tiles.expand(3, -1, -1) if tiles.shape[0] == 1 else tiles
+
+
+class PreviewImages(L.Callback):
+    """Every ``every_n_steps``, logs the objective's :meth:`~ssl_med.objective.Objective.preview`
+    (e.g. input | masked input | reconstruction) to TensorBoard."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps <= 0 or step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image"):
+            return
+        images = pl_module.objective.preview(batch)
+        if images:
+            experiment.add_image("preview/" + "|".join(images), _preview_grid(images), step)
+
+
+class ExportEncoder(L.Callback):
+    """Writes the trained encoder (safetensors + config) into the run folder when training ends."""
+
+    def __init__(self, out_dir: Path, config: dict[str, Any]) -> None:
+        self.out_dir = out_dir
+        self.config = config
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            from ssl_med.export import save_encoder
+
+            save_encoder(pl_module.objective.encoder, self.out_dir, self.config)

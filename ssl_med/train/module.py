@@ -1,0 +1,92 @@
+"""The Lightning module: wires encoder + objective + optimiser, nothing else."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from ssl_med.config import OptimConfig
+from ssl_med.objective import Objective
+from ssl_med.train.schedules import warmup_cosine
+
+
+def embedding_std(embeddings: Tensor) -> Tensor:
+    """Mean per-dimension std of L2-normalised embeddings ``(B, D)``.
+
+    About ``1/sqrt(D)`` for well-spread embeddings, 0 when they collapse to one point.
+    """
+    z = torch.nn.functional.normalize(embeddings.float(), dim=1)
+    return z.std(dim=0).mean()
+
+
+class PretrainModule(L.LightningModule):
+    """Trains ``objective`` (which holds the encoder) with AdamW and per-step schedules.
+
+    Args:
+        objective: the objective, holding ``objective.encoder``.
+        optim: optimiser settings (peak LR, warmup, cosine decay, weight-decay schedule).
+        max_steps: total optimiser steps (for the schedules).
+    """
+
+    def __init__(self, objective: Objective, optim: OptimConfig, max_steps: int) -> None:
+        super().__init__()
+        self.objective = objective
+        self.optim = optim
+        self.max_steps = max_steps
+        self._t_last: float | None = None
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        return self.objective.encoder
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        skip = {f"encoder.{n}" for n in self.objective.encoder.no_weight_decay()}
+        decay, no_decay = [], []
+        for name, param in self.objective.named_parameters():
+            if not param.requires_grad:
+                continue
+            plain = param.ndim <= 1 or name.endswith(".bias") or name in skip or name.endswith("mask_token")
+            (no_decay if plain else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": self.optim.weight_decay, "apply_wd": True},
+            {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+        ]
+        return torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas))
+
+    def _apply_schedules(self, optimizer: torch.optim.Optimizer) -> None:
+        step = self.global_step
+        lr = warmup_cosine(step, self.max_steps, self.optim.lr, self.optim.min_lr, self.optim.warmup_steps)
+        wd = warmup_cosine(step, self.max_steps, self.optim.weight_decay, self.optim.weight_decay_end)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+            if group.get("apply_wd"):
+                group["weight_decay"] = wd
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self._apply_schedules(self.optimizers())
+        out = self.objective(batch)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"non-finite loss {out.loss.item()} at step {self.global_step}; lower optim.lr, enable "
+                "optim.grad_clip, or check the data for NaNs (the last checkpoint is intact)"
+            )
+        batch_size = batch["image"].shape[0] if "image" in batch else None
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
+        for name, value in out.terms.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        if out.embeddings is not None:
+            self.log("collapse/embedding_std", embedding_std(out.embeddings), batch_size=batch_size)
+            self.log("collapse/embedding_std_ideal", out.embeddings.shape[1] ** -0.5, batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        now = time.perf_counter()
+        if self._t_last is not None and batch_size:
+            self.log("train/samples_per_s", batch_size * self.trainer.world_size / (now - self._t_last), prog_bar=True)
+        self._t_last = now
+        return out.loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.objective.on_train_step_end(self.global_step, self.max_steps)

@@ -1,0 +1,110 @@
+"""``ssl_med pretrain``: build encoder, objective and data from a config and train them with Lightning.
+
+A run folder holds everything of one run::
+
+    <run dir>/
+      .hydra/                Hydra's composed config and overrides
+      resolved_config.yaml   the validated, fully resolved config
+      checkpoints/           last.ckpt (resume point) and periodic step checkpoints
+      tensorboard/           loss terms, learning rate, samples/s, collapse monitor, previews
+      encoder/               model.safetensors + config.json (the exported encoder)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import OmegaConf
+
+from ssl_med.config import ConfigError, PretrainConfig
+from ssl_med.data.datamodule import CropDataModule
+from ssl_med.encoder import Encoder
+from ssl_med.objective import Objective
+from ssl_med.registry import BACKBONES, OBJECTIVES
+from ssl_med.train.callbacks import AtomicCheckpointIO, ExportEncoder, PreviewImages
+from ssl_med.train.module import PretrainModule
+
+log = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def build_encoder(backbone: dict) -> Encoder:
+    kwargs = dict(backbone)
+    return BACKBONES.build(kwargs.pop("name"), **kwargs)
+
+
+def build_objective(objective: dict, encoder: Encoder) -> Objective:
+    kwargs = dict(objective)
+    return OBJECTIVES.build(kwargs.pop("name"), encoder=encoder, **kwargs)
+
+
+def resume_checkpoint(resume: str, checkpoint_dir: Path) -> str | None:
+    """The checkpoint to continue from: ``auto`` -> ``last.ckpt`` if present, ``never`` -> none, else a path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        last = checkpoint_dir / LAST_CHECKPOINT
+        return str(last) if last.is_file() else None
+    if not Path(resume).is_file():
+        raise ConfigError(f"resume={resume!r}: not 'auto', 'never' or an existing checkpoint file")
+    return resume
+
+
+def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
+    """Train ``cfg`` into ``run_dir``; returns the folder of the exported encoder."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "resolved_config.yaml")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    encoder = build_encoder(cfg.backbone)
+    objective = build_objective(cfg.objective, encoder)
+    module = PretrainModule(objective, cfg.optim, cfg.trainer.max_steps)
+    data = CropDataModule(cfg.data, objective.view_transform(), seed=cfg.seed)
+
+    checkpoint_dir = run_dir / "checkpoints"
+    ckpt_path = resume_checkpoint(cfg.resume, checkpoint_dir)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    t = cfg.trainer
+    export_dir = run_dir / "encoder"
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=t.checkpoint_every_n_steps,
+            save_last=True,
+            save_top_k=1,
+        ),
+        PreviewImages(t.preview_every_n_steps),
+        ExportEncoder(export_dir, {"backbone": cfg.backbone, "objective": cfg.objective, "data": asdict(cfg.data)}),
+    ]
+    if t.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    trainer = L.Trainer(
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        logger=TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        gradient_clip_val=cfg.optim.grad_clip,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        max_epochs=-1,
+        default_root_dir=str(run_dir),
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return export_dir
