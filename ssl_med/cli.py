@@ -1,80 +1,39 @@
 """The ``ssl_med`` command line: ``ssl_med <command> [hydra overrides]``.
 
-Commands are a table (:data:`COMMANDS`) so later features plug in by adding one entry.
+Commands are discovered from the modules of :mod:`ssl_med.commands` (one module per command), so a
+new command is one new file there.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 
-CONFIG_PACKAGE = "pkg://ssl_med.conf"
+import ssl_med.commands as commands_package
+from ssl_med.commands import Command
 
-
-@dataclass(frozen=True)
-class Command:
-    help: str
-    run: Callable[[list[str]], int]
+# commands shown first, in this order; others follow alphabetically
+ORDER = ("pretrain", "evaluate", "ingest", "export", "report", "list")
 
 
-def _run_hydra(config_name: str, prog: str, task: Callable, args: list[str]) -> int:
-    """Run ``task(cfg)`` as a Hydra app (overrides, ``-m`` multirun, ``--help``, ``--cfg job``)."""
-    import hydra
-
-    saved = sys.argv
-    sys.argv = [prog, *args]
-    try:
-        hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name=config_name)(task)()
-    finally:
-        sys.argv = saved
-    return 0
+def discover_commands() -> dict[str, Command]:
+    found = {}
+    for module in pkgutil.iter_modules(commands_package.__path__):
+        found[module.name] = importlib.import_module(f"ssl_med.commands.{module.name}").COMMAND
+    ranked = sorted(found, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+    return {name: found[name] for name in ranked}
 
 
-def _pretrain_task(cfg) -> None:
-    import logging
-
-    from hydra.core.hydra_config import HydraConfig
-
-    logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own; avoid doubles
-
-    from ssl_med.config import parse_pretrain_config
-    from ssl_med.train.run import pretrain
-
-    out = pretrain(parse_pretrain_config(cfg), HydraConfig.get().runtime.output_dir)
-    print(f"encoder written to {out}")
-
-
-def pretrain_command(args: list[str]) -> int:
-    return _run_hydra("pretrain", "ssl_med pretrain", _pretrain_task, args)
-
-
-def list_command(args: list[str]) -> int:
-    from ssl_med.registry import REGISTRIES
-
-    for kind, registry in REGISTRIES.items():
-        print(f"{kind}: {', '.join(registry.names()) or '(none)'}")
-    return 0
-
-
-COMMANDS: dict[str, Command] = {
-    "pretrain": Command(
-        "self-supervised pretraining; Hydra overrides, e.g. backbone=vit objective=mae data=demo3d, -m for sweeps",
-        pretrain_command,
-    ),
-    "list": Command("registered backbones, objectives, evaluators and data sources", list_command),
-}
-
-
-def usage() -> str:
-    width = max(len(name) for name in COMMANDS)
+def usage(commands: dict[str, Command]) -> str:
+    width = max(len(name) for name in commands)
     lines = [
         "usage: ssl_med <command> [overrides...]",
         "",
         "Self-supervised pretraining of medical imaging encoders (2D/3D, any backbone x any objective).",
         "",
         "commands:",
-        *(f"  {name:<{width}}  {cmd.help}" for name, cmd in COMMANDS.items()),
+        *(f"  {name:<{width}}  {cmd.help}" for name, cmd in commands.items()),
         "",
         "Each command takes Hydra overrides (key=value); `ssl_med <command> --help` lists its config",
         "groups and defaults. Examples:",
@@ -87,15 +46,16 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    commands = discover_commands()
     if not args or args[0] in ("-h", "--help", "help"):
-        print(usage())
+        print(usage(commands))
         return 0
     name, rest = args[0], args[1:]
-    if name not in COMMANDS:
-        print(f"ssl_med: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}\n", file=sys.stderr)
-        print(usage(), file=sys.stderr)
+    if name not in commands:
+        print(f"ssl_med: unknown command {name!r}; choose one of: {', '.join(commands)}\n", file=sys.stderr)
+        print(usage(commands), file=sys.stderr)
         return 2
-    return COMMANDS[name].run(rest)
+    return commands[name].run(rest)
 
 
 if __name__ == "__main__":

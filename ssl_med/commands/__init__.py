@@ -1,0 +1,33 @@
+"""``ssl_med <command>`` implementations: one module per command, each defining ``COMMAND``.
+
+A module ``ssl_med/commands/<name>.py`` with ``COMMAND = Command(help=..., run=...)`` becomes
+``ssl_med <name>``; ``run`` receives the remaining arguments and returns the exit code. Commands that
+take Hydra overrides call :func:`run_hydra` with their config name in ``conf/``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+CONFIG_PACKAGE = "pkg://ssl_med.conf"
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    run: Callable[[list[str]], int]
+
+
+def run_hydra(config_name: str, prog: str, task: Callable, args: list[str]) -> int:
+    """Run ``task(cfg)`` as a Hydra app (overrides, ``-m`` multirun, ``--help``, ``--cfg job``)."""
+    import hydra
+
+    saved = sys.argv
+    sys.argv = [prog, *args]
+    try:
+        hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name=config_name)(task)()
+    finally:
+        sys.argv = saved
+    return 0
