@@ -21,12 +21,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
-from monai.transforms import Compose, RandFlipd
+from monai.transforms import Compose, RandFlipd, RandomizableTransform
 from torch import Tensor, nn
 
 from ssl_med.encoder import Encoder
-from ssl_med.layers.patch_embed import patchify, unpatchify
+from ssl_med.layers.patch_embed import grid_shape, patchify, unpatchify
 from ssl_med.layers.pos_embed import sincos_pos_embed
 from ssl_med.layers.transformer import Block
 from ssl_med.objective import Objective, ObjectiveOutput, Sample
@@ -62,6 +63,23 @@ def masked_patch_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool
     per_patch = (pred - target).pow(2).mean(dim=-1)
     m = mask.to(per_patch.dtype)
     return (per_patch * m).sum() / m.sum().clamp_min(1.0)
+
+
+class RandTokenNoised(RandomizableTransform):
+    """Adds ``sample["mask_noise"]``, uniform noise ``(N,)`` per patch token of ``sample["image"]``.
+
+    Drawing the masking noise in the (per-sample seeded) view transform makes masks a function of the
+    crop index: the same with any number of workers, and the same sample gets the same mask whether
+    it is trained on one process or sharded across DDP ranks.
+    """
+
+    def __init__(self, patch_size: tuple[int, ...]) -> None:
+        RandomizableTransform.__init__(self, prob=1.0)
+        self.patch_size = patch_size
+
+    def __call__(self, sample: Sample) -> Sample:
+        n = math.prod(grid_shape(sample["image"].shape[1:], self.patch_size))
+        return {**sample, "mask_noise": torch.from_numpy(self.R.random_sample(n).astype(np.float32))}
 
 
 class MAEDecoder(nn.Module):
@@ -126,12 +144,15 @@ class MAE(Objective):
 
     def view_transform(self) -> Callable[[Sample], Sample]:
         flips = [RandFlipd(keys="image", prob=self.flip_prob, spatial_axis=a) for a in range(self.encoder.spatial_dims)]
-        return Compose(flips)
+        return Compose([*flips, RandTokenNoised(self.encoder.patch_size)])
 
     def forward(self, batch: dict[str, Any], noise: Tensor | None = None) -> ObjectiveOutput:
-        """One step; ``noise`` ``(B, N)`` fixes the masking (tests), else drawn uniformly."""
+        """One step; masking noise ``(B, N)`` from ``noise``, else ``batch["mask_noise"]`` (drawn in the
+        view transform), else drawn here."""
         images = batch["image"]
         grid = self.encoder.grid_shape(images.shape[2:])
+        if noise is None:
+            noise = batch.get("mask_noise")
         if noise is None:
             noise = torch.rand(images.shape[0], math.prod(grid), device=images.device)
         keep_idx, mask = random_masking(noise, self.mask_ratio)

@@ -63,6 +63,19 @@ class Objective(nn.Module, ABC):
         """Named images ``(B, C, *S)`` worth looking at (input, masked input, reconstruction...)."""
         return {}
 
+    def lr_multipliers(self) -> dict[str, float]:
+        """Learning-rate multiplier per trainable parameter name (``named_parameters()`` keys); missing
+        names get 1. Objectives use it for layer-wise decay or slower patch embeddings."""
+        return {}
+
+    def clip_gradients(self, max_norm: float) -> dict[str, Tensor]:
+        """Clip gradients before the optimiser step; returns the pre-clipping norm(s) for logging.
+
+        Default: one global norm over all parameters. Objectives may clip module by module (DINOv2).
+        """
+        params = [p for p in self.parameters() if p.grad is not None]
+        return {"all": nn.utils.clip_grad_norm_(params, max_norm)} if params else {}
+
     def on_train_step_end(self, step: int, max_steps: int) -> None:
         """Hook after each optimiser step (EMA teachers, schedules); ``step`` counts from 1."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -58,15 +59,29 @@ class PreviewImages(L.Callback):
             experiment.add_image("preview/" + "|".join(images), _preview_grid(images), step)
 
 
+def weight_checksum(module: torch.nn.Module) -> Tensor:
+    """A float64 fingerprint of all parameters (sum of ``w * (1 + position)``), equal across equal copies."""
+    total = torch.zeros((), dtype=torch.float64)
+    for i, p in enumerate(module.parameters()):
+        total += (p.detach().double().flatten() * torch.linspace(1, 2, p.numel(), dtype=torch.float64)).sum() * (i + 1)
+    return total
+
+
 class ExportEncoder(L.Callback):
-    """Writes the trained encoder (safetensors + config) into the run folder when training ends."""
+    """Writes the trained encoder (safetensors + config) into the run folder when training ends, after
+    checking that every process holds the same weights (their checksums go to ``rank_checksums.json``)."""
 
     def __init__(self, out_dir: Path, config: dict[str, Any]) -> None:
         self.out_dir = out_dir
         self.config = config
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        encoder = pl_module.objective.encoder
+        checksums = trainer.strategy.all_gather(weight_checksum(encoder)).reshape(-1).tolist()
         if trainer.is_global_zero:
             from ssl_med.export import save_encoder
 
-            save_encoder(pl_module.objective.encoder, self.out_dir, self.config)
+            if max(checksums) - min(checksums) > 1e-6 * max(abs(c) for c in checksums):
+                raise RuntimeError(f"processes finished with different encoder weights (checksums {checksums})")
+            save_encoder(encoder, self.out_dir, self.config)
+            (self.out_dir / "rank_checksums.json").write_text(json.dumps(checksums))

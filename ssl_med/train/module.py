@@ -44,27 +44,39 @@ class PretrainModule(L.LightningModule):
         return self.objective.encoder
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over trainable parameters, one group per (weight decay on/off, lr multiplier).
+
+        No weight decay on biases, norms and the encoder's position/CLS/register/mask tokens;
+        multipliers come from :meth:`~ssl_med.objective.Objective.lr_multipliers`.
+        """
         skip = {f"encoder.{n}" for n in self.objective.encoder.no_weight_decay()}
-        decay, no_decay = [], []
+        multipliers = self.objective.lr_multipliers()
+        groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
         for name, param in self.objective.named_parameters():
             if not param.requires_grad:
                 continue
             plain = param.ndim <= 1 or name.endswith(".bias") or name in skip or name.endswith("mask_token")
-            (no_decay if plain else decay).append(param)
-        groups = [
-            {"params": decay, "weight_decay": self.optim.weight_decay, "apply_wd": True},
-            {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+            groups.setdefault((not plain, multipliers.get(name, 1.0)), []).append(param)
+        param_groups = [
+            {"params": params, "weight_decay": self.optim.weight_decay if decay else 0.0, "apply_wd": decay, "lr_scale": scale}
+            for (decay, scale), params in sorted(groups.items(), key=lambda kv: kv[0])
         ]
-        return torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas))
+        return torch.optim.AdamW(param_groups, lr=self.optim.lr, betas=tuple(self.optim.betas))
 
     def _apply_schedules(self, optimizer: torch.optim.Optimizer) -> None:
-        step = self.global_step
-        lr = warmup_cosine(step, self.max_steps, self.optim.lr, self.optim.min_lr, self.optim.warmup_steps)
-        wd = warmup_cosine(step, self.max_steps, self.optim.weight_decay, self.optim.weight_decay_end)
+        lr = self.optim_lr()
+        wd = warmup_cosine(self.global_step, self.max_steps, self.optim.weight_decay, self.optim.weight_decay_end)
         for group in optimizer.param_groups:
-            group["lr"] = lr
-            if group.get("apply_wd"):
+            group["lr"] = lr * group["lr_scale"]
+            if group["apply_wd"]:
                 group["weight_decay"] = wd
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        if self.optim.grad_clip:
+            for name, norm in self.objective.clip_gradients(self.optim.grad_clip).items():
+                self.log(f"grad_norm/{name}", norm)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self._apply_schedules(self.optimizers())
@@ -81,12 +93,16 @@ class PretrainModule(L.LightningModule):
         if out.embeddings is not None:
             self.log("collapse/embedding_std", embedding_std(out.embeddings), batch_size=batch_size)
             self.log("collapse/embedding_std_ideal", out.embeddings.shape[1] ** -0.5, batch_size=batch_size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        self.log("train/lr", self.optim_lr(), batch_size=batch_size)
         now = time.perf_counter()
         if self._t_last is not None and batch_size:
             self.log("train/samples_per_s", batch_size * self.trainer.world_size / (now - self._t_last), prog_bar=True)
         self._t_last = now
         return out.loss
+
+    def optim_lr(self) -> float:
+        """The scheduled base learning rate of this step (before per-parameter multipliers)."""
+        return warmup_cosine(self.global_step, self.max_steps, self.optim.lr, self.optim.min_lr, self.optim.warmup_steps)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.objective.on_train_step_end(self.global_step, self.max_steps)

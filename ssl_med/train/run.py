@@ -13,6 +13,7 @@ A run folder holds everything of one run::
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ssl_med.encoder import Encoder
 from ssl_med.objective import Objective
 from ssl_med.registry import BACKBONES, OBJECTIVES
 from ssl_med.train.callbacks import AtomicCheckpointIO, ExportEncoder, PreviewImages
+from ssl_med.train.launch import relaunch_this_job
 from ssl_med.train.module import PretrainModule
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     """Train ``cfg`` into ``run_dir``; returns the folder of the exported encoder."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "resolved_config.yaml")
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "resolved_config.yaml")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     encoder = build_encoder(cfg.backbone)
@@ -98,7 +101,6 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         logger=TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
-        gradient_clip_val=cfg.optim.grad_clip,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
@@ -106,5 +108,6 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         max_epochs=-1,
         default_root_dir=str(run_dir),
     )
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    with relaunch_this_job("pretrain"):
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return export_dir

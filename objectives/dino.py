@@ -1,0 +1,829 @@
+"""DINOv2 as RAD-DINO trains it: DINO CLS loss + iBOT masked-patch loss + KoLeo, 2D and 3D (``objective=dino``).
+
+Recipe (``facebookresearch/dinov2``; see ``shared/specs/objectives.md`` section 2):
+
+* **Views** (:class:`MultiCropViews`, per sample in the DataLoader workers): 2 global crops
+  (random-scale crop of area fraction ``global_crop_scale`` resized to ``global_crop_size``) and
+  ``n_local_crops`` local crops (``local_crop_scale``, resized to ``local_crop_size``), each flipped and
+  intensity-jittered; global 1 always blurred, global 2 blurred with p 0.1 and solarised with p 0.2,
+  locals blurred with p 0.5.
+* **Student**: the encoder on the two global crops with iBOT masks (masked patch embeddings replaced
+  by the encoder's mask token) and on the local crops (unmasked); a :class:`DINOHead` on the pooled
+  (CLS) token and on the masked patch tokens (shared head by default, as ViT-S/B configs).
+* **Teacher**: an EMA copy of encoder and head(s) (``m`` cosine ``momentum_teacher -> 1`` over the
+  run), run on the unmasked global crops. Targets are centered-and-sharpened softmaxes
+  (``softmax((t - c) / tau_t)``, center EMA 0.9, ``tau_t`` linear warm-up
+  ``warmup_teacher_temp -> teacher_temp``) or Sinkhorn-Knopp assignments.
+* **Loss** = ``dino_loss_weight * (L_glob + L_loc)`` (average over the ``G (G-1) + G L`` cross-view
+  pairs) ``+ ibot_loss_weight * L_ibot`` (per-image normalised, divided by ``2B``)
+  ``+ koleo_loss_weight * (KoLeo(crop-1 CLS) + KoLeo(crop-2 CLS))`` on the student's backbone pooled
+  tokens of the masked global crops.
+* **iBOT masks** (:class:`BlockMaskGenerator`, :func:`ibot_masks`): ``int(2B * mask_probability)``
+  global crops get a block-wise (BEiT) mask whose target ratio is drawn inside the i-th of evenly
+  spread bins of ``mask_ratio_min_max``; the rest are unmasked; masks are shuffled over the crops.
+
+Schedules live in :meth:`DINO.on_train_step_end` (called after every optimiser step): EMA update with
+``m(step)``, and the step counter that drives the teacher temperature and last-layer freezing.
+
+Trainer wiring (optional, documented hooks):
+    * :meth:`DINO.lr_multipliers` -- ``{parameter name: lr multiplier}`` for layer-wise LR decay
+      (``layerwise_decay ** (depth + 1 - layer_id)``) times ``patch_embed_lr_mult`` on the patch
+      embedding; names are those of ``objective.named_parameters()``. Heads get 1.
+    * :meth:`DINO.clip_gradients` -- DINOv2's per-module gradient clipping (backbone, DINO head, iBOT
+      head clipped separately); call it instead of global clipping after ``backward``.
+    * The teacher is a copy of the encoder at construction; load pretrained student weights into the
+      encoder *before* building the objective, or call :meth:`DINO.reset_teacher` afterwards.
+
+Deviations from the reference, on purpose:
+    * Crops: MONAI ``RandScaleCropd`` (per-axis scale ``area_scale ** (1 / nd)`` drawn independently per
+      axis, which replaces RandomResizedCrop's aspect-ratio draw) + ``Resized`` (bilinear / trilinear);
+      grey-level jitter only (brightness = intensity scaling, contrast = scaling about the mean, no
+      saturation / hue / grayscale: medical images are grey); flips on ``flip_axes`` (default the last
+      axis = horizontal flip, as the reference); blur sigma ``(0.1, 2.0)`` is given for a 224 px crop
+      and scaled with the crop size; no ImageNet normalisation (inputs stay in ``[0, 1]``).
+    * Crop sizes default to the incoming crop (globals) and ``96/224`` of it (locals), rounded to
+      multiples of the patch size.
+    * Schedules are in optimiser steps, not in 1250-iteration "epochs": ``warmup_teacher_temp_steps``
+      and ``freeze_last_layer_steps`` (reference: 30 and 1 epochs = 37500 and 1250 steps).
+    * The center update is applied right after the targets are computed (the reference defers it
+      to the next call: the same values are used for the same steps). The iBOT center is the global
+      mean over all masked tokens of all ranks (reference: per-rank mean averaged over ranks).
+    * 3D block masks draw one log-aspect per axis, centered so the sides multiply to the area (2D is
+      the reference's ``h = sqrt(area * ar)``, ``w = sqrt(area / ar)``).
+    * Last-layer freezing zeroes the prototype gradients with a tensor hook (the reference sets their
+      learning rate to 0); with the weight-normalised layer the decoupled weight decay on ``weight_v``
+      cannot change the prototypes and ``weight_g`` is a 1-D (no-decay) parameter.
+    * KoLeo on a batch of one image is 0 (the reference returns ``-log(1e-8 sqrt(D) + 1e-8)``).
+    * The collapse monitor gets the student's pooled embeddings of global crop 1 (masked).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import (
+    Compose,
+    Lambdad,
+    MapTransform,
+    RandFlipd,
+    Randomizable,
+    RandomizableTransform,
+    RandScaleCropd,
+    RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
+    Resized,
+)
+from torch import Tensor, nn
+
+from objectives.losses.dino import (
+    dino_cross_view_loss,
+    ibot_patch_loss,
+    koleo_loss,
+    sinkhorn_knopp,
+    softmax_center,
+    update_center,
+)
+from ssl_med.encoder import Encoder
+from ssl_med.layers.patch_embed import patchify, unpatchify
+from ssl_med.objective import Objective, ObjectiveOutput, Sample
+from ssl_med.registry import OBJECTIVES
+
+Centering = Literal["centering", "sinkhorn_knopp"]
+
+
+# -- schedules ------------------------------------------------------------------------------------
+def cosine_schedule(step: int, total: int, start: float, end: float) -> float:
+    """Half-cosine from ``start`` (step 0) to ``end`` (step ``total``), constant afterwards."""
+    if total <= 0:
+        return end
+    t = min(max(step, 0), total) / total
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
+
+
+def linear_warmup(step: int, warmup: int, start: float, end: float) -> float:
+    """``np.linspace(start, end, warmup)[step]`` during warm-up, then ``end`` (DINOv2's teacher-temp schedule)."""
+    if step >= warmup:
+        return end
+    return start + (end - start) * step / max(warmup - 1, 1)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``theta_t <- m theta_t + (1 - m) theta_s`` for every parameter (matched by name)."""
+    t_params = dict(teacher.named_parameters())
+    pairs = [(t_params[name], p) for name, p in student.named_parameters()]
+    if not pairs:
+        return
+    t_list = [t for t, _ in pairs]
+    s_list = [s.detach().to(t.dtype) for t, s in pairs]
+    torch._foreach_mul_(t_list, momentum)
+    torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)
+
+
+# -- heads ----------------------------------------------------------------------------------------
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight normalisation ``W = g * v / ||v||`` (per output row).
+
+    State-dict keys ``weight_g (K, 1)`` and ``weight_v (K, d)`` match the reference's deprecated
+    ``torch.nn.utils.weight_norm`` layout (RAD-DINO's ``dino_head.safetensors``). ``g`` starts at 1.
+
+    Shapes: ``(..., d) -> (..., K)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        v = nn.Linear(in_features, out_features, bias=False).weight.detach().clone()  # torch's default init
+        self.weight_v = nn.Parameter(v)
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+
+    @property
+    def weight(self) -> Tensor:
+        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+class DINOHead(nn.Module):
+    """DINO projection head: MLP -> L2-normalised bottleneck -> weight-normalised prototypes.
+
+    ``in_dim -> hidden_dim (GELU) -> ... -> bottleneck_dim`` (``nlayers`` linear layers, no batch norm),
+    ``F.normalize``, then :class:`WeightNormLinear` to ``out_dim`` prototypes.
+
+    Shapes: ``(M, in_dim) -> (M, out_dim)``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, nlayers: int = 3):
+        super().__init__()
+        if nlayers < 1:
+            raise ValueError(f"nlayers must be >= 1, got {nlayers}")
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i in range(nlayers):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < nlayers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        self.mlp.apply(_trunc_normal_init)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.mlp(x)
+        x = F.normalize(x, p=2, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        return self.last_layer(x)
+
+
+def _trunc_normal_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# -- iBOT masks -----------------------------------------------------------------------------------
+class BlockMaskGenerator:
+    """Block-wise (BEiT / DINOv2 ``MaskingGenerator``) masks on a 2D or 3D token grid.
+
+    Repeats: pick a box of volume ``~ U(min_num_patches, budget)`` (budget = patches still to mask,
+    capped at ``max_num_patches``) and a random log-aspect in ``[log min_aspect, log max_aspect]``;
+    each side must be smaller than the grid; up to 10 tries per box; a box is accepted if it adds at
+    least one new patch without exceeding the budget. Stops at the target count or when a box adds
+    nothing, so the result never exceeds the target.
+
+    Args:
+        grid: token grid ``(h, w)`` or ``(d, h, w)``.
+        min_num_patches: smallest box volume (4).
+        max_num_patches: largest box volume (``None``: half the grid, as DINOv2).
+        min_aspect, max_aspect: aspect-ratio range (0.3, ``1 / min_aspect``).
+    """
+
+    def __init__(
+        self,
+        grid: Sequence[int],
+        min_num_patches: int = 4,
+        max_num_patches: float | None = None,
+        min_aspect: float = 0.3,
+        max_aspect: float | None = None,
+    ) -> None:
+        self.grid = tuple(int(g) for g in grid)
+        self.num_patches = math.prod(self.grid)
+        self.min_num_patches = min_num_patches
+        self.max_num_patches = 0.5 * self.num_patches if max_num_patches is None else max_num_patches
+        max_aspect = max_aspect or 1.0 / min_aspect
+        self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
+
+    def _box(self, area: float, rng: random.Random) -> list[int]:
+        nd = len(self.grid)
+        if nd == 2:
+            ar = math.exp(rng.uniform(*self.log_aspect))
+            return [round(math.sqrt(area * ar)), round(math.sqrt(area / ar))]
+        logs = [rng.uniform(*self.log_aspect) for _ in range(nd)]
+        mean = sum(logs) / nd
+        return [round(area ** (1.0 / nd) * math.exp(v - mean)) for v in logs]
+
+    def _add_box(self, mask: np.ndarray, budget: int, rng: random.Random) -> int:
+        for _ in range(10):
+            area = rng.uniform(self.min_num_patches, budget)
+            sides = self._box(area, rng)
+            if not all(0 < s < g for s, g in zip(sides, self.grid)):
+                continue
+            starts = [rng.randint(0, g - s) for s, g in zip(sides, self.grid)]
+            region = tuple(slice(a, a + s) for a, s in zip(starts, sides))
+            new = math.prod(sides) - int(mask[region].sum())
+            if 0 < new <= budget:
+                mask[region] = True
+                return new
+        return 0
+
+    def __call__(self, num_masking_patches: int, rng: random.Random) -> np.ndarray:
+        """A bool mask of shape ``grid`` with at most ``num_masking_patches`` True."""
+        mask = np.zeros(self.grid, dtype=bool)
+        count = 0
+        while count < num_masking_patches:
+            budget = int(min(num_masking_patches - count, self.max_num_patches))
+            if budget <= 0:
+                break
+            delta = self._add_box(mask, budget, rng)
+            if delta == 0:
+                break
+            count += delta
+        return mask
+
+
+def ibot_masks(
+    n_images: int,
+    generator: BlockMaskGenerator,
+    mask_probability: float = 0.5,
+    ratio_min_max: tuple[float, float] = (0.1, 0.5),
+    rng: random.Random | None = None,
+) -> Tensor:
+    """DINOv2's per-batch iBOT masks (``collate_data_and_cast``).
+
+    ``int(n_images * mask_probability)`` images get a block mask whose target count is
+    ``int(N * U(lo_i, hi_i))`` for the i-th of the evenly spread ratio bins of ``ratio_min_max``;
+    the others get none; the list is shuffled.
+
+    Returns:
+        ``(n_images, N)`` bool, raster order.
+    """
+    rng = rng or random.Random()
+    n = generator.num_patches
+    n_masked = int(n_images * mask_probability)
+    bounds = np.linspace(ratio_min_max[0], ratio_min_max[1], n_masked + 1)
+    masks = [generator(int(n * rng.uniform(bounds[i], bounds[i + 1])), rng).reshape(-1) for i in range(n_masked)]
+    masks += [np.zeros(n, dtype=bool) for _ in range(n_images - n_masked)]
+    rng.shuffle(masks)
+    return torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, n, dtype=torch.bool)
+
+
+# -- views ----------------------------------------------------------------------------------------
+class RandSolarized(RandomizableTransform, MapTransform):
+    """Solarisation for ``[0, 1]`` images: ``x -> 1 - x`` where ``x >= threshold``, with probability ``prob``."""
+
+    def __init__(self, keys: str | Sequence[str], prob: float = 0.2, threshold: float = 0.5) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.threshold = threshold
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if self._do_transform:
+            for key in self.key_iterator(d):
+                x = d[key]
+                d[key] = torch.where(x >= self.threshold, 1.0 - x, x)
+        return d
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Isotropic Gaussian blur of ``(C, *S)`` (2D or 3D), separable, replicate padding, radius ``ceil(3 sigma)``."""
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c, nd = x.shape[0], x.ndim - 1
+    conv = F.conv2d if nd == 2 else F.conv3d
+    y = x.unsqueeze(0)
+    for axis in range(nd):
+        shape = [1] * nd
+        shape[axis] = kernel.numel()
+        pad = [0] * (2 * nd)
+        pad[2 * (nd - 1 - axis)] = pad[2 * (nd - 1 - axis) + 1] = radius  # F.pad lists the last axis first
+        y = conv(F.pad(y, pad, mode="replicate"), kernel.view(1, 1, *shape).expand(c, 1, *shape), groups=c)
+    return y[0]
+
+
+class RandGaussianBlurd(RandomizableTransform, MapTransform):
+    """Gaussian blur with ``sigma ~ U(sigma_range)`` (same on every axis), with probability ``prob``.
+
+    (MONAI's ``RandGaussianSmoothd`` rebuilds its filter module per call: ~20 ms on a 32^2 crop.)
+    """
+
+    def __init__(self, keys: str | Sequence[str], sigma_range: Sequence[float], prob: float) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.sigma_range = (float(sigma_range[0]), float(sigma_range[1]))
+        self.sigma = self.sigma_range[0]
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        self.sigma = self.R.uniform(*self.sigma_range)
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        self.randomize()
+        if self._do_transform:
+            for key in self.key_iterator(d):
+                d[key] = gaussian_blur(torch.as_tensor(d[key]), self.sigma)
+        return d
+
+
+def _clamp01(x: Tensor) -> Tensor:
+    return x.clamp(0.0, 1.0)
+
+
+def _patch_multiple(size: float, patch: int) -> int:
+    return max(patch, round(size / patch) * patch)
+
+
+class ReseededViews(Randomizable):
+    """Base of per-sample view transforms that reseed their inner MONAI pipelines on every call.
+
+    The per-call seed comes from ``self.R`` once :meth:`set_random_state` has been called (the crop
+    dataset seeds a ``Randomizable`` transform from ``(seed, index)`` before each sample, so views do
+    not depend on the number of workers), else from torch's RNG (differently seeded in each
+    DataLoader worker; reproducible under ``torch.manual_seed``).
+    """
+
+    _seeded = False
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> ReseededViews:
+        super().set_random_state(seed, state)
+        self._seeded = True
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        """Nothing to draw up front: the inner pipelines draw their own parameters."""
+
+    def call_seed(self) -> int:
+        if self._seeded:
+            return int(self.R.randint(0, 2**31 - 1))
+        return int(torch.randint(0, 2**31 - 1, (1,)))
+
+
+class MultiCropViews(ReseededViews):
+    """Per-sample DINO multi-crop: ``{"image": (C, *S)}`` -> global and local crops.
+
+    Output (collatable by ``default_collate``):
+        ``global_crops``: ``(2, C, *G)``; ``local_crops``: ``(n_local, C, *L)`` (``n_local`` may be 0).
+
+    Seeding: see :class:`ReseededViews`. See :class:`DINO` for the arguments.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        patch_size: Sequence[int],
+        n_local_crops: int = 8,
+        global_crop_size: Sequence[int] | None = None,
+        local_crop_size: Sequence[int] | None = None,
+        local_crop_fraction: float = 96 / 224,
+        global_crop_scale: Sequence[float] = (0.32, 1.0),
+        local_crop_scale: Sequence[float] = (0.05, 0.32),
+        flip_axes: Sequence[int] | None = None,
+        flip_prob: float = 0.5,
+        jitter_prob: float = 0.8,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+        solarize_prob: float = 0.2,
+    ) -> None:
+        self.spatial_dims = spatial_dims
+        self.patch_size = tuple(patch_size)
+        self.n_local_crops = n_local_crops
+        self.global_crop_size = tuple(global_crop_size) if global_crop_size is not None else None
+        self.local_crop_size = tuple(local_crop_size) if local_crop_size is not None else None
+        self.local_crop_fraction = local_crop_fraction
+        self.global_crop_scale = tuple(global_crop_scale)
+        self.local_crop_scale = tuple(local_crop_scale)
+        self.flip_axes = tuple(flip_axes) if flip_axes is not None else (spatial_dims - 1,)
+        self.flip_prob = flip_prob
+        self.jitter_prob = jitter_prob
+        self.brightness = brightness
+        self.contrast = contrast
+        self.blur_sigma = tuple(blur_sigma)
+        self.solarize_prob = solarize_prob
+        self._pipelines: dict[tuple[int, ...], list[Compose]] = {}
+
+    def crop_sizes(self, spatial_shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Global and local crop sizes for an incoming crop of ``spatial_shape`` (multiples of the patch)."""
+        p = self.patch_size
+        glob = self.global_crop_size or tuple(_patch_multiple(s, q) for s, q in zip(spatial_shape, p))
+        loc = self.local_crop_size or tuple(
+            _patch_multiple(g * self.local_crop_fraction, q) for g, q in zip(glob, p)
+        )
+        for name, size in (("global", glob), ("local", loc)):
+            if len(size) != self.spatial_dims or any(s % q for s, q in zip(size, p)):
+                raise ValueError(f"{name} crop size {size} is not a multiple of the patch size {p}")
+        return tuple(glob), tuple(loc)
+
+    def _pipeline(self, size: Sequence[int], scale: Sequence[float], blur_prob: float, solarize: float) -> Compose:
+        nd = self.spatial_dims
+        key = "image"
+        sigma = tuple(s * min(size) / 224 for s in self.blur_sigma)
+        transforms: list[Any] = [
+            RandScaleCropd(key, roi_scale=scale[0] ** (1 / nd), max_roi_scale=scale[1] ** (1 / nd), random_size=True),
+            Resized(key, spatial_size=tuple(size), mode="bilinear" if nd == 2 else "trilinear"),
+        ]
+        transforms += [RandFlipd(key, prob=self.flip_prob, spatial_axis=a) for a in self.flip_axes]
+        if self.jitter_prob > 0:
+            transforms += [
+                RandScaleIntensityd(key, factors=self.brightness, prob=self.jitter_prob),
+                RandScaleIntensityFixedMeand(key, factors=self.contrast, prob=self.jitter_prob),
+            ]
+        if blur_prob > 0:
+            transforms.append(RandGaussianBlurd(key, sigma_range=sigma, prob=blur_prob))
+        if solarize > 0:
+            transforms.append(RandSolarized(key, prob=solarize))
+        transforms.append(Lambdad(key, func=_clamp01))
+        return Compose(transforms)
+
+    def _pipelines_for(self, spatial_shape: tuple[int, ...]) -> list[Compose]:
+        if spatial_shape not in self._pipelines:
+            glob, loc = self.crop_sizes(spatial_shape)
+            self._pipelines[spatial_shape] = [
+                self._pipeline(glob, self.global_crop_scale, 1.0, 0.0),
+                self._pipeline(glob, self.global_crop_scale, 0.1, self.solarize_prob),
+                self._pipeline(loc, self.local_crop_scale, 0.5, 0.0),
+            ]
+        return self._pipelines[spatial_shape]
+
+    def __call__(self, sample: Sample) -> Sample:
+        image = torch.as_tensor(sample["image"], dtype=torch.float32)
+        g1, g2, loc = self._pipelines_for(tuple(image.shape[1:]))
+        seed = self.call_seed()
+        for i, pipe in enumerate((g1, g2, loc)):
+            pipe.set_random_state(seed=seed + i)
+
+        def run(pipe: Compose) -> Tensor:
+            out = pipe({"image": image})["image"]
+            return torch.as_tensor(out.as_tensor() if hasattr(out, "as_tensor") else out, dtype=torch.float32)
+
+        glob = torch.stack([run(g1), run(g2)])
+        _, loc_size = self.crop_sizes(image.shape[1:])
+        if self.n_local_crops:
+            local = torch.stack([run(loc) for _ in range(self.n_local_crops)])
+        else:
+            local = image.new_zeros((0, image.shape[0], *loc_size))
+        out = {k: v for k, v in sample.items() if k != "image"}
+        out.update(global_crops=glob.contiguous(), local_crops=local.contiguous())
+        return out
+
+
+# -- the objective --------------------------------------------------------------------------------
+@OBJECTIVES.register("dino")
+class DINO(Objective):
+    """DINOv2 (DINO + iBOT + KoLeo) with an EMA teacher; see the module docstring.
+
+    Args:
+        encoder: any :class:`~ssl_med.encoder.Encoder` (2D or 3D) supporting ``mask=``.
+        out_dim, hidden_dim, bottleneck_dim, head_nlayers: DINO head (reference 65536, 2048, 256, 3).
+        ibot_separate_head: own iBOT head (ViT-L/g configs) instead of sharing the DINO head.
+        ibot_out_dim: prototypes of a separate iBOT head (default ``out_dim``).
+        n_local_crops, global_crop_size, local_crop_size, local_crop_fraction, global_crop_scale,
+            local_crop_scale, flip_axes, flip_prob, jitter_prob, brightness, contrast, blur_sigma,
+            solarize_prob: views, see :class:`MultiCropViews` (reference: 8 locals, scales
+            (0.32, 1) / (0.05, 0.32), local 96 of 224 px).
+        student_temp: ``tau_s`` (0.1).
+        teacher_temp, warmup_teacher_temp, warmup_teacher_temp_steps: ``tau_t`` linear warm-up
+            ``0.04 -> 0.07`` over the given optimiser steps (reference: 30 epochs).
+        centering: ``"centering"`` (EMA center) or ``"sinkhorn_knopp"``.
+        center_momentum: center EMA (0.9). sinkhorn_iterations: 3.
+        momentum_teacher, momentum_teacher_end: EMA momentum, cosine over the run (0.992 -> 1).
+        dino_loss_weight, ibot_loss_weight, koleo_loss_weight: 1, 1, 0.1.
+        mask_probability: fraction of global crops that get an iBOT mask (0.5).
+        mask_ratio_min_max: ratio range spread over the masked crops ((0.1, 0.5)).
+        mask_min_num_patches: smallest mask box (4). mask_max_fraction: largest box as a grid fraction (0.5).
+        freeze_last_layer_steps: prototypes get no gradient for this many steps (reference 1 epoch).
+        layerwise_decay, patch_embed_lr_mult: for :meth:`lr_multipliers` (0.9, 0.2).
+        head_checkpoint: optional ``.safetensors``/``.pt`` state dict of the DINO head to start from
+            (continued pretraining, e.g. RAD-DINO's ``dino_head.safetensors``).
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        head_nlayers: int = 3,
+        ibot_separate_head: bool = False,
+        ibot_out_dim: int | None = None,
+        n_local_crops: int = 8,
+        global_crop_size: Sequence[int] | None = None,
+        local_crop_size: Sequence[int] | None = None,
+        local_crop_fraction: float = 96 / 224,
+        global_crop_scale: Sequence[float] = (0.32, 1.0),
+        local_crop_scale: Sequence[float] = (0.05, 0.32),
+        flip_axes: Sequence[int] | None = None,
+        flip_prob: float = 0.5,
+        jitter_prob: float = 0.8,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+        solarize_prob: float = 0.2,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.07,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_steps: int = 37500,
+        centering: Centering = "centering",
+        center_momentum: float = 0.9,
+        sinkhorn_iterations: int = 3,
+        momentum_teacher: float = 0.992,
+        momentum_teacher_end: float = 1.0,
+        dino_loss_weight: float = 1.0,
+        ibot_loss_weight: float = 1.0,
+        koleo_loss_weight: float = 0.1,
+        mask_probability: float = 0.5,
+        mask_ratio_min_max: Sequence[float] = (0.1, 0.5),
+        mask_min_num_patches: int = 4,
+        mask_max_fraction: float = 0.5,
+        freeze_last_layer_steps: int = 1250,
+        layerwise_decay: float = 0.9,
+        patch_embed_lr_mult: float = 0.2,
+        head_checkpoint: str | None = None,
+    ) -> None:
+        super().__init__(encoder)
+        if centering not in ("centering", "sinkhorn_knopp"):
+            raise ValueError(f"centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
+        if len(mask_ratio_min_max) != 2 or not 0.0 <= mask_ratio_min_max[0] <= mask_ratio_min_max[1] <= 1.0:
+            raise ValueError(f"mask_ratio_min_max must be (lo, hi) in [0, 1], got {mask_ratio_min_max}")
+        self.views = MultiCropViews(
+            encoder.spatial_dims,
+            encoder.patch_size,
+            n_local_crops=n_local_crops,
+            global_crop_size=global_crop_size,
+            local_crop_size=local_crop_size,
+            local_crop_fraction=local_crop_fraction,
+            global_crop_scale=global_crop_scale,
+            local_crop_scale=local_crop_scale,
+            flip_axes=flip_axes,
+            flip_prob=flip_prob,
+            jitter_prob=jitter_prob,
+            brightness=brightness,
+            contrast=contrast,
+            blur_sigma=blur_sigma,
+            solarize_prob=solarize_prob,
+        )
+        self.student_temp = student_temp
+        self.teacher_temp = teacher_temp
+        self.warmup_teacher_temp = warmup_teacher_temp
+        self.warmup_teacher_temp_steps = warmup_teacher_temp_steps
+        self.centering = centering
+        self.center_momentum = center_momentum
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.momentum_teacher = momentum_teacher
+        self.momentum_teacher_end = momentum_teacher_end
+        self.dino_loss_weight = dino_loss_weight
+        self.ibot_loss_weight = ibot_loss_weight
+        self.koleo_loss_weight = koleo_loss_weight
+        self.mask_probability = mask_probability
+        self.mask_ratio_min_max = (float(mask_ratio_min_max[0]), float(mask_ratio_min_max[1]))
+        self.mask_min_num_patches = mask_min_num_patches
+        self.mask_max_fraction = mask_max_fraction
+        self.freeze_last_layer_steps = freeze_last_layer_steps
+        self.layerwise_decay = layerwise_decay
+        self.patch_embed_lr_mult = patch_embed_lr_mult
+
+        d = encoder.embed_dim
+        self.head = DINOHead(d, out_dim, hidden_dim, bottleneck_dim, head_nlayers)
+        if head_checkpoint is not None:
+            self.head.load_state_dict(_load_state_dict(head_checkpoint))
+        self.ibot_head = (
+            DINOHead(d, ibot_out_dim or out_dim, hidden_dim, bottleneck_dim, head_nlayers) if ibot_separate_head else None
+        )
+        ibot_k = (ibot_out_dim or out_dim) if ibot_separate_head else out_dim
+        self.register_buffer("dino_center", torch.zeros(1, out_dim))
+        self.register_buffer("ibot_center", torch.zeros(1, ibot_k))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # completed optimiser steps
+
+        self.teacher = nn.ModuleDict()
+        self.reset_teacher()
+        for layer in self._last_layers():
+            for p in layer.parameters():
+                p.register_hook(self._freeze_hook)
+
+    # -- teacher ----------------------------------------------------------------------------------
+    def _student_modules(self) -> dict[str, nn.Module]:
+        mods: dict[str, nn.Module] = {"encoder": self.encoder, "head": self.head}
+        if self.ibot_head is not None:
+            mods["ibot_head"] = self.ibot_head
+        return mods
+
+    @torch.no_grad()
+    def reset_teacher(self) -> None:
+        """(Re)initialise the teacher as a frozen copy of the student (encoder and heads)."""
+        for name, module in self._student_modules().items():
+            teacher = copy.deepcopy(module)
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            self.teacher[name] = teacher.eval()
+
+    def train(self, mode: bool = True) -> DINO:
+        super().train(mode)
+        self.teacher.eval()  # no drop-path / dropout in the teacher, as the reference
+        return self
+
+    def _last_layers(self) -> list[nn.Module]:
+        layers = [self.head.last_layer]
+        if self.ibot_head is not None:
+            layers.append(self.ibot_head.last_layer)
+        return layers
+
+    def _freeze_hook(self, grad: Tensor) -> Tensor:
+        if self.training and int(self.step) < self.freeze_last_layer_steps:
+            return torch.zeros_like(grad)
+        return grad
+
+    # -- schedules ---------------------------------------------------------------------------------
+    def current_teacher_temp(self) -> float:
+        return linear_warmup(int(self.step), self.warmup_teacher_temp_steps, self.warmup_teacher_temp, self.teacher_temp)
+
+    def teacher_momentum(self, step: int, max_steps: int) -> float:
+        """EMA momentum used after optimiser step ``step`` (1-based) of ``max_steps``."""
+        return cosine_schedule(step - 1, max_steps, self.momentum_teacher, self.momentum_teacher_end)
+
+    @torch.no_grad()
+    def on_train_step_end(self, step: int, max_steps: int) -> None:
+        m = self.teacher_momentum(step, max_steps)
+        for name, module in self._student_modules().items():
+            ema_update(self.teacher[name], module, m)
+        self.step.fill_(step)
+
+    # -- views ------------------------------------------------------------------------------------
+    def view_transform(self) -> Callable[[Sample], Sample]:
+        return self.views
+
+    def make_masks(self, n_images: int, grid: Sequence[int], device: torch.device | None = None) -> Tensor:
+        """iBOT masks ``(n_images, N)`` for the global crops (drawn from torch's RNG state)."""
+        generator = BlockMaskGenerator(
+            grid,
+            min_num_patches=self.mask_min_num_patches,
+            max_num_patches=self.mask_max_fraction * math.prod(grid),
+        )
+        rng = random.Random(int(torch.randint(0, 2**62, (1,))))
+        return ibot_masks(n_images, generator, self.mask_probability, self.mask_ratio_min_max, rng).to(device)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def _teacher_targets(self, logits: Tensor, center: Tensor, temp: float, update: bool) -> Tensor:
+        if self.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(logits, temp, self.sinkhorn_iterations)
+        probs = softmax_center(logits, center, temp)
+        if update:
+            update_center(center, logits, self.center_momentum)
+        return probs
+
+    def forward(self, batch: dict[str, Any], masks: Tensor | None = None) -> ObjectiveOutput:
+        """One DINOv2 step.
+
+        Args:
+            batch: ``global_crops (B, 2, C, *G)``, ``local_crops (B, L, C, *L_size)`` from :class:`MultiCropViews`.
+            masks: optional ``(2B, N)`` bool iBOT masks for the global crops, ordered crop-1 images then
+                crop-2 images (tests); drawn with :meth:`make_masks` otherwise.
+
+        Returns:
+            ``loss`` and the terms ``dino_global``, ``dino_local``, ``ibot``, ``koleo`` (unweighted)
+            plus ``teacher_temp``; ``embeddings`` ``(B, D)``.
+        """
+        glob = batch["global_crops"]
+        b, n_global = glob.shape[:2]
+        if n_global != 2:
+            raise ValueError(f"expected 2 global crops per sample, got {n_global}")
+        glob = glob.transpose(0, 1).flatten(0, 1)  # (2B, C, *G): all crop-1, then all crop-2
+        local = batch.get("local_crops")
+        n_local = 0 if local is None else local.shape[1]
+        grid = self.encoder.grid_shape(glob.shape[2:])
+        if masks is None:
+            masks = self.make_masks(2 * b, grid, glob.device)
+        masks = masks.to(device=glob.device, dtype=torch.bool)
+        temp = self.current_teacher_temp()
+        update = self.training
+        teacher_ibot_head = self.teacher["ibot_head"] if self.ibot_head is not None else self.teacher["head"]
+
+        # teacher on the unmasked global crops
+        with torch.no_grad():
+            t_out = self.teacher["encoder"](glob)
+            t_cls = self.teacher["head"](t_out.pooled)  # (2B, K)
+            t_probs = self._teacher_targets(t_cls, self.dino_center, temp, update)
+            t_probs = t_probs.view(2, b, -1)
+            t_patch = teacher_ibot_head(t_out.patch_tokens[masks])  # (M, K_ibot)
+            t_patch_probs = self._teacher_targets(t_patch, self.ibot_center, temp, update)
+
+        # student on masked global crops and unmasked local crops
+        s_out = self.encoder(glob, mask=masks)
+        s_cls_backbone = s_out.pooled  # (2B, D)
+        s_masked_tokens = s_out.patch_tokens[masks]  # (M, D)
+        if self.ibot_head is None:
+            s_both = self.head(torch.cat([s_cls_backbone, s_masked_tokens]))
+            s_cls, s_patch = s_both[: 2 * b], s_both[2 * b :]
+        else:
+            s_cls, s_patch = self.head(s_cls_backbone), self.ibot_head(s_masked_tokens)
+        student_views = [s_cls.view(2, b, -1)]
+        if n_local:
+            local = local.transpose(0, 1).flatten(0, 1)  # (L B, C, *L_size)
+            student_views.append(self.head(self.encoder(local).pooled).view(n_local, b, -1))
+        student_logits = torch.cat(student_views)  # (2 + L, B, K)
+
+        # cross-view pairs only: student crop 1 <-> teacher crop 2 and vice versa, locals <-> both
+        dino_global, dino_local = dino_cross_view_loss(t_probs, student_logits, self.student_temp)
+        ibot = ibot_patch_loss(t_patch_probs, s_patch, masks, self.student_temp)
+        koleo = koleo_loss(s_cls_backbone[:b]) + koleo_loss(s_cls_backbone[b:])
+        loss = (
+            self.dino_loss_weight * (dino_global + dino_local)
+            + self.ibot_loss_weight * ibot
+            + self.koleo_loss_weight * koleo
+        )
+        terms = {
+            "dino_global": dino_global.detach(),
+            "dino_local": dino_local.detach(),
+            "ibot": ibot.detach(),
+            "koleo": koleo.detach(),
+            "teacher_temp": torch.tensor(temp),
+        }
+        return ObjectiveOutput(loss=loss, terms=terms, embeddings=s_cls_backbone[:b].detach())
+
+    # -- trainer helpers --------------------------------------------------------------------------
+    def lr_multipliers(self) -> dict[str, float]:
+        """Per-parameter learning-rate multipliers for the trainable parameters (keys as ``named_parameters()``).
+
+        Encoder: layer-wise decay ``layerwise_decay ** (depth + 1 - layer_id)`` with ``layer_id`` 0 for
+        the patch embedding and the position/CLS/register/mask tokens, ``i + 1`` for ``blocks.i``,
+        ``depth + 1`` otherwise (final norm); the patch embedding is further multiplied by
+        ``patch_embed_lr_mult``. Heads: 1.
+        """
+        depth = self.encoder.depth
+        out: dict[str, float] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if not name.startswith("encoder."):
+                out[name] = 1.0
+                continue
+            sub = name[len("encoder.") :]
+            layer_id = _layer_id(sub, depth)
+            mult = self.layerwise_decay ** (depth + 1 - layer_id)
+            if sub.startswith("patch_embed"):
+                mult *= self.patch_embed_lr_mult
+            out[name] = mult
+        return out
+
+    def clip_gradients(self, max_norm: float) -> dict[str, Tensor]:
+        """Clip the gradient norm of backbone, DINO head and iBOT head separately (DINOv2); returns the norms."""
+        norms = {}
+        for name, module in self._student_modules().items():
+            params = [p for p in module.parameters() if p.grad is not None]
+            if params:
+                norms[name] = nn.utils.clip_grad_norm_(params, max_norm)
+        return norms
+
+    @torch.no_grad()
+    def preview(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        glob = batch["global_crops"]
+        out = {"global_crop_1": glob[:, 0], "global_crop_2": glob[:, 1]}
+        local = batch.get("local_crops")
+        if local is not None and local.shape[1]:
+            out["local_crop_1"] = local[:, 0]
+        images = glob[:, 0]
+        grid = self.encoder.grid_shape(images.shape[2:])
+        masks = self.make_masks(images.shape[0], grid, images.device)
+        patches = patchify(images, self.encoder.patch_size) * (~masks).unsqueeze(-1)
+        out["ibot_masked"] = unpatchify(patches, grid, self.encoder.patch_size, images.shape[1])
+        return out
+
+
+def _layer_id(name: str, depth: int) -> int:
+    """DINOv2's ``get_vit_lr_decay_rate`` layer numbering for an encoder parameter name."""
+    if name.startswith(("patch_embed", "pos_embed", "cls_token", "reg_token", "mask_token", "register_tokens")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def _load_state_dict(path: str) -> dict[str, Tensor]:
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+

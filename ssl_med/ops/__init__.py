@@ -1,0 +1,1 @@
+"""Sequence-mixing operators in plain PyTorch (mLSTM, selective scan)."""

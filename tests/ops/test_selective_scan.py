@@ -1,0 +1,168 @@
+"""The selective scan: torch (chunked parallel) vs the sequential loop vs a closed-form oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssl_med.ops.selective_scan import causal_conv1d, linear_scan, resolve_impl, selective_scan
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads on these small tensors
+    oversubscribe the cores and run tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def closed_form(u, delta, A, B, C):
+    """Independent oracle, no recurrence: h_t = sum_{s<=t} exp(sum_{s<r<=t} delta_r A) delta_s B_s u_s.
+
+    u, delta (b, d, L); A (d, n); B, C (b, n, L). Returns y (b, d, L). O(L^2): small L only.
+    """
+    cum = torch.cumsum(delta[..., None] * A[:, None, :], dim=2)  # (b, d, L, n)
+    diff = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # (b, d, t, s, n)
+    L = u.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()[None, None, :, :, None]
+    weight = torch.where(causal, torch.exp(diff.clamp(max=0)), torch.zeros_like(diff))
+    drive = (delta * u)[..., None] * B.transpose(1, 2)[:, None]  # (b, d, s, n)
+    h = (weight * drive[:, :, None]).sum(3)  # (b, d, t, n)
+    return (h * C.transpose(1, 2)[:, None]).sum(-1)
+
+
+def make_inputs(L, b=2, d=3, n=4, bc="variable", dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = 4 if bc == "grouped" else d  # two groups of two channels
+    u = torch.randn(b, d, L, generator=g, dtype=dtype)
+    delta = 0.5 * torch.rand(b, d, L, generator=g, dtype=dtype)
+    A = -0.5 - torch.rand(d, n, generator=g, dtype=dtype)
+    shape = {"variable": (b, n, L), "constant": (d, n), "grouped": (b, 2, n, L)}[bc]
+    B = torch.randn(*shape, generator=g, dtype=dtype)
+    C = torch.randn(*shape, generator=g, dtype=dtype)
+    extras = {
+        "D": torch.randn(d, generator=g, dtype=dtype),
+        "z": torch.randn(b, d, L, generator=g, dtype=dtype),
+        "delta_bias": torch.rand(d, generator=g, dtype=dtype) - 0.5,
+    }
+    return [u, delta, A, B, C], extras
+
+
+@pytest.mark.parametrize("L", [1, 5, 40])
+def test_ref_and_torch_match_closed_form(L: int) -> None:
+    (u, delta, A, B, C), _ = make_inputs(L)
+    expected = closed_form(u, delta, A, B, C)
+    for impl in ("ref", "torch"):
+        torch.testing.assert_close(selective_scan(u, delta, A, B, C, impl=impl), expected, rtol=1e-10, atol=1e-10)
+
+
+CASES = [
+    (1, "variable", dict(D=True, z=True, delta_bias=True, delta_softplus=True, return_last_state=True)),
+    (7, "variable", dict(D=False, z=False, delta_bias=False, delta_softplus=False, return_last_state=False)),
+    (33, "constant", dict(D=True, z=False, delta_bias=True, delta_softplus=True, return_last_state=True)),
+    (128, "grouped", dict(D=False, z=True, delta_bias=False, delta_softplus=True, return_last_state=False)),
+    (301, "variable", dict(D=True, z=True, delta_bias=False, delta_softplus=False, return_last_state=True)),
+    (2048, "variable", dict(D=True, z=True, delta_bias=True, delta_softplus=True, return_last_state=True)),
+]
+
+
+@pytest.mark.parametrize(("L", "bc", "opts"), CASES)
+def test_torch_matches_ref_forward_and_gradients(L: int, bc: str, opts: dict) -> None:
+    tensors, extras = make_inputs(L, bc=bc, b=1 if L > 1000 else 2)
+    kwargs = {k: (extras[k] if opts[k] else None) for k in ("D", "z", "delta_bias")}
+    flags = {k: opts[k] for k in ("delta_softplus", "return_last_state")}
+    leaves = [t.requires_grad_() for t in tensors] + [v.requires_grad_() for v in kwargs.values() if v is not None]
+    results = {}
+    for impl in ("torch", "ref"):
+        res = selective_scan(*tensors, **kwargs, **flags, impl=impl)
+        out, last = res if opts["return_last_state"] else (res, None)
+        loss = (out * torch.cos(out)).sum() + (last.square().sum() if last is not None else 0)
+        results[impl] = (out, last, torch.autograd.grad(loss, leaves))
+    (o1, l1, g1), (o2, l2, g2) = results["torch"], results["ref"]
+    torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
+    if last is not None:
+        torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 16, 64, 500])
+def test_chunk_size_does_not_change_results(chunk: int) -> None:
+    (u, delta, A, B, C), ex = make_inputs(250)
+    expected = selective_scan(u, delta, A, B, C, **ex, impl="ref")
+    got = selective_scan(u, delta, A, B, C, **ex, impl="torch", chunk=chunk)
+    torch.testing.assert_close(got, expected, rtol=1e-11, atol=1e-11)
+
+
+def test_long_sequence_is_stable_and_exact() -> None:
+    """L = 16384 with large steps (cumulative decays far below float range): finite and equal to the loop."""
+    L = 16384
+    (u, delta, A, B, C), _ = make_inputs(L, b=1, d=2, n=4, seed=3)
+    A = -torch.arange(1, 5, dtype=F64).repeat(2, 1)
+    bias = torch.full((2,), 5.0, dtype=F64)
+    out, last = selective_scan(u, delta, A, B, C, delta_bias=bias, delta_softplus=True, return_last_state=True, impl="torch")
+    ref, ref_last = selective_scan(u, delta, A, B, C, delta_bias=bias, delta_softplus=True, return_last_state=True, impl="ref")
+    assert torch.isfinite(out).all() and torch.isfinite(last).all()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(last, ref_last, rtol=1e-10, atol=1e-10)
+    # float32 with slow decays (products of 16k factors underflow): finite, close to float64
+    slow = torch.full((2,), -4.0, dtype=F64)
+    args32 = [t.float() for t in (u, delta, A / 16, B, C)]
+    out32 = selective_scan(*args32, delta_bias=slow.float(), delta_softplus=True, impl="torch")
+    out64 = selective_scan(u, delta, A / 16, B, C, delta_bias=slow, delta_softplus=True, impl="ref")
+    assert torch.isfinite(out32).all()
+    torch.testing.assert_close(out32.double(), out64, rtol=1e-3, atol=1e-3)
+
+
+def test_low_precision_inputs_keep_their_dtype() -> None:
+    (u, delta, A, B, C), ex = make_inputs(64, dtype=torch.float32)
+    u, delta, B, C = (t.bfloat16() for t in (u, delta, B, C))
+    expected = selective_scan(u.float(), delta.float(), A, B.float(), C.float(), **ex, impl="ref")
+    got = selective_scan(u, delta, A, B, C, **ex, impl="torch")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=3e-2, atol=5e-2)
+
+
+def test_last_state_alone_has_gradients() -> None:
+    tensors, _ = make_inputs(20)
+    u = tensors[0].requires_grad_()
+    grads = []
+    for impl in ("torch", "ref"):
+        _, last = selective_scan(*tensors, return_last_state=True, impl=impl)
+        grads.append(torch.autograd.grad(last.sum(), u)[0])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_linear_scan_equals_a_loop() -> None:
+    a, b = torch.rand(3, 37, 2, dtype=F64), torch.randn(3, 37, 2, dtype=F64)
+    h, states = torch.zeros(3, 2, dtype=F64), []
+    for t in range(37):
+        h = a[:, t] * h + b[:, t]
+        states.append(h)
+    torch.testing.assert_close(linear_scan(a.clone(), b.clone(), chunk=4), torch.stack(states, 1))
+    with pytest.raises(ValueError, match="chunk"):
+        linear_scan(a, b, chunk=1)
+
+
+def test_causal_conv1d_matches_padded_conv() -> None:
+    x, w, bias = torch.randn(2, 5, 11), torch.randn(5, 4), torch.randn(5)
+    full = F.conv1d(x, w[:, None], bias, padding=3, groups=5)[..., :11]
+    torch.testing.assert_close(causal_conv1d(x, w, bias), full)
+    torch.testing.assert_close(causal_conv1d(x, w[:, None], bias, activation="silu"), F.silu(full))
+    y = x.clone()
+    y[..., 6:] += 1.0  # the future does not leak into the past
+    torch.testing.assert_close(causal_conv1d(y, w, bias)[..., :6], full[..., :6])
+
+
+def test_impl_resolution_on_cpu() -> None:
+    assert resolve_impl("auto", torch.device("cpu")) == "torch"
+    (u, delta, A, B, C), _ = make_inputs(4)
+    with pytest.raises(RuntimeError, match="cuda"):
+        selective_scan(u, delta, A, B, C, impl="cuda")
+    with pytest.raises(ValueError, match="unknown scan impl"):
+        selective_scan(u, delta, A, B, C, impl="fast")  # type: ignore[arg-type]
