@@ -1,23 +1,45 @@
-"""Vision Transformer for 2D and 3D inputs (``backbone=vit``).
+"""Vision Transformer for 2D and 3D inputs (``backbone=vit``), timm-compatible.
 
 Pre-norm transformer blocks (:class:`ssl_med.layers.transformer.Block`: timm's ``Mlp``, ``DropPath``,
 ``LayerScale`` around ssl_med's run-time attention kernel dispatch). Parameter names follow timm's
-``VisionTransformer`` (``patch_embed.proj``, ``cls_token``, ``pos_embed`` with the CLS row,
-``blocks.i.{norm1,attn.qkv,attn.proj,ls1,norm2,mlp.fc1,mlp.fc2,ls2}``, ``norm``).
+``VisionTransformer`` (``patch_embed.proj``, ``cls_token``, ``reg_token``, ``pos_embed`` with the CLS
+row, ``blocks.i.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}``, ``norm``), so a
+2D timm state dict loads without renaming (``load_state_dict(strict=False)``: timm's ``head.*`` is
+unexpected and ssl_med's ``mask_token`` missing) and gives the same outputs:
+``pooled == timm.forward_features(x)[:, 0]`` and ``patch_tokens == timm.forward_features(x)[:, 1:]``.
+
+Weights from elsewhere go through :func:`checkpoint_filter_fn` (``init_from=`` does this for a file):
+
+* **channels**: :func:`adapt_input_channels` (3 -> 1 channel sums the RGB kernels, so a grey image
+  gives the embedding of the same image repeated to RGB; more channels repeat and rescale);
+* **2D -> 3D**: :func:`inflate_patch_embed` replicates the 2D kernel over the depth of the 3D patch
+  and divides by that depth, so an input that is constant along depth gives exactly the 2D patch
+  embedding; the 2D position table is resampled in-plane and repeated over depth;
+* **grid / patch size**: learned position tables are resampled to the model's grid (bicubic 2D,
+  trilinear 3D), patch kernels of another size with timm's ``resample_patch_embed``;
+* **prefix rows**: timm models with ``no_embed_class=True`` (no position for the CLS token) get a zero
+  CLS position row; position rows of register tokens are folded into ``reg_token`` (both exact).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import math
+from collections.abc import Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ssl_med.encoder import TokenEncoder
 from ssl_med.layers.attention import AttnImpl
+from ssl_med.layers.pos_embed import resample_pos_embed
 from ssl_med.layers.transformer import Block
 from ssl_med.registry import BACKBONES
+
+log = logging.getLogger(__name__)
 
 #: (embed_dim, depth, num_heads) per size, as timm.
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -26,6 +48,9 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
 }
+
+#: keys of timm/ssl_med checkpoints that an encoder does not use (classifier heads, pooling norms).
+IGNORED_PREFIXES = ("head.", "head_drop.", "fc_norm.", "attn_pool.")
 
 
 @BACKBONES.register("vit")
@@ -48,6 +73,12 @@ class VisionTransformer(TokenEncoder):
         class_token: use a CLS token (pooled embedding); else mean pooling.
         num_register_tokens: DINOv2-style registers.
         attn_impl: ``auto|sdpa|xformers|math``.
+        init_from: optional local weights file (timm or ssl_med state dict: ``.pth/.pt/.bin/.ckpt``,
+            ``.safetensors``, or an ssl_med export folder) loaded through :func:`checkpoint_filter_fn`;
+            nothing is downloaded.
+
+    Shapes: ``(B, in_chans, *S) ->`` :class:`~ssl_med.encoder.EncoderOutput` with ``pooled (B, D)``,
+    ``patch_tokens (B, N, D)``, ``N = prod(S_i / p_i)``.
     """
 
     def __init__(
@@ -68,6 +99,7 @@ class VisionTransformer(TokenEncoder):
         class_token: bool = True,
         num_register_tokens: int = 0,
         attn_impl: AttnImpl = "auto",
+        init_from: str | None = None,
     ) -> None:
         if size not in VIT_SIZES:
             raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(VIT_SIZES)}")
@@ -87,15 +119,227 @@ class VisionTransformer(TokenEncoder):
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
         )
         self.num_heads = num_heads
-        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], init_values, attn_impl) for i in range(depth)
+        self.blocks = build_blocks(
+            embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate, init_values, attn_impl
         )
-        self.apply(_init_weights)
+        self.apply(init_weights)
+        if init_from:
+            load_pretrained_weights(self, init_from)
 
 
-def _init_weights(module: nn.Module) -> None:
+def build_blocks(
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: float,
+    qkv_bias: bool,
+    drop_path_rate: float,
+    init_values: float | None,
+    attn_impl: AttnImpl,
+) -> nn.ModuleList:
+    """``depth`` pre-norm blocks with stochastic depth rising linearly from 0 to ``drop_path_rate``."""
+    rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+    return nn.ModuleList(
+        Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], init_values, attn_impl)
+        for i in range(depth)
+    )
+
+
+def init_weights(module: nn.Module) -> None:
+    """timm's ViT init for linear layers: trunc-normal(0.02) weights, zero bias."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+# -- weight conversion ------------------------------------------------------------------------------
+
+
+def adapt_input_channels(weight: Tensor, in_chans: int) -> Tensor:
+    """Adapt a patch-embedding kernel ``(D, C_src, *k)`` (2D or 3D) to ``in_chans`` input channels.
+
+    ``in_chans == 1`` sums the source channels: the 1-channel model on ``x`` equals the source model on
+    ``x`` repeated ``C_src`` times. More channels repeat the source channels cyclically and scale by
+    ``C_src / in_chans`` (timm's ``adapt_input_conv`` rule; the response to a constant image is kept
+    exactly when ``in_chans`` is a multiple of ``C_src``).
+
+    Returns:
+        ``(D, in_chans, *k)`` in the dtype of ``weight``.
+    """
+    src = weight.shape[1]
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be positive, got {in_chans}")
+    if in_chans == src:
+        return weight
+    w = weight.float()
+    if in_chans == 1:
+        w = w.sum(dim=1, keepdim=True)
+    else:
+        reps = [1, math.ceil(in_chans / src)] + [1] * (w.ndim - 2)
+        w = w.repeat(reps)[:, :in_chans] * (src / in_chans)
+    return w.to(weight.dtype)
+
+
+def inflate_patch_embed(weight: Tensor, depth: int) -> Tensor:
+    """Inflate a 2D patch kernel ``(D, C, ph, pw)`` to 3D ``(D, C, depth, ph, pw)``.
+
+    The kernel is replicated over ``depth`` and divided by it, so a volume that is constant along the
+    depth axis within each patch gives exactly the 2D embedding of its slice (I3D-style inflation).
+    """
+    if weight.ndim != 4:
+        raise ValueError(f"expected a 2D kernel (D, C, ph, pw), got shape {tuple(weight.shape)}")
+    return weight[:, :, None].expand(-1, -1, depth, -1, -1).contiguous() / depth
+
+
+def _source_grid(num_tokens: int, spatial_dims: int) -> tuple[int, ...] | None:
+    side = round(num_tokens ** (1 / spatial_dims))
+    return (side,) * spatial_dims if side**spatial_dims == num_tokens else None
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: TokenEncoder) -> dict[str, Tensor]:
+    """Convert a timm ``VisionTransformer`` or ssl_med ViT state dict to ``model``'s layout and shapes.
+
+    Keys keep their names (timm's and ssl_med's agree); ``head.*``/``fc_norm.*`` are dropped. Handles
+    input-channel count (:func:`adapt_input_channels`), 2D -> 3D (:func:`inflate_patch_embed`, position
+    table repeated over depth), patch size (timm's ``resample_patch_embed``), grid size (position
+    table resampled), timm's ``no_embed_class`` and register layouts (see the module docstring).
+    A fixed sin-cos table of ``model`` is kept, not overwritten. Shapes that cannot be converted are
+    left as they are, so ``load_state_dict`` reports them.
+
+    Args:
+        state_dict: source weights (already unwrapped, without a module prefix).
+        model: the ssl_med encoder to load into (a ViT or a ChAda-ViT).
+
+    Returns:
+        A new state dict for ``model.load_state_dict(..., strict=False)``.
+    """
+    own = model.state_dict()
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith(IGNORED_PREFIXES):
+            continue
+        if key == "patch_embed.proj.weight" and key in own:
+            value = _convert_patch_kernel(value, own[key], model)
+        elif key == "pos_embed" and key in own:
+            if not model.pos_embed.requires_grad:  # fixed sin-cos table: keep the model's
+                continue
+            value, reg_pos = _convert_pos_embed(value, state_dict, model)
+            if reg_pos is not None and "reg_token" in state_dict and "reg_token" in own:
+                out["reg_token"] = state_dict["reg_token"] + reg_pos
+        elif key == "reg_token" and key in out:
+            continue  # already folded with its position rows
+        out[key] = value
+    return out
+
+
+def _convert_patch_kernel(w: Tensor, target: Tensor, model: TokenEncoder) -> Tensor:
+    from timm.layers import resample_patch_embed
+
+    if w.ndim == 3:  # timm stores some kernels as Linear (D, p*p*C); not supported here
+        return w
+    target_k = tuple(target.shape[2:])
+    if w.ndim == 4 and target.ndim == 5:  # 2D -> 3D
+        if tuple(w.shape[2:]) != target_k[1:]:
+            w = resample_patch_embed(w, list(target_k[1:]), verbose=False)
+        w = inflate_patch_embed(w, target_k[0])
+    elif w.ndim == target.ndim and tuple(w.shape[2:]) != target_k and w.ndim == 4:
+        w = resample_patch_embed(w, list(target_k), verbose=False)
+    if w.ndim == target.ndim and w.shape[1] != target.shape[1]:
+        w = adapt_input_channels(w, target.shape[1])
+    return w
+
+
+def _convert_pos_embed(
+    pos: Tensor, state_dict: Mapping[str, Tensor], model: TokenEncoder
+) -> tuple[Tensor, Tensor | None]:
+    """Source ``(1, P + N_src, D)`` -> model ``(1, num_pos_prefix + N, D)``, and the register rows."""
+    target = model.pos_embed
+    if pos.shape == target.shape:
+        return pos, None
+    pos = pos.reshape(1, -1, pos.shape[-1])
+    has_cls = "cls_token" in state_dict
+    n_reg = state_dict["reg_token"].shape[1] if "reg_token" in state_dict else 0
+    src_nd = 2 if state_dict.get("patch_embed.proj.weight", torch.empty(0, 0, 1, 1)).ndim == 4 else 3
+    grid = None
+    prefix_rows = 0
+    for prefix_rows in (int(has_cls) + n_reg, int(has_cls), 0):  # timm: cls+reg rows, cls row, none
+        grid = _source_grid(pos.shape[1] - prefix_rows, src_nd)
+        if grid is not None:
+            break
+    if grid is None:
+        return pos, None  # unknown layout: load_state_dict reports the shape mismatch
+    prefix, patches = pos[:, :prefix_rows], pos[:, prefix_rows:]
+    cls_row = prefix[:, :1] if has_cls and prefix_rows else None
+    reg_rows = prefix[:, int(has_cls) :] if prefix_rows > int(has_cls) else None
+
+    new_grid = model.base_grid
+    if src_nd == 2 and len(new_grid) == 3:  # 2D table -> in-plane resample, repeat over depth
+        patches = resample_pos_embed(patches, grid, new_grid[1:])
+        patches = patches.reshape(1, 1, -1, patches.shape[-1]).expand(-1, new_grid[0], -1, -1)
+        patches = patches.reshape(1, -1, patches.shape[-1])
+    elif len(grid) == len(new_grid):
+        patches = resample_pos_embed(patches, grid, new_grid)
+    else:
+        return pos, None
+    if model.num_pos_prefix:
+        cls_row = cls_row if cls_row is not None else patches.new_zeros(1, 1, patches.shape[-1])
+        patches = torch.cat([cls_row, patches], dim=1)
+    return patches, reg_rows
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read weights from a local file or ssl_med export folder and unwrap common containers.
+
+    Accepts ``.safetensors``, torch pickles (``.pth/.pt/.bin/.ckpt``; ``{"model": ...}``,
+    ``{"state_dict": ...}`` or a bare state dict) and export folders (``model.safetensors``). A module
+    prefix in front of the encoder weights (``module.``, ``encoder.``, ``objective.encoder.``, ... as in
+    Lightning checkpoints) is stripped: the keys are taken from where ``patch_embed.proj.weight`` is.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: no weights file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: Mapping = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict", "teacher", "module"):
+        if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
+            state = state[wrapper]
+    anchors = [k for k in state if k.endswith("patch_embed.proj.weight")]
+    if not anchors:
+        raise ValueError(f"{path} has no '*patch_embed.proj.weight': not a ViT-style checkpoint")
+    # prefer an encoder (student) over teachers/EMA copies when several are present
+    anchor = min(anchors, key=lambda k: ("teacher" in k or "ema" in k, len(k)))
+    prefix = anchor[: -len("patch_embed.proj.weight")]
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_pretrained_weights(
+    model: TokenEncoder, path: str | Path, allowed_missing: Sequence[str] = ()
+) -> tuple[list[str], list[str]]:
+    """Load a local timm/ssl_med checkpoint into ``model`` through :func:`checkpoint_filter_fn`.
+
+    ``mask_token`` and ``reg_token`` (and ``allowed_missing`` prefixes) may be absent from the file;
+    any other missing or unexpected key, or a shape that could not be converted, is an error.
+
+    Returns:
+        ``(missing, unexpected)`` keys as reported by ``load_state_dict``.
+    """
+    state = checkpoint_filter_fn(read_state_dict(path), model)
+    own = model.state_dict()
+    bad_shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if bad_shapes:
+        detail = ", ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in bad_shapes[:5])
+        raise ValueError(f"init_from {path}: cannot convert shapes ({detail})")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed = ("mask_token", "reg_token", *allowed_missing)
+    fatal_missing = [k for k in missing if not k.startswith(allowed)]
+    if fatal_missing or unexpected:
+        raise ValueError(f"init_from {path}: missing {fatal_missing[:5]}, unexpected {list(unexpected)[:5]}")
+    log.info("initialised %s from %s (left at init: %s)", type(model).__name__, path, missing)
+    return list(missing), list(unexpected)

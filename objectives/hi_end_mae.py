@@ -205,8 +205,7 @@ class HiEndMAE(MAE):
     """Hi-End-MAE objective (see the module docstring); previews as :class:`~objectives.mae.MAE`.
 
     Args:
-        encoder: any :class:`~ssl_med.encoder.Encoder` with a fixed channel count supporting
-            ``keep_idx`` and ``return_layers``.
+        encoder: any :class:`~ssl_med.encoder.Encoder` (``keep_idx`` and ``return_layers`` are used).
         mask_ratio: fraction of tokens removed (0.75).
         norm_pix_loss: per-patch LayerNorm targets (True).
         decoder_dim, decoder_heads: decoder width and heads (reference ViT-B/16 pairing: 384, 12).
@@ -215,6 +214,7 @@ class HiEndMAE(MAE):
             shallow); default 1/4, 2/4, 3/4 depth.
         flip_prob, rotate90_prob, intensity_scale, intensity_shift, intensity_prob: view augmentation
             (0.5, 0.3, 0.1, 0.1, 0.1).
+        in_chans: channels to reconstruct for channel-adaptive encoders (see :class:`~objectives.mae.MAE`).
     """
 
     def __init__(
@@ -231,9 +231,10 @@ class HiEndMAE(MAE):
         intensity_scale: float = 0.1,
         intensity_shift: float = 0.1,
         intensity_prob: float = 0.1,
+        in_chans: int | None = None,
     ) -> None:
         # MAE's constructor validates and stores the shared options; its plain decoder is replaced below
-        super().__init__(encoder, mask_ratio, norm_pix_loss, decoder_dim, 0, decoder_heads, flip_prob)
+        super().__init__(encoder, mask_ratio, norm_pix_loss, decoder_dim, 0, decoder_heads, flip_prob, in_chans)
         levels = default_levels(encoder.depth) if levels is None else tuple(int(i) for i in levels)
         if not levels:
             raise ValueError("Hi-End-MAE needs at least one intermediate level")
@@ -245,7 +246,7 @@ class HiEndMAE(MAE):
         self.views = HiEndMAEViews(
             encoder.spatial_dims, flip_prob, rotate90_prob, intensity_scale, intensity_shift, intensity_prob
         )
-        patch_dim = math.prod(encoder.patch_size) * encoder.in_chans
+        patch_dim = math.prod(encoder.patch_size) * self.in_chans
         self.decoder = HiEndDecoder(
             encoder.embed_dim, decoder_dim, decoder_self_depth, decoder_heads, patch_dim, len(self.levels)
         )

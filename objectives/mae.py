@@ -65,6 +65,20 @@ def masked_patch_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool
     return (per_patch * m).sum() / m.sum().clamp_min(1.0)
 
 
+def reconstruction_channels(encoder: Encoder, in_chans: int | None) -> int:
+    """Channels a pixel decoder predicts: the encoder's, or ``in_chans`` for channel-adaptive encoders."""
+    if encoder.in_chans is not None:
+        if in_chans is not None and in_chans != encoder.in_chans:
+            raise ValueError(f"objective in_chans={in_chans} but the encoder takes {encoder.in_chans} channels")
+        return encoder.in_chans
+    if in_chans is None:
+        raise ValueError(
+            "a channel-adaptive encoder has no fixed channel count: set the objective's in_chans "
+            "(e.g. data.num_channels) to the number of channels to reconstruct"
+        )
+    return in_chans
+
+
 class RandTokenNoised(RandomizableTransform):
     """Adds ``sample["mask_noise"]``, uniform noise ``(N,)`` per patch token of ``sample["image"]``.
 
@@ -119,6 +133,8 @@ class MAE(Objective):
         norm_pix_loss: per-patch normalised targets (True, as the reference recipe).
         decoder_dim, decoder_depth, decoder_heads: decoder size (reference: 512, 8, 16).
         flip_prob: probability of a random flip per spatial axis in the view transform.
+        in_chans: channels to reconstruct; only needed for channel-adaptive encoders (``in_chans`` None),
+            whose input channel count is set by the data (the YAML passes ``${data.num_channels}``).
     """
 
     def __init__(
@@ -130,16 +146,16 @@ class MAE(Objective):
         decoder_depth: int = 8,
         decoder_heads: int = 16,
         flip_prob: float = 0.5,
+        in_chans: int | None = None,
     ) -> None:
         super().__init__(encoder)
-        if encoder.in_chans is None:
-            raise ValueError("MAE needs an encoder with a fixed number of input channels")
+        self.in_chans = reconstruction_channels(encoder, in_chans)
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.flip_prob = flip_prob
-        patch_dim = math.prod(encoder.patch_size) * encoder.in_chans
+        patch_dim = math.prod(encoder.patch_size) * self.in_chans
         self.decoder = MAEDecoder(encoder.embed_dim, decoder_dim, decoder_depth, decoder_heads, patch_dim)
 
     def view_transform(self) -> Callable[[Sample], Sample]:

@@ -1,54 +1,762 @@
-"""Portable encoder artefacts: ``model.safetensors`` (encoder weights only) + ``config.json``.
+"""Portable encoder artefacts: a hub-ready folder that rebuilds the encoder without the training code or config.
 
-``config.json`` holds everything needed to rebuild the network without the training config::
+An export folder (``ssl_med export checkpoint=... out=DIR``, also written to ``<run dir>/encoder/`` at the
+end of every pretraining run) holds::
 
-    {"ssl_med_version": ..., "backbone": {"name": "vit", ...constructor kwargs...},
-     "objective": {...}, "data": {...}}
+    model.safetensors     encoder weights only (no objective heads, no teacher, no pickle)
+    config.json           everything needed to rebuild and feed the encoder (below)
+    README.md             model card: YAML front matter, usage, inputs/outputs, training, evaluation
+    eval_results.json     evaluator results found next to the run (if any)
+    training_config.yaml  the run's resolved config (if found)
+
+``config.json``::
+
+    {"ssl_med_version", "format_version",
+     "backbone": {"name": "vit", ...constructor kwargs...},      # BACKBONES.build(**backbone) rebuilds it
+     "encoder": {spatial_dims, patch_size, embed_dim, depth, in_chans, channel_adaptive, img_size, ...},
+     "preprocessing": {input range, intensity normalisation, spacing, crop size, channels},
+     "objective": {...}, "data": {...},                          # what it was pretrained with
+     "architecture", "model_args", "num_classes", "num_features", "pretrained_cfg",   # timm hub format
+     "weights": {"file": "model.safetensors", "sha256": ..., "num_parameters": ...}}
+
+:func:`load_pretrained` reads a folder, a ``model.safetensors`` file or ``hf-hub:ORG/NAME``, verifies the
+sha256 of the weights and their shapes against the config, and refuses pickle files unless trusted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
+import os
+import shutil
+import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from ssl_med.encoder import Encoder
+from ssl_med.hub import (
+    HF_PREFIX,
+    PICKLE_SUFFIXES,
+    HubError,
+    UnsafeWeightsError,
+    download,
+    push_to_hub,
+    timm_fields,
+)
 from ssl_med.registry import BACKBONES
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "ExportError",
+    "HubError",
+    "IntegrityError",
+    "UnsafeWeightsError",
+    "build_config",
+    "export_encoder",
+    "load_pretrained",
+    "load_source",
+    "save_encoder",
+]
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+RESULTS_NAME = "eval_results.json"
+TRAINING_CONFIG_NAME = "training_config.yaml"
+FORMAT_VERSION = 1
+#: Lightning module keys of the encoder to export, per choice of ``weights``
+CHECKPOINT_PREFIXES = {"student": "objective.encoder.", "teacher": "objective.teacher.encoder."}
+#: file names evaluators write results to (searched in the run folder and its sub-folders)
+RESULTS_FILES = ("results.json", "eval_results.json")
 
 
-def save_encoder(encoder: Encoder, out_dir: str | Path, config: dict[str, Any]) -> Path:
-    """Write ``encoder``'s weights and ``config`` (must contain ``backbone`` with its ``name``) to ``out_dir``."""
-    from ssl_med import __version__
+class ExportError(ValueError):
+    """An export folder or checkpoint that cannot be written or read (missing files, wrong layout)."""
 
-    if "name" not in config.get("backbone", {}):
-        raise ValueError("config['backbone'] must name the registered backbone")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
-    save_file(state, out / WEIGHTS_NAME, metadata={"format": "pt", "backbone": config["backbone"]["name"]})
-    (out / CONFIG_NAME).write_text(json.dumps({"ssl_med_version": __version__, **config}, indent=2, default=str))
+
+class IntegrityError(ExportError):
+    """Weights that do not match their config: wrong sha256 (tampered/corrupted) or wrong shapes."""
+
+
+# --------------------------------------------------------------------------------------------------
+# config.json
+# --------------------------------------------------------------------------------------------------
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_encoder(encoder: Encoder) -> dict[str, Any]:
+    """Shape facts of a built encoder (for config.json and the model card)."""
+    grid = getattr(encoder, "base_grid", None)
+    depth = encoder.depth
+    return {
+        "spatial_dims": encoder.spatial_dims,
+        "patch_size": list(encoder.patch_size),
+        "embed_dim": encoder.embed_dim,
+        "depth": depth,
+        "in_chans": encoder.in_chans,
+        "channel_adaptive": encoder.in_chans is None,
+        "img_size": [g * p for g, p in zip(grid, encoder.patch_size)] if grid else None,
+        "num_prefix_tokens": getattr(encoder, "num_prefix_tokens", 0),
+        "pooling": getattr(encoder, "pooling", None),
+        # four evenly spaced blocks, the usual UNETR skip connections (encoder(x, return_layers=...))
+        "hidden_state_layers": sorted({max(0, depth * k // 4 - 1) for k in (1, 2, 3, 4)}),
+        "num_parameters": sum(p.numel() for p in encoder.parameters()),
+    }
+
+
+def _store_spacing(data: Mapping[str, Any], spatial_dims: int) -> dict[str, Any] | None:
+    """Median and range of voxel spacing in the pretraining store, when it is a readable local store."""
+    store = data.get("store")
+    if not store or "://" in str(store) or not Path(str(store)).exists():
+        return None
+    try:
+        from ssl_med.data.store import ImageStore
+
+        metas = list(ImageStore(str(store)).manifest.values())
+    except Exception as err:  # an unreadable store must not block an export
+        log.warning("could not read spacings from %s: %s", store, err)
+        return None
+    spacings = [m.spacing for m in metas if len(m.spacing) >= spatial_dims]
+    if not spacings:
+        return None
+    axes = list(zip(*[s[-spatial_dims:] for s in spacings]))
+    return {
+        "median_mm": [statistics.median(a) for a in axes],
+        "min_mm": [min(a) for a in axes],
+        "max_mm": [max(a) for a in axes],
+        "num_images": len(spacings),
+    }
+
+
+def preprocessing_info(encoder: Encoder, data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What an input must look like: the pretraining crops' intensity scaling, spacing, size and channels."""
+    data = dict(data or {})
+    channels = encoder.in_chans
+    info: dict[str, Any] = {
+        "input_range": [0.0, 1.0],
+        "intensity_normalisation": {
+            "method": "percentile",
+            "lower_percentile": 0.5,
+            "upper_percentile": 99.5,
+            "scope": "per image and channel",
+            "formula": "clip((x - p0.5) / (p99.5 - p0.5), 0, 1); NaN -> 0",
+        },
+        "mean": [0.0] * (channels or 1),  # nothing to subtract after the scaling above
+        "std": [1.0] * (channels or 1),
+        "spacing": {
+            "resampled": False,
+            "note": "crops were taken at the stored voxel spacing (no resampling); feed images at a similar spacing",
+        },
+        "crop_size": list(data["crop_size"]) if data.get("crop_size") else None,
+        "num_channels": channels,
+        "channel_handling": (
+            "any number of named channels (channel-adaptive)"
+            if channels is None
+            else "colour/multi-channel images averaged to one channel"
+            if channels == 1
+            else f"{channels} channels; one-channel images repeated"
+        ),
+    }
+    if encoder.spatial_dims == 2 and data.get("spatial_dims", 2) == 2:
+        info["slice_axis"] = data.get("slice_axis", 0)  # 2D slices of volumes are taken along this axis
+    spacing = _store_spacing(data, encoder.spatial_dims)
+    if spacing:
+        info["spacing"].update(spacing)
+    return info
+
+
+def _public_data(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The data config without local paths (a store path may name a machine, a user or a patient cohort)."""
+    out = dict(data or {})
+    if out.get("store"):
+        out["store"] = Path(str(out["store"]).rstrip("/")).name
     return out
 
 
-def load_pretrained(path: str | Path) -> Encoder:
-    """Rebuild an encoder from a folder written by :func:`save_encoder` and load its weights (strict)."""
-    folder = Path(path)
-    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for f in (config_file, weights_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: expected an ssl_med export folder")
-    config = json.loads(config_file.read_text())
-    kwargs = dict(config["backbone"])
-    encoder = BACKBONES.build(kwargs.pop("name"), **kwargs)
-    missing, unexpected = encoder.load_state_dict(load_file(weights_file), strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{weights_file} does not match the backbone in {config_file}: "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+def build_config(encoder: Encoder, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The full ``config.json`` for ``encoder`` from ``config`` (``backbone`` with its ``name``, optional
+    ``objective`` and ``data``; other keys are kept). ``weights`` is filled in by :func:`save_encoder`."""
+    from ssl_med import __version__
+
+    backbone = dict(config.get("backbone") or {})
+    if "name" not in backbone:
+        raise ExportError("config['backbone'] must name the registered backbone")
+    extra = {k: v for k, v in config.items() if k not in ("backbone", "objective", "data", "weights")}
+    if backbone.get("init_from"):  # the exported weights supersede it, and the file is not on the user's disk
+        extra["initialised_from"] = str(backbone["init_from"])
+        backbone["init_from"] = None
+    return {
+        "ssl_med_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "backbone": backbone,
+        "encoder": describe_encoder(encoder),
+        "preprocessing": preprocessing_info(encoder, config.get("data")),
+        "objective": dict(config.get("objective") or {}),
+        "data": _public_data(config.get("data")),
+        **timm_fields(backbone, encoder),
+        **extra,
+    }
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_encoder(
+    encoder: Encoder,
+    out_dir: str | Path,
+    config: dict[str, Any],
+    *,
+    model_card: bool = True,
+    card_options: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``encoder``'s weights, its ``config.json`` (see the module docstring) and a model card to ``out_dir``.
+
+    ``config`` must contain ``backbone`` with its registered ``name`` (the constructor kwargs that built
+    ``encoder``); ``objective`` and ``data`` describe the pretraining. ``card_options`` are passed to
+    :func:`write_model_card` (``license``, ``datasets``, ``repo_id``, ``results``).
+    """
+    full = build_config(encoder, config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
+    metadata = {"format": "pt", "backbone": str(full["backbone"]["name"]), "ssl_med_version": full["ssl_med_version"]}
+    weights = out / WEIGHTS_NAME
+    _atomic_write(weights, lambda tmp: save_file(state, tmp, metadata=metadata))
+    full["weights"] = {
+        "file": WEIGHTS_NAME,
+        "format": "safetensors",
+        "sha256": sha256_file(weights),
+        "num_tensors": len(state),
+        "num_parameters": full["encoder"]["num_parameters"],
+    }
+    text = json.dumps(full, indent=2, default=str) + "\n"
+    _atomic_write(out / CONFIG_NAME, lambda tmp: tmp.write_text(text))
+    if model_card:
+        write_model_card(out, full, **dict(card_options or {}))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------------
+def _refuse_pickle(path: Path) -> UnsafeWeightsError:
+    return UnsafeWeightsError(
+        f"refusing to load {path}: it is a pickle file, and unpickling can run arbitrary code. Use the "
+        f"{WEIGHTS_NAME} of an ssl_med export, or pass trust_pickle=True if you trust where this file came from"
+    )
+
+
+def check_state_dict(encoder: Encoder, state: Mapping[str, Tensor], origin: str) -> None:
+    """Raise :class:`IntegrityError` listing missing/unexpected keys and shape mismatches."""
+    target = encoder.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    shapes = [
+        f"{k}: weights {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in state.items()
+        if k in target and tuple(v.shape) != tuple(target[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"{len(shapes)} shape mismatch(es), e.g. {shapes[:3]}" if shapes else "",
+            f"{len(missing)} missing key(s), e.g. {missing[:5]}" if missing else "",
+            f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}" if unexpected else "",
+        ]
+        raise IntegrityError(
+            f"{origin} does not fit the {type(encoder).__name__} its config describes: "
+            + "; ".join(p for p in parts if p)
         )
+
+
+def _verified_weights(folder: Path, config: Mapping[str, Any], verify: bool) -> Path:
+    weights = folder / str((config.get("weights") or {}).get("file", WEIGHTS_NAME))
+    if not weights.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        hint = f" (it has pickle weights {pickles}: pass trust_pickle=True to load those)" if pickles else ""
+        raise ExportError(f"{weights} not found: expected an ssl_med export folder{hint}")
+    expected = (config.get("weights") or {}).get("sha256")
+    if verify and expected:
+        actual = sha256_file(weights)
+        if actual != expected:
+            raise IntegrityError(
+                f"{weights} has sha256 {actual} but {folder / CONFIG_NAME} records {expected}: the weights "
+                "were modified or corrupted after export (re-download or re-export them)"
+            )
+    elif verify:
+        log.warning("%s records no sha256 (exported by an older ssl_med); integrity not checked", folder / CONFIG_NAME)
+    return weights
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise IntegrityError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise ExportError(f"{config_file} not found: expected an ssl_med export folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{config_file} is not valid JSON: {err}") from err
+    if not isinstance(config.get("backbone"), dict) or "name" not in config["backbone"]:
+        raise ExportError(f"{config_file} has no 'backbone' with a 'name': not an ssl_med export")
+    return config
+
+
+def build_from_config(config: Mapping[str, Any]) -> Encoder:
+    """A fresh (randomly initialised) encoder from an export ``config.json``'s ``backbone`` block."""
+    kwargs = dict(config["backbone"])
+    if kwargs.get("init_from"):  # never re-read the pretraining's starting weights: the export replaces them
+        kwargs["init_from"] = None
+    return BACKBONES.build(kwargs.pop("name"), **kwargs)
+
+
+def load_weights_into(encoder: Encoder, source: str | Path, *, verify: bool = True) -> Encoder:
+    """Load weights into ``encoder`` from an export folder (sha256-checked) or a ``.safetensors`` file."""
+    source = Path(source)
+    if source.is_dir():
+        path = _verified_weights(source, read_config(source), verify)
+    elif source.suffix in PICKLE_SUFFIXES:
+        raise _refuse_pickle(source)
+    else:
+        path = source
+    state = _read_safetensors(path)
+    check_state_dict(encoder, state, str(path))
+    encoder.load_state_dict(state)
+    return encoder
+
+
+def read_checkpoint_state(
+    path: Path, *, weights: Literal["student", "teacher"] = "student", trust_pickle: bool = False
+) -> dict[str, Tensor]:
+    """The encoder's state dict from a Lightning pretraining checkpoint.
+
+    The checkpoint is read with ``torch.load(weights_only=True)`` (tensors and plain containers only, no
+    code); ``trust_pickle=True`` allows a full unpickle for checkpoints that need it.
+    """
+    if weights not in CHECKPOINT_PREFIXES:
+        raise ExportError(f"weights must be one of {sorted(CHECKPOINT_PREFIXES)}, got {weights!r}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if not trust_pickle:
+            raise UnsafeWeightsError(
+                f"{path} cannot be read with the restricted (weights-only) unpickler: {err}. "
+                "Pass trust_pickle=True if you trust this checkpoint"
+            ) from err
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ExportError(f"{path} holds no state_dict: not an ssl_med pretraining checkpoint")
+    prefix = CHECKPOINT_PREFIXES[weights]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    out = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    if not out:
+        roots = sorted({".".join(k.split(".")[:2]) for k in state})
+        other = "" if weights == "student" else " (only DINO-style objectives keep a teacher)"
+        raise ExportError(f"{path} has no {weights} encoder weights under {prefix!r}{other}; it holds {roots[:8]}")
+    return out
+
+
+def _resolve(
+    path: str | Path, revision: str | None, cache_dir: str | Path | None, trust_pickle: bool
+) -> Path:
+    if isinstance(path, str) and path.startswith(HF_PREFIX):
+        return download(path, revision=revision, cache_dir=cache_dir, trust_pickle=trust_pickle)
+    resolved = Path(path)
+    if not resolved.exists():
+        raise FileNotFoundError(f"{resolved} not found (for a hub repository use 'hf-hub:ORG/NAME')")
+    return resolved
+
+
+def load_pretrained(
+    path: str | Path,
+    *,
+    trust_pickle: bool = False,
+    verify: bool = True,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> Encoder:
+    """Rebuild an exported encoder and load its weights; returns it in eval mode, ready for ``forward``.
+
+    Args:
+        path: an export folder, its ``model.safetensors``, or ``"hf-hub:ORG/NAME[@revision]"`` (downloaded
+            with huggingface_hub; ``HF_HUB_OFFLINE=1`` uses the local cache only).
+        trust_pickle: allow pickle files (``.pt``/``.pth``/``.ckpt``/``.bin``): a Lightning pretraining
+            checkpoint (config from its run folder) or a folder with ``pytorch_model.bin``. Unpickling can
+            run arbitrary code; without this flag such files are refused.
+        verify: check the weights' sha256 against ``config.json`` (shapes and keys are always checked).
+        revision, cache_dir: for hub repositories.
+
+    The export's ``config.json`` is attached as ``encoder.pretrained_config``.
+
+    Raises:
+        IntegrityError: tampered/corrupted weights (sha256) or weights that do not fit the config.
+        UnsafeWeightsError: a pickle file without ``trust_pickle=True``.
+        ExportError, FileNotFoundError, HubError: missing or malformed files, unreachable hub.
+    """
+    source = _resolve(path, revision, cache_dir, trust_pickle)
+    if source.is_file() and source.suffix in PICKLE_SUFFIXES:
+        if not trust_pickle:
+            raise _refuse_pickle(source)
+        if source.suffix == ".ckpt":  # a Lightning pretraining checkpoint: config from its run folder
+            encoder, config, _ = load_source(source, trust_pickle=True)
+            encoder.pretrained_config = config  # type: ignore[assignment]
+            return encoder.eval()
+        config = read_config(source.parent)
+        state = _load_pickle_weights(source)
+        origin = source
+    else:
+        folder = source.parent if source.is_file() else source
+        config = read_config(folder)
+        recorded = str((config.get("weights") or {}).get("file", WEIGHTS_NAME))
+        if source.is_dir() and not (folder / recorded).is_file() and trust_pickle:
+            pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                return load_pretrained(pickles[0], trust_pickle=True)
+        if source.is_file() and source.suffix != ".safetensors":
+            raise ExportError(f"{source}: unsupported weights format {source.suffix!r} (expected .safetensors)")
+        if source.is_file() and source.name != recorded:
+            origin = source  # another safetensors file next to the config: keys and shapes are still checked
+        else:
+            origin = _verified_weights(folder, config, verify)
+        state = _read_safetensors(origin)
+    encoder = build_from_config(config)
+    check_state_dict(encoder, state, str(origin))
+    encoder.load_state_dict(state)
+    encoder.pretrained_config = config  # type: ignore[assignment]
     return encoder.eval()
+
+
+def _load_pickle_weights(path: Path) -> dict[str, Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ExportError(f"{path} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# export from a run
+# --------------------------------------------------------------------------------------------------
+def find_run_dir(path: Path) -> Path | None:
+    """The pretraining run folder (holding ``resolved_config.yaml``) that ``path`` belongs to, if any."""
+    path = path.resolve()
+    for candidate in (path, *list(path.parents)[:2]):
+        if (candidate / "resolved_config.yaml").is_file():
+            return candidate
+    return None
+
+
+def load_training_config(run_dir: Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "resolved_config.yaml"), resolve=True)
+    if not isinstance(cfg, dict) or "backbone" not in cfg:
+        raise ExportError(f"{run_dir / 'resolved_config.yaml'} has no 'backbone' section")
+    return {"backbone": cfg["backbone"], "objective": cfg.get("objective", {}), "data": cfg.get("data", {})}
+
+
+def load_source(
+    checkpoint: str | Path,
+    *,
+    weights: Literal["student", "teacher"] = "student",
+    trust_pickle: bool = False,
+) -> tuple[Encoder, dict[str, Any], Path | None]:
+    """Encoder, its (training) config and run folder from a run folder, a ``.ckpt`` or an export folder.
+
+    A run folder exports ``checkpoints/last.ckpt`` (the latest state, even for an interrupted run) and
+    falls back to its ``encoder/`` folder.
+    """
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint={path}: no such file or folder (a run folder, a .ckpt or an export folder)")
+    if path.is_dir():
+        if (path / CONFIG_NAME).is_file():
+            if weights != "student":
+                raise ExportError(f"{path} is an export folder (student weights only); export the run's .ckpt for {weights}")
+            encoder = load_pretrained(path, trust_pickle=trust_pickle)
+            config = {k: v for k, v in encoder.pretrained_config.items() if k in ("backbone", "objective", "data")}  # type: ignore[union-attr]
+            return encoder, config, find_run_dir(path.parent)
+        if (path / "checkpoints" / "last.ckpt").is_file():
+            path = path / "checkpoints" / "last.ckpt"
+        elif (path / "encoder" / CONFIG_NAME).is_file():
+            return load_source(path / "encoder", weights=weights, trust_pickle=trust_pickle)
+        else:
+            raise ExportError(f"{path} is neither a pretraining run folder (checkpoints/last.ckpt) nor an export folder")
+    if path.suffix == ".safetensors":
+        return load_source(path.parent, weights=weights, trust_pickle=trust_pickle)
+    if path.suffix not in (".ckpt", ".pt", ".pth"):
+        raise ExportError(f"{path}: expected a Lightning .ckpt, a run folder or an export folder")
+    run_dir = find_run_dir(path.parent)
+    if run_dir is None:
+        raise ExportError(
+            f"no resolved_config.yaml found for {path}: the checkpoint must sit in <run dir>/checkpoints/ of an "
+            "ssl_med pretraining run (its config says which backbone to build)"
+        )
+    config = load_training_config(run_dir)
+    encoder = build_from_config(config)
+    state = read_checkpoint_state(path, weights=weights, trust_pickle=trust_pickle)
+    check_state_dict(encoder, state, str(path))
+    encoder.load_state_dict(state)
+    return encoder.eval(), config, run_dir
+
+
+def find_results(run_dir: Path | None, max_depth: int = 3) -> list[tuple[Path, Any, str | None]]:
+    """Evaluator results in a run folder: ``(json path, parsed JSON, markdown table or None)`` per file."""
+    if run_dir is None:
+        return []
+    skip = {"checkpoints", "tensorboard", "encoder", ".hydra"}
+    found = []
+    for path in sorted(run_dir.rglob("*.json")):
+        rel = path.relative_to(run_dir)
+        if path.name not in RESULTS_FILES or len(rel.parts) > max_depth or skip & set(rel.parts[:-1]):
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("skipping unreadable results file %s: %s", path, err)
+            continue
+        markdown = next((m.read_text() for m in (path.with_suffix(".md"), path.parent / "results.md") if m.is_file()), None)
+        found.append((path, data, markdown))
+    return found
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, float) for v in value):
+        return f"{value[0]:.4f} ± {value[1]:.4f}"  # (mean, std)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str)
+    return str(value).replace("|", "\\|")
+
+
+def results_table(data: Any) -> str:
+    """A markdown table from evaluator results: a list of row dicts, ``{"rows"/"results": [...]}``,
+    ``{task: {metric: value}}`` or a flat ``{metric: value}``."""
+    rows: list[dict[str, Any]]
+    if isinstance(data, dict):
+        for key in ("rows", "results", "table"):
+            if isinstance(data.get(key), list):
+                data = data[key]
+                break
+    if isinstance(data, list) and all(isinstance(r, dict) for r in data):
+        rows = data
+    elif isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+        rows = [{"task": name, **metrics} for name, metrics in data.items()]
+    elif isinstance(data, dict):
+        rows = [{"metric": k, "value": v} for k, v in data.items()]
+    else:
+        return ""
+    if not rows:
+        return ""
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def export_encoder(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    weights: Literal["student", "teacher"] = "student",
+    license: str = "unknown",
+    datasets: Sequence[str] | None = None,
+    push_to: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    trust_pickle: bool = False,
+) -> Path:
+    """Write a hub-ready export folder from a run folder, a Lightning checkpoint or an export folder.
+
+    Evaluator results found in the run folder (``results.json``/``eval_results.json``, with a sibling
+    ``.md`` table if present) go into the model card and ``eval_results.json``; the run's resolved config
+    is copied as ``training_config.yaml``. With ``push_to=ORG/NAME`` the folder is then uploaded; a
+    :class:`HubError` (offline, no token) is raised only after the local export is complete.
+    """
+    encoder, config, run_dir = load_source(checkpoint, weights=weights, trust_pickle=trust_pickle)
+    results = find_results(run_dir)
+    out = Path(out)
+    config = {**config, "exported_weights": weights}
+    save_encoder(
+        encoder,
+        out,
+        config,
+        card_options={"license": license, "datasets": datasets, "repo_id": push_to, "results": results},
+    )
+    results_file = out / RESULTS_NAME
+    if results:
+        merged = results[0][1] if len(results) == 1 else {str(p.relative_to(run_dir)): d for p, d, _ in results}  # type: ignore[arg-type]
+        results_file.write_text(json.dumps(merged, indent=2, default=str) + "\n")
+    else:
+        results_file.unlink(missing_ok=True)  # never leave a previous export's results behind
+    if run_dir is not None and (run_dir / "resolved_config.yaml").is_file():
+        shutil.copyfile(run_dir / "resolved_config.yaml", out / TRAINING_CONFIG_NAME)
+    if push_to:
+        push_to_hub(out, push_to, token=token, private=private)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# model card
+# --------------------------------------------------------------------------------------------------
+def _yaml_list(name: str, items: Sequence[str]) -> list[str]:
+    return [f"{name}:", *(f"  - {json.dumps(str(i))}" for i in items)] if items else []
+
+
+def write_model_card(
+    out: Path,
+    config: Mapping[str, Any],
+    *,
+    license: str = "unknown",
+    datasets: Sequence[str] | None = None,
+    repo_id: str | None = None,
+    results: Sequence[tuple[Path, Any, str | None]] = (),
+) -> Path:
+    """README.md with YAML front matter (library, tags, license, datasets), usage, I/O, training, evaluation."""
+    backbone, enc = config["backbone"], config["encoder"]
+    prep, objective, data = config["preprocessing"], config.get("objective") or {}, config.get("data") or {}
+    dims = enc["spatial_dims"]
+    obj_name = objective.get("name", "unknown")
+    name = repo_id or f"ssl_med-{backbone['name']}-{obj_name}-{dims}d"
+    datasets = list(datasets or ([str(data["name"])] if data.get("name") else []))
+    timm_native = not str(config["architecture"]).startswith("ssl_med_")
+    tags = ["ssl_med", "medical-imaging", "self-supervised", "image-feature-extraction", backbone["name"], obj_name, f"{dims}d"]
+    if timm_native:
+        tags.append("timm")
+    front = [
+        "---",
+        "library_name: ssl_med",
+        f"license: {license}",
+        "pipeline_tag: image-feature-extraction",
+        *_yaml_list("tags", tags),
+        *_yaml_list("datasets", datasets),
+        "---",
+    ]
+    ref = f"hf-hub:{repo_id}" if repo_id else "path/to/this/folder"
+    chans = enc["in_chans"] if enc["in_chans"] is not None else "any (channel-adaptive)"
+    size = enc["img_size"] or prep.get("crop_size")
+    example = [2, enc["in_chans"] or 1, *(size or [s * 4 for s in enc["patch_size"]])]
+    shape_axes = "(B, C, D, H, W)" if dims == 3 else "(B, C, H, W)"
+    usage = [
+        "```python",
+        "import torch",
+        "import ssl_med",
+        "",
+        f'encoder = ssl_med.load_pretrained("{ref}")  # rebuilds the network from config.json, checks sha256',
+        f"x = torch.rand({', '.join(map(str, example))})  # inputs scaled to [0, 1], see 'Inputs and outputs'",
+        "out = encoder(x)",
+        "out.pooled        # (B, D) image embedding",
+        "out.patch_tokens  # (B, N, D) patch tokens on out.grid",
+        f"encoder(x, return_layers={enc['hidden_state_layers']}).hidden_states  # for UNETR-style decoders",
+        "```",
+        "",
+        "With timm:",
+        "",
+        "```python",
+        "import timm",
+    ]
+    timm_ref = f"hf-hub:{repo_id}" if repo_id else "local-dir:path/to/this/folder"
+    if timm_native:
+        usage += [
+            f'model = timm.create_model("{timm_ref}", pretrained=True)  # timm\'s own {config["architecture"]}',
+            "features = model.forward_features(x)  # (B, 1 + N, D), same tokens as ssl_med",
+        ]
+    else:
+        usage += [
+            "import ssl_med.hub  # registers ssl_med backbones with timm",
+            f'model = timm.create_model("{timm_ref}", pretrained=True)  # {config["architecture"]}',
+        ]
+    usage.append("```")
+    io_rows = [
+        ("input", f"`{shape_axes}` float32, C = {chans}, spatial size a multiple of the patch {enc['patch_size']}"),
+        ("intensity", f"{prep['intensity_normalisation']['formula']} ({prep['intensity_normalisation']['scope']})"),
+        ("spacing", prep["spacing"].get("note", "")
+         + (f"; pretraining median {prep['spacing']['median_mm']} mm" if "median_mm" in prep["spacing"] else "")),
+        ("pretraining crop", str(prep.get("crop_size"))),
+        ("channels", prep["channel_handling"]),
+        ("output `pooled`", f"`(B, {enc['embed_dim']})`, pooling = {enc['pooling']}"),
+        ("output `patch_tokens`", f"`(B, N, {enc['embed_dim']})`, N = number of patches"),
+    ]
+    evaluation: list[str] = []
+    for path, data_, markdown in results:
+        table = markdown.strip() if markdown else results_table(data_)
+        if table:
+            evaluation += [f"From `{path.name}` ({path.parent.name}):", "", table, ""]
+    lines = [
+        *front,
+        "",
+        f"# {name}",
+        "",
+        f"A {dims}D **{backbone['name']}** encoder ({enc['num_parameters']:,} parameters, width {enc['embed_dim']}, "
+        f"depth {enc['depth']}, patch {enc['patch_size']}) pretrained self-supervised with **{obj_name}** on "
+        f"`{data.get('name', 'unknown')}` data using ssl_med {config['ssl_med_version']}. "
+        "Encoder weights only: no objective heads, no classifier.",
+        "",
+        "## Intended use",
+        "",
+        "Feature extraction and fine-tuning for medical image analysis research: linear probes / kNN on "
+        "`pooled`, segmentation decoders on `patch_tokens` and hidden states. **Not for clinical use**: it "
+        "has not been validated for diagnosis, and it inherits the biases of its pretraining data.",
+        "",
+        "## Usage",
+        "",
+        *usage,
+        "",
+        "## Inputs and outputs",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in io_rows),
+        "",
+        "## Training",
+        "",
+        f"- objective: `{json.dumps(objective, default=str)}`",
+        f"- data: `{json.dumps(data, default=str)}`",
+        f"- backbone: `{json.dumps(backbone, default=str)}`",
+        f"- exported weights: {config.get('exported_weights', 'student')}",
+        "",
+        "## Evaluation",
+        "",
+        *(evaluation or ["No evaluation results were found next to the pretraining run.", ""]),
+        "## Files",
+        "",
+        f"- `{WEIGHTS_NAME}`: sha256 `{(config.get('weights') or {}).get('sha256', '')}` (checked by `load_pretrained`)",
+        f"- `{CONFIG_NAME}`: backbone constructor arguments, preprocessing, pretraining objective and data, timm fields",
+        "",
+    ]
+    card = out / CARD_NAME
+    card.write_text("\n".join(lines))
+    return card

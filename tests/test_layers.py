@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_med.layers import Attention, attention, patchify, resample_pos_embed, sincos_pos_embed, unpatchify
+from ssl_med.layers import (
+    Attention,
+    Block,
+    attention,
+    patchify,
+    resample_pos_embed,
+    sincos_pos_embed,
+    unpatchify,
+)
+from ssl_med.layers.attention import pack_padded, unpack_padded
 
 
 @pytest.mark.parametrize("spatial", [(8, 12), (4, 8, 12)])
@@ -90,3 +99,78 @@ def test_xformers_missing_is_a_clear_error() -> None:
     q = torch.randn(1, 1, 3, 4)
     with pytest.raises(ImportError, match=r"ssl_med\[cuda\]"):
         attention(q, q, q, impl="xformers")
+
+
+def _ragged_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    x = torch.randn(3, 6, 16, dtype=torch.float64)
+    pad = torch.tensor([[False] * 6, [False, True, False, True, False, False], [False, False] + [True] * 4])
+    return x, pad
+
+
+def test_pack_unpack_roundtrip() -> None:
+    x, pad = _ragged_batch()
+    packed, seqlens, index = pack_padded(x, pad)
+    assert packed.shape == (1, int((~pad).sum()), 16) and seqlens == [6, 4, 2]
+    torch.testing.assert_close(packed[0, 6:10], x[1][~pad[1]])  # image after image, order kept
+    back = unpack_padded(packed, index, 3, 6)
+    torch.testing.assert_close(back, x.masked_fill(pad[..., None], 0.0))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_packed_attention_equals_padded(impl: str) -> None:
+    """Block-diagonal attention over the packed sequence == key-padding attention on the valid tokens."""
+    x, pad = _ragged_batch()
+    attn = Attention(16, 4, attn_impl=impl).double()
+    padded = attn(x, key_padding_mask=pad)
+    packed, seqlens, index = pack_padded(x, pad)
+    out = unpack_padded(attn(packed, seqlens=seqlens), index, 3, 6)
+    valid = ~pad
+    torch.testing.assert_close(out[valid], padded[valid])
+    # and each image alone, without any padding
+    for b in range(3):
+        torch.testing.assert_close(padded[b][valid[b]], attn(x[b : b + 1, valid[b]])[0])
+
+
+def test_packed_attention_checks_shapes() -> None:
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="sum\\(seqlens\\)"):
+        attention(q, q, q, impl="sdpa", seqlens=[2, 2])
+    with pytest.raises(ValueError, match="not both"):
+        attention(q, q, q, torch.zeros(1, 5, dtype=torch.bool), impl="sdpa", seqlens=[5])
+
+
+def test_block_padding_and_packing_and_drop_path() -> None:
+    x, pad = _ragged_batch(1)
+    block = Block(16, 4, drop_path=0.5, init_values=0.1).double().eval()
+    padded = block(x, key_padding_mask=pad)
+    packed, seqlens, index = pack_padded(x, pad)
+    out = unpack_padded(block(packed, seqlens=seqlens), index, 3, 6)
+    torch.testing.assert_close(out[~pad], padded[~pad])
+    # training: stochastic depth drops whole images (segments) of a packed sequence, never parts of one;
+    # an image whose two branches were both dropped comes out unchanged
+    block.train()
+    torch.manual_seed(3)
+    unchanged = []
+    for _ in range(8):
+        o = unpack_padded(block(packed, seqlens=seqlens), index, 3, 6)
+        assert torch.isfinite(o).all()
+        unchanged.append([torch.allclose(o[b][~pad[b]], x[b][~pad[b]]) for b in range(3)])
+    assert any(any(u) and not all(u) for u in unchanged)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers kernels need CUDA")
+def test_xformers_matches_sdpa_on_cuda() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        pytest.skip("xformers not installed")
+    x, pad = _ragged_batch()
+    x, pad = x.float().cuda(), pad.cuda()
+    attn = Attention(16, 4, attn_impl="sdpa").cuda()
+    ref = attn(x, key_padding_mask=pad)
+    attn.attn_impl = "xformers"
+    torch.testing.assert_close(attn(x, key_padding_mask=pad)[~pad], ref[~pad], atol=1e-4, rtol=1e-4)
+    packed, seqlens, index = pack_padded(x, pad)
+    out = unpack_padded(attn(packed, seqlens=seqlens), index, 3, 6)
+    torch.testing.assert_close(out[~pad], ref[~pad], atol=1e-4, rtol=1e-4)

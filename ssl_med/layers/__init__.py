@@ -1,6 +1,6 @@
 """Reusable layers shared by every backbone and decoder (patch/position embedding, attention)."""
 
-from ssl_med.layers.attention import Attention, attention
+from ssl_med.layers.attention import Attention, attention, pack_padded, unpack_padded
 from ssl_med.layers.patch_embed import PatchEmbed, patchify, unpatchify
 from ssl_med.layers.pos_embed import resample_pos_embed, sincos_pos_embed
 from ssl_med.layers.transformer import Block
@@ -10,8 +10,10 @@ __all__ = [
     "Block",
     "PatchEmbed",
     "attention",
+    "pack_padded",
     "patchify",
     "resample_pos_embed",
     "sincos_pos_embed",
+    "unpack_padded",
     "unpatchify",
 ]

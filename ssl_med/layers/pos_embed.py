@@ -41,7 +41,9 @@ def sincos_pos_embed(grid: Sequence[int], dim: int) -> Tensor:
 def resample_pos_embed(pos: Tensor, old_grid: Sequence[int], new_grid: Sequence[int]) -> Tensor:
     """Interpolate a learned patch position embedding ``(1, N_old, D)`` to ``(1, N_new, D)``.
 
-    Bicubic in 2D, trilinear in 3D (``align_corners=False``, antialias off), as timm and DINOv2 do.
+    Bicubic in 2D, trilinear in 3D (``align_corners=False``, antialias off as DINOv2; equal to timm's
+    ``resample_abs_pos_embed(..., antialias=False)`` - timm's default ``antialias=True`` switches torch
+    to a different cubic kernel, so timm's ``dynamic_img_size`` differs slightly at other sizes).
     """
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
     if old_grid == new_grid:

@@ -85,3 +85,17 @@ class ExportEncoder(L.Callback):
                 raise RuntimeError(f"processes finished with different encoder weights (checksums {checksums})")
             save_encoder(encoder, self.out_dir, self.config)
             (self.out_dir / "rank_checksums.json").write_text(json.dumps(checksums))
+
+
+class PlotCurves(L.Callback):
+    """Writes ``training_curves.png`` (loss terms, collapse monitor, lr, throughput) at the end of training."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and trainer.logger is not None:
+            from ssl_med.train.plots import plot_training_curves
+
+            trainer.logger.save()
+            plot_training_curves(self.run_dir / "tensorboard", self.run_dir / "training_curves.png")

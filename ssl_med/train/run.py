@@ -8,6 +8,7 @@ A run folder holds everything of one run::
       checkpoints/           last.ckpt (resume point) and periodic step checkpoints
       tensorboard/           loss terms, learning rate, samples/s, collapse monitor, previews
       encoder/               model.safetensors + config.json (the exported encoder)
+      training_curves.png    loss terms, collapse monitor, lr and throughput at a glance
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ssl_med.data.datamodule import CropDataModule
 from ssl_med.encoder import Encoder
 from ssl_med.objective import Objective
 from ssl_med.registry import BACKBONES, OBJECTIVES
-from ssl_med.train.callbacks import AtomicCheckpointIO, ExportEncoder, PreviewImages
+from ssl_med.train.callbacks import AtomicCheckpointIO, ExportEncoder, PlotCurves, PreviewImages
 from ssl_med.train.launch import relaunch_this_job
 from ssl_med.train.module import PretrainModule
 
@@ -88,6 +89,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         ),
         PreviewImages(t.preview_every_n_steps),
         ExportEncoder(export_dir, {"backbone": cfg.backbone, "objective": cfg.objective, "data": asdict(cfg.data)}),
+        PlotCurves(run_dir),
     ]
     if t.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))

@@ -65,6 +65,7 @@ def test_pretrain_writes_outputs_and_learns(tmp_path: Path) -> None:
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert acc.Tags()["images"], "reconstruction previews are logged"
+    assert (tmp_path / "training_curves.png").stat().st_size > 1000
 
     encoder = ssl_med.load_pretrained(export_dir)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
