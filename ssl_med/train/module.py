@@ -23,6 +23,11 @@ def embedding_std(embeddings: Tensor) -> Tensor:
     return z.std(dim=0).mean()
 
 
+def _batch_size(batch: dict[str, Any]) -> int | None:
+    """Images in a collated batch: the leading size of its first tensor (objectives name their views freely)."""
+    return next((v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.ndim), None)
+
+
 class PretrainModule(L.LightningModule):
     """Trains ``objective`` (which holds the encoder) with AdamW and per-step schedules.
 
@@ -86,7 +91,7 @@ class PretrainModule(L.LightningModule):
                 f"non-finite loss {out.loss.item()} at step {self.global_step}; lower optim.lr, enable "
                 "optim.grad_clip, or check the data for NaNs (the last checkpoint is intact)"
             )
-        batch_size = batch["image"].shape[0] if "image" in batch else None
+        batch_size = _batch_size(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
         for name, value in out.terms.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
