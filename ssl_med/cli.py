@@ -35,11 +35,12 @@ def usage(commands: dict[str, Command]) -> str:
         "commands:",
         *(f"  {name:<{width}}  {cmd.help}" for name, cmd in commands.items()),
         "",
-        "Each command takes Hydra overrides (key=value); `ssl_med <command> --help` lists its config",
-        "groups and defaults. Examples:",
+        "pretrain, evaluate and export take Hydra overrides (key=value); ingest takes paths and flags.",
+        "`ssl_med <command> --help` explains each. Examples:",
         "  ssl_med pretrain                                    # ViT + MAE on the embedded 2D demo data",
         "  ssl_med pretrain backbone=vit objective=mae data=demo3d trainer.max_steps=100",
         "  ssl_med pretrain -m optim.lr=1e-4,3e-4              # a sweep (one run folder per point)",
+        "  ssl_med ingest /data/ct --out ct.zarr               # NIfTI/DICOM/PNG/TIFF/MedMNIST -> Zarr store",
     ]
     return "\n".join(lines)
 

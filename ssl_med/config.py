@@ -27,6 +27,8 @@ class DataConfig:
     patch_size: int = 8
     num_channels: int | None = 1
     slice_axis: int = 0
+    split: str | None = None
+    min_foreground: float = 0.0
     samples_per_epoch: int = 2048
     batch_size: int = 32
     num_workers: int = 2

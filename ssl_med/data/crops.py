@@ -3,6 +3,11 @@
 A crop is drawn deterministically from ``(seed, index)``: the image (weighted by its number of
 crop positions, so large volumes are sampled more), for 2D crops from a volume the slice along
 ``slice_axis``, and the crop origin. Only the chunks that the crop touches are read.
+
+Foreground-aware sampling (``min_foreground > 0``) redraws a crop, deterministically from
+``(seed, index, attempt)``, while less than that fraction of its voxels is above
+``foreground_threshold`` (after normalisation to ``[0, 1]``), i.e. skips crops that are mostly air;
+after ``max_tries`` the most foreground-rich attempt is used.
 """
 
 from __future__ import annotations
@@ -14,9 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import Randomizable
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from ssl_med.data.store import ImageMeta, ImageStore
 
@@ -25,8 +28,13 @@ def normalise_intensity(crop: np.ndarray, meta: ImageMeta) -> np.ndarray:
     """Scale each channel to ``[0, 1]`` from its stored 0.5/99.5 percentiles (clipped); NaN -> 0."""
     lo = np.asarray(meta.intensity["p0.5"], dtype=np.float32).reshape(-1, *([1] * (crop.ndim - 1)))
     hi = np.asarray(meta.intensity["p99.5"], dtype=np.float32).reshape(lo.shape)
-    out = (crop.astype(np.float32) - lo) / np.maximum(hi - lo, 1e-6)
-    return np.nan_to_num(np.clip(out, 0.0, 1.0), nan=0.0)
+    out = crop.astype(np.float32)  # in place from here on: this runs once per crop in the workers
+    out -= lo
+    out /= np.maximum(hi - lo, 1e-6)
+    np.clip(out, 0.0, 1.0, out=out)
+    if crop.dtype.kind == "f":
+        np.nan_to_num(out, copy=False, nan=0.0)
+    return out
 
 
 def match_channels(crop: np.ndarray, num_channels: int | None) -> np.ndarray:
@@ -53,6 +61,12 @@ class RandomCropDataset(Dataset):
         seed: crops are a function of ``(seed, index)``.
         split: only images of this split (``None``: all).
         transform: per-sample callable applied last (the objective's view transform).
+        min_foreground: minimum fraction of foreground voxels per crop (0: no check).
+        foreground_threshold: normalised intensity above which a voxel is foreground.
+        max_tries: crops drawn at most per sample when ``min_foreground > 0``.
+        return_channel_names: add ``"channel_names"`` (one ``str`` per channel) to each sample
+            (for channel-adaptive backbones; only with ``num_channels=None``).
+        engine: store read engine (``"auto"``, ``"direct"``, ``"zarr"``; see :class:`ImageStore`).
 
     Images smaller than the crop are padded with zeros after normalisation.
     """
@@ -67,6 +81,11 @@ class RandomCropDataset(Dataset):
         seed: int = 0,
         split: str | None = None,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        min_foreground: float = 0.0,
+        foreground_threshold: float = 0.05,
+        max_tries: int = 10,
+        return_channel_names: bool = False,
+        engine: str = "auto",
     ) -> None:
         self.store_path = str(store_path)
         self.crop_size = tuple(int(c) for c in crop_size)
@@ -76,9 +95,16 @@ class RandomCropDataset(Dataset):
         self.length = length
         self.seed = seed
         self.transform = transform
+        self.min_foreground = min_foreground
+        self.foreground_threshold = foreground_threshold
+        self.max_tries = max(1, max_tries)
+        self.return_channel_names = return_channel_names
+        self.engine = engine
         manifest = ImageStore(self.store_path).manifest
         self.names = [
-            n for n, m in manifest.items() if (split is None or m.split == split) and m.spatial_dims >= self.spatial_dims
+            n
+            for n, m in manifest.items()
+            if (split is None or m.split == split) and m.spatial_dims >= self.spatial_dims
         ]
         if not self.names:
             raise ValueError(
@@ -86,6 +112,7 @@ class RandomCropDataset(Dataset):
                 + (f" in split {split!r}" if split else "")
             )
         self.metas = [manifest[n] for n in self.names]
+        self._position = {n: k for k, n in enumerate(self.names)}
         weights = np.array([self._num_positions(m) for m in self.metas], dtype=np.float64)
         self.weights = weights / weights.sum()
         self._store: ImageStore | None = None
@@ -104,15 +131,19 @@ class RandomCropDataset(Dataset):
     def store(self) -> ImageStore:
         """The store handle of this process (re-opened after a fork: zarr handles are not fork-safe)."""
         if self._store is None or self._pid != os.getpid():
-            self._store, self._pid = ImageStore(self.store_path), os.getpid()
+            if get_worker_info() is not None:  # one decoding thread per DataLoader worker
+                from numcodecs import blosc
+
+                blosc.set_nthreads(1)
+            self._store, self._pid = ImageStore(self.store_path, engine=self.engine), os.getpid()
         return self._store
 
     def __len__(self) -> int:
         return self.length
 
-    def region(self, index: int) -> tuple[str, tuple[slice, ...]]:
+    def region(self, index: int, attempt: int = 0) -> tuple[str, tuple[slice, ...]]:
         """The image name and the spatial region (in store coordinates) of crop ``index``."""
-        rng = np.random.default_rng([self.seed, index])
+        rng = np.random.default_rng([self.seed, index] + ([attempt] if attempt else []))
         k = int(rng.choice(len(self.names), p=self.weights))
         meta = self.metas[k]
         spatial = list(meta.shape[1:])
@@ -129,23 +160,48 @@ class RandomCropDataset(Dataset):
             region.append(slice(start, min(start + c, size)))
         return self.names[k], tuple(region)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        name, region = self.region(index)
-        k = self.names.index(name)
-        meta = self.metas[k]
+    def _crop(self, index: int, attempt: int) -> tuple[np.ndarray, ImageMeta]:
+        """Normalised crop ``(C, *crop_region)`` of attempt ``attempt`` of sample ``index``."""
+        name, region = self.region(index, attempt)
+        meta = self.metas[self._position[name]]
         crop = self.store.read(name, region)
         if meta.spatial_dims > self.spatial_dims:
             crop = crop.squeeze(1 + self.slice_axis)
-        crop = match_channels(normalise_intensity(crop, meta), self.num_channels)
+        return normalise_intensity(crop, meta), meta
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        crop, meta = self._crop(index, 0)
+        if self.min_foreground > 0:
+            best, best_fraction = (crop, meta), -1.0
+            for attempt in range(self.max_tries):
+                if attempt:
+                    crop, meta = self._crop(index, attempt)
+                fraction = float((crop.max(axis=0) > self.foreground_threshold).mean()) if crop.size else 0.0
+                if fraction >= self.min_foreground:
+                    best = (crop, meta)
+                    break
+                if fraction > best_fraction:
+                    best, best_fraction = (crop, meta), fraction
+            crop, meta = best
+        crop = match_channels(crop, self.num_channels)
         pad = [(0, 0)] + [(0, c - s) for s, c in zip(crop.shape[1:], self.crop_size)]
         if any(p[1] for p in pad):
             crop = np.pad(crop, pad)
         sample: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(crop))}
+        if self.return_channel_names:
+            sample["channel_names"] = list(meta.channel_names)
         if self.transform is None:
             return sample
+        from monai.data import MetaTensor  # here, not at import: keeps DataLoader worker start-up short
+        from monai.transforms import Randomizable
+
         if isinstance(self.transform, Randomizable):  # views depend on (seed, index) only, not on workers
-            self.transform.set_random_state(seed=int(np.random.default_rng([self.seed, index, 1]).integers(2**31)))
-        return {k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in self.transform(sample).items()}
+            self.transform.set_random_state(
+                seed=int(np.random.default_rng([self.seed, index, 1]).integers(2**31))
+            )
+        return {
+            k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in self.transform(sample).items()
+        }
 
 
 class EpochSampler(Sampler[int]):
@@ -157,7 +213,9 @@ class EpochSampler(Sampler[int]):
     Rank ``r`` takes ``offset + r, offset + r + world_size, ...``.
     """
 
-    def __init__(self, length: int, rank: int = 0, world_size: int = 1, offset: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self, length: int, rank: int = 0, world_size: int = 1, offset: Callable[[], int] = lambda: 0
+    ) -> None:
         self.length, self.rank, self.world_size = length, rank, world_size
         self.offset = offset
 

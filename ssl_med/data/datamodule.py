@@ -43,7 +43,9 @@ class CropDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if len(self.cfg.crop_size) != self.cfg.spatial_dims:
-            raise ValueError(f"data.crop_size {self.cfg.crop_size} does not have spatial_dims={self.cfg.spatial_dims} values")
+            raise ValueError(
+                f"data.crop_size {self.cfg.crop_size} does not have spatial_dims={self.cfg.spatial_dims} values"
+            )
         if self.dataset is None:
             self.dataset = RandomCropDataset(
                 resolve_store(self.cfg),
@@ -52,7 +54,9 @@ class CropDataModule(L.LightningDataModule):
                 slice_axis=self.cfg.slice_axis,
                 length=self.cfg.samples_per_epoch,
                 seed=self.seed,
+                split=self.cfg.split,
                 transform=self.view_transform,
+                min_foreground=self.cfg.min_foreground,
             )
 
     def train_dataloader(self) -> DataLoader:

@@ -58,7 +58,9 @@ def test_random_crops_are_real_and_deterministic(volume_store) -> None:
     expect = normalise_intensity(vol[(slice(None), *region)], store.manifest["ct"])
     np.testing.assert_allclose(ds[5]["image"].numpy(), expect)
     assert ds[5]["image"].shape == (2, 8, 8, 8)
-    np.testing.assert_array_equal(ds[5]["image"].numpy(), RandomCropDataset(store.path, (8, 8, 8), None, seed=3)[5]["image"].numpy())
+    np.testing.assert_array_equal(
+        ds[5]["image"].numpy(), RandomCropDataset(store.path, (8, 8, 8), None, seed=3)[5]["image"].numpy()
+    )
 
 
 def test_2d_slices_from_volumes_and_padding(volume_store) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from ssl_med.data.store import ImageStore
 from ssl_med.registry import DATASETS
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: OME-Zarr 0.5 image groups (store version 2)
 
 
 def cache_dir() -> Path:
@@ -76,7 +76,9 @@ def _dicom_slices() -> list[tuple[str, np.ndarray, tuple[float, float], str]]:
     for file in ("CT_small.dcm", "MR_small.dcm"):
         ds = pydicom.dcmread(get_testdata_file(file))
         pixels = ds.pixel_array.astype(np.float32)
-        pixels = pixels * float(getattr(ds, "RescaleSlope", 1.0)) + float(getattr(ds, "RescaleIntercept", 0.0))
+        pixels = pixels * float(getattr(ds, "RescaleSlope", 1.0)) + float(
+            getattr(ds, "RescaleIntercept", 0.0)
+        )
         spacing = tuple(float(s) for s in ds.PixelSpacing)
         out.append((f"dicom_{ds.Modality.lower()}", pixels[None], spacing, str(ds.Modality)))
     return out
@@ -86,7 +88,9 @@ def _build_2d(store: ImageStore) -> None:
     volume, spacing, source = mni152()
     store.add("mni152_t1", volume, spacing, modality="MR", channel_names=("T1",), source=source)
     for name, arr, modality, channels in _skimage_images():
-        store.add(name, arr, (1.0, 1.0), modality=modality, channel_names=channels, source=f"scikit-image: {name}")
+        store.add(
+            name, arr, (1.0, 1.0), modality=modality, channel_names=channels, source=f"scikit-image: {name}"
+        )
     for name, arr, spacing, modality in _dicom_slices():
         store.add(name, arr, spacing, modality=modality, source=f"pydicom test file: {name}")
 

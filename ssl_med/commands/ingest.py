@@ -1,0 +1,110 @@
+"""``ssl_med ingest INPUT... --out STORE``: build or extend an image store; ``--verify`` checks one.
+
+Plain argparse rather than Hydra: ingest takes a list of paths and a handful of flags, has no config
+groups to compose, and should not create a Hydra run folder for every call.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ssl_med.commands import Command
+
+EPILOG = """\
+inputs (files or folders, searched recursively):
+  NIfTI .nii/.nii.gz             one image; a folder of <case>_<seq>.nii.gz files (BraTS: _t1 _t1ce _t2
+                                 _flair) becomes one multi-channel image, its _seg file the label map
+  DICOM series (folders)         grouped by SeriesInstanceUID, slices sorted by position, rescale
+                                 slope/intercept applied
+  PNG/JPEG/BMP/TIFF              2D images; multi-page/multi-channel TIFF by its axes (C/S channels, Z pages)
+  MedMNIST .npz                  2D or 3D, every split with its labels
+  NumPy .npy                     (Y,X), (Y,X,3), (Z,Y,X) or (C,Z,Y,X)
+
+Volumes are reoriented to RAS (the original affine is kept) and written as OME-Zarr 0.5 images.
+Bad inputs are skipped with their reason; re-running resumes without duplicating images.
+
+examples:
+  ssl_med ingest ../shared/data/brats2020_sample --out brats.zarr
+  ssl_med ingest /data/ct --out ct.zarr --workers 8 --spacing 1.5 1 1 --hu-clip -1024 3071 --modality CT
+  ssl_med ingest --verify --out ct.zarr
+  ssl_med pretrain data=store data.store=ct.zarr data.spatial_dims=3 data.crop_size=[96,96,96]
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ssl_med ingest",
+        description="Convert medical images into a chunked, OME-Zarr 0.5 image store for pretraining.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files or folders to ingest")
+    p.add_argument(
+        "--out", "-o", required=True, metavar="STORE", help="store path or fsspec URL (created if missing)"
+    )
+    p.add_argument("--workers", "-j", type=int, default=1, help="parallel worker processes (default 1)")
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="resample volumes to this spacing (mm)",
+    )
+    p.add_argument(
+        "--orientation", default="RAS", help="reorient volumes to these axis codes (default RAS; '' keeps)"
+    )
+    p.add_argument(
+        "--hu-clip", type=float, nargs=2, metavar=("LOW", "HIGH"), help="clip CT images to this HU window"
+    )
+    p.add_argument("--modality", default="", help="modality for inputs that do not record one (e.g. CT, MR)")
+    p.add_argument("--split", default="", help="split recorded for the images (MedMNIST keeps its own)")
+    p.add_argument(
+        "--chunk", type=int, default=None, help="chunk edge for volumes (default from the benchmark: 64)"
+    )
+    p.add_argument("--shard", type=int, default=None, help="shard edge for volumes (default: no sharding)")
+    p.add_argument("--verify", action="store_true", help="check the store (after ingesting INPUTs, if any)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: list[str]) -> int:
+    from dataclasses import replace
+
+    from ssl_med.data.ingest import IngestOptions, ingest
+    from ssl_med.data.layout import DEFAULT_LAYOUT
+    from ssl_med.data.verify import verify
+
+    ns = parser().parse_args(args)
+    if not ns.inputs and not ns.verify:
+        parser().error("give INPUT paths to ingest, or --verify")
+    status = 0
+    if ns.inputs:
+        layout = DEFAULT_LAYOUT
+        if ns.chunk:
+            layout = replace(layout, chunk_3d=ns.chunk)
+        if ns.shard:
+            layout = replace(layout, shard_3d=ns.shard)
+        options = IngestOptions(
+            spacing=tuple(ns.spacing) if ns.spacing else None,
+            orientation=ns.orientation,
+            hu_clip=tuple(ns.hu_clip) if ns.hu_clip else None,
+            modality=ns.modality,
+            split=ns.split,
+            layout=layout,
+        )
+        report = ingest(
+            ns.inputs, ns.out, options, workers=ns.workers, progress=not ns.no_progress, log=lambda _: None
+        )
+        print(report.summary())
+        if report.written == 0 and report.present == 0:
+            status = 1
+    if ns.verify:
+        result = verify(ns.out)
+        print(result.summary())
+        status = status or (0 if result.ok else 1)
+    return status
+
+
+COMMAND = Command(
+    help="convert NIfTI/DICOM/PNG/TIFF/MedMNIST/NumPy inputs into a chunked image store", run=run
+)

@@ -1,0 +1,245 @@
+"""``ssl_med ingest``: convert NIfTI / DICOM / PNG / JPEG / TIFF / MedMNIST / NumPy inputs into an image store.
+
+Work is split into sources (:func:`~ssl_med.data.readers.discover.discover`) and run in parallel
+worker processes (``spawn``: zarr's I/O threads make ``fork`` unsafe). Each worker reads, checks,
+preprocesses and writes its images' arrays; the parent alone writes the manifest, in batches, so an
+interrupted ingest leaves at worst arrays that are not yet listed: re-running skips every image that
+is in the manifest and rewrites the unlisted ones, so no image is duplicated. A source that fails
+(corrupt, unreadable, NaN-only, zero-size, inconsistent series) is reported with its reason and
+never stops the others.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ssl_med.data.layout import DEFAULT_LAYOUT, Layout
+from ssl_med.data.readers import ReadError, Record, Source, StackRecord, read_source
+from ssl_med.data.readers.discover import discover
+from ssl_med.data.store import ImageMeta, ImageStore
+
+INGEST_VERSION = 1
+FLUSH_EVERY_IMAGES = 256
+FLUSH_EVERY_SECONDS = 20.0
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """What ingest does to every image.
+
+    Attributes:
+        spacing: target voxel spacing ``(z, y, x)`` in mm for volumes (resampled with MONAI), or ``None``.
+        orientation: axis codes volumes are reoriented to (``"RAS"``); ``""`` keeps the source's.
+        hu_clip: ``(low, high)`` HU window CT images are clipped to, or ``None`` (raw values).
+        modality: modality for images whose source does not say (NIfTI, rasters, NumPy).
+        split: split recorded for images whose source has none (MedMNIST keeps its own).
+        layout: chunks, shards and codec of the arrays.
+    """
+
+    spacing: tuple[float, float, float] | None = None
+    orientation: str = "RAS"
+    hu_clip: tuple[float, float] | None = None
+    modality: str = ""
+    split: str = ""
+    layout: Layout = DEFAULT_LAYOUT
+
+
+@dataclass
+class SourceResult:
+    """What happened to one source: images written (``{name: meta dict}``), already present, or skipped."""
+
+    source: Source
+    written: dict[str, dict[str, Any]] = field(default_factory=dict)
+    present: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class IngestReport:
+    """Summary of an ingest run: ``skipped`` lists ``(input, reason)``."""
+
+    written: int = 0
+    present: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"{self.written} images written, {self.present} already in the store, "
+                 f"{len(self.skipped)} skipped ({self.seconds:.1f} s)"]  # fmt: skip
+        lines += [f"  skipped {what}: {why}" for what, why in self.skipped]
+        return "\n".join(lines)
+
+
+_STORES: dict[str, ImageStore] = {}
+
+
+def _store(path: str) -> ImageStore:
+    """One append handle per process and store (workers reuse it across sources)."""
+    if path not in _STORES:
+        _STORES[path] = ImageStore(path, mode="a")
+    return _STORES[path]
+
+
+def _prepare(
+    record: Record, options: IngestOptions
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+    """Storage-order array ``(C, *spatial)``, label maps ``(1, *spatial)`` and write keyword arguments."""
+    from ssl_med.data import preprocess
+
+    modality = record.modality or options.modality
+    steps: dict[str, Any] = {"ingest_version": INGEST_VERSION}
+    kwargs: dict[str, Any] = {"unit": record.unit}
+    array, labels = record.array, record.labels
+    if record.affine is not None:
+        affine = original = np.asarray(record.affine, dtype=np.float64)
+        if options.orientation:
+            array, affine, labels = preprocess.reorient(array, affine, labels, options.orientation)
+            steps["reoriented_to"] = options.orientation
+        if options.spacing is not None:
+            array, affine, labels = preprocess.resample(array, affine, labels, options.spacing[::-1])
+            steps["resampled_to"] = list(options.spacing)
+        array, labels, geometry = preprocess.to_storage(array, affine, labels)
+        spacing: tuple[float, ...] = geometry.spacing
+        kwargs.update(origin=geometry.origin, orientation=geometry.orientation, affine=geometry.affine,
+                      original_affine=original)  # fmt: skip
+    else:
+        spacing = record.spacing
+        labels = {k: v[None] for k, v in labels.items()}
+    if modality.upper() == "CT" and options.hu_clip is not None:
+        array = preprocess.clip_hu(array, options.hu_clip)
+        steps["hu_clip"] = list(options.hu_clip)
+    if modality.upper() == "CT":
+        steps["normalisation"] = {"type": "window", "window": list(options.hu_clip or (-1024.0, 3071.0))}
+    else:
+        steps["normalisation"] = {"type": "percentile", "low": "p0.5", "high": "p99.5"}
+    kwargs.update(spacing=spacing, modality=modality, preprocessing=steps)
+    return array, labels, kwargs
+
+
+def _write_record(store: ImageStore, record: Record, options: IngestOptions) -> ImageMeta:
+    array, labels, kwargs = _prepare(record, options)
+    spacing = kwargs.pop("spacing")
+    return store.write_image(
+        record.name, array, spacing, channel_names=record.channel_names, source=record.source,
+        split=record.split or options.split, label=record.label, labels=labels, layout=options.layout,
+        extra=record.extra, **kwargs,
+    )  # fmt: skip
+
+
+def _write_stack(store: ImageStore, record: StackRecord, options: IngestOptions) -> dict[str, ImageMeta]:
+    return store.write_stack(
+        record.name, record.images, record.spacing, names=record.names, labels=record.labels or None,
+        split=record.split, modality=record.modality or options.modality, channel_names=record.channel_names,
+        source=record.source, layout=options.layout, extra=record.extra,
+    )  # fmt: skip
+
+
+def ingest_source(
+    store_path: str, source: Source, options: IngestOptions, existing: frozenset[str]
+) -> SourceResult:
+    """Read, check, preprocess and write one source (runs in a worker); never raises."""
+    result = SourceResult(source)
+    store = _store(store_path)
+    try:
+        for record in read_source(source):
+            names = record.names if isinstance(record, StackRecord) else [record.name]
+            if set(names) <= existing:
+                result.present += len(names)
+                continue
+            try:
+                if isinstance(record, StackRecord):
+                    metas = _write_stack(store, record, options)
+                else:
+                    metas = {record.name: _write_record(store, record, options)}
+            except (ReadError, ValueError) as exc:
+                result.skipped.append((f"{source.describe()} [{record.name}]", str(exc)))
+                continue
+            result.written.update({n: m.to_dict() for n, m in metas.items()})
+    except ReadError as exc:
+        result.skipped.append((source.describe(), str(exc)))
+    except Exception as exc:  # a bad file must never stop the ingest: report what the library said
+        result.skipped.append((source.describe(), f"unreadable ({type(exc).__name__}: {exc})"))
+    return result
+
+
+def ingest(
+    inputs: Sequence[str],
+    out: str,
+    options: IngestOptions = IngestOptions(),
+    workers: int = 1,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> IngestReport:
+    """Ingest ``inputs`` (files/folders) into the store at ``out`` (created if missing); resumable.
+
+    Args:
+        workers: worker processes (``<= 1``: in this process).
+        progress: show a tqdm progress bar over sources.
+        log: where per-source skip messages go as they happen.
+    """
+    start = time.perf_counter()
+    report = IngestReport()
+    sources, problems = discover(list(inputs))
+    report.skipped += problems
+    store = ImageStore(out, mode="a")
+    existing = frozenset(store.manifest)
+    todo = [s for s in sources if s.kind == "medmnist" or s.name not in existing]
+    report.present += len(sources) - len(todo)
+    pending: dict[str, ImageMeta] = {}
+    last_flush = time.perf_counter()
+
+    def collect(result: SourceResult) -> None:
+        nonlocal last_flush
+        report.present += result.present
+        report.skipped += result.skipped
+        for what, why in result.skipped:
+            log(f"skipped {what}: {why}")
+        pending.update({n: ImageMeta.from_dict(d) for n, d in result.written.items()})
+        if pending and (
+            len(pending) >= FLUSH_EVERY_IMAGES or time.perf_counter() - last_flush > FLUSH_EVERY_SECONDS
+        ):
+            flush()
+
+    def flush() -> None:
+        nonlocal last_flush
+        report.written += len(pending)
+        store.record(dict(sorted(pending.items())))
+        pending.clear()
+        last_flush = time.perf_counter()
+
+    bar = _progress(len(todo), progress)
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for source in todo:
+                collect(ingest_source(store.path, source, options, existing))
+                bar.update(1)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = {pool.submit(ingest_source, store.path, s, options, existing): s for s in todo}
+                for future in cf.as_completed(futures):
+                    try:
+                        collect(future.result())
+                    except Exception as exc:  # a worker died (e.g. out of memory): report, continue
+                        report.skipped.append((futures[future].describe(), f"worker failed ({exc!r})"))
+                    bar.update(1)
+    finally:
+        bar.close()
+        if pending:
+            flush()
+    store.record({}, sort=True)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="src", desc="ingest", disable=not enabled or total == 0)

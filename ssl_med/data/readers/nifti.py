@@ -1,0 +1,118 @@
+"""NIfTI files (``.nii``, ``.nii.gz``) and case folders of one file per sequence (BraTS style)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ssl_med.data.readers import ReadError, Record, Source
+
+LABEL_SUFFIXES = ("seg", "label", "labels", "mask", "gt")
+# MRI sequences in the order BraTS and most pipelines stack them; unknown suffixes follow alphabetically
+SEQUENCE_ORDER = ("t1", "t1n", "t1w", "t1ce", "t1c", "t1gd", "t2", "t2w", "flair", "t2f", "pd", "dwi", "adc")
+MR_SEQUENCES = set(SEQUENCE_ORDER)
+
+
+def nifti_stem(path: str | Path) -> str:
+    name = Path(path).name
+    return re.sub(r"\.nii(\.gz)?$", "", name)
+
+
+def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Data ``(I, J, K[, T])`` (scaled by ``scl_slope``/``scl_inter`` if set) and its 4x4 affine."""
+    import nibabel as nib
+
+    p = Path(path)
+    if p.stat().st_size == 0:
+        raise ReadError("zero-size file")
+    image = nib.load(str(p))
+    data = np.asanyarray(image.dataobj)
+    if data.ndim < 2 or data.ndim > 4:
+        raise ReadError(f"unsupported NIfTI shape {data.shape}")
+    return data, np.asarray(image.affine, dtype=np.float64)
+
+
+def _volume(data: np.ndarray, path: str) -> np.ndarray:
+    """``(C, I, J, K)``: a 4th axis (time/components) becomes channels; 2D files get ``K = 1``."""
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim == 3:
+        return data[None]
+    if data.shape[3] > 16:
+        raise ReadError(f"{path}: 4D NIfTI with {data.shape[3]} volumes (time series are not supported)")
+    return np.moveaxis(data, 3, 0)
+
+
+def read_nifti_source(source: Source) -> Iterator[Record]:
+    path = source.paths[0]
+    data, affine = load_nifti(path)
+    volume = _volume(data, path)
+    yield Record(name=source.name, array=volume, affine=affine, source=str(path))
+
+
+def case_suffixes(files: list[str]) -> dict[str, str] | None:
+    """``{suffix: file}`` if ``files`` look like one case (``<prefix>_<sequence>.nii.gz``), else ``None``."""
+    stems = [nifti_stem(f) for f in files]
+    if len(stems) < 2 or len(stems) > 12:
+        return None
+    common = stems[0]
+    for s in stems[1:]:
+        while not s.startswith(common):
+            common = common[:-1]
+    cut = max(common.rfind("_"), common.rfind("-"))
+    if cut < 0:
+        return None
+    prefix = common[: cut + 1]
+    suffixes = [s[len(prefix) :] for s in stems]
+    if not all(re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", s) for s in suffixes) or len(set(suffixes)) != len(
+        suffixes
+    ):
+        return None
+    return dict(zip((s.lower() for s in suffixes), files))
+
+
+def read_case(source: Source) -> Iterator[Record]:
+    """All sequences of one case as channels ``(C, I, J, K)``; ``seg``-like files become label maps."""
+    by_suffix = case_suffixes(list(source.paths))
+    if by_suffix is None:
+        raise ReadError("not a case folder")
+    channels = [s for s in by_suffix if s not in LABEL_SUFFIXES]
+    channels.sort(key=lambda s: (SEQUENCE_ORDER.index(s) if s in SEQUENCE_ORDER else len(SEQUENCE_ORDER), s))
+    if not channels:
+        raise ReadError("case folder has only label files")
+    arrays, affine = [], None
+    for suffix in channels:
+        data, aff = load_nifti(by_suffix[suffix])
+        if data.ndim != 3:
+            raise ReadError(f"sequence {suffix!r}: expected a 3D volume, got {data.shape}")
+        if arrays and data.shape != arrays[0].shape:
+            raise ReadError(
+                f"inconsistent case: {suffix!r} is {data.shape}, {channels[0]!r} is {arrays[0].shape}"
+            )
+        if affine is not None and not np.allclose(aff, affine, atol=1e-3):
+            raise ReadError(f"inconsistent case: {suffix!r} has a different affine than {channels[0]!r}")
+        arrays.append(data)
+        affine = aff
+    dtype = np.result_type(*arrays)
+    labels = {}
+    for suffix in by_suffix:
+        if suffix in LABEL_SUFFIXES:
+            lab, _ = load_nifti(by_suffix[suffix])
+            if lab.shape != arrays[0].shape:
+                raise ReadError(f"label {suffix!r} is {lab.shape}, image is {arrays[0].shape}")
+            labels["seg" if suffix in ("seg", "label", "labels") else suffix] = np.asarray(
+                np.rint(lab), dtype=np.int32
+            )
+    yield Record(
+        name=source.name,
+        array=np.stack([a.astype(dtype, copy=False) for a in arrays]),
+        affine=affine,
+        modality="MR" if set(channels) <= MR_SEQUENCES else "",
+        channel_names=tuple(channels),
+        source=str(Path(source.paths[0]).parent),
+        labels=labels,
+        extra={"files": {s: Path(f).name for s, f in by_suffix.items()}},
+    )
