@@ -1,0 +1,163 @@
+"""``evaluate(encoder, eval_cfg, data_cfg, out_dir)``: the one entry point (CLI and trainer).
+
+It loads the labelled data, runs the registered evaluator ``eval_cfg['name']`` on the encoder and on
+a random-init baseline (same backbone config, fresh weights), and writes ``results.json``,
+``results.md``, TensorBoard scalars and plots into ``out_dir``. The trainer can call it right
+after pretraining::
+
+    from ssl_med.evaluators.api import evaluate, random_init_like
+    evaluate(encoder, eval_cfg, data_cfg, run_dir / "eval" / name, baseline=random_init_like(encoder_dir))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl_med.encoder import Encoder
+from ssl_med.evaluators.base import EvalContext, EvalResult
+from ssl_med.evaluators.datasets import ClassificationData, load_eval_data
+from ssl_med.evaluators.plots import label_efficiency_plot
+from ssl_med.evaluators.report import write_results
+from ssl_med.registry import BACKBONES, EVALUATORS
+
+CONFIG_NAME = "config.json"  # ssl_med.export.CONFIG_NAME (imported lazily: export pulls in heavier deps)
+
+
+def resolve_encoder_dir(checkpoint: str | Path) -> Path:
+    """An export folder (``config.json`` + ``model.safetensors``) or a run folder holding ``encoder/``."""
+    path = Path(checkpoint)
+    for candidate in (path, path / "encoder"):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    raise FileNotFoundError(f"{path} is neither an encoder export folder nor a run folder with encoder/")
+
+
+def random_init_like(encoder_dir: str | Path, seed: int = 0) -> Encoder:
+    """The backbone described by ``encoder_dir/config.json``, freshly initialised with ``seed``."""
+    config = json.loads((Path(encoder_dir) / CONFIG_NAME).read_text())
+    kwargs = dict(config["backbone"])
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return BACKBONES.build(kwargs.pop("name"), **kwargs).eval()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def dataset_key(data_cfg: dict[str, Any], in_chans: int) -> str:
+    """``<name>-<hash of the data config>`` for the feature cache."""
+    digest = hashlib.sha256(
+        json.dumps({**data_cfg, "in_chans": in_chans}, sort_keys=True, default=str).encode()
+    )
+    return f"{data_cfg['name']}-{digest.hexdigest()[:10]}"
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def evaluate(
+    encoder: Encoder,
+    eval_cfg: dict[str, Any],
+    data_cfg: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    baseline: Encoder | None = None,
+    checkpoint: str | None = None,
+    encoder_config: dict[str, Any] | None = None,
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run ``eval_cfg['name']`` on ``encoder`` (and ``baseline``, the random-init row) and write the results.
+
+    Args:
+        encoder: the encoder to judge (weights are not modified; evaluators work on copies).
+        eval_cfg: the ``eval`` config group as a dict (``name`` + evaluator settings).
+        data_cfg: the ``eval_data`` config group as a dict (``name``, ``kind``, paths, sizes).
+        out_dir: output folder (created).
+        baseline: same architecture with random weights; ``None`` skips the baseline row.
+        checkpoint, encoder_config: recorded in ``results.json`` (provenance, sweep summaries).
+        device: ``cpu``, ``cuda``, ``auto``.
+        cache_dir: feature cache folder (``None``: no caching).
+        seed: seed for subsets, heads and decoders.
+
+    Returns:
+        the ``results.json`` content (see :mod:`ssl_med.evaluators.report`).
+    """
+    out = Path(out_dir)
+    device = pick_device(device)
+    evaluator = EVALUATORS.get(eval_cfg["name"])
+    if int(data_cfg["spatial_dims"]) != encoder.spatial_dims:
+        raise ValueError(
+            f"eval_data={data_cfg['name']} is {data_cfg['spatial_dims']}D, the encoder {encoder.spatial_dims}D"
+        )
+    in_chans = encoder.in_chans or 1
+    data = load_eval_data(data_cfg, in_chans)
+    key = dataset_key(data_cfg, in_chans)
+    encoders = [("pretrained", encoder)] + ([("random-init", baseline)] if baseline is not None else [])
+    rows = []
+    for label, model in encoders:
+        ctx = EvalContext(out, label, key, device, Path(cache_dir) if cache_dir else None, seed)
+        result: EvalResult = evaluator(model, eval_cfg, data, ctx)
+        rows.append({"encoder": label, "metrics": result.metrics, "details": result.details})
+        print(
+            f"[{eval_cfg['name']} / {data_cfg['name']} / {label}] "
+            + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if "/" not in k)
+        )
+    results = {
+        "eval": eval_cfg["name"],
+        "data": data_cfg["name"],
+        "checkpoint": checkpoint,
+        "encoder": encoder_config or {},
+        "rows": rows,
+        "published": data_cfg.get("published") or {},
+        "config": {"eval": eval_cfg, "eval_data": data_cfg, "seed": seed},
+    }
+    curves = {
+        r["encoder"]: r["details"]["label_efficiency"] for r in rows if "label_efficiency" in r["details"]
+    }
+    if curves and isinstance(data, ClassificationData):
+        for metric in ("accuracy", "auroc"):
+            label_efficiency_plot(
+                curves, metric, out / f"label_efficiency_{metric}.png", f"{data.name}: {eval_cfg['name']}"
+            )
+    write_results(results, out)
+    return results
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    eval_cfg: dict[str, Any],
+    data_cfg: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    baseline: bool = True,
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """:func:`evaluate` for an export/run folder; the baseline is :func:`random_init_like` it."""
+    from ssl_med.export import load_pretrained
+
+    encoder_dir = resolve_encoder_dir(checkpoint)
+    config = json.loads((encoder_dir / CONFIG_NAME).read_text())
+    return evaluate(
+        load_pretrained(encoder_dir),
+        eval_cfg,
+        data_cfg,
+        out_dir,
+        baseline=random_init_like(encoder_dir, seed) if baseline else None,
+        checkpoint=str(encoder_dir),
+        encoder_config={k: config.get(k) for k in ("backbone", "objective", "data")},
+        device=device,
+        cache_dir=cache_dir,
+        seed=seed,
+    )

@@ -1,0 +1,317 @@
+"""Labelled evaluation data, read straight from files (``eval_data=...``).
+
+This is the evaluators' own small loader: it reads the MedMNIST ``.npz`` files with numpy, the BraTS
+case with nibabel, the Kvasir-SEG pairs with Pillow and the MNI152 tissue maps from nilearn. (The
+data layer's labelled-dataset view is being built separately; once it lands these loaders can
+delegate to it.)
+
+Two kinds of output:
+
+* :class:`ClassificationData` — images ``(N, C, *S)`` float32 in ``[0, 1]`` resized to
+  ``image_size``, labels ``(N,)`` int (single-label) or ``(N, L)`` {0, 1} (multi-label), per split.
+* :class:`SegmentationData` — per split a list of ``(image (C, *S) float32 in [0, 1], label (*S)
+  int64)`` items. 3D tasks give one sub-volume per split (split by location along an axis); 2D
+  tasks give slices / photos resized to ``image_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ClassificationData:
+    """Images and labels per split.
+
+    Attributes:
+        name: dataset name.
+        task: ``binary``, ``multi-class`` or ``multi-label``.
+        images: split -> ``(N, C, *S)`` float32 tensor in ``[0, 1]``.
+        labels: split -> ``(N,)`` int64 array, or ``(N, L)`` for multi-label.
+        num_classes: classes (single-label) or labels (multi-label).
+    """
+
+    name: str
+    task: str
+    images: dict[str, torch.Tensor]
+    labels: dict[str, np.ndarray]
+    num_classes: int
+
+
+@dataclass
+class SegmentationData:
+    """Segmentation items per split.
+
+    Attributes:
+        name: dataset name.
+        spatial_dims: 2 or 3.
+        items: split -> list of ``(image (C, *S) float32 [0, 1], label (*S) int64)``.
+        class_names: foreground class names; label ``i + 1`` is ``class_names[i]``, 0 is background.
+    """
+
+    name: str
+    spatial_dims: int
+    items: dict[str, list[tuple[np.ndarray, np.ndarray]]]
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels including background."""
+        return len(self.class_names) + 1
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def resize(images: torch.Tensor, size: list[int] | tuple[int, ...], mode: str = "area") -> torch.Tensor:
+    """Resize ``(N, C, *S)`` to ``(N, C, *size)`` (``area`` for images, ``nearest`` for labels)."""
+    size = tuple(int(s) for s in size)
+    if tuple(images.shape[2:]) == size:
+        return images
+    if mode == "area" and any(s > t for s, t in zip(size, images.shape[2:])):
+        mode = "bilinear" if images.ndim == 4 else "trilinear"
+    kwargs = {"align_corners": False} if mode in ("bilinear", "trilinear") else {}
+    return F.interpolate(images, size=size, mode=mode, **kwargs)
+
+
+def match_channels(image: np.ndarray, in_chans: int) -> np.ndarray:
+    """``(C, *S)`` -> ``(in_chans, *S)``: average to grey, repeat grey, or keep."""
+    c = image.shape[0]
+    if c == in_chans:
+        return image
+    if in_chans == 1:
+        return image.mean(axis=0, keepdims=True)
+    if c == 1:
+        return np.repeat(image, in_chans, axis=0)
+    raise ValueError(f"cannot map {c} image channels to an encoder with {in_chans} input channels")
+
+
+def percentile_scale(volume: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Scale each channel of ``(C, *S)`` to ``[0, 1]`` by its non-zero 0.5/99.5 percentiles (clipped)."""
+    out = np.empty(volume.shape, dtype=np.float32)
+    for i, channel in enumerate(volume.astype(np.float32)):
+        values = channel[channel > 0] if np.any(channel > 0) else channel.ravel()
+        lo, hi = np.percentile(values, [low, high])
+        out[i] = np.clip((channel - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    return out
+
+
+def _subset(n: int, limit: int | None, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Indices of a stratified random subset of at most ``limit`` items (all when ``limit`` is None)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    from ssl_med.evaluators.label_efficiency import stratified_subset
+
+    return stratified_subset(labels, limit / n, seed=seed)
+
+
+# -- classification ---------------------------------------------------------------------------------
+def load_medmnist(cfg: dict[str, Any], in_chans: int = 1) -> ClassificationData:
+    """A MedMNIST ``.npz`` (official splits) resized to ``cfg['image_size']``.
+
+    ``cfg`` keys: ``name``, ``path``, ``task``, ``spatial_dims``, ``image_size`` (int), ``subset``
+    (max items per split, stratified, or null).
+    """
+    path = Path(cfg["path"])
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (eval_data.path); see ../shared/data/README.md")
+    arrays = np.load(path)
+    dims = int(cfg["spatial_dims"])
+    size = [int(cfg["image_size"])] * dims
+    images, labels = {}, {}
+    for split in SPLITS:
+        x = arrays[f"{split}_images"]  # (N, *S) or (N, H, W, 3)
+        y = arrays[f"{split}_labels"]  # (N, L)
+        if cfg["task"] != "multi-label":
+            y = y[:, 0]
+        keep = _subset(len(x), cfg.get("subset"), y if y.ndim == 1 else y[:, 0])
+        x, y = x[keep], y[keep]
+        x = x[:, None] if x.ndim == dims + 1 else np.moveaxis(x, -1, 1)  # (N, C, *S)
+        x = np.stack([match_channels(item, in_chans) for item in x]) if x.shape[1] != in_chans else x
+        tensor = torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0
+        images[split] = resize(tensor, size).clamp_(0, 1)
+        labels[split] = y.astype(np.int64)
+    train_y = labels["train"]
+    num_classes = train_y.shape[1] if train_y.ndim == 2 else int(max(v.max() for v in labels.values())) + 1
+    return ClassificationData(cfg["name"], cfg["task"], images, labels, num_classes)
+
+
+# -- segmentation -----------------------------------------------------------------------------------
+def _load_nifti_zyx(path: Path) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asarray(nib.load(str(path)).dataobj).transpose(2, 1, 0)  # (X, Y, Z) -> (Z, Y, X)
+
+
+def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """Bounding box of ``mask`` ``(*S)`` as slices, grown by ``margin``."""
+    idx = np.nonzero(mask)
+    return tuple(
+        slice(max(int(i.min()) - margin, 0), min(int(i.max()) + 1 + margin, n))
+        for i, n in zip(idx, mask.shape)
+    )
+
+
+def split_by_location(
+    image: np.ndarray, label: np.ndarray, axis: int, order: list[str], fractions: list[float]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Cut ``(C, *S)`` / ``(*S)`` into contiguous slabs along spatial ``axis`` over the foreground extent.
+
+    ``order`` names the splits from low to high index and ``fractions`` their share of the
+    foreground (label > 0) extent along ``axis``; the first/last slab also take the remainder of
+    the volume beyond the foreground.
+    """
+    profile = (label > 0).sum(axis=tuple(a for a in range(label.ndim) if a != axis))
+    nz = np.nonzero(profile)[0]
+    lo, hi = int(nz.min()), int(nz.max()) + 1
+    cuts = np.round(lo + np.cumsum([0.0, *fractions]) / sum(fractions) * (hi - lo)).astype(int)
+    cuts[0], cuts[-1] = 0, label.shape[axis]
+    out = {}
+    for name, start, stop in zip(order, cuts[:-1], cuts[1:]):
+        sl = [slice(None)] * label.ndim
+        sl[axis] = slice(int(start), int(stop))
+        out[name] = (image[(slice(None), *sl)], label[tuple(sl)])
+    return out
+
+
+def _remap(label: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    out = np.zeros(label.shape, dtype=np.int64)
+    for src, dst in mapping.items():
+        out[label == int(src)] = int(dst)
+    return out
+
+
+def _downsample(image: np.ndarray, label: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """Average-pool ``(C, *S)`` and nearest-subsample ``(*S)`` by ``factor``."""
+    if factor <= 1:
+        return image, label
+    t = torch.from_numpy(image)[None]
+    pool = F.avg_pool3d if t.ndim == 5 else F.avg_pool2d
+    image = pool(t, factor, ceil_mode=True)[0].numpy()
+    sl = tuple(slice(0, None, factor) for _ in range(label.ndim))
+    return image, label[sl]
+
+
+def _volume_task(
+    cfg: dict[str, Any], image: np.ndarray, label: np.ndarray, class_names: list[str]
+) -> SegmentationData:
+    """Shared 3D/2D preparation of one labelled volume ``(C, Z, Y, X)`` / ``(Z, Y, X)``."""
+    box = _bbox(image.max(axis=0) > 0, margin=2)
+    image, label = image[(slice(None), *box)], label[box]
+    image, label = _downsample(image, label, int(cfg.get("downsample", 1)))
+    splits = split_by_location(
+        image, label, int(cfg["split_axis"]), list(cfg["split_order"]), list(cfg["split_fractions"])
+    )
+    dims = int(cfg["spatial_dims"])
+    items: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for split, (img, lab) in splits.items():
+        if dims == 3:
+            items[split] = [(np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(lab))]
+            continue
+        axis = int(cfg["split_axis"])
+        size = [int(cfg["image_size"])] * 2
+        slices = []
+        for i in range(lab.shape[axis]):
+            lab2 = np.take(lab, i, axis=axis)
+            if cfg.get("foreground_slices_only", True) and not lab2.any():
+                continue
+            img2 = np.take(img, i, axis=axis + 1)
+            x = resize(torch.from_numpy(np.ascontiguousarray(img2, dtype=np.float32))[None], size)[0].numpy()
+            y = resize(torch.from_numpy(lab2[None, None].astype(np.float32)), size, mode="nearest")[0, 0]
+            slices.append((x, y.long().numpy()))
+        stride = int(cfg.get("slice_stride", 1))
+        items[split] = slices[::stride] if split == "train" else slices
+    return SegmentationData(cfg["name"], dims, items, class_names)
+
+
+def load_brats(cfg: dict[str, Any], in_chans: int = 1) -> SegmentationData:
+    """The BraTS 2020 case: chosen ``modalities`` stacked as channels, labels remapped by ``label_map``.
+
+    ``cfg`` keys: ``path`` (case folder), ``modalities`` (e.g. ``[flair]``), ``label_map``
+    (``{1: 1, 2: 2, 4: 3}``), ``class_names``, ``downsample``, ``split_axis``, ``split_order``,
+    ``split_fractions``, ``spatial_dims``, ``image_size`` (2D).
+    """
+    folder = Path(cfg["path"])
+    case = folder.name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} not found (eval_data.path); see ../shared/data/README.md")
+    volume = np.stack([_load_nifti_zyx(folder / f"{case}_{m}.nii.gz") for m in cfg["modalities"]])
+    label = _remap(
+        _load_nifti_zyx(folder / f"{case}_seg.nii.gz"), {int(k): int(v) for k, v in cfg["label_map"].items()}
+    )
+    image = match_channels(percentile_scale(volume), in_chans) * (volume.max(axis=0, keepdims=True) > 0)
+    return _volume_task(cfg, image.astype(np.float32), label, list(cfg["class_names"]))
+
+
+def load_mni152_tissue(cfg: dict[str, Any], in_chans: int = 1) -> SegmentationData:
+    """MNI152 2009a T1 with labels from nilearn's GM/WM probability maps (argmax of bg/GM/WM, p > 0.5)."""
+    from ssl_med.data.sources.demo import mni152
+
+    t1, _, _ = mni152("T1")
+    gm = mni152("GM")[0][0].astype(np.float32) / 255.0
+    wm = mni152("WM")[0][0].astype(np.float32) / 255.0
+    label = np.where(np.maximum(gm, wm) > float(cfg.get("threshold", 0.5)), np.where(wm >= gm, 2, 1), 0)
+    image = match_channels(percentile_scale(t1), in_chans)
+    return _volume_task(cfg, image.astype(np.float32), label.astype(np.int64), list(cfg["class_names"]))
+
+
+def load_kvasir(cfg: dict[str, Any], in_chans: int = 1) -> SegmentationData:
+    """Kvasir-SEG pairs (RGB photo, JPEG mask thresholded at 127) resized to ``image_size``.
+
+    Files are sorted by name and assigned to splits in order by ``split_counts`` (train, val, test).
+    """
+    from PIL import Image
+
+    folder = Path(cfg["path"])
+    names = sorted(p.name for p in (folder / "images").glob("*.jpg"))
+    if not names:
+        raise FileNotFoundError(f"no images in {folder / 'images'} (eval_data.path)")
+    size = [int(cfg["image_size"])] * 2
+    items = []
+    for name in names:
+        rgb = np.asarray(Image.open(folder / "images" / name).convert("RGB"), dtype=np.float32) / 255.0
+        mask = np.asarray(Image.open(folder / "masks" / name).convert("L")) > 127
+        x = resize(torch.from_numpy(match_channels(rgb.transpose(2, 0, 1), in_chans).copy())[None], size)[0]
+        y = resize(torch.from_numpy(mask[None, None].astype(np.float32)), size, mode="nearest")[0, 0]
+        items.append((x.numpy(), y.long().numpy()))
+    counts = list(cfg["split_counts"])
+    bounds = np.cumsum([0, *counts])
+    split_items = {s: items[bounds[i] : bounds[i + 1]] for i, s in enumerate(SPLITS)}
+    return SegmentationData(cfg["name"], 2, split_items, list(cfg["class_names"]))
+
+
+LOADERS = {
+    "medmnist": load_medmnist,
+    "brats": load_brats,
+    "kvasir": load_kvasir,
+    "mni152_tissue": load_mni152_tissue,
+}
+
+
+def eval_data_config(name: str) -> dict[str, Any]:
+    """The resolved ``conf/eval_data/<name>.yaml`` as a dict (files without a ``defaults`` list)."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    path = resources.files("ssl_med.conf") / "eval_data" / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no eval_data config {name!r} ({path})")
+    cfg = OmegaConf.load(str(path))
+    if "defaults" in cfg:
+        raise ValueError(f"eval_data={name} inherits from another file; pass its composed config instead")
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def load_eval_data(cfg: dict[str, Any], in_chans: int = 1) -> ClassificationData | SegmentationData:
+    """Dispatch on ``cfg['kind']`` (``medmnist``, ``brats``, ``kvasir``, ``mni152_tissue``)."""
+    kind = cfg["kind"]
+    if kind not in LOADERS:
+        raise ValueError(f"unknown eval_data.kind {kind!r}; choose one of {sorted(LOADERS)}")
+    return LOADERS[kind](cfg, in_chans)

@@ -1,0 +1,103 @@
+"""Plots: probe metric vs label fraction, segmentation overlays, weight-interpolation curves, summaries.
+
+All functions write a PNG (matplotlib's object API, no pyplot global state) and return its path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def label_efficiency_plot(
+    curves: dict[str, dict[str, dict[str, list[float]]]], metric: str, path: Path, title: str = ""
+) -> Path:
+    """``curves``: encoder label -> ``{fraction: {metric: [mean, std, n]}}``; x log-scaled fraction."""
+    fig = Figure(figsize=(4.5, 3.2))
+    ax = fig.subplots()
+    for label, curve in curves.items():
+        fractions = sorted(curve, key=float)
+        mean = [curve[f][metric][0] for f in fractions]
+        std = [curve[f][metric][1] for f in fractions]
+        ax.errorbar([100 * float(f) for f in fractions], mean, yerr=std, marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("training labels (%)")
+    ax.set_ylabel(f"linear probe test {metric}")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def overlay_png(
+    image: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_classes: int, path: Path, title: str = ""
+) -> Path:
+    """Image | truth | prediction for a 2D item (``image`` ``(C, H, W)``, maps ``(H, W)``) or the 3D
+    axial slice (axis 0) with the most foreground in ``truth`` (``(C, D, H, W)``, ``(D, H, W)``)."""
+    if truth.ndim == 3:
+        z = int(np.argmax((truth > 0).sum(axis=(1, 2))))
+        image, truth, pred = image[:, z], truth[z], pred[z]
+    fig = Figure(figsize=(7.5, 2.8))
+    axes = fig.subplots(1, 3)
+    gray = image[0]
+    for ax, (name, seg) in zip(axes, (("image", None), ("truth", truth), ("prediction", pred))):
+        ax.imshow(gray, cmap="gray", vmin=0, vmax=1)
+        if seg is not None:
+            ax.imshow(
+                np.ma.masked_where(seg == 0, seg),
+                cmap="jet",
+                vmin=1,
+                vmax=max(num_classes - 1, 1),
+                alpha=0.5,
+                interpolation="nearest",
+            )
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def interpolation_plot(
+    curve: list[dict[str, Any]], path: Path, keys: tuple[str, ...] = ("dice_mean", "probe_auroc")
+) -> Path:
+    """Metrics vs interpolation weight alpha (0 = pretrained encoder, 1 = fine-tuned encoder)."""
+    fig = Figure(figsize=(4.5, 3.2))
+    ax = fig.subplots()
+    alphas = [p["alpha"] for p in curve]
+    for key in keys:
+        if key in curve[0]:
+            ax.plot(alphas, [p[key] for p in curve], marker="o", label=key)
+    ax.set_xlabel("alpha (0 = pretrained, 1 = fine-tuned)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def summary_bar_plot(rows: list[dict[str, Any]], metric: str, path: Path) -> Path:
+    """One bar per row (``row['run']`` label) for ``metric``; rows without it are skipped."""
+    rows = [r for r in rows if isinstance(r.get(metric), int | float) and np.isfinite(r[metric])]
+    fig = Figure(figsize=(max(4.0, 0.5 * len(rows) + 2), 3.4))
+    ax = fig.subplots()
+    labels = [
+        f"{r.get('eval', '')}/{r.get('data', '')}\n{r.get('run', '')} {r.get('encoder', '')}" for r in rows
+    ]
+    colors = ["tab:gray" if r.get("encoder") == "random-init" else "tab:blue" for r in rows]
+    ax.bar(range(len(rows)), [r[metric] for r in rows], color=colors)
+    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel(metric)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

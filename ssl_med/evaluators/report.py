@@ -1,0 +1,175 @@
+"""Evaluation outputs: ``results.json``, ``results.md``, TensorBoard scalars, and sweep summaries.
+
+One evaluation folder holds ``results.json``::
+
+    {"eval": "linear_probe", "data": "breastmnist", "checkpoint": "...", "encoder": {...backbone...},
+     "rows": [{"encoder": "pretrained", "metrics": {...}, "details": {...}},
+              {"encoder": "random-init", ...}],
+     "published": {"ResNet-18 (28)": {"auroc": 0.901, "accuracy": 0.863}, ...},
+     "config": {"eval": {...}, "eval_data": {...}}}
+
+:func:`collect` finds every ``results.json`` under a folder (e.g. a Hydra multirun) and
+:func:`write_summary` turns them into one table (``summary.md``/``summary.json``/``summary.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+RESULTS_NAME = "results.json"
+HEADLINE = {"linear_probe": "auroc", "finetune": "auroc", "knn": "accuracy", "segmentation": "dice_mean"}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A GitHub markdown table of ``rows`` (dicts) over ``columns`` (missing cells are blank)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Metric names in a stable order: headline metrics first, per-class/per-label values last."""
+    seen: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in seen:
+                seen.append(key)
+    first = ["auroc", "accuracy", "balanced_accuracy", "auroc_votes", "dice_mean"]
+    return [k for k in first if k in seen] + sorted(k for k in seen if k not in first)
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The markdown of one evaluation: metric table (with published rows) and label-efficiency table."""
+    rows = [{"encoder": r["encoder"], **r["metrics"]} for r in results["rows"]]
+    published = [
+        {"encoder": f"{name} (published, supervised)", **m}
+        for name, m in results.get("published", {}).items()
+    ]
+    columns = ["encoder", *metric_columns([r["metrics"] for r in results["rows"]])]
+    parts = [
+        f"## {results['eval']} on {results['data']}",
+        "",
+        f"checkpoint: `{results.get('checkpoint')}`",
+        "",
+        markdown_table(rows + published, columns),
+    ]
+    curves = [
+        (r["encoder"], r["details"]["label_efficiency"])
+        for r in results["rows"]
+        if "label_efficiency" in r["details"]
+    ]
+    if curves:
+        fractions = list(curves[0][1])
+        table = []
+        for label, curve in curves:
+            row = {"encoder": label}
+            for f in fractions:
+                for metric in ("auroc", "accuracy"):
+                    mean, std, _ = curve[f][metric]
+                    row[f"{metric} @ {float(f) * 100:g}%"] = f"{mean:.3f} ± {std:.3f}"
+            table.append(row)
+        parts += [
+            "",
+            "Label efficiency (linear probe, test; mean ± std over seeds):",
+            "",
+            markdown_table(table, list(table[0])),
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def write_tensorboard(results: dict[str, Any], log_dir: Path) -> None:
+    """Scalars ``<eval>/<data>/<encoder>/<metric>``; curves (label efficiency, training loss) by step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(log_dir)) as writer:
+        prefix = f"{results['eval']}/{results['data']}"
+        for row in results["rows"]:
+            tag = f"{prefix}/{row['encoder']}"
+            for name, value in row["metrics"].items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    writer.add_scalar(f"{tag}/{name}", value, 0)
+            for fraction, metrics in row["details"].get("label_efficiency", {}).items():
+                for name, (mean, _, _) in metrics.items():
+                    writer.add_scalar(f"{tag}/label_efficiency/{name}", mean, round(float(fraction) * 100))
+            for record in row["details"].get("history", []):
+                for name, value in record.items():
+                    if name != "step":
+                        writer.add_scalar(f"{tag}/train/{name}", value, record["step"])
+
+
+def write_results(results: dict[str, Any], out_dir: Path) -> Path:
+    """Write ``results.json``, ``results.md`` and ``tensorboard/`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2, default=str))
+    (out_dir / "results.md").write_text(results_markdown(results))
+    write_tensorboard(results, out_dir / "tensorboard")
+    return out_dir / RESULTS_NAME
+
+
+def collect(root: str | Path) -> list[dict[str, Any]]:
+    """Flat rows (one per encoder per ``results.json`` under ``root``): run, eval, data, encoder, metrics."""
+    root = Path(root)
+    rows = []
+    for path in sorted(root.rglob(RESULTS_NAME)):
+        results = json.loads(path.read_text())
+        backbone = results.get("encoder", {}).get("backbone", {})
+        objective = results.get("encoder", {}).get("objective", {})
+        for row in results["rows"]:
+            rows.append(
+                {
+                    "run": str(path.parent.relative_to(root)) or ".",
+                    "eval": results["eval"],
+                    "data": results["data"],
+                    "backbone": backbone.get("name", ""),
+                    "objective": objective.get("name", "") if row["encoder"] != "random-init" else "-",
+                    "encoder": row["encoder"],
+                    **{k: v for k, v in row["metrics"].items() if "/" not in k},
+                }
+            )
+    return rows
+
+
+def write_summary(root: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Summarise every ``results.json`` under ``root`` into ``summary.{md,json,png}`` in ``out_dir`` (default ``root``)."""
+    from ssl_med.evaluators.plots import summary_bar_plot
+
+    rows = collect(root)
+    if not rows:
+        raise FileNotFoundError(f"no {RESULTS_NAME} found under {root}")
+    out = Path(out_dir or root)
+    out.mkdir(parents=True, exist_ok=True)
+    rows.sort(key=lambda r: (r["data"], r["eval"], r["run"], r["encoder"] == "random-init"))
+    meta = ["run", "eval", "data", "backbone", "objective", "encoder"]
+    columns = meta + metric_columns([{k: v for k, v in r.items() if k not in meta} for r in rows])
+    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    (out / "summary.md").write_text(markdown_table(rows, columns) + "\n")
+    for eval_name, metric in HEADLINE.items():
+        chosen = [r for r in rows if r["eval"] == eval_name]
+        if chosen:
+            summary_bar_plot(chosen, metric, out / f"summary_{eval_name}_{metric}.png")
+    return out / "summary.md"
+
+
+class SummaryCallback(Callback):
+    """Hydra callback: after a multirun, write the sweep summary into the sweep folder.
+
+    Enable with ``hydra.callbacks.summary._target_: ssl_med.evaluators.report.SummaryCallback``.
+    """
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            print(f"summary written to {write_summary(sweep_dir)}")
+        except FileNotFoundError as err:
+            print(f"no summary: {err}")
