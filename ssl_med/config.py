@@ -70,6 +70,8 @@ class PretrainConfig:
     seed: int = 0
     resume: str = "auto"
     experiment: str = "run"
+    evaluate: list[str] = field(default_factory=list)
+    evaluate_on: str = "breastmnist"
 
 
 def _check_group(group: str, cfg: DictConfig, schema: type) -> None:

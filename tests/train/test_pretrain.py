@@ -132,3 +132,15 @@ def test_3d_pretrain_smoke(tmp_path: Path) -> None:
     enc = ssl_med.load_pretrained(tmp_path / "encoder")
     assert enc.spatial_dims == 3
     assert enc(torch.rand(1, 1, 16, 16, 16)).patch_tokens.shape == (1, 8, 48)
+
+
+def test_pretrain_then_evaluate(tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SSL_MED_SHARED_DATA", str(shared_data))
+    cfg = config("trainer.max_steps=2", "evaluate=[knn]", "evaluate_on=breastmnist")
+    run_module.pretrain(cfg, tmp_path)
+    import json
+
+    results = json.loads((tmp_path / "eval" / "knn-breastmnist" / "results.json").read_text())
+    assert [r["encoder"] for r in results["rows"]] == ["pretrained", "random-init"]
+    assert 0.0 <= results["rows"][0]["metrics"]["accuracy"] <= 1.0
+    assert (tmp_path / "eval" / "knn-breastmnist" / "results.md").is_file()
