@@ -17,6 +17,8 @@ from ssl_med.data.datamodule import resolve_store
 from ssl_med.registry import BACKBONES, OBJECTIVES
 from ssl_med.train.run import build_encoder, build_objective
 
+#: data that an objective needs beyond the default demo crops (VoCo: regions divisible by its base grid)
+OBJECTIVE_DATA = {("voco", 2): ["data.crop_size=[96,96]"], ("voco", 3): ["data=demo3d_voco"]}
 PAIRS = [(b, o, d) for b in BACKBONES.names() for o in OBJECTIVES.names() for d in (2, 3)]
 
 
@@ -24,6 +26,7 @@ PAIRS = [(b, o, d) for b in BACKBONES.names() for o in OBJECTIVES.names() for d 
 def test_pair_trains_one_step(backbone: str, objective: str, spatial_dims: int) -> None:
     data = "demo" if spatial_dims == 2 else "demo3d"
     overrides = [f"backbone={backbone}", f"objective={objective}", f"data={data}", "backbone.embed_dim=48", "backbone.depth=2"]
+    overrides += OBJECTIVE_DATA.get((objective, spatial_dims), [])
     with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
         cfg = parse_pretrain_config(compose(config_name="pretrain", overrides=overrides))
     torch.manual_seed(0)

@@ -1,0 +1,70 @@
+"""Every registered backbone learns with MAE and DINO in 2D and 3D on real demo crops.
+
+A fixed batch of demo crops, a dozen optimiser steps: the loss on that batch falls and the spread of
+the embeddings does not shrink below a quarter of what it was at the start (no collapse). Per-objective tests check the loss terms; this
+checks that every backbone actually trains under the objectives through the encoder interface.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ssl_med.data.crops import RandomCropDataset
+from ssl_med.registry import BACKBONES, OBJECTIVES
+
+OBJECTIVE_KWARGS = {
+    "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "in_chans": 1},
+    "dino": {"out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "n_local_crops": 2, "koleo_loss_weight": 0.0,
+             "warmup_teacher_temp": 0.07, "freeze_last_layer_steps": 0},
+}
+#: known problems, recorded so that a fix shows up (strict: the test fails once they pass)
+KNOWN = {
+    ("chada_vit", "dino", 3): "ChAda-ViT + DINO in 3D: embedding spread keeps shrinking over the first 12 "
+    "steps (0.036 -> <0.009) on this fixed batch; the other backbones recover",
+}
+CASES = [
+    pytest.param(b, o, d, marks=pytest.mark.xfail(strict=True, reason=KNOWN[(b, o, d)])) if (b, o, d) in KNOWN else (b, o, d)
+    for b in BACKBONES.names()
+    for o in OBJECTIVE_KWARGS
+    for d in (2, 3)
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("backbone", "objective", "spatial_dims"), CASES)
+def test_backbone_learns(backbone: str, objective: str, spatial_dims: int, demo_store_2d: str, demo_store_3d: str) -> None:
+    torch.manual_seed(0)
+    size = (32, 32) if spatial_dims == 2 else (16, 16, 16)
+    kwargs = {"spatial_dims": spatial_dims, "img_size": size, "patch_size": 8 if spatial_dims == 2 else 4,
+              "embed_dim": 48, "depth": 2}
+    if backbone != "chada_vit":
+        kwargs["in_chans"] = 1
+    encoder = BACKBONES.build(backbone, **kwargs)
+    obj = OBJECTIVES.build(objective, encoder=encoder, **OBJECTIVE_KWARGS[objective])
+    store = demo_store_2d if spatial_dims == 2 else demo_store_3d
+    ds = RandomCropDataset(store, size, num_channels=1, length=16, seed=1, min_foreground=0.3, transform=obj.view_transform())
+    batch = next(iter(DataLoader(ds, batch_size=16)))
+    opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=2e-3)
+    losses, spreads = [], []
+    for step in range(12):
+        torch.manual_seed(step % 2)  # fixed masks per parity: the loss is comparable across steps
+        out = obj(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        obj.on_train_step_end(step + 1, 12)
+        losses.append(out.loss.item())
+        spreads.append(torch.nn.functional.normalize(out.embeddings.float(), dim=1).std(dim=0).mean().item())
+    # DINO's target moves with its EMA teacher, so its loss is not monotone: compare the best later
+    # loss with the start (MAE falls steadily and passes the same check with a wide margin)
+    assert min(losses[2:]) < 0.85 * sum(losses[:2]) / 2, losses
+    assert spreads[-1] > 0.25 * spreads[0] > 0, [round(v, 4) for v in spreads]
