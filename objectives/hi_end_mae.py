@@ -255,14 +255,16 @@ class HiEndMAE(MAE):
         return self.views
 
     def _predict(self, images: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor, tuple[int, ...]]:
-        """Masking, encoder and decoder: ``pred (B, N, P)``, ``mask (B, N)``, ``pooled (B, D)``, grid."""
+        """Masking, encoder and decoder: ``pred (B, N, P)``, ``mask (B, N)``, embedding ``(B, D)``, grid.
+
+        The embedding is the mean visible token (as MAE): the loss never touches the CLS token."""
         grid = self.encoder.grid_shape(images.shape[2:])
         if noise is None:
             noise = torch.rand(images.shape[0], math.prod(grid), device=images.device)
         keep_idx, mask = random_masking(noise, self.mask_ratio)
         out = self.encoder(images, keep_idx=keep_idx, return_layers=self.levels)
         pred = self.decoder(out.patch_tokens, out.hidden_states, keep_idx, grid)
-        return pred, mask, out.pooled, grid
+        return pred, mask, out.patch_tokens.mean(dim=1), grid
 
     def forward(self, batch: dict[str, Any], noise: Tensor | None = None) -> ObjectiveOutput:
         """One step on ``batch["image"] (B, C, *S)``; ``noise`` ``(B, N)`` fixes the masking (tests)."""

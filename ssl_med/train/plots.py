@@ -7,6 +7,15 @@ from pathlib import Path
 CURVES = ("train/loss", "collapse/embedding_std", "train/lr", "train/samples_per_s")
 
 
+def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average (TensorBoard's smoothing), bias-corrected at the start."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
 def plot_training_curves(tensorboard_dir: str | Path, out_file: str | Path) -> Path | None:
     """Plot the scalars in :data:`CURVES` (and every other ``train/*`` loss term) from TensorBoard events.
 
@@ -28,7 +37,9 @@ def plot_training_curves(tensorboard_dir: str | Path, out_file: str | Path) -> P
     fig, axes = plt.subplots(1, len(tags), figsize=(3.2 * len(tags), 2.8), squeeze=False)
     for ax, tag in zip(axes[0], tags):
         points = events.Scalars(tag)
-        ax.plot([p.step for p in points], [p.value for p in points], lw=1.2)
+        steps, values = [p.step for p in points], [p.value for p in points]
+        ax.plot(steps, values, lw=0.8, alpha=0.35, color="C0")
+        ax.plot(steps, _smooth(values), lw=1.6, color="C0")  # per-batch values are noisy: show the trend
         ax.set_title(tag, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -1,4 +1,4 @@
-"""Every registered backbone learns with MAE and DINO in 2D and 3D on real demo crops.
+"""Every registered backbone learns with MAE, Hi-End-MAE and DINO in 2D and 3D on real demo crops.
 
 A fixed batch of demo crops, a dozen optimiser steps: the loss on that batch falls and the spread of
 the embeddings does not shrink below a quarter of what it was at the start (no collapse). Per-objective tests check the loss terms; this
@@ -16,6 +16,7 @@ from ssl_med.registry import BACKBONES, OBJECTIVES
 
 OBJECTIVE_KWARGS = {
     "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "in_chans": 1},
+    "hi_end_mae": {"decoder_dim": 32, "decoder_heads": 2, "decoder_self_depth": 1, "levels": [0], "in_chans": 1},
     "dino": {"out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "n_local_crops": 2, "koleo_loss_weight": 0.0,
              "warmup_teacher_temp": 0.07, "freeze_last_layer_steps": 0},
 }
