@@ -49,6 +49,7 @@ from ssl_med.hub import (
     UnsafeWeightsError,
     download,
     push_to_hub,
+    state_dict_mismatch,
     timm_fields,
 )
 from ssl_med.registry import BACKBONES
@@ -270,24 +271,9 @@ def _refuse_pickle(path: Path) -> UnsafeWeightsError:
 
 def check_state_dict(encoder: Encoder, state: Mapping[str, Tensor], origin: str) -> None:
     """Raise :class:`IntegrityError` listing missing/unexpected keys and shape mismatches."""
-    target = encoder.state_dict()
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    shapes = [
-        f"{k}: weights {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-        for k, v in state.items()
-        if k in target and tuple(v.shape) != tuple(target[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"{len(shapes)} shape mismatch(es), e.g. {shapes[:3]}" if shapes else "",
-            f"{len(missing)} missing key(s), e.g. {missing[:5]}" if missing else "",
-            f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}" if unexpected else "",
-        ]
-        raise IntegrityError(
-            f"{origin} does not fit the {type(encoder).__name__} its config describes: "
-            + "; ".join(p for p in parts if p)
-        )
+    problems = state_dict_mismatch(encoder.state_dict(), state)
+    if problems:
+        raise IntegrityError(f"{origin} does not fit the {type(encoder).__name__} its config describes: {problems}")
 
 
 def _verified_weights(folder: Path, config: Mapping[str, Any], verify: bool) -> Path:

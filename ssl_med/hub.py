@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +320,28 @@ def _read_state_dict(path: Path, trust_pickle: bool) -> dict[str, Tensor]:
     raise ValueError(f"{path}: unsupported weights format {path.suffix!r} (use .safetensors)")
 
 
+def state_dict_mismatch(
+    target: Mapping[str, Tensor], state: Mapping[str, Tensor], optional: Sequence[str] = ()
+) -> str | None:
+    """What keeps ``state`` from loading into a module with state dict ``target``, or ``None`` if it fits.
+
+    Lists shape mismatches, missing keys (except ``optional`` ones) and unexpected keys, a few of each.
+    """
+    shapes = [
+        f"{k}: weights {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in state.items()
+        if k in target and tuple(v.shape) != tuple(target[k].shape)
+    ]
+    missing = sorted(set(target) - set(state) - set(optional))
+    unexpected = sorted(set(state) - set(target))
+    parts = [
+        f"{len(shapes)} shape mismatch(es), e.g. {shapes[:3]}" if shapes else "",
+        f"{len(missing)} missing key(s), e.g. {missing[:5]}" if missing else "",
+        f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}" if unexpected else "",
+    ]
+    return "; ".join(p for p in parts if p) or None
+
+
 def load_timm_vit_weights(encoder: Encoder, path: str | Path, *, trust_pickle: bool = False) -> Encoder:
     """Initialise an ssl_med ViT ``encoder`` in place from a local timm ViT checkpoint; returns it.
 
@@ -338,24 +360,9 @@ def load_timm_vit_weights(encoder: Encoder, path: str | Path, *, trust_pickle: b
     if not path.is_file():
         raise FileNotFoundError(f"{path}: timm weights file not found")
     state = checkpoint_filter_fn(_read_state_dict(path, trust_pickle), encoder)  # type: ignore[arg-type]
-    target = encoder.state_dict()
-    shapes = [
-        f"{k}: file {tuple(v.shape)} vs encoder {tuple(target[k].shape)}"
-        for k, v in state.items()
-        if k in target and v.shape != target[k].shape
-    ]
-    missing = sorted(set(target) - set(state) - {"mask_token", "reg_token"})
-    unexpected = sorted(set(state) - set(target))
-    if shapes or missing or unexpected:
-        problems = [
-            f"shape mismatch {shapes[:5]}" if shapes else "",
-            f"missing {missing[:5]}" if missing else "",
-            f"unexpected {unexpected[:5]}" if unexpected else "",
-        ]
-        raise ValueError(
-            f"{path} does not fit this ViT (embed_dim={encoder.embed_dim}, depth={encoder.depth}): "
-            + "; ".join(p for p in problems if p)
-        )
+    problems = state_dict_mismatch(encoder.state_dict(), state, optional=("mask_token", "reg_token"))
+    if problems:
+        raise ValueError(f"{path} does not fit this ViT (embed_dim={encoder.embed_dim}, depth={encoder.depth}): {problems}")
     encoder.load_state_dict(state, strict=False)
     return encoder
 
