@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 CURVES = ("train/loss", "collapse/embedding_std", "train/lr", "train/samples_per_s")
+SCHEDULES = {"train/lr"}  # exact values, drawn unsmoothed
 
 
 def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
@@ -38,8 +39,11 @@ def plot_training_curves(tensorboard_dir: str | Path, out_file: str | Path) -> P
     for ax, tag in zip(axes[0], tags):
         points = events.Scalars(tag)
         steps, values = [p.step for p in points], [p.value for p in points]
-        ax.plot(steps, values, lw=0.8, alpha=0.35, color="C0")
-        ax.plot(steps, _smooth(values), lw=1.6, color="C0")  # per-batch values are noisy: show the trend
+        if tag in SCHEDULES:
+            ax.plot(steps, values, lw=1.6, color="C0")
+        else:  # per-batch values are noisy: faint raw values under the smoothed trend
+            ax.plot(steps, values, lw=0.8, alpha=0.35, color="C0")
+            ax.plot(steps, _smooth(values), lw=1.6, color="C0")
         ax.set_title(tag, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
