@@ -13,16 +13,6 @@ from ssl_med.encoder import TokenLayout
 from ssl_med.registry import BACKBONES
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads on these small tensors
-    oversubscribe the cores and run tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(spatial_dims: int = 2, **kw) -> VisionMamba:
     torch.manual_seed(0)
     kw = {"embed_dim": 32, "depth": 2, "patch_size": 4, "img_size": 16, "in_chans": 1, **kw}

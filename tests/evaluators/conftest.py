@@ -11,15 +11,6 @@ import torch
 from backbones.vit import VisionTransformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine this is many times faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_vit(
     spatial_dims: int = 2, img_size: int = 32, patch_size: int = 8, seed: int = 0
 ) -> VisionTransformer:

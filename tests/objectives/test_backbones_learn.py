@@ -33,14 +33,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(("backbone", "objective", "spatial_dims"), CASES)
 def test_backbone_learns(backbone: str, objective: str, spatial_dims: int, demo_store_2d: str, demo_store_3d: str) -> None:
     torch.manual_seed(0)

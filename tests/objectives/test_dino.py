@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -32,15 +31,6 @@ from ssl_med.data.crops import RandomCropDataset
 from ssl_med.registry import BACKBONES, OBJECTIVES
 
 TINY_HEAD = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine run much faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_vit(spatial_dims: int = 2) -> torch.nn.Module:
@@ -394,7 +384,7 @@ def test_multicrop_views(spatial_dims: int) -> None:
 
 
 # -- it learns ------------------------------------------------------------------------------------
-def test_dino_learns_on_demo_crops(demo_store_2d: str, one_thread: None) -> None:
+def test_dino_learns_on_demo_crops(demo_store_2d: str) -> None:
     torch.manual_seed(0)
     obj = OBJECTIVES.build(
         "dino",
@@ -430,7 +420,7 @@ def test_dino_learns_on_demo_crops(demo_store_2d: str, one_thread: None) -> None
     assert min(stds[-5:]) > 0.05  # no collapse
 
 
-def test_dino_3d_smoke(demo_store_3d: str, one_thread: None) -> None:
+def test_dino_3d_smoke(demo_store_3d: str) -> None:
     torch.manual_seed(0)
     obj = OBJECTIVES.build("dino", encoder=tiny_vit(3), **TINY_HEAD, n_local_crops=1)
     data = RandomCropDataset(demo_store_3d, crop_size=(32, 32, 32), transform=obj.view_transform(), length=4)

@@ -33,14 +33,6 @@ from ssl_med.ops.graph_matching_solvers import (
 from ssl_med.registry import BACKBONES
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def pipeline_problem(b: int, n: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random problems shaped like the objective's: two noisy views of n node features, k-NN graphs,
     softplus affinities, margin on the diagonal."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,15 +11,6 @@ from torch.utils.data import DataLoader, default_collate
 from objectives.hi_end_mae import CrossAttention, HiEndMAE, default_levels, hi_end_mae_loss
 from ssl_med.data.crops import RandomCropDataset
 from ssl_med.registry import BACKBONES, OBJECTIVES
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine run much faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_vit(spatial_dims: int = 2, depth: int = 2) -> torch.nn.Module:

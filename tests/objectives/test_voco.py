@@ -24,15 +24,6 @@ from ssl_med.data.crops import RandomCropDataset
 from ssl_med.registry import BACKBONES
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- geometry ------------------------------------------------------------------------------------
 def test_overlap_labels_hand_computed() -> None:
     # 12x12 region, 3x3 grid of 4x4 cells, 4x4 random crops

@@ -11,16 +11,6 @@ from ssl_med.ops.selective_scan import causal_conv1d, linear_scan, resolve_impl,
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads on these small tensors
-    oversubscribe the cores and run tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def closed_form(u, delta, A, B, C):
     """Independent oracle, no recurrence: h_t = sum_{s<=t} exp(sum_{s<r<=t} delta_r A) delta_s B_s u_s.
 
