@@ -76,7 +76,7 @@ import torch
 from torch import Tensor, nn
 
 from backbones.vit import VIT_SIZES, build_blocks, init_weights, load_pretrained_weights
-from ssl_med.encoder import EncoderOutput, TokenEncoder
+from ssl_med.encoder import EncoderOutput, TokenEncoder, size_preset
 from ssl_med.layers.attention import AttnImpl, pack_padded, resolve_attn_impl, unpack_padded
 from ssl_med.registry import BACKBONES
 
@@ -135,14 +135,11 @@ class ChAdaViT(TokenEncoder):
                 "chada_vit is channel-adaptive: leave in_chans=None and describe the channels per batch "
                 "with channel_names / channel_padding_mask"
             )
-        if size not in VIT_SIZES:
-            raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(VIT_SIZES)}")
         if packing not in ("auto", "pad", "pack"):
             raise ValueError(f"packing must be auto, pad or pack, got {packing!r}")
         if max_channels < 1:
             raise ValueError(f"max_channels must be positive, got {max_channels}")
-        d, n, h = VIT_SIZES[size]
-        embed_dim, depth, num_heads = embed_dim or d, depth or n, num_heads or h
+        embed_dim, depth, num_heads = size_preset("ViT", VIT_SIZES, size, embed_dim, depth, num_heads)
         super().__init__(
             spatial_dims=spatial_dims,
             in_chans=1,  # the shared single-channel patch embedding

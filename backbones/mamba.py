@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from ssl_med.encoder import TokenEncoder, TokenLayout
+from ssl_med.encoder import TokenEncoder, TokenLayout, size_preset
 from ssl_med.ops.selective_scan import ScanImpl, causal_conv1d, selective_scan
 from ssl_med.registry import BACKBONES
 
@@ -311,12 +311,9 @@ class VisionMamba(TokenEncoder):
         pos_embed: Literal["learned", "sincos"] = "learned",
         scan_impl: ScanImpl = "auto",
     ) -> None:
-        if size not in MAMBA_SIZES:
-            raise ValueError(f"unknown Mamba size {size!r}; choose one of {sorted(MAMBA_SIZES)}")
         if spatial_dims not in AXES:
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        d, n = MAMBA_SIZES[size]
-        embed_dim, depth = embed_dim or d, depth or n
+        embed_dim, depth = size_preset("Mamba", MAMBA_SIZES, size, embed_dim, depth)
         orders = tuple(scan_orders) if scan_orders else DEFAULT_ORDERS[spatial_dims]
         for order in orders:
             parse_order(order, spatial_dims)

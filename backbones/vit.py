@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ssl_med.encoder import TokenEncoder
+from ssl_med.encoder import TokenEncoder, size_preset
 from ssl_med.layers.attention import AttnImpl
 from ssl_med.layers.pos_embed import resample_pos_embed
 from ssl_med.layers.transformer import Block
@@ -101,10 +101,7 @@ class VisionTransformer(TokenEncoder):
         attn_impl: AttnImpl = "auto",
         init_from: str | None = None,
     ) -> None:
-        if size not in VIT_SIZES:
-            raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(VIT_SIZES)}")
-        d, n, h = VIT_SIZES[size]
-        embed_dim, depth, num_heads = embed_dim or d, depth or n, num_heads or h
+        embed_dim, depth, num_heads = size_preset("ViT", VIT_SIZES, size, embed_dim, depth, num_heads)
         super().__init__(
             spatial_dims=spatial_dims,
             in_chans=in_chans,

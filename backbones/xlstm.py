@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from ssl_med.encoder import TokenEncoder, TokenLayout
+from ssl_med.encoder import TokenEncoder, TokenLayout, size_preset
 from ssl_med.ops.mlstm import MLSTMImpl, mlstm
 from ssl_med.registry import BACKBONES
 
@@ -415,14 +415,11 @@ class VisionLSTM(TokenEncoder):
         parallel_max_len: int = 128,
         pos_embed: Literal["learned", "sincos"] = "learned",
     ) -> None:
-        if size not in XLSTM_SIZES:
-            raise ValueError(f"unknown xLSTM size {size!r}; choose one of {sorted(XLSTM_SIZES)}")
         if version not in ("v1", "v2"):
             raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
         if init_weights not in ("original", "original-fixed"):
             raise ValueError(f"init_weights must be 'original' or 'original-fixed', got {init_weights!r}")
-        d, n = XLSTM_SIZES[size]
-        embed_dim, depth = embed_dim or d, depth or n
+        embed_dim, depth = size_preset("xLSTM", XLSTM_SIZES, size, embed_dim, depth)
         v2 = version == "v2"
         conv_kind = conv_kind or ("grid" if v2 else "causal1d")
         conv_kernel_size = conv_kernel_size or (3 if conv_kind == "grid" else 4)

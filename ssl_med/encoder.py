@@ -114,6 +114,14 @@ class Encoder(nn.Module, ABC):
         return math.prod(self.grid_shape(spatial_shape))
 
 
+def size_preset(family: str, presets: dict[str, tuple[int, ...]], size: str, *explicit: int | None) -> tuple[int, ...]:
+    """A named size's dimensions (e.g. ``(embed_dim, depth, num_heads)``), each overridden by the
+    matching ``explicit`` value when that is not ``None``; unknown sizes list the valid ones."""
+    if size not in presets:
+        raise ValueError(f"unknown {family} size {size!r}; choose one of {sorted(presets)}")
+    return tuple(d if e is None else e for d, e in zip(presets[size], explicit, strict=False))
+
+
 def _pool(pooling: str, prefix: Tensor | None, patches: Tensor) -> Tensor:
     if pooling == "cls":
         if prefix is None:
