@@ -1,115 +1,199 @@
-"""Short prepared check for a CUDA machine (no internet needed): selective scan and Mamba step on the GPU.
+"""Short prepared check for a CUDA machine (no internet needed): selective scan, causal conv and Mamba on the GPU.
 
-    python scripts/gpu_check.py            # prints a markdown table; exits 0 without CUDA
+    scripts/gpu_check.sh [SDIST_DIR]       # builds mamba-ssm's ops from sdists if given, then runs this
+    python scripts/gpu_check.py [--out F]  # prints a markdown report; exits 0 without CUDA
 
-* With mamba-ssm importable: compares ``selective_scan(impl="torch")`` with mamba-ssm's kernel
-  (``impl="cuda"``) on the same inputs (outputs, last state and gradients; float32) and times both.
-* Without it: times the torch path on CUDA only.
-* Times one forward+backward of a Vim-tiny-wide Mamba backbone (``scan_impl=auto``) and the ViT.
+1. Selective scan: ``impl="torch"`` vs mamba-ssm's kernel ``impl="cuda"`` on the same inputs
+   (float32: outputs, last state and all five input gradients, relative to the kernel's), and the time of
+   one forward+backward of each in float32 and bf16. Without the kernel only the torch path is timed.
+2. Causal depthwise conv1d: causal-conv1d's kernel vs ``F.conv1d`` (outputs, gradients, time).
+3. The Mamba backbone (Vim blocks) with ``scan_impl="cuda"`` and ``"torch"`` on the same weights
+   (pooled-output difference) and their forward+backward step times and peak memory next to the ViT of
+   equal width and depth, as tokens grow (bf16 autocast).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssl_med.ops.selective_scan import cuda_kernel_available, selective_scan
+from ssl_med.ops import selective_scan as scan_ops
 from ssl_med.registry import BACKBONES
 
 
-def _time(fn, repeats: int = 5) -> float:
-    fn()
+def _time(fn: Callable[[], object], repeats: int = 10) -> float:
+    """Mean seconds per call after two warm-up calls (CUDA events)."""
+    for _ in range(2):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    start.record()
     for _ in range(repeats):
         fn()
+    end.record()
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
+    return start.elapsed_time(end) / 1e3 / repeats
 
 
-def _inputs(L: int, d: int = 384, n: int = 16, b: int = 2) -> tuple[list[torch.Tensor], dict]:
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def _scan_inputs(L: int, d: int = 384, n: int = 16, b: int = 2, dtype: torch.dtype = torch.float32):
     g = torch.Generator(device="cuda").manual_seed(0)
     kw = {"device": "cuda", "generator": g}
     tensors = [
-        torch.randn(b, d, L, **kw),
-        torch.randn(b, d, L, **kw) * 0.5,
-        -torch.arange(1, n + 1.0, device="cuda").repeat(d, 1),
-        torch.randn(b, n, L, **kw),
-        torch.randn(b, n, L, **kw),
+        torch.randn(b, d, L, **kw).to(dtype),  # u
+        (torch.randn(b, d, L, **kw) * 0.5).to(dtype),  # delta (before bias and softplus)
+        -torch.arange(1, n + 1.0, device="cuda").repeat(d, 1),  # A, float32 as in Mamba
+        torch.randn(b, n, L, **kw).to(dtype),  # B
+        torch.randn(b, n, L, **kw).to(dtype),  # C
     ]
-    extras = {"D": torch.ones(d, device="cuda"), "z": torch.randn(b, d, L, **kw),
+    extras = {"D": torch.ones(d, device="cuda"), "z": torch.randn(b, d, L, **kw).to(dtype),
               "delta_bias": torch.rand(d, **kw) - 4.0}
     return tensors, extras
 
 
-def _run(impl: str, tensors: list[torch.Tensor], extras: dict) -> tuple[torch.Tensor, torch.Tensor, list]:
+def _scan_step(impl: str, tensors: list[torch.Tensor], extras: dict):
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    out, last = selective_scan(*leaves, **extras, delta_softplus=True, return_last_state=True, impl=impl)
-    grads = torch.autograd.grad(out.square().sum(), leaves)
+    out, last = scan_ops.selective_scan(
+        *leaves, **extras, delta_softplus=True, return_last_state=True, impl=impl  # type: ignore[arg-type]
+    )
+    # the loss leaves out ``last``: mamba-ssm's backward ignores the last state's gradient (inference-only)
+    grads = torch.autograd.grad(out.float().square().sum(), leaves)
     return out, last, grads
 
 
-def scan_rows() -> list[str]:
-    rows = []
-    kernel = cuda_kernel_available()
+def scan_section(kernel: bool) -> list[str]:
+    lines = [
+        "## Selective scan (B=2, D=384, N=16; forward+backward)\n",
+        "| L | torch fp32 (ms) | kernel fp32 (ms) | torch bf16 (ms) | kernel bf16 (ms) | kernel speed-up fp32 | "
+        "out rel err | last-state rel err | max grad rel err |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for L in (256, 1024, 4096, 16384):
-        tensors, extras = _inputs(L)
-        t_torch = _time(lambda: _run("torch", tensors, extras))  # noqa: B023
+        cells: dict[str, str] = {}
+        for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            tensors, extras = _scan_inputs(L, dtype=dtype)
+            for impl in ("torch", "cuda") if kernel else ("torch",):
+                seconds = _time(lambda i=impl, t=tensors, e=extras: _scan_step(i, t, e), repeats=5)
+                cells[f"{impl}-{tag}"] = f"{seconds * 1e3:.2f}"
         if kernel:
-            t_cuda = _time(lambda: _run("cuda", tensors, extras))  # noqa: B023
-            o1, l1, g1 = _run("torch", tensors, extras)
-            o2, l2, g2 = _run("cuda", tensors, extras)
-            rel = lambda a, b: ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()  # noqa: E731
-            grad_err = max(rel(a, b) for a, b in zip(g1, g2))
-            rows.append(f"| {L} | {t_torch * 1e3:.2f} | {t_cuda * 1e3:.2f} | {t_torch / t_cuda:.1f}x | "
-                        f"{rel(o1, o2):.1e} | {rel(l1, l2):.1e} | {grad_err:.1e} |")
+            tensors, extras = _scan_inputs(L)
+            o1, l1, g1 = _scan_step("torch", tensors, extras)
+            o2, l2, g2 = _scan_step("cuda", tensors, extras)
+            speed = float(cells["torch-fp32"]) / float(cells["cuda-fp32"])
+            errs = (f"{speed:.1f}x", f"{_rel(o1, o2):.1e}", f"{_rel(l1, l2):.1e}",
+                    f"{max(_rel(a, b) for a, b in zip(g1, g2)):.1e}")
         else:
-            rows.append(f"| {L} | {t_torch * 1e3:.2f} | n/a | n/a | n/a | n/a | n/a |")
-    return rows
+            errs = ("n/a",) * 4
+        lines.append(f"| {L} | {cells['torch-fp32']} | {cells.get('cuda-fp32', 'n/a')} | {cells['torch-bf16']} | "
+                     f"{cells.get('cuda-bf16', 'n/a')} | " + " | ".join(errs) + " |")
+    return lines
 
 
-def backbone_rows() -> list[str]:
-    rows = []
-    for dims, size, patch in ((2, 224, 16), (2, 512, 16), (3, 96, 8), (3, 128, 8)):
-        cells = []
-        for name in ("mamba", "vit"):
-            torch.manual_seed(0)
-            enc = BACKBONES.build(name, spatial_dims=dims, in_chans=1, img_size=size, patch_size=patch,
-                                  embed_dim=192, depth=12).cuda()
-            x = torch.randn(2, 1, *([size] * dims), device="cuda")
+def conv_section() -> list[str]:
+    kernel = scan_ops._causal_conv1d_kernel()
+    lines = ["\n## Causal depthwise conv1d (B=2, D=768, width 4; forward+backward)\n"]
+    if kernel is None:
+        return [*lines, "causal-conv1d not installed: F.conv1d path only (checked on the CPU by the tests)."]
+    lines += ["| L | F.conv1d (ms) | kernel (ms) | out rel err | max grad rel err |", "| ---: | ---: | ---: | ---: | ---: |"]
+    for L in (1024, 8192):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(2, 768, L, device="cuda", generator=g)
+        w = torch.randn(768, 4, device="cuda", generator=g) * 0.5
+        bias = torch.randn(768, device="cuda", generator=g)
 
-            def step(enc=enc, x=x) -> None:
+        def step(use_kernel: bool, x=x, w=w, bias=bias):
+            leaves = [t.detach().clone().requires_grad_() for t in (x, w, bias)]
+            if use_kernel:
+                out = kernel(leaves[0], leaves[1], leaves[2], activation="silu")
+            else:  # the CPU path of ssl_med.ops.selective_scan.causal_conv1d
+                out = F.silu(F.conv1d(F.pad(leaves[0], (3, 0)), leaves[1].unsqueeze(1), leaves[2], groups=768))
+            return out, torch.autograd.grad(out.square().sum(), leaves)
+
+        (o1, g1), (o2, g2) = step(False), step(True)
+        t_ref, t_kernel = _time(lambda: step(False)), _time(lambda: step(True))
+        lines.append(f"| {L} | {t_ref * 1e3:.3f} | {t_kernel * 1e3:.3f} | {_rel(o2, o1):.1e} | "
+                     f"{max(_rel(a, b) for a, b in zip(g2, g1)):.1e} |")
+    return lines
+
+
+def _backbone(name: str, dims: int, size: int, patch: int, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return BACKBONES.build(name, spatial_dims=dims, in_chans=1, img_size=size, patch_size=patch,
+                           embed_dim=192, depth=12, **kwargs).cuda()
+
+
+def backbone_section(kernel: bool) -> list[str]:
+    lines = [
+        "\n## Backbone forward+backward (B=2, width 192, depth 12, bf16 autocast)\n",
+        "Mamba = Vim blocks (2D: 2 scans, 3D: 3 scans). `diff` = max rel. difference of the pooled output "
+        "between the kernel and the torch scan on the same weights.\n",
+        "| input | tokens | Mamba, kernel | Mamba, torch scan | ViT (sdpa) | diff |",
+        "| --- | ---: | --- | --- | --- | ---: |",
+    ]
+    for dims, size, patch in ((2, 224, 16), (2, 512, 16), (2, 1024, 16), (3, 96, 8), (3, 128, 8), (3, 160, 8)):
+        x = torch.randn(2, 1, *([size] * dims), device="cuda")
+        cells, pooled = [], []
+        variants = [("mamba", {"scan_impl": "cuda"})] if kernel else []
+        variants += [("mamba", {"scan_impl": "torch"}), ("vit", {})]
+        for name, kwargs in variants:
+            enc = _backbone(name, dims, size, patch, **kwargs)
+
+            def step(enc=enc, x=x) -> torch.Tensor:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     out = enc(x)
                 out.patch_tokens.float().square().mean().backward()
+                return out.pooled.detach().float()
 
+            if name == "mamba":
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    pooled.append(enc(x).pooled.float())
             torch.cuda.reset_peak_memory_stats()
-            seconds = _time(step, repeats=3)
-            cells.append(f"{seconds * 1e3:.1f} ms / {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+            try:
+                seconds = _time(step, repeats=3)
+                cells.append(f"{seconds * 1e3:.1f} ms / {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+            except torch.OutOfMemoryError:
+                cells.append("out of memory")
             del enc
-        tokens = (size // patch) ** dims
-        rows.append(f"| {dims}D {size}^{dims} /p{patch} | {tokens} | {cells[0]} | {cells[1]} |")
-    return rows
+            torch.cuda.empty_cache()
+        if not kernel:
+            cells.insert(0, "n/a")
+        diff = f"{_rel(pooled[1], pooled[0]):.1e}" if kernel else "n/a"
+        lines.append(f"| {dims}D {size}^{dims} /p{patch} | {(size // patch) ** dims} | {' | '.join(cells)} | {diff} |")
+    return lines
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="also write the report to this markdown file")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check here (run this on a GPU machine); exiting 0")
         return 0
-    print(f"# GPU check: {torch.cuda.get_device_name()} , torch {torch.__version__}, "
-          f"mamba-ssm kernel: {'yes' if cuda_kernel_available() else 'no (torch path only)'}\n")
-    print("| L (B=2, D=384, N=16) | torch fwd+bwd (ms) | mamba-ssm fwd+bwd (ms) | kernel speed-up | "
-          "out rel err | last-state rel err | max grad rel err |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print("\n".join(scan_rows()))
-    print("\n| backbone step (B=2, width 192, depth 12, bf16 autocast) | tokens | Mamba | ViT |")
-    print("| --- | ---: | --- | --- |")
-    print("\n".join(backbone_rows()))
+    kernel = scan_ops.cuda_kernel_available()
+    conv = scan_ops._causal_conv1d_kernel() is not None
+    report = [
+        f"# GPU check: {torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda})\n",
+        f"mamba-ssm selective-scan kernel: {'yes' if kernel else 'no (torch path only)'}; "
+        f"causal-conv1d kernel: {'yes' if conv else 'no'}\n",
+    ]
+    print("\n".join(report), flush=True)
+    for section in (lambda: scan_section(kernel), conv_section, lambda: backbone_section(kernel)):
+        lines = section()
+        print("\n".join(lines), flush=True)
+        report += lines
+    if args.out:
+        args.out.write_text("\n".join(report) + "\n")
     return 0
 
 

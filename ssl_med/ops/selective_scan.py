@@ -26,7 +26,9 @@ Implementations (``impl=``):
 * ``"ref"`` — a plain sequential loop (autograd through it), for tests only.
 * ``"auto"`` — ``"cuda"`` when the kernel imports and the tensors are on CUDA, else ``"torch"``.
 
-Deviation from the reference: mamba-ssm's reference upcasts to float32 with ``.float()``, which
+Differences from mamba-ssm: its kernel's backward ignores the gradient of the returned last state
+(inference only); ``"torch"`` and ``"ref"`` propagate it (checked on an H200: docs/benchmarks/gpu.md).
+Its reference upcasts to float32 with ``.float()``, which
 *downcasts* float64; here the compute dtype is ``promote(u.dtype, float32)`` so float64 stays float64.
 Complex ``A`` is not supported.
 """
@@ -49,6 +51,8 @@ DEFAULT_CHUNK = 4
 #: Upper bound on the elements of one ``(B, d, L, N)`` work tensor; channels are processed in slices
 #: small enough to stay in the CPU cache across the scan's passes (measured: 2^16..2^18 is best on CPU).
 SLICE_ELEMENTS = 1 << 17
+#: The same bound on a GPU, where slices only bound memory (256 MiB per float32 work tensor).
+CUDA_SLICE_ELEMENTS = 1 << 26
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +106,7 @@ def causal_conv1d(
     width = weight.shape[-1]
     kernel = _causal_conv1d_kernel() if x.is_cuda else None
     if kernel is not None and 2 <= width <= 4:
-        return kernel(x, weight, bias, activation)
+        return kernel(x, weight, bias, activation=activation)
     out = F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=weight.shape[0])
     return F.silu(out) if activation == "silu" else out
 
@@ -159,13 +163,16 @@ def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
     return t.sum(dims, keepdim=True) if dims else t
 
 
-def _channel_slices(channels: int, groups: int, per_channel: int) -> Iterator[tuple[int, int, slice]]:
+def _channel_slices(
+    channels: int, groups: int, per_channel: int, device: torch.device
+) -> Iterator[tuple[int, int, slice]]:
     """Channel ranges ``[d0, d1)`` of bounded work size, and the slice of the B/C group axis they use.
 
     ``groups == channels``: B/C are per channel; ``groups == 1``: shared; otherwise a range never
     crosses a group boundary, so it reads a single group.
     """
-    step = max(1, SLICE_ELEMENTS // max(per_channel, 1))
+    budget = SLICE_ELEMENTS if device.type == "cpu" else CUDA_SLICE_ELEMENTS
+    step = max(1, budget // max(per_channel, 1))
     if groups in (1, channels):
         for d0 in range(0, channels, step):
             d1 = min(d0 + step, channels)
@@ -195,7 +202,7 @@ class _ChunkedScan(torch.autograd.Function):
         groups = Bn.shape[1]
         y = u.new_empty(batch, channels, steps)
         last = u.new_empty(batch, channels, A.shape[-1])
-        for d0, d1, g in _channel_slices(channels, groups, batch * steps * A.shape[-1]):
+        for d0, d1, g in _channel_slices(channels, groups, batch * steps * A.shape[-1], u.device):
             _, h = _states(delta[:, d0:d1], u[:, d0:d1], A[d0:d1], Bn[:, g], chunk, keep_decays=False)
             last[:, d0:d1] = h[..., -1, :]
             y[:, d0:d1] = (h * Cn[:, g]).sum(-1)
@@ -213,7 +220,7 @@ class _ChunkedScan(torch.autograd.Function):
         dB, dC = torch.zeros_like(Bn), torch.zeros_like(Cn)
         if dy is None:
             dy = torch.zeros_like(u)
-        for d0, d1, g in _channel_slices(channels, groups, batch * steps * A.shape[-1]):
+        for d0, d1, g in _channel_slices(channels, groups, batch * steps * A.shape[-1], u.device):
             dl, ul, Al, Bl, Cl = delta[:, d0:d1], u[:, d0:d1], A[d0:d1], Bn[:, g], Cn[:, g]
             a, h = _states(dl, ul, Al, Bl, ctx.chunk)
             c = dy[:, d0:d1, :, None] * Cl  # dL/dh_t from y_t

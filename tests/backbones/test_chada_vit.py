@@ -193,6 +193,40 @@ def test_init_from_vit_weights(tmp_path: Path) -> None:
     torch.testing.assert_close(enc.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_single_channel_equals_vit_with_same_weights(spatial_dims: int) -> None:
+    """One channel, zero channel embedding: exactly a 1-channel ViT (outputs and gradients) on what DINO
+    uses: CLS pooling, an iBOT mask and a smaller (local-crop) grid with resampled positions."""
+    from backbones.vit import VisionTransformer
+
+    kw = {"img_size": 16, "patch_size": 4, "embed_dim": 24, "depth": 2, "num_heads": 2}
+    torch.manual_seed(0)
+    vit = VisionTransformer(spatial_dims=spatial_dims, in_chans=1, **kw)
+    enc = ChAdaViT(spatial_dims=spatial_dims, **kw)
+    missing, unexpected = enc.load_state_dict(vit.state_dict(), strict=False)
+    assert missing == ["channel_pos_embed"] and not unexpected
+    with torch.no_grad():
+        enc.channel_pos_embed.zero_()
+        for model in (vit, enc):
+            model.mask_token.normal_(generator=torch.Generator().manual_seed(1))
+    n = 4**spatial_dims
+    mask = torch.rand(3, n, generator=torch.Generator().manual_seed(2)) < 0.4
+    for size, m in ((16, None), (16, mask), (8, None)):
+        x = torch.rand(3, 1, *(size,) * spatial_dims)
+        outs = []
+        for model in (vit, enc):
+            model.zero_grad()
+            out = model(x, mask=m)
+            (out.pooled.square().sum() + out.patch_tokens.sum()).backward()
+            outs.append(out)
+        torch.testing.assert_close(outs[1].pooled, outs[0].pooled)
+        torch.testing.assert_close(outs[1].patch_tokens, outs[0].patch_tokens)
+        grads = dict(vit.named_parameters())
+        for name, p in enc.named_parameters():
+            if name != "channel_pos_embed" and p.grad is not None:
+                torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
+
+
 @pytest.mark.shared_data
 def test_brats_sequences_permutation_and_missing(shared_data: Path) -> None:
     """Real 4-sequence MRI (BraTS 2020 case 001): permutation invariance and a missing sequence."""

@@ -156,3 +156,23 @@ def test_impl_resolution_on_cpu() -> None:
         selective_scan(u, delta, A, B, C, impl="cuda")
     with pytest.raises(ValueError, match="unknown scan impl"):
         selective_scan(u, delta, A, B, C, impl="fast")  # type: ignore[arg-type]
+
+
+def test_causal_conv1d_passes_activation_by_keyword_to_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """causal-conv1d >= 1.4 takes ``seq_idx`` fourth: the activation must travel as a keyword."""
+    import ssl_med.ops.selective_scan as ops
+
+    calls = {}
+
+    def kernel(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+               final_states_out=None, activation=None):  # causal_conv1d_fn's signature (1.6)
+        calls.update(seq_idx=seq_idx, activation=activation)
+        return x
+
+    class CudaLike(torch.Tensor):
+        is_cuda = True
+
+    monkeypatch.setattr(ops, "_causal_conv1d_kernel", lambda: kernel)
+    x = torch.randn(1, 2, 5).as_subclass(CudaLike)
+    ops.causal_conv1d(x, torch.randn(2, 4), torch.randn(2), activation="silu")
+    assert calls == {"seq_idx": None, "activation": "silu"}
