@@ -103,7 +103,8 @@ class ChAdaViT(TokenEncoder):
         max_channels: number of per-slot channel embeddings (slots usable by images without names).
         packing: ``auto`` (pack when the attention kernel is xformers), ``pad`` or ``pack``.
         attn_impl: ``auto|sdpa|xformers|math``.
-        init_from: local ViT weights file (timm or ssl_med) to start from; the patch kernel is summed
+        init_from: local ViT weights file (timm, ssl_med, DINOv2 or transformers ``Dinov2Model``, see
+            :func:`backbones.vit.read_state_dict`) to start from; the patch kernel is summed
             to one channel, the channel embeddings stay at their init.
 
     Shapes: ``x`` ``(B, C, *S)`` -> ``pooled (B, D)``, ``patch_tokens (B, N, D)``, ``N = prod(S_i/p_i)``.

@@ -8,8 +8,16 @@ row, ``blocks.i.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.ga
 unexpected and ssl_med's ``mask_token`` missing) and gives the same outputs:
 ``pooled == timm.forward_features(x)[:, 0]`` and ``patch_tokens == timm.forward_features(x)[:, 1:]``.
 
-Weights from elsewhere go through :func:`checkpoint_filter_fn` (``init_from=`` does this for a file):
+Weights from elsewhere are read by :func:`read_state_dict` and converted by :func:`checkpoint_filter_fn`
+(``init_from=`` does both for a file):
 
+* **layouts**: :func:`read_state_dict` detects the layout (:data:`CHECKPOINT_LAYOUTS`) and renames
+  to timm's keys first: timm / ssl_med as they are; official DINOv2 (facebookresearch/dinov2
+  ``*_pretrain.pth``, ``teacher.backbone.*``/``student.backbone.*`` training checkpoints, chunked
+  blocks, ``register_tokens``, ``(1, D)`` mask token) by :func:`dinov2_to_timm`; transformers
+  ``Dinov2Model`` (RAD-DINO's ``model.safetensors``; q/k/v concatenated into ``attn.qkv``) by
+  :func:`hf_dinov2_to_timm`. Both carry LayerScale, so the model needs ``init_values`` set; SwiGLU
+  MLPs (ViT-g) are rejected;
 * **channels**: :func:`adapt_input_channels` (3 -> 1 channel sums the RGB kernels, so a grey image
   gives the embedding of the same image repeated to RGB; more channels repeat and rescale);
 * **2D -> 3D**: :func:`inflate_patch_embed` replicates the 2D kernel over the depth of the 3D patch
@@ -25,10 +33,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -73,9 +82,10 @@ class VisionTransformer(TokenEncoder):
         class_token: use a CLS token (pooled embedding); else mean pooling.
         num_register_tokens: DINOv2-style registers.
         attn_impl: ``auto|sdpa|xformers|math``.
-        init_from: optional local weights file (timm or ssl_med state dict: ``.pth/.pt/.bin/.ckpt``,
-            ``.safetensors``, or an ssl_med export folder) loaded through :func:`checkpoint_filter_fn`;
-            nothing is downloaded.
+        init_from: optional local weights file (timm, ssl_med, official DINOv2 or transformers
+            ``Dinov2Model`` state dict: ``.pth/.pt/.bin/.ckpt``, ``.safetensors``, or an export
+            folder) loaded through :func:`read_state_dict` and :func:`checkpoint_filter_fn`; nothing
+            is downloaded.
 
     Shapes: ``(B, in_chans, *S) ->`` :class:`~ssl_med.encoder.EncoderOutput` with ``pooled (B, D)``,
     ``patch_tokens (B, N, D)``, ``N = prod(S_i / p_i)``.
@@ -285,13 +295,162 @@ def _convert_pos_embed(
     return patches, reg_rows
 
 
+# -- foreign checkpoint layouts -> timm names ------------------------------------------------------
+
+#: ``blocks.{chunk}.{i}.`` of DINOv2's ``block_chunks > 0`` (the index inside a chunk is the global one).
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
+#: ``encoder.layer.{i}.{module}.{param}`` of transformers' ``Dinov2Model``.
+_HF_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.([^.]+)$")
+#: transformers ``Dinov2Model`` parameter/module paths -> timm ones, outside the blocks.
+_HF_EMBEDDINGS = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.mask_token": "mask_token",
+    "embeddings.register_tokens": "reg_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection": "patch_embed.proj",
+    "layernorm": "norm",
+}
+#: transformers ``Dinov2Layer`` module paths -> timm ``Block`` module paths (q/k/v are handled apart).
+_HF_BLOCK_MODULES = {
+    "norm1": "norm1",
+    "attention.output.dense": "attn.proj",
+    "layer_scale1": "ls1",
+    "norm2": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "layer_scale2": "ls2",
+}
+
+
+def dinov2_to_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Official DINOv2 (facebookresearch/dinov2 ``DinoVisionTransformer``) keys -> timm ViT keys.
+
+    The block names already agree with timm (``blocks.i.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,
+    mlp.fc1,mlp.fc2,ls2.gamma}``, ``pos_embed`` ``(1, 1 + N, D)`` with the CLS row and none for the
+    registers, as ssl_med's). Converted: chunked blocks ``blocks.{chunk}.{i}.*`` -> ``blocks.{i}.*``,
+    ``register_tokens`` ``(1, R, D)`` -> ``reg_token``, ``mask_token`` ``(1, D)`` -> ``(1, 1, D)``.
+
+    Raises:
+        ValueError: for the SwiGLU MLP (``mlp.w12``/``mlp.w3``, ViT-g), which the ssl_med ViT lacks.
+    """
+    if any(".mlp.w12." in k or ".mlp.w3." in k for k in state):
+        raise ValueError("DINOv2 checkpoint with a SwiGLU MLP (mlp.w12/mlp.w3, ViT-g) is not supported")
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key == "register_tokens":
+            key = "reg_token"
+        elif key == "mask_token":
+            value = value.reshape(1, 1, value.shape[-1])
+        out[_CHUNKED_BLOCK.sub(r"blocks.\1.", key)] = value
+    return out
+
+
+def hf_dinov2_to_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """transformers ``Dinov2Model`` / ``Dinov2WithRegistersModel`` keys (RAD-DINO) -> timm ViT keys.
+
+    ``embeddings.{cls_token (1, 1, D), position_embeddings (1, 1 + N, D), register_tokens (1, R, D),
+    patch_embeddings.projection}`` -> ``cls_token``, ``pos_embed``, ``reg_token``, ``patch_embed.proj``;
+    ``embeddings.mask_token`` ``(1, D)`` -> ``mask_token`` ``(1, 1, D)``; ``layernorm`` -> ``norm``;
+    ``encoder.layer.{i}.*`` -> ``blocks.{i}.*`` with ``attention.attention.{query,key,value}``
+    (``(D, D)`` and ``(D,)`` each) concatenated into ``attn.qkv`` (``(3D, D)``, ``(3D,)``),
+    ``attention.output.dense`` -> ``attn.proj`` and ``layer_scale{1,2}.lambda1`` -> ``ls{1,2}.gamma``.
+    Keys it does not know are kept as they are (``load_state_dict`` then reports them).
+
+    Raises:
+        ValueError: for the SwiGLU MLP (``mlp.weights_in``, ViT-g), or a layer lacking one of q/k/v.
+    """
+    if any(".mlp.weights_in." in k for k in state):
+        raise ValueError("Dinov2Model with a SwiGLU MLP (use_swiglu_ffn, ViT-g) is not supported")
+    out: dict[str, Tensor] = {}
+    qkv: dict[str, dict[str, Tensor]] = {}  # "blocks.i.attn.qkv.weight" -> {"query": ..., "key": ...}
+    for key, value in state.items():
+        layer = _HF_LAYER.match(key)
+        if layer is None:
+            old = next((o for o in _HF_EMBEDDINGS if key == o or key.startswith(o + ".")), None)
+            if old is not None:
+                key = _HF_EMBEDDINGS[old] + key[len(old) :]
+                if key == "mask_token":
+                    value = value.reshape(1, 1, value.shape[-1])
+            out[key] = value
+            continue
+        index, module, param = layer.groups()
+        if module.startswith("attention.attention."):
+            qkv.setdefault(f"blocks.{index}.attn.qkv.{param}", {})[module.rsplit(".", 1)[1]] = value
+        elif module in _HF_BLOCK_MODULES:
+            param = "gamma" if param == "lambda1" else param
+            out[f"blocks.{index}.{_HF_BLOCK_MODULES[module]}.{param}"] = value
+        else:
+            out[key] = value
+    for key, parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise ValueError(f"Dinov2Model checkpoint: {key} needs query, key and value, got {sorted(parts)}")
+        out[key] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return out
+
+
+def _is_dinov2(state: Mapping[str, Tensor]) -> bool:
+    """Keys/shapes only official DINOv2 has: registers, a 2-D mask token, chunked blocks, SwiGLU."""
+    mask = state.get("mask_token")
+    return (
+        "register_tokens" in state
+        or (mask is not None and mask.ndim == 2)
+        or any(_CHUNKED_BLOCK.match(k) or ".mlp.w12." in k for k in state)
+    )
+
+
+class CheckpointLayout(NamedTuple):
+    """A ViT state-dict layout that :func:`to_timm_layout` recognises and converts to timm names."""
+
+    #: the patch kernel's key; whatever precedes it in a file is a module prefix (``module.``, ...).
+    anchor: str
+    #: whether prefix-stripped weights holding ``anchor`` are of this layout.
+    detect: Callable[[Mapping[str, Tensor]], bool]
+    #: prefix-stripped weights -> timm ``VisionTransformer`` names.
+    to_timm: Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
+
+
+#: known layouts, tried in order (the first whose anchor is present and that ``detect``s wins).
+CHECKPOINT_LAYOUTS: dict[str, CheckpointLayout] = {
+    "hf_dinov2": CheckpointLayout(
+        "embeddings.patch_embeddings.projection.weight", lambda s: True, hf_dinov2_to_timm
+    ),
+    "dinov2": CheckpointLayout("patch_embed.proj.weight", _is_dinov2, dinov2_to_timm),
+    "timm": CheckpointLayout("patch_embed.proj.weight", lambda s: True, dict),  # timm and ssl_med
+}
+
+
+def to_timm_layout(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Strip the module prefix of ViT weights and rename them to timm's names (:data:`CHECKPOINT_LAYOUTS`).
+
+    The prefix in front of the encoder weights (``module.``, ``encoder.``, ``objective.encoder.``,
+    ``student.backbone.``, ``dinov2.``, ... as in Lightning, DINOv2 or transformers checkpoints) is
+    the part of the key before the layout's patch-kernel anchor; when several copies are present, the
+    student/encoder is preferred over teacher/EMA copies. Other keys are dropped.
+
+    Raises:
+        ValueError: no known patch-kernel key, or a layout variant that cannot be converted.
+    """
+    for name, layout in CHECKPOINT_LAYOUTS.items():
+        anchors = [k for k in state if k == layout.anchor or k.endswith("." + layout.anchor)]
+        if not anchors:
+            continue
+        anchor = min(anchors, key=lambda k: ("teacher" in k or "ema" in k, len(k)))
+        prefix = anchor[: -len(layout.anchor)]
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if layout.detect(stripped):
+            log.debug("ViT weights in %s layout (prefix %r)", name, prefix)
+            return layout.to_timm(stripped)
+    anchors = sorted({layout.anchor for layout in CHECKPOINT_LAYOUTS.values()})
+    raise ValueError(f"no key ending in {anchors}: not a ViT-style checkpoint")
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read weights from a local file or ssl_med export folder and unwrap common containers.
+    """Read ViT weights from a local file or ssl_med export folder, in timm's names.
 
     Accepts ``.safetensors``, torch pickles (``.pth/.pt/.bin/.ckpt``; ``{"model": ...}``,
-    ``{"state_dict": ...}`` or a bare state dict) and export folders (``model.safetensors``). A module
-    prefix in front of the encoder weights (``module.``, ``encoder.``, ``objective.encoder.``, ... as in
-    Lightning checkpoints) is stripped: the keys are taken from where ``patch_embed.proj.weight`` is.
+    ``{"state_dict": ...}``, ``{"teacher": ...}`` or a bare state dict) and export folders
+    (``model.safetensors``), holding timm, ssl_med, official DINOv2 or transformers ``Dinov2Model``
+    weights; module prefixes are stripped and keys renamed by :func:`to_timm_layout`.
     """
     path = Path(path)
     if path.is_dir():
@@ -307,28 +466,32 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     for wrapper in ("model", "state_dict", "teacher", "module"):
         if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
             state = state[wrapper]
-    anchors = [k for k in state if k.endswith("patch_embed.proj.weight")]
-    if not anchors:
-        raise ValueError(f"{path} has no '*patch_embed.proj.weight': not a ViT-style checkpoint")
-    # prefer an encoder (student) over teachers/EMA copies when several are present
-    anchor = min(anchors, key=lambda k: ("teacher" in k or "ema" in k, len(k)))
-    prefix = anchor[: -len("patch_embed.proj.weight")]
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        return to_timm_layout(state)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def load_pretrained_weights(
     model: TokenEncoder, path: str | Path, allowed_missing: Sequence[str] = ()
 ) -> tuple[list[str], list[str]]:
-    """Load a local timm/ssl_med checkpoint into ``model`` through :func:`checkpoint_filter_fn`.
+    """Load a local ViT checkpoint into ``model``: :func:`read_state_dict`, then :func:`checkpoint_filter_fn`.
 
     ``mask_token`` and ``reg_token`` (and ``allowed_missing`` prefixes) may be absent from the file;
-    any other missing or unexpected key, or a shape that could not be converted, is an error.
+    any other missing or unexpected key, or a shape that could not be converted, is an error. Weights
+    with LayerScale (``blocks.i.ls1.gamma``, as all DINOv2 / RAD-DINO checkpoints) need a model built
+    with ``init_values`` set (its value is then replaced by the loaded gammas).
 
     Returns:
         ``(missing, unexpected)`` keys as reported by ``load_state_dict``.
     """
     state = checkpoint_filter_fn(read_state_dict(path), model)
     own = model.state_dict()
+    if any(k.endswith(".ls1.gamma") for k in state) and not any(k.endswith(".ls1.gamma") for k in own):
+        raise ValueError(
+            f"init_from {path}: the weights have LayerScale (blocks.*.ls1.gamma) but the model was built "
+            "without it; set backbone.init_values (e.g. 1e-5; the loaded gammas replace it)"
+        )
     bad_shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if bad_shapes:
         detail = ", ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in bad_shapes[:5])

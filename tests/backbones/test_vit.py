@@ -248,3 +248,188 @@ def test_sizes_layer_scale_drop_path_registers() -> None:
     a = m(torch.ones(2, 1, 32, 32)).pooled
     b = m(torch.ones(2, 1, 32, 32)).pooled
     assert not torch.allclose(a, b)  # stochastic depth active in training
+
+
+# -- DINOv2 layouts (continued pretraining) ---------------------------------------------------------
+
+_DEPTH = 4
+
+
+def _dinov2_source(**kw: object) -> VisionTransformer:
+    """A randomised ssl_med ViT with LayerScale and registers: the reference for the layout tests."""
+    torch.manual_seed(0)
+    kw = {"init_values": 0.1, "num_register_tokens": 2, **kw}
+    model = VisionTransformer(
+        spatial_dims=2, in_chans=3, img_size=32, patch_size=8, embed_dim=48, depth=_DEPTH, num_heads=3, **kw
+    ).eval()
+    _randomise(model)
+    return model
+
+
+def _to_official_dinov2(state: dict[str, torch.Tensor], chunks: int = 0) -> dict[str, torch.Tensor]:
+    """ssl_med keys -> facebookresearch/dinov2 keys (``block_chunks=chunks``), written out by hand."""
+    out = {}
+    for key, value in state.items():
+        if key == "reg_token":
+            key = "register_tokens"
+        elif key == "mask_token":
+            value = value.reshape(1, -1)  # DINOv2's mask token is (1, D)
+        elif key.startswith("blocks.") and chunks:
+            index = int(key.split(".")[1])
+            key = f"blocks.{index // (_DEPTH // chunks)}.{key[len('blocks.') :]}"  # blocks.{chunk}.{i}.*
+        out[key] = value.clone()
+    return out
+
+
+def _to_hf_dinov2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ssl_med keys -> transformers ``Dinov2Model`` keys with q/k/v split, written out by hand."""
+    outside = {
+        "cls_token": "embeddings.cls_token",
+        "reg_token": "embeddings.register_tokens",
+        "mask_token": "embeddings.mask_token",
+        "pos_embed": "embeddings.position_embeddings",
+        "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+        "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+        "norm.weight": "layernorm.weight",
+        "norm.bias": "layernorm.bias",
+    }
+    block = {
+        "norm1.weight": "norm1.weight",
+        "norm1.bias": "norm1.bias",
+        "attn.proj.weight": "attention.output.dense.weight",
+        "attn.proj.bias": "attention.output.dense.bias",
+        "ls1.gamma": "layer_scale1.lambda1",
+        "norm2.weight": "norm2.weight",
+        "norm2.bias": "norm2.bias",
+        "mlp.fc1.weight": "mlp.fc1.weight",
+        "mlp.fc1.bias": "mlp.fc1.bias",
+        "mlp.fc2.weight": "mlp.fc2.weight",
+        "mlp.fc2.bias": "mlp.fc2.bias",
+        "ls2.gamma": "layer_scale2.lambda1",
+    }
+    out = {}
+    for key, value in state.items():
+        if key in outside:
+            out[outside[key]] = value.reshape(1, -1) if key == "mask_token" else value.clone()
+            continue
+        _, index, rest = key.split(".", 2)
+        if rest.startswith("attn.qkv."):
+            param = rest.rsplit(".", 1)[1]
+            for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                out[f"encoder.layer.{index}.attention.attention.{name}.{param}"] = part.clone()
+        else:
+            out[f"encoder.layer.{index}.{block[rest]}"] = value.clone()
+    return out
+
+
+def _assert_same_outputs(loaded: VisionTransformer, source: VisionTransformer) -> None:
+    """Identical outputs, with and without masked (mask-token) patches."""
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.rand(2, 16) < 0.5
+    with torch.no_grad():
+        for kw in ({}, {"mask": mask}):
+            out, ref = loaded(x, **kw), source(x, **kw)
+            for name in ("pooled", "patch_tokens", "prefix_tokens"):
+                torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["flat", "chunked", "reg_free", "training_checkpoint"])
+def test_init_from_official_dinov2(tmp_path: Path, variant: str) -> None:
+    registers = 0 if variant == "reg_free" else 2
+    src = _dinov2_source(num_register_tokens=registers)
+    state = _to_official_dinov2(src.state_dict(), chunks=2 if variant == "chunked" else 0)
+    assert variant != "chunked" or "blocks.1.3.ls2.gamma" in state
+    assert state["mask_token"].shape == (1, 48)
+    if variant == "training_checkpoint":  # DINOv2's checkpointer: student/teacher backbones and heads
+        payload: object = {
+            "model": {f"student.backbone.{k}": v for k, v in state.items()}
+            | {f"teacher.backbone.{k}": torch.zeros_like(v) for k, v in state.items()}
+            | {"student.dino_head.mlp.0.weight": torch.zeros(8, 48)},
+            "iteration": 10,
+        }
+    else:
+        payload = state
+    torch.save(payload, tmp_path / "dinov2_pretrain.pth")
+    ours = _dinov2_source(num_register_tokens=registers, init_values=1e-5)
+    _randomise(ours, seed=1)  # nothing of the random init may survive
+    load_pretrained_weights(ours, tmp_path / "dinov2_pretrain.pth")
+    _assert_same_outputs(ours, src)
+
+
+@pytest.mark.parametrize("prefix", ["", "dinov2."])
+def test_init_from_hf_dinov2_layout(tmp_path: Path, prefix: str) -> None:
+    from safetensors.torch import save_file
+
+    src = _dinov2_source()
+    state = {prefix + k: v.contiguous() for k, v in _to_hf_dinov2(src.state_dict()).items()}
+    assert "encoder.layer.3.attention.attention.value.bias" in {k[len(prefix) :] for k in state}
+    if prefix:  # Dinov2ForImageClassification: the head sits outside the dinov2. prefix
+        state["classifier.weight"] = torch.zeros(2, 96)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    ours = VisionTransformer(
+        spatial_dims=2,
+        in_chans=3,
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=_DEPTH,
+        num_heads=3,
+        init_values=1e-5,
+        num_register_tokens=2,
+        init_from=str(tmp_path),  # folder holding model.safetensors, as RAD-DINO ships
+    ).eval()
+    _assert_same_outputs(ours, src)
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_init_from_transformers_dinov2(tmp_path: Path, registers: int) -> None:
+    """A real transformers ``Dinov2Model`` / ``Dinov2WithRegistersModel`` gives the same tokens."""
+    transformers = pytest.importorskip("transformers")
+    common = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "patch_size": 4,
+        "image_size": 16,
+        "num_channels": 3,
+        "layerscale_value": 0.5,
+    }
+    if registers:
+        config = transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **common)
+        hf = transformers.Dinov2WithRegistersModel(config)
+    else:
+        hf = transformers.Dinov2Model(transformers.Dinov2Config(**common))
+    hf.eval()
+    _randomise(hf)
+    hf.save_pretrained(tmp_path)
+    ours = VisionTransformer(
+        spatial_dims=2,
+        in_chans=3,
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        init_values=1e-5,
+        num_register_tokens=registers,
+        init_from=str(tmp_path),
+    ).eval()
+    x = torch.randn(2, 3, 16, 16)
+    mask = torch.rand(2, 16) < 0.5
+    with torch.no_grad():
+        for hf_kw, kw in (({}, {}), ({"bool_masked_pos": mask}, {"mask": mask})):
+            ref = hf(pixel_values=x, **hf_kw).last_hidden_state
+            out = ours(x, **kw)
+            torch.testing.assert_close(out.pooled, ref[:, 0], **TOL)
+            torch.testing.assert_close(out.prefix_tokens, ref[:, : 1 + registers], **TOL)
+            torch.testing.assert_close(out.patch_tokens, ref[:, 1 + registers :], **TOL)
+
+
+def test_init_from_dinov2_errors(tmp_path: Path) -> None:
+    state = _to_official_dinov2(_dinov2_source().state_dict())
+    torch.save(state, tmp_path / "ls.pth")
+    with pytest.raises(ValueError, match=r"set backbone\.init_values"):
+        _dinov2_source(init_values=None, init_from=str(tmp_path / "ls.pth"))
+    torch.save(state | {"blocks.0.mlp.w12.weight": torch.zeros(8, 48)}, tmp_path / "swiglu.pth")
+    with pytest.raises(ValueError, match="SwiGLU"):
+        _dinov2_source(init_from=str(tmp_path / "swiglu.pth"))
