@@ -137,6 +137,8 @@ class MAE(Objective):
             whose input channel count is set by the data (the YAML passes ``${data.num_channels}``).
     """
 
+    geometric_views = True  # flips and mask noise only
+
     def __init__(
         self,
         encoder: Encoder,

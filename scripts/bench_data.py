@@ -74,10 +74,10 @@ def random_regions(shape: tuple[int, ...], n: int, seed: int = 0) -> list[tuple[
 
 
 class InMemoryCrops:
-    """The ceiling: the same crops + normalisation cut from an array already in memory."""
+    """The ceiling: the same crops and normalisation as the store's default, cut from an array in memory."""
 
-    def __init__(self, array: np.ndarray, lo: float, hi: float, length: int) -> None:
-        self.array, self.lo, self.hi, self.length = array, lo, hi, length
+    def __init__(self, array: np.ndarray, window: np.ndarray, length: int) -> None:
+        self.array, self.window, self.length = array, window, length
 
     def __len__(self) -> int:
         return self.length
@@ -88,8 +88,23 @@ class InMemoryCrops:
         rng = np.random.default_rng([0, index])
         start = [int(rng.integers(0, s - c + 1)) for s, c in zip(self.array.shape[1:], CROP)]
         crop = self.array[(slice(None), *(slice(a, a + c) for a, c in zip(start, CROP)))]
-        out = np.clip((crop.astype(np.float32) - self.lo) / (self.hi - self.lo), 0, 1)
-        return {"image": torch.from_numpy(out)}
+        lo, hi = self.window[0]
+        return {"image": torch.from_numpy(np.clip((crop.astype(np.float32) - lo) / (hi - lo), 0, 1))}
+
+
+class HandOffOnly:
+    """No reading at all: a fresh int16 96³ crop per item, to time the worker -> main hand-off alone."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        import torch
+
+        return {"image": torch.zeros((1, *CROP), dtype=torch.int16)}
 
 
 def run_pipeline(spec: dict) -> dict:
@@ -98,24 +113,28 @@ def run_pipeline(spec: dict) -> dict:
     from torch.utils.data import DataLoader
 
     torch.set_num_threads(1)
+    from ssl_med.data.crops import normalise_batch
+
     kind, n_crops = spec["kind"], spec["crops"]
     per_item = 1
-    if kind == "store":
+    finish = normalise_batch if kind == "store_int16_main" else (lambda item: item)
+    if kind.startswith("store"):
         from ssl_med.data.crops import RandomCropDataset
 
         ds = RandomCropDataset(
-            spec["store"], CROP, num_channels=None, length=n_crops + 8, engine=spec.get("engine", "auto")
-        )
+            spec["store"], CROP, num_channels=None, length=n_crops + 8, engine=spec.get("engine", "auto"),
+            normalise="worker" if kind == "store" else "batch",
+        )  # fmt: skip
         batch = 4
+    elif kind == "handoff_int16":
+        ds, batch = HandOffOnly(n_crops + 8), 4
     elif kind == "memory":
+        from ssl_med.data.crops import intensity_window
         from ssl_med.data.store import ImageStore
 
         store = ImageStore(spec["store"])
         name = next(iter(store))
-        meta = store.manifest[name]
-        ds = InMemoryCrops(
-            store.read(name), meta.intensity["p0.5"][0], meta.intensity["p99.5"][0], n_crops + 8
-        )
+        ds = InMemoryCrops(store.read(name), intensity_window(store.manifest[name]), n_crops + 8)
         batch = 4
     else:
         from monai.data import Dataset
@@ -146,7 +165,8 @@ def run_pipeline(spec: dict) -> dict:
     it = iter(loader)
     next(it)  # workers started and warmed up
     count, t0 = 0, time.perf_counter()
-    for _ in it:
+    for item in it:
+        finish(item)  # store_int16_main: the main process normalises (counted); store_int16: the GPU would
         count += per_item if kind.startswith("monai") else batch
         if count >= n_crops:
             break
@@ -300,39 +320,48 @@ def main() -> int:
         ]
         print("\n".join(lines), flush=True)
         plan = {  # crops per pipeline (MONAI is slow: fewer crops)
-            "native": {"store": 320, "memory": 320, "monai": 24, "monai_posneg": 24},
-            "ct": {"store": 240, "memory": 240, "monai": 6, "monai_posneg": 8},
+            "native": {"store": 400, "store_int16": 480, "store_int16_main": 400, "memory": 400,
+                       "handoff_int16": 640, "monai": 32, "monai_posneg": 32},
+            "ct": {"store": 320, "store_int16": 320, "store_int16_main": 320, "memory": 320, "monai": 6,
+                   "monai_posneg": 8},
         }
         results: dict[tuple[str, str, str], dict] = {}
         for tag, vol in vols.items():
             for cache in ("warm", "cold"):
                 for kind, n in plan[tag].items():
-                    if cache == "cold" and kind == "memory":
+                    if cache == "cold" and kind in ("memory", "store_int16_main", "handoff_int16"):
                         continue
                     spec = {"kind": kind, "crops": max(4, int(n * q)), "store": str(vol["store"]),
                             "nii": str(vol["nii"]), "seg": str(vol["seg"])}  # fmt: skip
-                    files = [vol["store"]] if kind in ("store", "memory") else [vol["nii"], vol["seg"]]
+                    files = [vol["store"]] if kind.startswith(("store", "memory")) else [vol["nii"], vol["seg"]]
                     if cache == "warm":
                         warm(files)
                     res = pipeline_in_subprocess(spec, files if cache == "cold" else None, timeout=240)
                     results[(tag, cache, kind)] = res
                     print(tag, cache, kind, res, flush=True)
-        names = {"store": "ssl_med store (Zarr, 1 crop/read)", "memory": "in-memory array (ceiling)",
+        names = {"store": "ssl_med store (Zarr, 1 crop/read), float32 hand-off",
+                 "store_int16": "ssl_med store, int16 hand-off (normalised on the GPU: not counted)",
+                 "store_int16_main": "ssl_med store, int16 hand-off, normalised in the main process",
+                 "memory": "in-memory array, float32 hand-off (ceiling of the store row)",
+                 "handoff_int16": "hand-off alone: empty int16 crops, no reading (ceiling of the int16 rows)",
                  "monai": "MONAI LoadImaged .nii.gz + RandSpatialCropd (1 crop/load)",
                  "monai_posneg": "MONAI LoadImaged .nii.gz + RandCropByPosNegLabeld (4 crops/load)"}  # fmt: skip
         table = ["", "### 96³ crops, 2 DataLoader workers (spawn), 1 channel int16", "",
-                 "| volume | cache | pipeline | crops/s | MB/s | store ÷ this | peak RSS, main + 2 workers (MiB) |",
-                 "|---|---|---|---|---|---|---|"]  # fmt: skip
+                 "| volume | cache | pipeline | crops/s | MB/s | store ÷ this | this ÷ MONAI 1 crop/load "
+                 "| peak RSS, main + 2 workers (MiB) |",
+                 "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         mb_per_crop = np.prod(CROP) * 2 / 1e6
         for (tag, cache, kind), res in results.items():
             shape = "×".join(str(s) for s in vols[tag]["shape"])
             if "error" in res:
-                table.append(f"| {shape} | {cache} | {names[kind]} | error: {res['error'][:80]} | | | |")
+                table.append(f"| {shape} | {cache} | {names[kind]} | error: {res['error'][:80]} | | | | |")
                 continue
             ref = results.get((tag, cache, "store"), {}).get("crops_per_s")
+            monai = results.get((tag, cache, "monai"), {}).get("crops_per_s")
             ratio = f"{ref / res['crops_per_s']:.1f}×" if ref else "-"
+            vs_monai = f"**{res['crops_per_s'] / monai:.1f}×**" if monai and not kind.startswith("monai") else "-"
             table.append(f"| {shape} | {cache} | {names[kind]} | {res['crops_per_s']:.3g} | "
-                         f"{res['crops_per_s'] * mb_per_crop:.0f} | {ratio} | {res['peak_rss_mb']:.0f} |")  # fmt: skip
+                         f"{res['crops_per_s'] * mb_per_crop:.0f} | {ratio} | {vs_monai} | {res['peak_rss_mb']:.0f} |")  # fmt: skip
         table += [
             "",
             "### On-disk size",

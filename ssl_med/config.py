@@ -29,6 +29,7 @@ class DataConfig:
     slice_axis: int = 0
     split: str | None = None
     min_foreground: float = 0.0
+    normalise: str = "auto"
     samples_per_epoch: int = 2048
     batch_size: int = 32
     num_workers: int = 2

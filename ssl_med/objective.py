@@ -45,7 +45,14 @@ class Objective(nn.Module, ABC):
 
     Args:
         encoder: the trained encoder (student); exported at the end of pretraining.
+
+    Attributes:
+        geometric_views: the view transform only moves voxels (flips, crops, masks) and never reads
+            intensities, so the data module may hand crops over raw and normalise them after the
+            transfer (half the bytes for int16 images; ``data.normalise=auto``).
     """
+
+    geometric_views: bool = False
 
     def __init__(self, encoder: Encoder) -> None:
         super().__init__()

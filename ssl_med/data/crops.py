@@ -8,6 +8,13 @@ Foreground-aware sampling (``min_foreground > 0``) redraws a crop, deterministic
 ``(seed, index, attempt)``, while less than that fraction of its voxels is above
 ``foreground_threshold`` (after normalisation to ``[0, 1]``), i.e. skips crops that are mostly air;
 after ``max_tries`` the most foreground-rich attempt is used.
+
+Where the crops are normalised (``normalise=``): ``"worker"`` hands float32 ``[0, 1]`` crops to the
+view transform inside the DataLoader worker; ``"batch"`` hands the stored values (e.g. int16, half
+the bytes of float32) with their intensity window through the worker -> main-process hand-off, and
+:func:`normalise_batch` finishes them after the transfer (on the accelerator in training). The hand-off
+is the costliest step of loading a 96³ crop on a small machine (docs/benchmarks/data.md), so
+``"batch"`` is used with objectives whose views only move voxels (:attr:`Objective.geometric_views`).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,10 +31,15 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from ssl_med.data.store import ImageMeta, ImageStore
 
 
+def intensity_window(meta: ImageMeta) -> np.ndarray:
+    """``(C, 2)`` float32: each channel's stored 0.5 and 99.5 percentiles (the ``[0, 1]`` window)."""
+    return np.stack([meta.intensity["p0.5"], meta.intensity["p99.5"]], axis=-1).astype(np.float32)
+
+
 def normalise_intensity(crop: np.ndarray, meta: ImageMeta) -> np.ndarray:
     """Scale each channel to ``[0, 1]`` from its stored 0.5/99.5 percentiles (clipped); NaN -> 0."""
-    lo = np.asarray(meta.intensity["p0.5"], dtype=np.float32).reshape(-1, *([1] * (crop.ndim - 1)))
-    hi = np.asarray(meta.intensity["p99.5"], dtype=np.float32).reshape(lo.shape)
+    window = intensity_window(meta).reshape(-1, 2, *([1] * (crop.ndim - 1)))
+    lo, hi = window[:, 0], window[:, 1]
     out = crop.astype(np.float32)  # in place from here on: this runs once per crop in the workers
     out -= lo
     out /= np.maximum(hi - lo, 1e-6)
@@ -35,6 +47,26 @@ def normalise_intensity(crop: np.ndarray, meta: ImageMeta) -> np.ndarray:
     if crop.dtype.kind == "f":
         np.nan_to_num(out, copy=False, nan=0.0)
     return out
+
+
+def normalise_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """Finish a batch of raw crops (``normalise="batch"``); a batch without a window is returned as is.
+
+    ``image`` ``(B, C, *spatial)`` in the stored dtype and ``intensity_window`` ``(B, C, 2)`` ->
+    ``image`` float32 in ``[0, 1]`` (clipped, NaN -> 0), the same values as :func:`normalise_intensity`;
+    the window is removed. Runs wherever the batch is (CPU, or the GPU after the transfer).
+    """
+    if "intensity_window" not in batch:
+        return batch
+    batch = dict(batch)
+    window = batch.pop("intensity_window").float()
+    image = batch["image"]
+    shape = (*window.shape[:2], *([1] * (image.ndim - 2)))
+    lo, hi = window[..., 0].reshape(shape), window[..., 1].reshape(shape)
+    scale = 1.0 / (hi - lo).clamp_min(1e-6)
+    out = torch.addcmul(-lo * scale, image.float(), scale).clamp_(0.0, 1.0)  # one fused pass + clamp
+    batch["image"] = out.nan_to_num_(nan=0.0) if image.is_floating_point() else out
+    return batch
 
 
 def match_channels(crop: np.ndarray, num_channels: int | None) -> np.ndarray:
@@ -67,8 +99,12 @@ class RandomCropDataset(Dataset):
         return_channel_names: add ``"channel_names"`` (one ``str`` per channel) to each sample
             (for channel-adaptive backbones; only with ``num_channels=None``).
         engine: store read engine (``"auto"``, ``"direct"``, ``"zarr"``; see :class:`ImageStore`).
+        normalise: ``"worker"`` (float32 ``[0, 1]`` crops) or ``"batch"`` (stored values plus
+            ``"intensity_window"`` ``(C, 2)``; finish with :func:`normalise_batch`; the transform must
+            not depend on intensities; averaging channels to ``num_channels=1`` needs normalised
+            values, so it is refused) or ``"auto"`` (``"batch"`` unless channels are averaged).
 
-    Images smaller than the crop are padded with zeros after normalisation.
+    Images smaller than the crop are padded with the value that normalises to 0.
     """
 
     def __init__(
@@ -86,6 +122,7 @@ class RandomCropDataset(Dataset):
         max_tries: int = 10,
         return_channel_names: bool = False,
         engine: str = "auto",
+        normalise: Literal["auto", "worker", "batch"] = "worker",
     ) -> None:
         self.store_path = str(store_path)
         self.crop_size = tuple(int(c) for c in crop_size)
@@ -112,6 +149,16 @@ class RandomCropDataset(Dataset):
                 + (f" in split {split!r}" if split else "")
             )
         self.metas = [manifest[n] for n in self.names]
+        averaged = num_channels == 1 and any(m.shape[0] > 1 for m in self.metas)
+        if normalise == "auto":
+            normalise = "worker" if averaged else "batch"
+        if normalise not in ("worker", "batch"):
+            raise ValueError(f"normalise must be 'auto', 'worker' or 'batch', got {normalise!r}")
+        if normalise == "batch" and averaged:
+            raise ValueError("normalise='batch' cannot average channels to num_channels=1; use 'worker'")
+        self.normalise = normalise
+        #: one dtype for every raw crop so that they collate (``normalise="batch"``)
+        self.raw_dtype = np.result_type(*(np.dtype(m.dtype or "float32") for m in self.metas))
         self._position = {n: k for k, n in enumerate(self.names)}
         weights = np.array([self._num_positions(m) for m in self.metas], dtype=np.float64)
         self.weights = weights / weights.sum()
@@ -161,13 +208,26 @@ class RandomCropDataset(Dataset):
         return self.names[k], tuple(region)
 
     def _crop(self, index: int, attempt: int) -> tuple[np.ndarray, ImageMeta]:
-        """Normalised crop ``(C, *crop_region)`` of attempt ``attempt`` of sample ``index``."""
+        """Crop ``(C, *crop_region)`` of attempt ``attempt`` of sample ``index``, normalised in ``"worker"`` mode."""
         name, region = self.region(index, attempt)
         meta = self.metas[self._position[name]]
         crop = self.store.read(name, region)
         if meta.spatial_dims > self.spatial_dims:
             crop = crop.squeeze(1 + self.slice_axis)
-        return normalise_intensity(crop, meta), meta
+        if self.normalise == "worker":
+            return normalise_intensity(crop, meta), meta
+        return crop.astype(self.raw_dtype, copy=False), meta
+
+    def _foreground_fraction(self, crop: np.ndarray, meta: ImageMeta) -> float:
+        """Fraction of voxels above ``foreground_threshold`` (normalised) in any channel."""
+        if not crop.size:
+            return 0.0
+        if self.normalise == "worker":
+            return float((crop.max(axis=0) > self.foreground_threshold).mean())
+        window = intensity_window(meta).astype(np.float64)  # the same test in stored units
+        lo, width = window[:, 0], np.maximum(window[:, 1] - window[:, 0], 1e-6)
+        cut = (lo + self.foreground_threshold * width).reshape(-1, *([1] * (crop.ndim - 1)))
+        return float((crop > cut).any(axis=0).mean())
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         crop, meta = self._crop(index, 0)
@@ -176,7 +236,7 @@ class RandomCropDataset(Dataset):
             for attempt in range(self.max_tries):
                 if attempt:
                     crop, meta = self._crop(index, attempt)
-                fraction = float((crop.max(axis=0) > self.foreground_threshold).mean()) if crop.size else 0.0
+                fraction = self._foreground_fraction(crop, meta)
                 if fraction >= self.min_foreground:
                     best = (crop, meta)
                     break
@@ -184,10 +244,10 @@ class RandomCropDataset(Dataset):
                     best, best_fraction = (crop, meta), fraction
             crop, meta = best
         crop = match_channels(crop, self.num_channels)
-        pad = [(0, 0)] + [(0, c - s) for s, c in zip(crop.shape[1:], self.crop_size)]
-        if any(p[1] for p in pad):
-            crop = np.pad(crop, pad)
-        sample: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(crop))}
+        window = match_channels(intensity_window(meta), self.num_channels)
+        sample: dict[str, Any] = {"image": torch.from_numpy(self._padded(crop, window))}
+        if self.normalise == "batch":
+            sample["intensity_window"] = torch.from_numpy(window)
         if self.return_channel_names:
             sample["channel_names"] = list(meta.channel_names)
         if self.transform is None:
@@ -202,6 +262,16 @@ class RandomCropDataset(Dataset):
         return {
             k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in self.transform(sample).items()
         }
+
+    def _padded(self, crop: np.ndarray, window: np.ndarray) -> np.ndarray:
+        """``crop`` padded at the end of each axis to ``crop_size`` with what normalises to 0."""
+        if tuple(crop.shape[1:]) == self.crop_size:
+            return np.ascontiguousarray(crop)
+        fill = np.zeros(len(crop)) if self.normalise == "worker" else np.floor(window[:, 0])  # floor: clips to 0
+        out = np.empty((len(crop), *self.crop_size), dtype=crop.dtype)
+        out[...] = fill.reshape(-1, *([1] * self.spatial_dims)).astype(crop.dtype)
+        out[(slice(None), *(slice(0, s) for s in crop.shape[1:]))] = crop
+        return out
 
 
 class EpochSampler(Sampler[int]):

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from ssl_med.config import DataConfig
@@ -29,16 +30,27 @@ class CropDataModule(L.LightningDataModule):
         cfg: the ``data`` config group.
         view_transform: the objective's per-sample transform (runs in the workers).
         seed: crop sampling seed.
+        geometric_views: the views only move voxels, so ``data.normalise=auto`` hands raw crops over
+            when training on an accelerator (unless channels are averaged) and the model normalises
+            them there after the transfer (:func:`ssl_med.data.crops.normalise_batch`); on the CPU
+            the workers normalise (the main process would otherwise do it on the training cores).
 
     Workers are started with ``spawn`` (zarr v3 handles are not fork-safe once the parent has read
     data); each worker opens its own store handle.
     """
 
-    def __init__(self, cfg: DataConfig, view_transform: Callable[[dict], dict], seed: int = 0) -> None:
+    def __init__(
+        self, cfg: DataConfig, view_transform: Callable[[dict], dict], seed: int = 0, geometric_views: bool = False
+    ) -> None:
         super().__init__()
+        if cfg.normalise not in ("auto", "worker", "batch"):
+            raise ValueError(f"data.normalise must be auto, worker or batch, got {cfg.normalise!r}")
+        if cfg.normalise == "batch" and not geometric_views:
+            raise ValueError("data.normalise=batch needs an objective whose views do not change intensities")
         self.cfg = cfg
         self.view_transform = view_transform
         self.seed = seed
+        self.geometric_views = geometric_views
         self.dataset: RandomCropDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -57,7 +69,17 @@ class CropDataModule(L.LightningDataModule):
                 split=self.cfg.split,
                 transform=self.view_transform,
                 min_foreground=self.cfg.min_foreground,
+                normalise=self.normalise_mode(),
             )
+
+    def normalise_mode(self) -> str:
+        """``data.normalise`` resolved: ``worker``, ``batch``, or ``auto`` (the dataset's choice)."""
+        if not self.geometric_views:
+            return "worker"
+        if self.cfg.normalise != "auto":
+            return self.cfg.normalise
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        return "worker" if device.type == "cpu" else "auto"
 
     def train_dataloader(self) -> DataLoader:
         assert self.dataset is not None, "call setup() first"

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ssl_med.config import OptimConfig
+from ssl_med.data.crops import normalise_batch
 from ssl_med.objective import Objective
 from ssl_med.train.schedules import warmup_cosine
 
@@ -82,6 +83,10 @@ class PretrainModule(L.LightningModule):
         if self.optim.grad_clip:
             for name, norm in self.objective.clip_gradients(self.optim.grad_clip).items():
                 self.log(f"grad_norm/{name}", norm)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Raw crops (``data.normalise=batch``) become float32 ``[0, 1]`` here, on the device."""
+        return normalise_batch(batch) if isinstance(batch, dict) else batch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self._apply_schedules(self.optimizers())

@@ -70,7 +70,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     encoder = build_encoder(cfg.backbone)
     objective = build_objective(cfg.objective, encoder)
     module = PretrainModule(objective, cfg.optim, cfg.trainer.max_steps)
-    data = CropDataModule(cfg.data, objective.view_transform(), seed=cfg.seed)
+    data = CropDataModule(cfg.data, objective.view_transform(), cfg.seed, objective.geometric_views)
 
     checkpoint_dir = run_dir / "checkpoints"
     ckpt_path = resume_checkpoint(cfg.resume, checkpoint_dir)

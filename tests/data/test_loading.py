@@ -12,7 +12,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from ssl_med.data.crops import RandomCropDataset
+from ssl_med.data.crops import RandomCropDataset, normalise_batch
 from ssl_med.data.labelled import LabelledImages
 from ssl_med.data.layout import Layout
 from ssl_med.data.store import ImageStore
@@ -143,6 +143,44 @@ def test_foreground_aware_sampling_and_channel_names(brats_store) -> None:
         48,
     )
     assert torch.equal(fg[3]["image"], sample["image"])  # deterministic
+
+
+def test_raw_handoff_normalises_to_the_worker_crops(brats_store) -> None:
+    """normalise="batch": int16 crops + window through 2 spawned workers, then normalise_batch equals the
+    float32 crops normalised in the workers, and foreground-aware sampling picks the same crops."""
+    kw = {"num_channels": None, "length": 8, "seed": 2, "min_foreground": 0.5, "max_tries": 20}
+    worker = RandomCropDataset(brats_store, (40, 40, 40), **kw)
+    raw = RandomCropDataset(brats_store, (40, 40, 40), **kw, normalise="batch")
+    expected = [b["image"] for b in DataLoader(worker, batch_size=4)]
+    got = list(DataLoader(raw, batch_size=4, num_workers=2, multiprocessing_context="spawn"))
+    assert got[0]["image"].dtype == torch.int16 and got[0]["intensity_window"].shape == (4, 4, 2)
+    for batch, want in zip(got, expected, strict=True):
+        out = normalise_batch(batch)
+        assert "intensity_window" not in out and out["image"].dtype == torch.float32
+        torch.testing.assert_close(out["image"], want, rtol=0, atol=1e-6)
+    plain = {"image": expected[0]}
+    assert normalise_batch(plain) is plain  # worker-normalised batches pass through
+
+
+def test_raw_handoff_pads_ct_values_to_zero(tmp_path) -> None:
+    """Images smaller than the crop: the padding normalises to 0 also when the window starts below 0 (CT)."""
+    ct = np.random.default_rng(3).integers(-1024, 1500, size=(1, 20, 24)).astype(np.int16)
+    store = ImageStore(tmp_path / "ct.zarr", mode="a")
+    store.add("ct", ct, (1.0, 1.0))
+    worker = RandomCropDataset(store.path, (32, 32), length=2, seed=1)
+    raw = RandomCropDataset(store.path, (32, 32), length=2, seed=1, normalise="auto")
+    assert raw.normalise == "batch"
+    for i in range(2):
+        sample = raw[i]
+        batch = normalise_batch({k: v[None] for k, v in sample.items()})
+        torch.testing.assert_close(batch["image"][0], worker[i]["image"], rtol=0, atol=1e-6)
+        assert float(batch["image"][0, :, 20:].abs().max()) == 0.0
+
+
+def test_raw_handoff_refuses_channel_averaging(brats_store) -> None:
+    assert RandomCropDataset(brats_store, (8, 8, 8), num_channels=1, normalise="auto").normalise == "worker"
+    with pytest.raises(ValueError, match="average channels"):
+        RandomCropDataset(brats_store, (8, 8, 8), num_channels=1, normalise="batch")
 
 
 def test_labelled_views(brats_store, shared_data, tmp_path) -> None:

@@ -134,6 +134,31 @@ def test_3d_pretrain_smoke(tmp_path: Path) -> None:
     assert enc(torch.rand(1, 1, 16, 16, 16)).patch_tokens.shape == (1, 8, 48)
 
 
+def test_mae_crops_travel_raw_and_are_normalised_after_the_transfer() -> None:
+    """data.normalise=batch: MAE's views only move voxels, so 1-channel crops can leave the workers in
+    their stored dtype and PretrainModule.on_after_batch_transfer makes them float32 [0, 1]; DINO's
+    cannot. auto picks this only on an accelerator (on the CPU the workers normalise)."""
+    from dataclasses import replace
+
+    from ssl_med.data.datamodule import CropDataModule
+
+    cfg = config("data=demo3d", "data.crop_size=[16,16,16]", "data.batch_size=2")
+    objective = run_module.build_objective(cfg.objective, run_module.build_encoder(cfg.backbone))
+    assert CropDataModule(cfg.data, objective.view_transform(), 0, True).normalise_mode() == "worker"  # CPU
+    data = CropDataModule(replace(cfg.data, normalise="batch"), objective.view_transform(), 0, True)
+    data.setup()
+    assert data.dataset is not None and data.dataset.normalise == "batch"
+    batch = next(iter(data.train_dataloader()))
+    assert "intensity_window" in batch
+    out = PretrainModule(objective, cfg.optim, 10).on_after_batch_transfer(batch, 0)
+    assert out["image"].dtype == torch.float32 and "intensity_window" not in out
+    assert 0.0 <= float(out["image"].min()) and float(out["image"].max()) <= 1.0
+    assert torch.isfinite(objective(out).loss)
+    assert CropDataModule(cfg.data, objective.view_transform(), 0, geometric_views=False).normalise_mode() == "worker"
+    with pytest.raises(ValueError, match="normalise=batch"):
+        CropDataModule(replace(cfg.data, normalise="batch"), objective.view_transform(), 0, geometric_views=False)
+
+
 def test_pretrain_then_evaluate(tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SSL_MED_SHARED_DATA", str(shared_data))
     cfg = config("trainer.max_steps=2", "evaluate=[knn]", "evaluate_on=breastmnist")
