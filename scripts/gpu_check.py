@@ -173,9 +173,53 @@ def backbone_section(kernel: bool) -> list[str]:
     return lines
 
 
+def crossover_section(kernel: bool, batch: int = 8) -> list[str]:
+    """Mamba (kernel) vs ViT (flash attention) at a training batch size as tokens grow past 8000."""
+    if not kernel:
+        return ["\nCrossover: needs mamba-ssm's kernel (the torch scan does not fit at these sizes)."]
+    lines = [
+        f"\n## Crossover: Mamba (kernel) vs ViT (sdpa) forward+backward, B={batch}, width 192, depth 12, bf16\n",
+        "| input | tokens | Mamba | ViT | faster |",
+        "| --- | ---: | --- | --- | --- |",
+    ]
+    for dims, size, patch in ((2, 1024, 16), (2, 2048, 16), (3, 128, 8), (3, 192, 8), (3, 256, 8)):
+        x = torch.randn(batch, 1, *([size] * dims), device="cuda")
+        cells, seconds = [], []
+        for name, kwargs in (("mamba", {"scan_impl": "cuda"}), ("vit", {})):
+            enc = _backbone(name, dims, size, patch, **kwargs)
+
+            def step(enc=enc, x=x) -> None:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = enc(x)
+                out.patch_tokens.float().square().mean().backward()
+
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                t = _time(step, repeats=3)
+                seconds.append(t)
+                cells.append(f"{t * 1e3:.1f} ms / {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+            except torch.OutOfMemoryError:
+                seconds.append(float("inf"))
+                cells.append("out of memory")
+            del enc
+            torch.cuda.empty_cache()
+        faster = "Mamba" if seconds[0] < seconds[1] else "ViT"
+        lines.append(f"| {dims}D {size}^{dims} /p{patch} | {(size // patch) ** dims} | {cells[0]} | {cells[1]} | {faster} |")
+    return lines
+
+
+SECTIONS = {
+    "scan": scan_section,
+    "conv": lambda kernel: conv_section(),
+    "backbone": backbone_section,
+    "crossover": crossover_section,
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="also write the report to this markdown file")
+    parser.add_argument("--sections", default="scan,conv,backbone", help=f"comma-separated, of {', '.join(SECTIONS)}")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check here (run this on a GPU machine); exiting 0")
@@ -188,8 +232,8 @@ def main() -> int:
         f"causal-conv1d kernel: {'yes' if conv else 'no'}\n",
     ]
     print("\n".join(report), flush=True)
-    for section in (lambda: scan_section(kernel), conv_section, lambda: backbone_section(kernel)):
-        lines = section()
+    for name in args.sections.split(","):
+        lines = SECTIONS[name](kernel)
         print("\n".join(lines), flush=True)
         report += lines
     if args.out:

@@ -16,4 +16,4 @@ if [ -n "${1:-}" ]; then
     || echo "build_cuda_ops did not finish (exit $?): checking the torch path only"
   export PYTHONPATH="$ops${PYTHONPATH:+:$PYTHONPATH}"
 fi
-python3 scripts/gpu_check.py ${2:+--out "$2"}
+python3 scripts/gpu_check.py ${2:+--out "$2"} ${GPU_CHECK_ARGS:-}
