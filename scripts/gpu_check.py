@@ -133,6 +133,24 @@ def _backbone(name: str, dims: int, size: int, patch: int, **kwargs) -> torch.nn
                            embed_dim=192, depth=12, **kwargs).cuda()
 
 
+def _train_step_cell(enc: torch.nn.Module, x: torch.Tensor) -> tuple[float, str]:
+    """Seconds of one bf16 forward+backward of ``enc`` on ``x`` (inf when out of memory), and a table cell."""
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = enc(x)
+        out.patch_tokens.float().square().mean().backward()
+
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        seconds = _time(step, repeats=3)
+        cell = f"{seconds * 1e3:.1f} ms / {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    except torch.OutOfMemoryError:
+        seconds, cell = float("inf"), "out of memory"
+    torch.cuda.empty_cache()
+    return seconds, cell
+
+
 def backbone_section(kernel: bool) -> list[str]:
     lines = [
         "\n## Backbone forward+backward (B=2, width 192, depth 12, bf16 autocast)\n",
@@ -148,24 +166,11 @@ def backbone_section(kernel: bool) -> list[str]:
         variants += [("mamba", {"scan_impl": "torch"}), ("vit", {})]
         for name, kwargs in variants:
             enc = _backbone(name, dims, size, patch, **kwargs)
-
-            def step(enc=enc, x=x) -> torch.Tensor:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    out = enc(x)
-                out.patch_tokens.float().square().mean().backward()
-                return out.pooled.detach().float()
-
             if name == "mamba":
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                     pooled.append(enc(x).pooled.float())
-            torch.cuda.reset_peak_memory_stats()
-            try:
-                seconds = _time(step, repeats=3)
-                cells.append(f"{seconds * 1e3:.1f} ms / {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-            except torch.OutOfMemoryError:
-                cells.append("out of memory")
+            cells.append(_train_step_cell(enc, x)[1])
             del enc
-            torch.cuda.empty_cache()
         if not kernel:
             cells.insert(0, "n/a")
         diff = f"{_rel(pooled[1], pooled[0]):.1e}" if kernel else "n/a"
@@ -186,23 +191,9 @@ def crossover_section(kernel: bool, batch: int = 8) -> list[str]:
         x = torch.randn(batch, 1, *([size] * dims), device="cuda")
         cells, seconds = [], []
         for name, kwargs in (("mamba", {"scan_impl": "cuda"}), ("vit", {})):
-            enc = _backbone(name, dims, size, patch, **kwargs)
-
-            def step(enc=enc, x=x) -> None:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    out = enc(x)
-                out.patch_tokens.float().square().mean().backward()
-
-            torch.cuda.reset_peak_memory_stats()
-            try:
-                t = _time(step, repeats=3)
-                seconds.append(t)
-                cells.append(f"{t * 1e3:.1f} ms / {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-            except torch.OutOfMemoryError:
-                seconds.append(float("inf"))
-                cells.append("out of memory")
-            del enc
-            torch.cuda.empty_cache()
+            t, cell = _train_step_cell(_backbone(name, dims, size, patch, **kwargs), x)
+            seconds.append(t)
+            cells.append(cell)
         faster = "Mamba" if seconds[0] < seconds[1] else "ViT"
         lines.append(f"| {dims}D {size}^{dims} /p{patch} | {(size // patch) ** dims} | {cells[0]} | {cells[1]} | {faster} |")
     return lines
