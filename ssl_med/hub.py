@@ -13,8 +13,9 @@
   2D ViT exports name a timm-native ``architecture`` instead (``vit_small_patch16_224`` + ``model_args``),
   so they load into timm's own ``VisionTransformer`` without ssl_med installed.
 * **timm ViT weights**: :func:`ssl_med_to_timm_vit` maps ssl_med ViT weights to timm's keys;
-  :func:`load_timm_vit_weights` initialises ssl_med's ViT from a local timm checkpoint with the pickle
-  policy of :func:`ssl_med.load_pretrained` (conversion by ``backbones.vit.checkpoint_filter_fn``).
+  :func:`load_timm_vit_weights` initialises ssl_med's ViT from a local timm, DINOv2 or Hugging Face
+  Dinov2 checkpoint with the pickle policy of :func:`ssl_med.load_pretrained` (reading and conversion
+  by ``backbones.vit.load_pretrained_weights``, the same as ``backbone.init_from``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ssl_med.encoder import Encoder
@@ -301,25 +301,6 @@ def ssl_med_to_timm_vit(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in state_dict.items() if k != "mask_token"}
 
 
-def _read_state_dict(path: Path, trust_pickle: bool) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    if path.suffix in PICKLE_SUFFIXES:
-        if not trust_pickle:
-            raise UnsafeWeightsError(
-                f"refusing to unpickle {path}: pickle files can run arbitrary code when loaded. Convert it to "
-                ".safetensors, or pass trust_pickle=True if you trust its source"
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("model", "state_dict", "module"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        return dict(state)
-    raise ValueError(f"{path}: unsupported weights format {path.suffix!r} (use .safetensors)")
-
-
 def state_dict_mismatch(
     target: Mapping[str, Tensor], state: Mapping[str, Tensor], optional: Sequence[str] = ()
 ) -> str | None:
@@ -343,27 +324,28 @@ def state_dict_mismatch(
 
 
 def load_timm_vit_weights(encoder: Encoder, path: str | Path, *, trust_pickle: bool = False) -> Encoder:
-    """Initialise an ssl_med ViT ``encoder`` in place from a local timm ViT checkpoint; returns it.
+    """Initialise an ssl_med ViT ``encoder`` in place from a local ViT checkpoint; returns it.
 
-    ``path`` is a ``.safetensors`` file or a timm hub folder holding ``model.safetensors``; pickle files
-    (``.pth``/``.bin``) need ``trust_pickle=True`` (and are then read weights-only). The keys and shapes
-    are converted by the ViT's own :func:`backbones.vit.checkpoint_filter_fn` (heads dropped, channels
-    adapted, position table resampled, 2D -> 3D inflation). ssl_med's ``mask_token``/``reg_token`` may be
-    absent from the file and keep their initialisation; any other missing, unexpected or mis-shaped
-    parameter is an error.
+    ``path`` is a ``.safetensors`` file or a folder holding ``model.safetensors``; pickle files
+    (``.pth``/``.bin``) need ``trust_pickle=True`` (and are then read weights-only). Reading, key layouts
+    (timm, ssl_med, official DINOv2, Hugging Face Dinov2) and shape conversion are the ViT's own
+    :func:`backbones.vit.load_pretrained_weights`. ssl_med's ``mask_token``/``reg_token`` may be absent
+    from the file and keep their initialisation; any other missing, unexpected or mis-shaped parameter
+    is an error.
     """
-    from backbones.vit import checkpoint_filter_fn
+    from backbones.vit import load_pretrained_weights
 
     path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: timm weights file not found")
-    state = checkpoint_filter_fn(_read_state_dict(path, trust_pickle), encoder)  # type: ignore[arg-type]
-    problems = state_dict_mismatch(encoder.state_dict(), state, optional=("mask_token", "reg_token"))
-    if problems:
-        raise ValueError(f"{path} does not fit this ViT (embed_dim={encoder.embed_dim}, depth={encoder.depth}): {problems}")
-    encoder.load_state_dict(state, strict=False)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if file.suffix in PICKLE_SUFFIXES and not trust_pickle:
+        raise UnsafeWeightsError(
+            f"refusing to unpickle {file}: pickle files can run arbitrary code when loaded. Convert it to "
+            ".safetensors, or pass trust_pickle=True if you trust its source"
+        )
+    try:
+        load_pretrained_weights(encoder, path)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise ValueError(f"{path} does not fit this ViT (embed_dim={encoder.embed_dim}, depth={encoder.depth}): {err}") from err
     return encoder
 
 
