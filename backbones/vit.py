@@ -487,10 +487,16 @@ def load_pretrained_weights(
     """
     state = checkpoint_filter_fn(read_state_dict(path), model)
     own = model.state_dict()
-    if any(k.endswith(".ls1.gamma") for k in state) and not any(k.endswith(".ls1.gamma") for k in own):
+    source_ls, model_ls = (any(k.endswith(".ls1.gamma") for k in d) for d in (state, own))
+    if source_ls and not model_ls:
         raise ValueError(
             f"init_from {path}: the weights have LayerScale (blocks.*.ls1.gamma) but the model was built "
             "without it; set backbone.init_values (e.g. 1e-5; the loaded gammas replace it)"
+        )
+    if model_ls and not source_ls:
+        raise ValueError(
+            f"init_from {path}: the model has LayerScale but the weights have none (timm-style ViT); "
+            "set backbone.init_values=null"
         )
     bad_shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if bad_shapes:

@@ -430,6 +430,10 @@ def test_init_from_dinov2_errors(tmp_path: Path) -> None:
     torch.save(state, tmp_path / "ls.pth")
     with pytest.raises(ValueError, match=r"set backbone\.init_values"):
         _dinov2_source(init_values=None, init_from=str(tmp_path / "ls.pth"))
+    plain = {k: v for k, v in state.items() if ".ls" not in k}  # the reverse: weights without LayerScale
+    torch.save(plain, tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match=r"init_values=null"):
+        _dinov2_source(init_from=str(tmp_path / "plain.pth"))
     torch.save(state | {"blocks.0.mlp.w12.weight": torch.zeros(8, 48)}, tmp_path / "swiglu.pth")
     with pytest.raises(ValueError, match="SwiGLU"):
         _dinov2_source(init_from=str(tmp_path / "swiglu.pth"))
