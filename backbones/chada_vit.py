@@ -309,9 +309,9 @@ class ChAdaViT(TokenEncoder):
         hidden: dict[int, Tensor] = {}
         for i in range(self.depth):
             if packed:
-                seq = self.blocks[i](seq, seqlens=seqlens)
+                seq = self.call_block(self.blocks[i], seq, seqlens=seqlens)
             else:
-                seq = self.blocks[i](seq, key_padding_mask=key_padding)
+                seq = self.call_block(self.blocks[i], seq, key_padding_mask=key_padding)
             if i in wanted:
                 hidden[i] = self._channel_mean(unpack(seq)[:, 1:], present, k)
         seq = unpack(self.norm(seq))

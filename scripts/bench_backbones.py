@@ -89,7 +89,9 @@ def build(name: str, dims: int, size: int, args: argparse.Namespace, impl: str |
         kwargs["num_heads"] = args.heads
         kwargs["attn_impl"] = impl
     torch.manual_seed(0)
-    return BACKBONES.build(name, **kwargs)
+    enc = BACKBONES.build(name, **kwargs)
+    enc.set_grad_checkpointing(getattr(args, "grad_checkpointing", False))
+    return enc
 
 
 def measure(

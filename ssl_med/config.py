@@ -59,6 +59,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     preview_every_n_steps: int = 100
     progress_bar: bool = True
+    activation_checkpointing: bool = False
 
 
 @dataclass

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ssl_med.layers.patch_embed import PatchEmbed, grid_shape
 from ssl_med.layers.pos_embed import resample_pos_embed, sincos_pos_embed
@@ -109,6 +110,10 @@ class Encoder(nn.Module, ABC):
     def grid_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
         """Token grid for an input of ``spatial_shape`` (each axis a multiple of the patch)."""
         return grid_shape(spatial_shape, self.patch_size)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass to save memory (``trainer.activation_checkpointing``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support activation checkpointing")
 
     def num_patches(self, spatial_shape: Sequence[int]) -> int:
         return math.prod(self.grid_shape(spatial_shape))
@@ -204,6 +209,7 @@ class TokenEncoder(Encoder):
             self.pos_embed = nn.Parameter(table, requires_grad=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.norm = norm_layer(embed_dim)
+        self.grad_checkpointing = False
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.reg_token is not None:
@@ -231,6 +237,17 @@ class TokenEncoder(Encoder):
     def run_block(self, index: int, x: Tensor, layout: TokenLayout) -> Tensor:
         """Apply block ``index`` to the sequence ``(B, L, D)``; sequence models use ``layout``."""
         return self.blocks[index](x)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing (timm's name): keep only each block's input and recompute the block
+        in the backward pass; less memory for about one more forward. Outputs and gradients are unchanged."""
+        self.grad_checkpointing = enable
+
+    def call_block(self, block: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
+        """``block(*args, **kwargs)``, recomputed in the backward when grad checkpointing is on."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
 
     # -- the interface ------------------------------------------------------------------------
     def prefix_tokens(self, batch: int) -> Tensor | None:
@@ -273,7 +290,7 @@ class TokenEncoder(Encoder):
         wanted = self._normalise_layers(return_layers)
         hidden: dict[int, Tensor] = {}
         for i in range(self.depth):
-            seq = self.run_block(i, seq, layout)
+            seq = self.call_block(self.run_block, i, seq, layout)
             if i in wanted:
                 hidden[i] = self._split_prefix(seq, prefix_positions)[1]
         seq = self.norm(seq)

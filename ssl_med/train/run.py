@@ -69,6 +69,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
 
     encoder = build_encoder(cfg.backbone)
     objective = build_objective(cfg.objective, encoder)
+    if cfg.trainer.activation_checkpointing:
+        encoder.set_grad_checkpointing(True)
     module = PretrainModule(objective, cfg.optim, cfg.trainer.max_steps)
     data = CropDataModule(cfg.data, objective.view_transform(), cfg.seed, objective.geometric_views)
 

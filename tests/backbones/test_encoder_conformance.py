@@ -102,6 +102,31 @@ def test_gradients_flow(name: str, spatial_dims: int) -> None:
     assert any(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize(("name", "spatial_dims"), CASES)
+def test_activation_checkpointing_changes_nothing(name: str, spatial_dims: int) -> None:
+    """set_grad_checkpointing: same outputs and parameter gradients (visible-only forward, kept hidden states)."""
+    enc = build(name, spatial_dims).train()
+    x = inputs(spatial_dims)
+    keep = torch.tensor([[0, 3, 5, 9], [1, 2, 7, 8]])
+    calls = []  # each block runs again in the backward only when checkpointing
+    for i, block in enumerate(enc.blocks):
+        block.forward = lambda *a, i=i, f=block.forward, **k: calls.append(i) or f(*a, **k)
+    results = []
+    for enable in (False, True):
+        enc.set_grad_checkpointing(enable)
+        enc.zero_grad()
+        calls.clear()
+        out = enc(x, keep_idx=keep, return_layers=(0,))
+        (out.pooled.square().sum() + out.patch_tokens.sum() + out.hidden_states[0].square().sum()).backward()
+        assert sorted(calls) == ([0, 0, 1, 1] if enable else [0, 1])
+        results.append((out.pooled.detach(), {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}))
+    (pooled_a, grads_a), (pooled_b, grads_b) = results
+    torch.testing.assert_close(pooled_b, pooled_a)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], msg=n)
+
+
 def test_bad_input_shape_is_a_clear_error() -> None:
     enc = build("vit", 2)
     with pytest.raises(ValueError, match="multiple of the patch"):
