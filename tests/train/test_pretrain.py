@@ -127,7 +127,8 @@ def test_resume_never_and_bad_path(tmp_path: Path) -> None:
 
 
 def test_3d_pretrain_smoke(tmp_path: Path) -> None:
-    cfg = config("data=demo3d", "data.crop_size=[16,16,16]", "data.batch_size=4", "trainer.max_steps=3", "data.num_workers=0")
+    cfg = config("data=demo3d", "data.crop_size=[16,16,16]", "data.batch_size=4", "trainer.max_steps=3", "data.num_workers=0",
+                 "trainer.activation_checkpointing=true")  # fmt: skip
     run_module.pretrain(cfg, tmp_path)
     enc = ssl_med.load_pretrained(tmp_path / "encoder")
     assert enc.spatial_dims == 3
