@@ -264,28 +264,10 @@ class ImageStore:
 
     # -- writing --------------------------------------------------------------------------------
 
-    def add(
-        self,
-        name: str,
-        array: np.ndarray,
-        spacing: Sequence[float],
-        *,
-        modality: str = "",
-        channel_names: Sequence[str] = (),
-        source: str = "",
-        split: str = "",
-        label: list[int] | None = None,
-        chunks: Sequence[int] | None = None,
-        **kwargs: Any,
-    ) -> ImageMeta:
-        """Write ``array`` ``(C, *spatial)`` as image ``name`` and record it in the manifest.
-
-        Extra keyword arguments go to :meth:`write_image` (``labels``, ``origin``, ``unit``, ...).
-        """
-        meta = self.write_image(
-            name, array, spacing, modality=modality, channel_names=channel_names, source=source,
-            split=split, label=label, chunks=chunks, **kwargs,
-        )  # fmt: skip
+    def add(self, name: str, array: np.ndarray, spacing: Sequence[float], **kwargs: Any) -> ImageMeta:
+        """Write ``array`` ``(C, *spatial)`` as image ``name`` (:meth:`write_image`, same keyword
+        arguments) and record it in the manifest."""
+        meta = self.write_image(name, array, spacing, **kwargs)
         self.record({name: meta})
         return meta
 
