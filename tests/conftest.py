@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,27 @@ def demo_store_3d() -> str:
     from ssl_med.data.sources.demo import demo_store
 
     return demo_store(3)
+
+
+def _fit_objective(
+    obj: torch.nn.Module, batches: Iterable[dict], steps: int, opt: torch.optim.Optimizer
+) -> tuple[list[float], list[torch.Tensor]]:
+    """``steps`` training steps of ``obj`` on the first ``steps`` of ``batches``: forward, backward,
+    ``opt.step()``, ``on_train_step_end(step, steps)``. Returns each step's loss and detached embeddings."""
+    losses, embeddings = [], []
+    for step, batch in zip(range(1, steps + 1), batches):
+        out = obj(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        obj.on_train_step_end(step, steps)
+        losses.append(out.loss.item())
+        embeddings.append(out.embeddings.detach())
+    assert len(losses) == steps, f"only {len(losses)} of {steps} batches"
+    return losses, embeddings
+
+
+@pytest.fixture()
+def fit_objective() -> Callable[..., tuple[list[float], list[torch.Tensor]]]:
+    """The shared training loop of the learning tests (see :func:`_fit_objective`)."""
+    return _fit_objective

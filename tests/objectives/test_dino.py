@@ -384,7 +384,7 @@ def test_multicrop_views(spatial_dims: int) -> None:
 
 
 # -- it learns ------------------------------------------------------------------------------------
-def test_dino_learns_on_demo_crops(demo_store_2d: str) -> None:
+def test_dino_learns_on_demo_crops(demo_store_2d: str, fit_objective) -> None:
     torch.manual_seed(0)
     obj = OBJECTIVES.build(
         "dino",
@@ -401,17 +401,8 @@ def test_dino_learns_on_demo_crops(demo_store_2d: str) -> None:
     data = RandomCropDataset(demo_store_2d, crop_size=(32, 32), transform=obj.view_transform(), length=10_000)
     loader = DataLoader(data, batch_size=12, num_workers=0)
     opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.04)
-    steps, losses, stds = 24, [], []
-    for step, batch in enumerate(loader, start=1):
-        out = obj(batch)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        obj.on_train_step_end(step, steps)
-        losses.append(out.loss.item())
-        stds.append(out.embeddings.std(dim=0).mean().item())
-        if step == steps:
-            break
+    losses, embeddings = fit_objective(obj, loader, 24, opt)
+    stds = [e.std(dim=0).mean().item() for e in embeddings]
     assert all(math.isfinite(v) for v in losses)
     # DINO's early curve is U-shaped (fast fit of the near-uniform teacher, then the EMA teacher
     # sharpens); the run must still end below where it started

@@ -252,7 +252,9 @@ def test_total_loss_is_the_weighted_sum_of_the_logged_terms_and_warms_up() -> No
 LEARN_SEED = int(os.environ.get("SSL_MED_GM_LEARN_SEED", "0"))  # checked with seeds 0-4
 
 
-def test_graph_matching_learns_on_demo_crops(demo_store_2d: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_graph_matching_learns_on_demo_crops(
+    demo_store_2d: str, capsys: pytest.CaptureFixture[str], fit_objective
+) -> None:
     """From a random tiny ViT, ~150 steps of graph matching + VICReg on 32x32 demo crops: the total
     loss falls, the matching of a held-out evaluation batch moves from chance towards the identity
     and the pooled embeddings do not collapse.
@@ -290,14 +292,7 @@ def test_graph_matching_learns_on_demo_crops(demo_store_2d: str, capsys: pytest.
         return out.terms["hamming"].item(), out.loss.item(), std
 
     ham0, loss0, std0 = evaluate()
-    losses = []
-    for step, batch in enumerate(loader, 1):
-        out = gm(batch)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        gm.on_train_step_end(step, steps)
-        losses.append(out.loss.item())
+    losses, _ = fit_objective(gm, loader, steps, opt)
     ham1, loss1, std1 = evaluate()
     with capsys.disabled():
         print(

@@ -110,23 +110,14 @@ def test_views_keep_shape_and_preview() -> None:
     assert all(v.shape == (2, 1, 32, 32) for v in previews.values())
 
 
-def test_hi_end_mae_learns_on_demo_crops(demo_store_2d: str) -> None:
+def test_hi_end_mae_learns_on_demo_crops(demo_store_2d: str, fit_objective) -> None:
     torch.manual_seed(0)
     obj = OBJECTIVES.build("hi_end_mae", encoder=tiny_vit(), decoder_dim=48, decoder_heads=4)
     data = RandomCropDataset(demo_store_2d, crop_size=(32, 32), transform=obj.view_transform(), length=10_000)
     loader = DataLoader(data, batch_size=16, num_workers=0)
     opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.05)
-    steps, losses, stds = 30, [], []
-    for step, batch in enumerate(loader, start=1):
-        out = obj(batch)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        obj.on_train_step_end(step, steps)
-        losses.append(out.loss.item())
-        stds.append(out.embeddings.std(dim=0).mean().item())
-        if step == steps:
-            break
+    losses, embeddings = fit_objective(obj, loader, 30, opt)
+    stds = [e.std(dim=0).mean().item() for e in embeddings]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert min(stds[-5:]) > 0.02  # no collapse
 

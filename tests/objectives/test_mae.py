@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -70,7 +72,7 @@ def test_preview_shapes() -> None:
     assert all(v.shape == (2, 1, 16, 16, 16) for v in images.values())
 
 
-def test_mae_learns_on_demo_crops(demo_store_2d: str) -> None:
+def test_mae_learns_on_demo_crops(demo_store_2d: str, fit_objective) -> None:
     mae = _tiny_mae(2, 32)
     ds = RandomCropDataset(demo_store_2d, (32, 32), length=512, transform=mae.view_transform())
     loader = DataLoader(ds, batch_size=32)
@@ -79,12 +81,7 @@ def test_mae_learns_on_demo_crops(demo_store_2d: str) -> None:
     noise = torch.rand(32, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = mae(fixed, noise=noise).loss.item()
-    for _ in range(2):
-        for batch in loader:
-            loss = mae(batch).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit_objective(mae, itertools.chain(loader, loader), 2 * len(loader), opt)
     with torch.no_grad():
         out = mae(fixed, noise=noise)
     assert out.loss.item() < 0.8 * before

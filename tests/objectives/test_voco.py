@@ -4,6 +4,7 @@ learning run on real 3D demo crops."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -213,7 +214,7 @@ def test_2d_forward() -> None:
 
 
 # -- learning ---------------------------------------------------------------------------------------
-def test_voco_learns_on_demo_volumes(demo_store_3d: str) -> None:
+def test_voco_learns_on_demo_volumes(demo_store_3d: str, fit_objective) -> None:
     voco = _tiny_voco("large_scale", spatial_dims=3, img=16)
     ds = RandomCropDataset(demo_store_3d, (16, 48, 48), length=96, transform=voco.view_transform())
     loader = DataLoader(ds, batch_size=8)
@@ -228,15 +229,7 @@ def test_voco_learns_on_demo_volumes(demo_store_3d: str) -> None:
         return out.terms["pos"].item() + out.terms["neg"].item(), out.embeddings
 
     before, _ = fixed_loss()
-    step = 0
-    for _ in range(3):
-        for batch in loader:
-            loss = voco(batch).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            voco.on_train_step_end(step, 36)
+    fit_objective(voco, itertools.chain(loader, loader, loader), 3 * len(loader), opt)
     after, emb = fixed_loss()
     assert after < 0.9 * before, (before, after)
     z = F.normalize(emb, dim=1)
