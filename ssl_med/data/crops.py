@@ -244,9 +244,9 @@ class RandomCropDataset(Dataset):
                     best, best_fraction = (crop, meta), fraction
             crop, meta = best
         crop = match_channels(crop, self.num_channels)
-        window = match_channels(intensity_window(meta), self.num_channels)
+        window = match_channels(intensity_window(meta), self.num_channels) if self.normalise == "batch" else None
         sample: dict[str, Any] = {"image": torch.from_numpy(self._padded(crop, window))}
-        if self.normalise == "batch":
+        if window is not None:
             sample["intensity_window"] = torch.from_numpy(window)
         if self.return_channel_names:
             sample["channel_names"] = list(meta.channel_names)
@@ -263,11 +263,12 @@ class RandomCropDataset(Dataset):
             k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in self.transform(sample).items()
         }
 
-    def _padded(self, crop: np.ndarray, window: np.ndarray) -> np.ndarray:
-        """``crop`` padded at the end of each axis to ``crop_size`` with what normalises to 0."""
+    def _padded(self, crop: np.ndarray, window: np.ndarray | None) -> np.ndarray:
+        """``crop`` padded at the end of each axis to ``crop_size`` with what normalises to 0 (0 for
+        normalised crops; for raw crops the floor of the window's low end, which clips to 0)."""
         if tuple(crop.shape[1:]) == self.crop_size:
             return np.ascontiguousarray(crop)
-        fill = np.zeros(len(crop)) if self.normalise == "worker" else np.floor(window[:, 0])  # floor: clips to 0
+        fill = np.zeros(len(crop)) if window is None else np.floor(window[:, 0])
         out = np.empty((len(crop), *self.crop_size), dtype=crop.dtype)
         out[...] = fill.reshape(-1, *([1] * self.spatial_dims)).astype(crop.dtype)
         out[(slice(None), *(slice(0, s) for s in crop.shape[1:]))] = crop
