@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_med.commands import Command, run_hydra
+from ssl_med.evaluators import medmnist  # noqa: F401  (registers ${ssl_med.stem:...}, used by eval_data=medmnist)
 
 
 def _task(cfg: DictConfig) -> None:
@@ -30,6 +31,7 @@ def _task(cfg: DictConfig) -> None:
 
 
 COMMAND = Command(
-    help="evaluate an encoder: eval=linear_probe|knn|finetune|segmentation checkpoint=DIR eval_data=breastmnist|...",
+    help="evaluate an encoder: eval=linear_probe|knn|finetune|segmentation checkpoint=DIR "
+    "eval_data=breastmnist|pneumoniamnist|...|medmnist eval_data.path=FILE.npz",
     run=lambda args: run_hydra("evaluate", "ssl_med evaluate", _task, args),
 )

@@ -20,7 +20,7 @@ import torch
 
 from ssl_med.encoder import Encoder
 from ssl_med.evaluators.base import EvalContext, EvalResult
-from ssl_med.evaluators.datasets import ClassificationData, load_eval_data
+from ssl_med.evaluators.datasets import ClassificationData, load_eval_data, resolve_eval_data
 from ssl_med.evaluators.plots import label_efficiency_plot
 from ssl_med.evaluators.report import write_results
 from ssl_med.registry import BACKBONES, EVALUATORS
@@ -50,11 +50,28 @@ def random_init_like(encoder_dir: str | Path, seed: int = 0) -> Encoder:
 
 
 def dataset_key(data_cfg: dict[str, Any], in_chans: int) -> str:
-    """``<name>-<hash of the data config>`` for the feature cache."""
-    digest = hashlib.sha256(
-        json.dumps({**data_cfg, "in_chans": in_chans}, sort_keys=True, default=str).encode()
-    )
+    """``<name>-<hash of the data config>`` for the feature cache (the published rows do not count)."""
+    keyed = {k: v for k, v in data_cfg.items() if k != "published"}
+    digest = hashlib.sha256(json.dumps({**keyed, "in_chans": in_chans}, sort_keys=True, default=str).encode())
     return f"{data_cfg['name']}-{digest.hexdigest()[:10]}"
+
+
+def published_rows(data_cfg: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``eval_data.published`` as ``{name: {metric: value}}``.
+
+    The config holds a list ``[{name: "ResNet-18 (28)", auroc: 0.901, accuracy: 0.863}, ...]`` so that
+    a command-line override replaces the rows instead of merging into them (``eval_data.published=[]``
+    or ``=null`` clears them); a ``{name: metrics}`` dict (Python callers) is taken as it is.
+    """
+    rows = data_cfg.get("published") or []
+    if isinstance(rows, dict):
+        return {str(k): dict(v) for k, v in rows.items()}
+    out = {}
+    for row in rows:
+        if not isinstance(row, dict) or "name" not in row:
+            raise ValueError(f"eval_data.published rows need a 'name' and metrics, got {row!r}")
+        out[str(row["name"])] = {k: v for k, v in row.items() if k != "name"}
+    return out
 
 
 def pick_device(device: str) -> str:
@@ -81,7 +98,8 @@ def evaluate(
     Args:
         encoder: the encoder to judge (weights are not modified; evaluators work on copies).
         eval_cfg: the ``eval`` config group as a dict (``name`` + evaluator settings).
-        data_cfg: the ``eval_data`` config group as a dict (``name``, ``kind``, paths, sizes).
+        data_cfg: the ``eval_data`` config group as a dict (``name``, ``kind``, paths, sizes); fields
+            left null for the data to decide (MedMNIST task, dims, size) are filled in first.
         out_dir: output folder (created).
         baseline: same architecture with random weights; ``None`` skips the baseline row.
         checkpoint, encoder_config: recorded in ``results.json`` (provenance, sweep summaries).
@@ -92,6 +110,8 @@ def evaluate(
     Returns:
         the ``results.json`` content (see :mod:`ssl_med.evaluators.report`).
     """
+    data_cfg = resolve_eval_data(data_cfg)
+    published = published_rows(data_cfg)
     out = Path(out_dir)
     device = pick_device(device)
     evaluator = EVALUATORS.get(eval_cfg["name"])
@@ -118,7 +138,7 @@ def evaluate(
         "checkpoint": checkpoint,
         "encoder": encoder_config or {},
         "rows": rows,
-        "published": data_cfg.get("published") or {},
+        "published": published,
         "config": {"eval": eval_cfg, "eval_data": data_cfg, "seed": seed},
     }
     curves = {
@@ -147,6 +167,8 @@ def evaluate_checkpoint(
     """:func:`evaluate` for an export/run folder; the baseline is :func:`random_init_like` it."""
     from ssl_med.export import load_pretrained
 
+    data_cfg = resolve_eval_data(data_cfg)  # a bad task / path fails here, before the encoder loads
+    published_rows(data_cfg)
     encoder_dir = resolve_encoder_dir(checkpoint)
     config = json.loads((encoder_dir / CONFIG_NAME).read_text())
     return evaluate(

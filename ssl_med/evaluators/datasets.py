@@ -16,6 +16,7 @@ Two kinds of output:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SPLITS = ("train", "val", "test")
+from ssl_med.evaluators.medmnist import SPLITS, resolve_medmnist
 
 
 @dataclass
@@ -113,23 +114,24 @@ def _subset(n: int, limit: int | None, labels: np.ndarray, seed: int = 0) -> np.
 
 # -- classification ---------------------------------------------------------------------------------
 def load_medmnist(cfg: dict[str, Any], in_chans: int = 1) -> ClassificationData:
-    """A MedMNIST ``.npz`` (official splits) resized to ``cfg['image_size']``.
+    """A MedMNIST-style ``.npz`` (official splits) resized to ``cfg['image_size']``.
 
     ``cfg`` keys: ``name``, ``path``, ``task``, ``spatial_dims``, ``image_size`` (int), ``subset``
-    (max items per split, stratified, or null).
+    (max items per split, stratified, or null). ``task``, ``spatial_dims`` and ``image_size`` may be
+    null: :func:`ssl_med.evaluators.medmnist.resolve_medmnist` reads them from the file. Grey images
+    ``(N, *S)`` and channels-last ones ``(N, *S, C)`` become ``(N, in_chans, *size)``.
     """
-    path = Path(cfg["path"])
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (eval_data.path); see ../shared/data/README.md")
-    arrays = np.load(path)
+    cfg = resolve_medmnist(cfg)
     dims = int(cfg["spatial_dims"])
     size = [int(cfg["image_size"])] * dims
+    multi_label = cfg["task"] == "multi-label"
+    with np.load(cfg["path"]) as arrays:
+        raw = {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in SPLITS}
+    raw = {s: (x, y.reshape(len(y), -1)) for s, (x, y) in raw.items()}  # labels (N, L)
+    num_classes = raw["train"][1].shape[1] if multi_label else int(max(y.max() for _, y in raw.values())) + 1
     images, labels = {}, {}
-    for split in SPLITS:
-        x = arrays[f"{split}_images"]  # (N, *S) or (N, H, W, 3)
-        y = arrays[f"{split}_labels"]  # (N, L)
-        if cfg["task"] != "multi-label":
-            y = y[:, 0]
+    for split, (x, y) in raw.items():
+        y = y if multi_label else y[:, 0]
         keep = _subset(len(x), cfg.get("subset"), y if y.ndim == 1 else y[:, 0])
         x, y = x[keep], y[keep]
         x = x[:, None] if x.ndim == dims + 1 else np.moveaxis(x, -1, 1)  # (N, C, *S)
@@ -137,8 +139,6 @@ def load_medmnist(cfg: dict[str, Any], in_chans: int = 1) -> ClassificationData:
         tensor = torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0
         images[split] = resize(tensor, size).clamp_(0, 1)
         labels[split] = y.astype(np.int64)
-    train_y = labels["train"]
-    num_classes = train_y.shape[1] if train_y.ndim == 2 else int(max(v.max() for v in labels.values())) + 1
     return ClassificationData(cfg["name"], cfg["task"], images, labels, num_classes)
 
 
@@ -294,24 +294,38 @@ LOADERS = {
 }
 
 
-def eval_data_config(name: str) -> dict[str, Any]:
-    """The resolved ``conf/eval_data/<name>.yaml`` as a dict (files without a ``defaults`` list)."""
-    from importlib import resources
+RESOLVERS = {"medmnist": resolve_medmnist}
 
+
+def eval_data_config(name: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The composed, resolved ``eval_data=<name>`` group as a dict, with Hydra-style ``overrides``
+    (e.g. ``["eval_data.path=/x/foo.npz"]``); inside a running Hydra app its config search path is used."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    path = resources.files("ssl_med.conf") / "eval_data" / f"{name}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no eval_data config {name!r} ({path})")
-    cfg = OmegaConf.load(str(path))
-    if "defaults" in cfg:
-        raise ValueError(f"eval_data={name} inherits from another file; pass its composed config instead")
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    args = [f"eval_data={name}", *overrides]
+    if GlobalHydra.instance().is_initialized():
+        cfg = compose(config_name="evaluate", overrides=args)
+    else:
+        with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
+            cfg = compose(config_name="evaluate", overrides=args)
+    return OmegaConf.to_container(cfg.eval_data, resolve=True)  # type: ignore[return-value]
+
+
+def resolve_eval_data(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` checked, with the fields it leaves to the data filled in (MedMNIST: task, dims, size).
+
+    Cheap (no image is decoded), so callers run it before any model or data loading to fail early
+    on a misspelt kind or task.
+    """
+    kind = cfg.get("kind")
+    if kind not in LOADERS:
+        raise ValueError(f"unknown eval_data.kind {kind!r}; choose one of {sorted(LOADERS)}")
+    resolve = RESOLVERS.get(kind)
+    return resolve(cfg) if resolve is not None else dict(cfg)
 
 
 def load_eval_data(cfg: dict[str, Any], in_chans: int = 1) -> ClassificationData | SegmentationData:
     """Dispatch on ``cfg['kind']`` (``medmnist``, ``brats``, ``kvasir``, ``mni152_tissue``)."""
-    kind = cfg["kind"]
-    if kind not in LOADERS:
-        raise ValueError(f"unknown eval_data.kind {kind!r}; choose one of {sorted(LOADERS)}")
-    return LOADERS[kind](cfg, in_chans)
+    return LOADERS[cfg["kind"]](resolve_eval_data(cfg), in_chans)

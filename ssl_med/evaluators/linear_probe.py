@@ -4,13 +4,21 @@ Protocol (ecosystem notes §2.1/§2.7): features standardised on the training sp
 logistic regression (one-vs-rest for multi-label) for each ``C`` in ``cfg['C']``; the ``C`` with the
 best validation ``select_metric`` is scored once on test. Label efficiency: the same sweep on
 stratified, seeded ``label_fractions`` of the training labels, mean ± std over ``seeds``.
+
+Two diagnostics are reported once per probe run (one log line each, also kept in ``details``):
+a chosen ``C`` at the smallest or largest grid value (the optimum may lie outside the grid), and the
+number of fits that stopped at ``max_iter`` (collected instead of one ``ConvergenceWarning`` per fit).
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
@@ -23,18 +31,89 @@ from ssl_med.evaluators.label_efficiency import stratified_subset
 from ssl_med.evaluators.metrics import classification_metrics
 from ssl_med.registry import EVALUATORS
 
+log = logging.getLogger(__name__)
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, c: float, task: str, max_iter: int = 2000) -> Any:
-    """Fit an L-BFGS logistic regression on ``x`` ``(N, D)``; one-vs-rest per label for multi-label."""
+
+@dataclass
+class FitLog:
+    """The L-BFGS budget of a probe run and a tally of the fits that ran out of it.
+
+    Attributes:
+        max_iter: L-BFGS iteration limit of every fit.
+        fits: fits made so far.
+        not_converged: C value -> fits at that C that stopped at ``max_iter`` without converging.
+    """
+
+    max_iter: int = 2000
+    fits: int = 0
+    not_converged: dict[float, int] = field(default_factory=dict)
+
+    def record(self, c: float, converged: bool) -> None:
+        self.fits += 1
+        if not converged:
+            self.not_converged[c] = self.not_converged.get(c, 0) + 1
+
+    def summary(self) -> str | None:
+        """One line on the fits that did not converge, or ``None`` when all did."""
+        failed = sum(self.not_converged.values())
+        if not failed:
+            return None
+        cs = ", ".join(f"{c:g}" for c in sorted(self.not_converged))
+        return (
+            f"{failed} of {self.fits} L-BFGS fits did not converge within max_iter={self.max_iter} "
+            f"(C = {cs}); their scores use the last iterate (raise eval.max_iter to fit them fully)"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "fits": self.fits,
+            "not_converged": sum(self.not_converged.values()),
+            "max_iter": self.max_iter,
+        }
+
+
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, c: float, task: str, max_iter: int = 2000, fit_log: FitLog | None = None
+) -> Any:
+    """Fit an L-BFGS logistic regression on ``x`` ``(N, D)``; one-vs-rest per label for multi-label.
+
+    With ``fit_log`` the fit's ``ConvergenceWarning``s are not emitted but tallied in it (any other
+    warning passes through).
+    """
     model = LogisticRegression(C=c, max_iter=max_iter)
     if task == "multi-label":
         model = OneVsRestClassifier(model)
-    return model.fit(x, y)
+    if fit_log is None:
+        return model.fit(x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y)
+    converged = True
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            converged = False
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    fit_log.record(c, converged)
+    return model
 
 
 def predict_scores(model: Any, x: np.ndarray) -> np.ndarray:
     """``(N, K)`` class probabilities (``(N, L)`` per-label probabilities for multi-label)."""
     return model.predict_proba(x)
+
+
+def grid_edge(c: float, c_values: list[float]) -> str | None:
+    """``"smallest"``/``"largest"`` when ``c`` is the grid's smallest/largest value, else ``None``
+    (also for a one-value grid, where there is nothing to choose)."""
+    values = [float(v) for v in c_values]
+    if len(set(values)) < 2:
+        return None
+    if float(c) == min(values):
+        return "smallest"
+    if float(c) == max(values):
+        return "largest"
+    return None
 
 
 def probe_sweep(
@@ -44,18 +123,24 @@ def probe_sweep(
     c_values: list[float],
     select_metric: str = "auroc",
     train_idx: np.ndarray | None = None,
+    fit_log: FitLog | None = None,
 ) -> dict[str, Any]:
-    """Sweep ``C`` on ``feats['train'][train_idx]``, choose on val, score the chosen model on test.
+    """Sweep ``C`` on ``feats['train'][train_idx]`` (``(N, D)`` per split), choose on val, score on test.
+
+    Convergence is tallied in ``fit_log`` (its ``max_iter`` is the fits' limit); without one the
+    sweep keeps its own and logs its summary line.
 
     Returns ``{"C": best C, "val": {C: val metric}, "test": test metrics}``.
     """
+    own_log = fit_log is None
+    fit_log = FitLog() if fit_log is None else fit_log
     idx = np.arange(len(labels["train"])) if train_idx is None else train_idx
     scaler = StandardScaler().fit(feats["train"][idx])
     x = {s: scaler.transform(f) for s, f in feats.items()}
     y_train = labels["train"][idx]
     best, best_score, val_scores = None, -np.inf, {}
     for c in c_values:
-        model = fit_logistic(x["train"][idx], y_train, c, task)
+        model = fit_logistic(x["train"][idx], y_train, c, task, fit_log.max_iter, fit_log)
         val = classification_metrics(predict_scores(model, x["val"]), labels["val"], task)
         score = val[select_metric]
         val_scores[str(c)] = score
@@ -63,8 +148,10 @@ def probe_sweep(
             best, best_score = (c, model), score
     if best is None:  # every val score NaN (e.g. a one-class val subset): fall back to the middle C
         c = c_values[len(c_values) // 2]
-        best = (c, fit_logistic(x["train"][idx], y_train, c, task))
+        best = (c, fit_logistic(x["train"][idx], y_train, c, task, fit_log.max_iter, fit_log))
     test = classification_metrics(predict_scores(best[1], x["test"]), labels["test"], task)
+    if own_log and fit_log.summary():
+        log.warning(fit_log.summary())
     return {"C": best[0], "val": val_scores, "test": test}
 
 
@@ -73,6 +160,7 @@ def label_efficiency(
     data: ClassificationData,
     cfg: dict[str, Any],
     seed: int,
+    fit_log: FitLog | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """``{fraction: {metric: [mean, std, n]}}`` of test metrics over seeds (one draw at 100%)."""
     out: dict[str, dict[str, list[float]]] = {}
@@ -82,9 +170,8 @@ def label_efficiency(
         runs = []
         for s in seeds:
             idx = stratified_subset(train_y, float(fraction), seed=s)
-            runs.append(
-                probe_sweep(feats, data.labels, data.task, cfg["C"], cfg["select_metric"], idx)["test"]
-            )
+            sweep = probe_sweep(feats, data.labels, data.task, cfg["C"], cfg["select_metric"], idx, fit_log)
+            runs.append(sweep["test"])
         out[str(fraction)] = {
             k: [float(np.nanmean([r[k] for r in runs])), float(np.nanstd([r[k] for r in runs])), len(runs)]
             for k in ("accuracy", "balanced_accuracy", "auroc")
@@ -105,12 +192,23 @@ def linear_probe(
     feats = cached_features(
         encoder, data.images, ctx.dataset_key, cfg["features"], ctx.cache_dir, cfg["batch_size"], ctx.device
     )
-    full = probe_sweep(feats, data.labels, data.task, cfg["C"], cfg["select_metric"])
+    fit_log = FitLog(max_iter=int(cfg.get("max_iter", 2000)))
+    full = probe_sweep(feats, data.labels, data.task, cfg["C"], cfg["select_metric"], fit_log=fit_log)
     details: dict[str, Any] = {
         "C": full["C"],
         "val_sweep": full["val"],
         "feature_dim": int(feats["train"].shape[1]),
     }
+    edge = grid_edge(full["C"], cfg["C"])
+    if edge is not None:
+        details["C_at_grid_edge"] = (
+            f"chosen C={full['C']:g} is the {edge} value of the grid eval.C; the val optimum may lie "
+            f"{'below' if edge == 'smallest' else 'above'} it: extend eval.C"
+        )
+        log.warning("linear_probe [%s]: %s", ctx.encoder_label, details["C_at_grid_edge"])
     if cfg.get("label_fractions"):
-        details["label_efficiency"] = label_efficiency(feats, data, cfg, ctx.seed)
+        details["label_efficiency"] = label_efficiency(feats, data, cfg, ctx.seed, fit_log)
+    details["convergence"] = fit_log.as_dict()
+    if fit_log.summary():
+        log.warning("linear_probe [%s]: %s", ctx.encoder_label, fit_log.summary())
     return EvalResult(metrics=full["test"], details=details)
