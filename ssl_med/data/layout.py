@@ -4,7 +4,9 @@ The defaults come from ``scripts/bench_data.py`` (see ``docs/benchmarks/data.md`
 crops the read cost is dominated by decompressing the chunks a crop touches, so chunks are small
 enough that a crop over-reads little (64³ int16 = 512 KiB, ~1 MB as zarr recommends) and the codec
 is Blosc-LZ4 with byte shuffle, which decodes several times faster than zstd+bitshuffle at a
-slightly lower compression ratio. 2D images use 256² tiles (whole image when smaller).
+slightly lower compression ratio. 2D images use 256² tiles (whole image when smaller). Every chunk
+ends with a CRC-32C of its bytes (zarr's ``crc32c`` codec; checking it costs a few percent of a
+crop's read time, see :mod:`ssl_med.data.integrity`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class Layout:
         cname, clevel, shuffle: the Blosc codec (``shuffle`` is ``"shuffle"``, ``"bitshuffle"`` or
             ``"noshuffle"``).
         stack_chunk_bytes: target uncompressed chunk size for stacks of small images (MedMNIST).
+        checksums: end every chunk with a CRC-32C (zarr's ``crc32c`` codec).
     """
 
     chunk_3d: int = 64
@@ -38,6 +41,7 @@ class Layout:
     clevel: int = 5
     shuffle: str = "shuffle"
     stack_chunk_bytes: int = 1 << 20
+    checksums: bool = True
 
     def chunks(self, shape: Sequence[int]) -> tuple[int, ...]:
         """Chunk shape for an image ``(C, *spatial)``."""
@@ -64,6 +68,10 @@ class Layout:
 
     def codec(self) -> BloscCodec:
         return BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle)
+
+    def compressors(self) -> tuple[BloscCodec | Crc32cCodec, ...]:
+        """The bytes-to-bytes codecs of a chunk: Blosc, then the checksum."""
+        return (self.codec(), Crc32cCodec()) if self.checksums else (self.codec(),)
 
 
 DEFAULT_LAYOUT = Layout()

@@ -16,6 +16,10 @@ only the chunks they touch: through the ``direct`` chunk reader for local unshar
 see :mod:`ssl_med.data.chunkread`), through zarr-python otherwise (sharded arrays, fsspec URLs such as
 ``s3://bucket/store.zarr``, ``memory://...``). Stores of version 1 (arrays at ``images/<name>``) are
 still read.
+
+Every chunk carries a CRC-32C and every array the inventory of the chunks it wrote, so both engines
+raise :class:`~ssl_med.data.integrity.ChunkError` naming the image and chunk for a missing, truncated
+or corrupted chunk (:mod:`ssl_med.data.integrity`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ import zarr
 
 from ssl_med.data import ome
 from ssl_med.data.chunkread import ChunkReader
+from ssl_med.data.integrity import ChunkError, read_zarr, record_inventory, warn_unverifiable
 from ssl_med.data.layout import DEFAULT_LAYOUT, Layout
+from ssl_med.data.stats import intensity_stats, stack_intensity_stats
 
 STORE_VERSION = 2
 IMAGES_GROUP = "images"
@@ -123,38 +129,6 @@ _DEFAULTS = ImageMeta(shape=(), spacing=()).to_dict()
 def _compact(d: dict[str, Any]) -> dict[str, Any]:
     """``d`` without the fields that hold their default value (``from_dict`` restores them)."""
     return {k: v for k, v in d.items() if k in ("shape", "spacing") or v != _DEFAULTS.get(k)}
-
-
-def intensity_stats(array: np.ndarray) -> dict[str, list[float]]:
-    """Per-channel robust statistics of ``(C, *spatial)`` (finite values only)."""
-    stats: dict[str, list[float]] = {"p0.5": [], "p99.5": [], "mean": [], "std": [], "min": [], "max": []}
-    for channel in array:
-        values = channel[np.isfinite(channel)] if channel.dtype.kind == "f" else channel.reshape(-1)
-        values = values.astype(np.float64)
-        if values.size > 2_000_000:  # a strided sample is plenty for percentiles
-            values = values[:: values.size // 2_000_000]
-        lo, hi = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 0.0)
-        stats["p0.5"].append(float(lo))
-        stats["p99.5"].append(float(hi))
-        stats["mean"].append(float(values.mean()) if values.size else 0.0)
-        stats["std"].append(float(values.std()) if values.size else 0.0)
-        stats["min"].append(float(values.min()) if values.size else 0.0)
-        stats["max"].append(float(values.max()) if values.size else 0.0)
-    return stats
-
-
-def stack_intensity_stats(images: np.ndarray, block: int = 64) -> list[dict[str, list[float]]]:
-    """:func:`intensity_stats` of every row of a stack ``(N, C, *spatial)``, vectorised over blocks of rows."""
-    out: list[dict[str, list[float]]] = []
-    n, c = images.shape[:2]
-    for start in range(0, n, block):
-        flat = images[start : start + block].reshape(-1, c, int(np.prod(images.shape[2:]))).astype(np.float64)
-        pct = np.nanpercentile if images.dtype.kind == "f" else np.percentile
-        lo, hi = pct(flat, [0.5, 99.5], axis=2)
-        stats = {"p0.5": lo, "p99.5": hi, "mean": np.nanmean(flat, axis=2), "std": np.nanstd(flat, axis=2),
-                 "min": np.nanmin(flat, axis=2), "max": np.nanmax(flat, axis=2)}  # fmt: skip
-        out += [{k: [float(x) for x in v[i]] for k, v in stats.items()} for i in range(flat.shape[0])]
-    return out
 
 
 def default_chunks(shape: Sequence[int]) -> tuple[int, ...]:
@@ -364,12 +338,13 @@ class ImageStore:
             dtype=array.dtype,
             chunks=tuple(chunks),
             shards=None if shards is None else tuple(shards),
-            compressors=layout.codec(),
+            compressors=layout.compressors(),
             fill_value=_fill_value(array, modality),
             dimension_names=ome.dimension_names(array.ndim - 1),
             overwrite=True,
         )
         level[...] = array
+        record_inventory(level)
 
     def write_stack(
         self,
@@ -409,12 +384,13 @@ class ImageStore:
             shape=images.shape,
             dtype=images.dtype,
             chunks=layout.stack_chunks(images.shape, images.dtype.itemsize),
-            compressors=layout.codec(),
+            compressors=layout.compressors(),
             fill_value=0,
             dimension_names=["n", *ome.dimension_names(images.ndim - 2)],
             overwrite=True,
         )
         arr[...] = images
+        record_inventory(arr)
         metas = {}
         stats = stack_intensity_stats(images)
         for i, row in enumerate(images):
@@ -461,25 +437,32 @@ class ImageStore:
     def _reader(self, path: str) -> ChunkReader | None:
         if path not in self._readers:
             usable = self.engine != "zarr" and self.local_root is not None
-            self._readers[path] = ChunkReader.open(self.local_root / path) if usable else None
-            if self._readers[path] is None and self.engine == "direct":
+            self._readers[path] = reader = ChunkReader.open(self.local_root / path) if usable else None
+            if reader is None and self.engine == "direct":
                 raise ValueError(f"array {path} of {self.path} cannot be read with the direct engine")
+            if reader is not None and reader.inventory is None:
+                warn_unverifiable(self.path, "has no chunk inventory")
         return self._readers[path]
 
-    def _read(self, path: str, selection: tuple[slice, ...]) -> np.ndarray:
+    def read_array(self, path: str, selection: tuple[slice, ...]) -> np.ndarray:
+        """``selection`` (one slice per axis) of the array at ``path``, every chunk checked (raises
+        :class:`~ssl_med.data.integrity.ChunkError`)."""
         reader = self._reader(path)
         if reader is not None:
             return reader.read(selection)
-        return np.asarray(self.root[path][selection])
+        return read_zarr(self.root[path], selection, path, self.path)
 
     def read(self, name: str, region: Sequence[slice] | None = None) -> np.ndarray:
         """Read ``region`` (slices over the spatial axes; all channels) of image ``name``: ``(C, *region)``."""
         meta = self._manifest.get(name)
         path = self.array_path(name)
         spatial = tuple(region) if region is not None else tuple(slice(None) for _ in meta.shape[1:])
-        if meta.index is None:
-            return self._read(path, (slice(None), *spatial))
-        return self._read(path, (slice(meta.index, meta.index + 1), slice(None), *spatial))[0]
+        try:
+            if meta.index is None:
+                return self.read_array(path, (slice(None), *spatial))
+            return self.read_array(path, (slice(meta.index, meta.index + 1), slice(None), *spatial))[0]
+        except ChunkError as exc:
+            raise exc.naming(name) from None
 
     def read_label(self, name: str, label: str = "seg", region: Sequence[slice] | None = None) -> np.ndarray:
         """Read ``region`` of label map ``label`` of image ``name``: ``(1, *region)`` integer."""
@@ -487,7 +470,10 @@ class ImageStore:
         spatial = (
             tuple(region) if region is not None else tuple(slice(None) for _ in self.manifest[name].shape[1:])
         )
-        return self._read(path, (slice(None), *spatial))
+        try:
+            return self.read_array(path, (slice(None), *spatial))
+        except ChunkError as exc:
+            raise exc.naming(name) from None
 
     def total_voxels(self, name: str) -> int:
         return math.prod(self._manifest[name].shape[1:])

@@ -23,7 +23,7 @@ import numpy as np
 from ssl_med.data.store import ImageStore
 from ssl_med.registry import DATASETS
 
-DEMO_VERSION = 2  # 2: OME-Zarr 0.5 image groups (store version 2)
+DEMO_VERSION = 3  # 2: OME-Zarr 0.5 image groups (store version 2); 3: checksummed, inventoried chunks
 
 
 def cache_dir() -> Path:
