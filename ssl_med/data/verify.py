@@ -1,13 +1,24 @@
-"""``ssl_med ingest --verify``: check that a store's manifest, arrays and OME metadata agree."""
+"""``ssl_med ingest --verify``: check that a store's manifest, arrays, OME metadata and chunks agree.
+
+With ``read_data`` every chunk of every array is read through the store's checked read path, so
+each missing (listed in the array's inventory but absent), truncated or corrupted (checksum
+mismatch, undecodable) chunk is reported by image and chunk key (:mod:`ssl_med.data.integrity`).
+"""
 
 from __future__ import annotations
 
+import itertools
+import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ssl_med.data import ome
+from ssl_med.data.integrity import ChunkError, ChunkInventory, UnverifiableStoreWarning, storage_chunks
 from ssl_med.data.store import IMAGES_GROUP, ImageStore
+
+MAX_CHUNKS_LISTED = 5  # per array; the rest are counted
 
 
 @dataclass
@@ -31,9 +42,10 @@ class VerifyReport:
 
 def verify(path: str, read_data: bool = True) -> VerifyReport:
     """Check every manifest entry: array present, shape/dtype as listed, OME metadata, label maps;
-    with ``read_data`` also decode every chunk and check for finite values."""
+    with ``read_data`` also read every chunk of every array (see the module docstring)."""
     store = ImageStore(path)
     report = VerifyReport()
+    arrays: dict[str, dict[int | None, str]] = {}  # array path -> {stack row or None: image name}
     for name, meta in store.manifest.items():
         report.checked += 1
         try:
@@ -45,6 +57,7 @@ def verify(path: str, read_data: bool = True) -> VerifyReport:
         if shape != tuple(meta.shape):
             report.problems.append(f"{name}: array shape {shape}, manifest says {meta.shape}")
             continue
+        arrays.setdefault(store.array_path(name), {})[meta.index] = name
         if meta.index is None and store.version >= 2:
             attrs = dict(store.root[f"{IMAGES_GROUP}/{name}"].attrs)
             report.problems += [f"{name}: {p}" for p in ome.check_image_attrs(attrs, arr.shape)]
@@ -56,17 +69,67 @@ def verify(path: str, read_data: bool = True) -> VerifyReport:
                 continue
             if tuple(lab.shape[1:]) != tuple(meta.shape[1:]):
                 report.problems.append(f"{name}: label map {label!r} has shape {lab.shape}")
-        if read_data:
-            try:
-                data = store.read(name)
-            except Exception as exc:
-                report.problems.append(f"{name}: cannot read data ({type(exc).__name__}: {exc})")
                 continue
-            if data.dtype.kind == "f" and not np.isfinite(data).any():
-                report.problems.append(f"{name}: no finite values")
+            arrays[store.label_path(name, label)] = {None: name}
+    if read_data:
+        unverifiable = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnverifiableStoreWarning)  # reported below, once
+            for array_path, images in arrays.items():
+                problems, verifiable = check_chunks(store, array_path, images)
+                report.problems += problems
+                unverifiable += not verifiable
+        if unverifiable:
+            report.warnings.append(
+                f"{unverifiable} arrays have no chunk inventory or no checksums: lost or altered chunks "
+                "cannot be detected there (re-ingest the store to add them)"
+            )
     orphans = sorted(set(store.stored_names()) - set(store.manifest))
     if orphans:
         report.warnings.append(
             f"{len(orphans)} image arrays not in the manifest (interrupted ingest? re-run it): {', '.join(orphans[:5])}"
         )
     return report
+
+
+def check_chunks(store: ImageStore, path: str, images: dict[int | None, str]) -> tuple[list[str], bool]:
+    """Read every chunk of the array at ``path`` (holding ``images``: ``{stack row or None: name}``).
+
+    Returns the problems, one per bad chunk (the first :data:`MAX_CHUNKS_LISTED`, then a count), and
+    whether the array can be verified at all (has an inventory and checksums).
+    """
+    arr = store.root[path]
+    try:
+        verifiable = ChunkInventory.of(arr) is not None
+    except ValueError as exc:
+        return [f"{_owners(images, 0, 0)}: {path}: {exc}"], False
+    verifiable = verifiable and "crc32c" in str(arr.metadata.to_dict()["codecs"])
+    chunks = storage_chunks(arr)
+    problems: list[str] = []
+    any_finite = arr.dtype.kind != "f" or None not in images  # stack rows were checked at ingest
+    for index in itertools.product(*(range(math.ceil(s / c)) for s, c in zip(arr.shape, chunks))):
+        region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, arr.shape))
+        try:
+            data = store.read_array(path, region)
+        except ChunkError as exc:
+            problems.append(
+                f"{_owners(images, index[0], chunks[0])}: chunk {exc.key} of {path} is {exc.kind} ({exc.detail})"
+            )
+            continue
+        any_finite = any_finite or bool(np.isfinite(data).any())
+    if not any_finite and not problems:
+        problems.append(f"{_owners(images, 0, 0)}: no finite values")
+    if len(problems) > MAX_CHUNKS_LISTED:
+        problems[MAX_CHUNKS_LISTED:] = [
+            f"{_owners(images, 0, 0)}: {len(problems) - MAX_CHUNKS_LISTED} more bad chunks in {path}"
+        ]
+    return problems, verifiable
+
+
+def _owners(images: dict[int | None, str], first_axis_chunk: int, rows_per_chunk: int) -> str:
+    """The image(s) a chunk belongs to: the image, or the stack rows of chunk ``first_axis_chunk``."""
+    if None in images:
+        return images[None]
+    rows = range(first_axis_chunk * rows_per_chunk, (first_axis_chunk + 1) * rows_per_chunk)
+    names = [images[r] for r in rows if r in images] or sorted(images.values())
+    return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
