@@ -33,6 +33,8 @@ class DataConfig:
     samples_per_epoch: int = 2048
     batch_size: int = 32
     num_workers: int = 2
+    on_error: str = "raise"
+    max_error_fraction: float = 0.05
 
 
 @dataclass

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
+from ssl_med.data.faults import FaultPolicy
 from ssl_med.data.store import ImageMeta, ImageStore
 
 
@@ -103,6 +104,10 @@ class RandomCropDataset(Dataset):
             ``"intensity_window"`` ``(C, 2)``; finish with :func:`normalise_batch`; the transform must
             not depend on intensities; averaging channels to ``num_channels=1`` needs normalised
             values, so it is refused) or ``"auto"`` (``"batch"`` unless channels are averaged).
+        on_error: a sample whose chunks cannot be read: ``"raise"`` the error naming image and chunk,
+            or ``"skip"`` it (drawn again, counted, logged; see :mod:`ssl_med.data.faults`).
+        max_error_fraction: with ``on_error="skip"``, the fraction of draws that may fail before
+            :class:`~ssl_med.data.faults.TooManyFaults` stops the run.
 
     Images smaller than the crop are padded with the value that normalises to 0.
     """
@@ -123,6 +128,8 @@ class RandomCropDataset(Dataset):
         return_channel_names: bool = False,
         engine: str = "auto",
         normalise: Literal["auto", "worker", "batch"] = "worker",
+        on_error: str = "raise",
+        max_error_fraction: float = 0.05,
     ) -> None:
         self.store_path = str(store_path)
         self.crop_size = tuple(int(c) for c in crop_size)
@@ -137,6 +144,7 @@ class RandomCropDataset(Dataset):
         self.max_tries = max(1, max_tries)
         self.return_channel_names = return_channel_names
         self.engine = engine
+        self.faults = FaultPolicy(on_error, max_error_fraction)
         manifest = ImageStore(self.store_path).manifest
         self.names = [
             n
@@ -230,12 +238,17 @@ class RandomCropDataset(Dataset):
         return float((crop > cut).any(axis=0).mean())
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        crop, meta = self._crop(index, 0)
+        return self.faults.sample(index, self._sample)
+
+    def _sample(self, index: int, redraw: int = 0) -> dict[str, Any]:
+        """Sample ``index``; ``redraw > 0`` draws it anew (crop attempts from their own random streams)."""
+        first = redraw * self.max_tries
+        crop, meta = self._crop(index, first)
         if self.min_foreground > 0:
             best, best_fraction = (crop, meta), -1.0
             for attempt in range(self.max_tries):
                 if attempt:
-                    crop, meta = self._crop(index, attempt)
+                    crop, meta = self._crop(index, first + attempt)
                 fraction = self._foreground_fraction(crop, meta)
                 if fraction >= self.min_foreground:
                     best = (crop, meta)

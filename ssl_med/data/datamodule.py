@@ -70,6 +70,8 @@ class CropDataModule(L.LightningDataModule):
                 transform=self.view_transform,
                 min_foreground=self.cfg.min_foreground,
                 normalise=self.normalise_mode(),
+                on_error=self.cfg.on_error,
+                max_error_fraction=self.cfg.max_error_fraction,
             )
 
     def normalise_mode(self) -> str:
