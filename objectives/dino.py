@@ -661,6 +661,9 @@ class DINO(Objective):
         """EMA momentum used after optimiser step ``step`` (1-based) of ``max_steps``."""
         return cosine_schedule(step - 1, max_steps, self.momentum_teacher, self.momentum_teacher_end)
 
+    def eval_encoder(self) -> nn.Module:
+        return self.teacher["encoder"]
+
     @torch.no_grad()
     def on_train_step_end(self, step: int, max_steps: int) -> None:
         m = self.teacher_momentum(step, max_steps)

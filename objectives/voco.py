@@ -348,6 +348,9 @@ class VoCo(Objective):
     def view_transform(self) -> Callable[[Sample], Sample]:
         return VoCoViews(**self._view_kwargs, multiple_of=self.encoder.patch_size)
 
+    def eval_encoder(self) -> nn.Module:
+        return self.teacher_encoder if self.teacher_encoder is not None else self.encoder
+
     def on_train_step_end(self, step: int, max_steps: int) -> None:
         ema_update(self.teacher_head, self.student_head, self.momentum)
         if self.teacher_encoder is not None:

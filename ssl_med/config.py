@@ -65,12 +65,41 @@ class TrainerConfig:
 
 
 @dataclass
+class OnlineEvalConfig:
+    """``online_eval`` settings of ``ssl_med pretrain`` (``data: null`` switches it off).
+
+    Attributes:
+        data: an ``eval_data`` group name (``breastmnist``, ``pneumoniamnist``, ``vesselmnist3d``,
+            ``medmnist`` with ``path``); classification data with train and val splits.
+        path: replaces ``eval_data.path`` (e.g. any MedMNIST-style ``.npz`` with ``data=medmnist``).
+        every_n_steps: evaluate every this many optimiser steps (also before step 1 and at the end).
+        features: ``pooled``, ``mean_patch`` or ``pooled+mean_patch`` (as ``eval.features``).
+        k, temperature: kNN neighbours and vote temperature.
+        ridge: L2 strength of the closed-form probe, relative to the mean feature variance.
+        max_train, max_val: stratified subsets of the train (bank) and val (query) splits.
+        batch_size: feature-extraction batch.
+    """
+
+    data: str | None = None
+    path: str | None = None
+    every_n_steps: int = 100
+    features: str = "pooled"
+    k: int = 20
+    temperature: float = 0.07
+    ridge: float = 1.0
+    max_train: int | None = 2000
+    max_val: int | None = 1000
+    batch_size: int = 256
+
+
+@dataclass
 class PretrainConfig:
     backbone: dict[str, Any]
     objective: dict[str, Any]
     data: DataConfig
     optim: OptimConfig
     trainer: TrainerConfig
+    online_eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
     seed: int = 0
     resume: str = "auto"
     experiment: str = "run"
@@ -88,7 +117,10 @@ def _check_group(group: str, cfg: DictConfig, schema: type) -> None:
 def parse_pretrain_config(cfg: DictConfig) -> PretrainConfig:
     """Validate a composed Hydra config and return typed objects (``backbone``/``objective`` as dicts)."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    for group, schema in (("data", DataConfig), ("optim", OptimConfig), ("trainer", TrainerConfig)):
+    groups = (("data", DataConfig), ("optim", OptimConfig), ("trainer", TrainerConfig), ("online_eval", OnlineEvalConfig))
+    for group, schema in groups:
+        if group not in cfg:
+            continue
         _check_group(group, cfg[group], schema)
     top_unknown = sorted(set(cfg.keys()) - {f.name for f in fields(PretrainConfig)} - {"hydra"})
     if top_unknown:

@@ -86,6 +86,11 @@ class Objective(nn.Module, ABC):
     def on_train_step_end(self, step: int, max_steps: int) -> None:
         """Hook after each optimiser step (EMA teachers, schedules); ``step`` counts from 1."""
 
+    def eval_encoder(self) -> nn.Module:
+        """The encoder whose features represent this objective now: the EMA teacher where the
+        objective keeps one (its features are the ones DINO/VoCo report), else the trained encoder."""
+        return self.encoder
+
 
 def _identity(sample: Sample) -> Sample:
     return sample

@@ -31,6 +31,7 @@ from ssl_med.registry import BACKBONES, OBJECTIVES
 from ssl_med.train.callbacks import AtomicCheckpointIO, ExportEncoder, PlotCurves, PreviewImages
 from ssl_med.train.launch import relaunch_this_job
 from ssl_med.train.module import PretrainModule
+from ssl_med.train.online_eval import build_online_eval
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,12 @@ def build_encoder(backbone: dict) -> Encoder:
 def build_objective(objective: dict, encoder: Encoder) -> Objective:
     kwargs = dict(objective)
     return OBJECTIVES.build(kwargs.pop("name"), encoder=encoder, **kwargs)
+
+
+def encoder_input_size(cfg: PretrainConfig) -> list[int]:
+    """The spatial size the encoder is built for (``backbone.img_size``, else the crop), one value per axis."""
+    size = cfg.backbone.get("img_size", cfg.data.crop_size)
+    return [int(size)] * cfg.data.spatial_dims if isinstance(size, int) else [int(s) for s in size]
 
 
 def resume_checkpoint(resume: str, checkpoint_dir: Path) -> str | None:
@@ -93,6 +100,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         ExportEncoder(export_dir, {"backbone": cfg.backbone, "objective": cfg.objective, "data": asdict(cfg.data)}),
         PlotCurves(run_dir),
     ]
+    online = build_online_eval(cfg.online_eval, encoder_input_size(cfg), encoder.in_chans)
+    if online is not None:
+        callbacks.append(online)
     if t.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     trainer = L.Trainer(
@@ -113,7 +123,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         default_root_dir=str(run_dir),
     )
     with relaunch_this_job("pretrain"):
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
     if cfg.evaluate and trainer.is_global_zero:
         evaluate_run(run_dir, cfg.evaluate, cfg.evaluate_on, seed=cfg.seed)
     return export_dir

@@ -1,0 +1,158 @@
+"""Online evaluation: is the representation getting better while it trains?
+
+Every ``every_n_steps`` (and before the first step, which is the random-init reference, and after
+the last), :class:`OnlineEval` embeds a small labelled set with the current encoder — the EMA
+teacher where the objective has one (:meth:`~ssl_med.objective.Objective.eval_encoder`) — and logs
+
+* ``online/knn_accuracy``, ``online/knn_auroc``: weighted cosine kNN (DINO's protocol,
+  :func:`ssl_med.evaluators.knn.knn_scores`) of the **val** split against the train split;
+* ``online/linear_auroc``, ``online/linear_accuracy``: a closed-form ridge classifier on
+  standardised features (one solve, no iterations), trained on train and scored on val;
+* ``online/embedding_std``: the spread of the val embeddings (collapse monitor on fixed images).
+
+The test split is never read. Images are loaded once (the ``eval_data`` groups of ``ssl_med
+evaluate``, resized to the pretraining geometry), features are extracted in ``eval()`` mode under
+``torch.no_grad`` on the training device, so the cost is one forward pass over
+``max_train + max_val`` images per evaluation and nothing enters the training graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from ssl_med.config import OnlineEvalConfig
+from ssl_med.evaluators.datasets import ClassificationData, _subset
+from ssl_med.evaluators.features import extract_features
+from ssl_med.evaluators.knn import knn_scores
+from ssl_med.evaluators.metrics import classification_metrics
+
+log = logging.getLogger(__name__)
+
+
+def ridge_probe_scores(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, num_classes: int, ridge: float) -> np.ndarray:
+    """Class scores ``(Q, K)`` of a ridge classifier (one-hot targets) fitted in closed form.
+
+    Features ``(N, D)`` are standardised with the train statistics; ``W = (XᵀX + λ N I)⁻¹ XᵀY`` with
+    ``λ = ridge``; scores are a softmax of the predictions, so AUROC and argmax accuracy apply.
+    """
+    x = torch.from_numpy(train).double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+    q = (torch.from_numpy(query).double() - mean) / std
+    y = torch.nn.functional.one_hot(torch.from_numpy(train_labels).long(), num_classes).double()
+    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # bias column
+    q1 = torch.cat([q, torch.ones(len(q), 1, dtype=q.dtype)], 1)
+    gram = x1.T @ x1 + ridge * len(x) * torch.eye(x1.shape[1], dtype=x.dtype)
+    w = torch.linalg.solve(gram, x1.T @ y)
+    return torch.softmax(q1 @ w * 10.0, dim=1).numpy()
+
+
+def online_metrics(
+    train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, val_labels: np.ndarray, task: str, num_classes: int, cfg: OnlineEvalConfig
+) -> dict[str, float]:
+    """kNN and ridge-probe metrics of ``val`` ``(Q, D)`` against ``train`` ``(N, D)`` (single-label tasks)."""
+    knn = classification_metrics(knn_scores(train, train_labels, val, num_classes, cfg.k, cfg.temperature), val_labels, task)
+    lin = classification_metrics(ridge_probe_scores(train, train_labels, val, num_classes, cfg.ridge), val_labels, task)
+    z = torch.nn.functional.normalize(torch.from_numpy(val).float(), dim=1)
+    return {
+        "knn_accuracy": knn["accuracy"],
+        "knn_auroc": knn["auroc"],
+        "linear_accuracy": lin["accuracy"],
+        "linear_auroc": lin["auroc"],
+        "embedding_std": float(z.std(0).mean()),
+    }
+
+
+class OnlineEval(L.Callback):
+    """Logs ``online/*`` metrics of the current encoder on a labelled train/val set (see module docstring).
+
+    Args:
+        cfg: the ``online_eval`` settings.
+        data: the labelled set (its ``train`` and ``val`` splits are used, ``test`` is dropped).
+    """
+
+    def __init__(self, cfg: OnlineEvalConfig, data: ClassificationData) -> None:
+        if data.task == "multi-label":
+            raise ValueError(f"online_eval.data={cfg.data}: multi-label data is not supported online; use ssl_med evaluate")
+        self.cfg = cfg
+        self.task, self.num_classes = data.task, data.num_classes
+        self.images: dict[str, torch.Tensor] = {}
+        self.labels: dict[str, np.ndarray] = {}
+        for split, limit in (("train", cfg.max_train), ("val", cfg.max_val)):
+            keep = _subset(len(data.labels[split]), limit, data.labels[split])
+            self.images[split] = data.images[split][torch.from_numpy(keep)]
+            self.labels[split] = data.labels[split][keep]
+        self.history: list[dict[str, float]] = []
+        self.seconds = 0.0
+        self._last_step = -1
+
+    @torch.no_grad()
+    def evaluate(self, pl_module: L.LightningModule) -> dict[str, float]:
+        """Metrics of ``pl_module.objective.eval_encoder()`` now (the encoder's mode is restored)."""
+        encoder = pl_module.objective.eval_encoder()
+        device = str(pl_module.device)
+        feats = {
+            split: extract_features(encoder, x, self.cfg.features, self.cfg.batch_size, device)
+            for split, x in self.images.items()
+        }
+        return online_metrics(
+            feats["train"], self.labels["train"], feats["val"], self.labels["val"], self.task, self.num_classes, self.cfg
+        )
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not trainer.is_global_zero:
+            return
+        self._last_step = step
+        start = time.perf_counter()
+        metrics = self.evaluate(pl_module)
+        self.seconds += time.perf_counter() - start
+        self.history.append({"step": step, **metrics})
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_scalar"):
+            for name, value in metrics.items():
+                experiment.add_scalar(f"online/{name}", value, step)
+            experiment.add_scalar("online/seconds", self.seconds, step)
+        log.info(
+            "online eval (%s val, step %d): kNN acc %.3f AUROC %.3f | ridge probe AUROC %.3f | embedding std %.4f",
+            self.cfg.data, step, metrics["knn_accuracy"], metrics["knn_auroc"], metrics["linear_auroc"], metrics["embedding_std"],
+        )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run(trainer, pl_module)  # step 0 of a fresh run: the random-init reference
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.cfg.every_n_steps > 0 and trainer.global_step % self.cfg.every_n_steps == 0:
+            self._run(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run(trainer, pl_module)
+
+
+def build_online_eval(cfg: OnlineEvalConfig, image_size: list[int], in_chans: int | None) -> OnlineEval | None:
+    """The callback for ``cfg`` (``None`` when ``cfg.data`` is null), with images resized to the
+    pretraining geometry ``image_size`` (the encoder's input size)."""
+    if not cfg.data:
+        return None
+    from ssl_med.evaluators.datasets import eval_data_config, load_eval_data, resolve_eval_data
+
+    overrides = [f"eval_data.path={cfg.path}"] if cfg.path else []
+    data_cfg = resolve_eval_data(eval_data_config(cfg.data, overrides))
+    if int(data_cfg.get("spatial_dims", len(image_size))) != len(image_size):
+        raise ValueError(
+            f"online_eval.data={cfg.data} is {data_cfg['spatial_dims']}D but the encoder is {len(image_size)}D; "
+            "choose a labelled set of the pretraining's dimension"
+        )
+    if len(set(image_size)) != 1:
+        raise ValueError(f"online_eval needs a cubic/square encoder input, got {image_size}")
+    data_cfg["image_size"] = int(image_size[0])
+    data = load_eval_data(data_cfg, in_chans or 1)
+    if not isinstance(data, ClassificationData):
+        raise ValueError(f"online_eval.data={cfg.data} is not a classification set (kNN needs class labels)")
+    return OnlineEval(cfg, data)

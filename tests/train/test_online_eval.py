@@ -1,0 +1,126 @@
+"""Online evaluation during pretraining: metrics on separable data, teacher features, no gradients,
+and the ``online/*`` curves of a real smoke run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_med.config import OnlineEvalConfig
+from ssl_med.evaluators.datasets import ClassificationData
+from ssl_med.registry import BACKBONES, OBJECTIVES
+from ssl_med.train.online_eval import OnlineEval, online_metrics, ridge_probe_scores
+
+
+def _clusters(n: int, dim: int = 16, seed: int = 0, spread: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Two tight clusters around orthogonal directions: separable by construction."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    centres = np.eye(dim)[:2] * 3.0
+    return (centres[labels] + spread * rng.standard_normal((n, dim))).astype(np.float32), labels
+
+
+def test_separable_features_score_perfectly() -> None:
+    train, y_train = _clusters(200, seed=0)
+    val, y_val = _clusters(80, seed=1)
+    m = online_metrics(train, y_train, val, y_val, "binary", 2, OnlineEvalConfig(k=10))
+    assert m["knn_accuracy"] == 1.0 and m["knn_auroc"] == 1.0
+    assert m["linear_accuracy"] == 1.0 and m["linear_auroc"] == 1.0
+
+
+def test_uninformative_features_score_at_chance() -> None:
+    rng = np.random.default_rng(0)
+    train, val = rng.standard_normal((400, 16)), rng.standard_normal((400, 16))
+    y_train, y_val = rng.integers(0, 2, 400), rng.integers(0, 2, 400)
+    m = online_metrics(train, y_train, val, y_val, "binary", 2, OnlineEvalConfig())
+    assert 0.4 < m["knn_auroc"] < 0.6 and 0.4 < m["linear_auroc"] < 0.6
+
+
+def test_ridge_probe_matches_lstsq_reference() -> None:
+    """Closed form against numpy's least squares on the augmented system (independent solver)."""
+    rng = np.random.default_rng(3)
+    x, q = rng.standard_normal((50, 5)), rng.standard_normal((7, 5))
+    y = rng.integers(0, 3, 50)
+    ridge = 0.3
+    mean, std = x.mean(0), x.std(0, ddof=1)
+    xs = np.hstack([(x - mean) / std, np.ones((50, 1))])
+    targets = np.eye(3)[y]
+    a = np.vstack([xs, np.sqrt(ridge * 50) * np.eye(6)])
+    b = np.vstack([targets, np.zeros((6, 3))])
+    w = np.linalg.lstsq(a, b, rcond=None)[0]
+    pred = np.hstack([(q - mean) / std, np.ones((7, 1))]) @ w
+    expected = np.exp(10 * pred) / np.exp(10 * pred).sum(1, keepdims=True)
+    np.testing.assert_allclose(ridge_probe_scores(x, y, q, 3, ridge), expected, rtol=1e-6, atol=1e-9)
+
+
+def _tiny_data(n: int = 24) -> ClassificationData:
+    g = torch.Generator().manual_seed(0)
+    images = {s: torch.rand(n, 1, 16, 16, generator=g) for s in ("train", "val", "test")}
+    labels = {s: np.arange(n) % 2 for s in ("train", "val", "test")}
+    return ClassificationData("toy", "binary", images, labels, 2)
+
+
+class _Module(torch.nn.Module):
+    """Stands in for the Lightning module: ``objective`` and ``device`` are all the callback reads."""
+
+    def __init__(self, objective: torch.nn.Module) -> None:
+        super().__init__()
+        self.objective = objective
+        self.device = torch.device("cpu")
+
+
+def test_online_eval_uses_the_teacher_and_builds_no_graph() -> None:
+    encoder = BACKBONES.build("vit", spatial_dims=2, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    dino = OBJECTIVES.build("dino", encoder=encoder, out_dim=16, hidden_dim=16, bottleneck_dim=8, n_local_crops=1)
+    with torch.no_grad():  # make teacher and student differ
+        for p in dino.teacher["encoder"].parameters():
+            p.add_(0.5)
+    data = _tiny_data()
+    callback = OnlineEval(OnlineEvalConfig(data="toy", k=5), data)
+    assert "test" not in callback.images, "the test split is never kept"
+    captured: list[torch.nn.Module] = []
+    import ssl_med.train.online_eval as online_eval
+
+    original = online_eval.extract_features
+
+    def spy(enc, images, *args, **kwargs):
+        captured.append(enc)
+        assert not torch.is_grad_enabled()
+        return original(enc, images, *args, **kwargs)
+
+    dino.train()
+    online_eval.extract_features = spy
+    try:
+        metrics = callback.evaluate(_Module(dino))
+    finally:
+        online_eval.extract_features = original
+    assert captured and all(enc is dino.teacher["encoder"] for enc in captured)
+    assert set(metrics) >= {"knn_accuracy", "knn_auroc", "linear_auroc", "embedding_std"}
+    assert all(p.grad is None for p in dino.parameters())
+    assert dino.encoder.training, "the student's mode is left as it was"
+
+    mae = OBJECTIVES.build("mae", encoder=encoder, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    assert mae.eval_encoder() is encoder
+
+
+def test_smoke_pretrain_logs_online_metrics(tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.train.test_pretrain import config, scalars
+
+    from ssl_med.train import run as run_module
+
+    monkeypatch.setenv("SSL_MED_SHARED_DATA", str(shared_data))
+    cfg = config(
+        "trainer.max_steps=4",
+        "online_eval.data=breastmnist",
+        "online_eval.every_n_steps=2",
+        "online_eval.max_train=64",
+        "online_eval.max_val=32",
+    )
+    run_module.pretrain(cfg, tmp_path)
+    knn = scalars(tmp_path, "online/knn_accuracy")
+    assert len(knn) == 3, "before step 1, at step 2 and at step 4"
+    assert all(0.0 <= v <= 1.0 for v in knn)
+    assert len(scalars(tmp_path, "online/linear_auroc")) == 3
