@@ -13,9 +13,15 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from torch import Tensor
 
 
+def _keep_storage(storage: Any, location: str) -> Any:
+    return storage
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to a temporary file and renames it into place: a run killed mid-save never
-    leaves a truncated ``last.ckpt`` behind."""
+    leaves a truncated ``last.ckpt`` behind. Loads with ``weights_only=True`` always, whatever the
+    caller or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says: a checkpoint (``resume=<path>`` may name any
+    file) is tensors and plain data, never code to unpickle."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         path = Path(path)
@@ -23,6 +29,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
+
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any = _keep_storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 def _preview_grid(images: dict[str, Tensor], max_items: int = 4) -> Tensor:
