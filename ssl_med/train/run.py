@@ -29,6 +29,7 @@ from ssl_med.encoder import Encoder
 from ssl_med.objective import Objective
 from ssl_med.registry import BACKBONES, OBJECTIVES
 from ssl_med.train.callbacks import AtomicCheckpointIO, ExportEncoder, PlotCurves, PreviewImages
+from ssl_med.train.checkpoints import checkpoint_problem, newest_good_checkpoint
 from ssl_med.train.launch import relaunch_this_job
 from ssl_med.train.module import PretrainModule
 from ssl_med.train.online_eval import build_online_eval
@@ -55,14 +56,21 @@ def encoder_input_size(cfg: PretrainConfig) -> list[int]:
 
 
 def resume_checkpoint(resume: str, checkpoint_dir: Path) -> str | None:
-    """The checkpoint to continue from: ``auto`` -> ``last.ckpt`` if present, ``never`` -> none, else a path."""
+    """The checkpoint to continue from: ``auto`` -> ``last.ckpt``, or the newest readable step checkpoint
+    when ``last.ckpt`` is empty or damaged (:mod:`ssl_med.train.checkpoints`); ``never`` -> none; else a path."""
     if resume == "never":
         return None
     if resume == "auto":
-        last = checkpoint_dir / LAST_CHECKPOINT
-        return str(last) if last.is_file() else None
+        try:
+            found = newest_good_checkpoint(checkpoint_dir, LAST_CHECKPOINT)
+        except ValueError as err:
+            raise ConfigError(f"resume=auto: {err}; resume=never starts afresh") from err
+        return None if found is None else str(found)
     if not Path(resume).is_file():
         raise ConfigError(f"resume={resume!r}: not 'auto', 'never' or an existing checkpoint file")
+    problem = checkpoint_problem(Path(resume))
+    if problem:
+        raise ConfigError(f"resume={resume!r}: {problem}")
     return resume
 
 

@@ -1,7 +1,9 @@
-"""Resume never unpickles code, even with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``."""
+"""Resume never unpickles code, even with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``; an empty or damaged
+``last.ckpt`` falls back to the newest good step checkpoint, and the run still ends where it would have."""
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 
@@ -9,9 +11,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from ssl_med.config import PretrainConfig, parse_pretrain_config
+from ssl_med.config import ConfigError, PretrainConfig, parse_pretrain_config
 from ssl_med.train import run as run_module
 from ssl_med.train.callbacks import AtomicCheckpointIO
+from ssl_med.train.module import PretrainModule
 
 SMALL = ["backbone.embed_dim=48", "backbone.depth=1", "objective.decoder_dim=16", "objective.decoder_depth=1",
          "objective.decoder_heads=2", "data.crop_size=[32,32]", "data.batch_size=4", "data.num_workers=0",
@@ -63,3 +66,64 @@ def test_resume_from_a_crafted_checkpoint_runs_no_code(crafted, tmp_path, monkey
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         run_module.pretrain(cfg, tmp_path / "run")
     assert not marker.exists()
+
+
+@pytest.fixture()
+def checkpoint_dir(tmp_path: Path) -> Path:
+    """``step0000003.ckpt``, ``step0000006.ckpt`` and ``last.ckpt`` (step 6), small but real ``torch.save`` files."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name, step in (("step0000003.ckpt", 3), ("step0000006.ckpt", 6), ("last.ckpt", 6)):
+        torch.save({"global_step": step, "state_dict": {"w": torch.arange(4096.0) + step}}, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("fault", ["emptied", "truncated", "flipped"])
+def test_damaged_last_checkpoint_falls_back_to_the_newest_step(checkpoint_dir, faults, fault, caplog) -> None:
+    inject, _ = faults.KINDS[fault]
+    last = checkpoint_dir / "last.ckpt"
+    inject(last) if fault != "flipped" else faults.flip_byte(last, len(last.read_bytes()) // 2)
+    with caplog.at_level(logging.WARNING, logger="ssl_med.train.checkpoints"):
+        found = run_module.resume_checkpoint("auto", checkpoint_dir)
+    assert found == str(checkpoint_dir / "step0000006.ckpt")
+    assert f"cannot resume from {last} (" in caplog.text and "resuming from" in caplog.text
+    assert not last.exists() and (checkpoint_dir / "last.ckpt.damaged").exists()
+    last = checkpoint_dir / "last.ckpt.damaged"
+    with pytest.raises(ConfigError, match=r"last\.ckpt"):
+        run_module.resume_checkpoint(str(last), checkpoint_dir)  # an explicit path is not replaced
+
+
+def test_no_usable_checkpoint_is_an_error(checkpoint_dir) -> None:
+    for path in checkpoint_dir.iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"no usable checkpoint .* resume=never starts afresh"):
+        run_module.resume_checkpoint("auto", checkpoint_dir)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_run_resumes_from_the_step_checkpoint_to_the_same_weights(tmp_path, monkeypatch) -> None:
+    cfg = small_config("trainer.max_steps=6", "trainer.checkpoint_every_n_steps=3", "optim.warmup_steps=2")
+    run_module.pretrain(cfg, tmp_path / "straight")
+    original_step = PretrainModule.training_step
+
+    def crash_at_step_5(self, batch, batch_idx):
+        if self.global_step == 5:
+            raise Crash("killed at step 5")
+        return original_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PretrainModule, "training_step", crash_at_step_5)
+    with pytest.raises(Crash):
+        run_module.pretrain(cfg, tmp_path / "resumed")
+    monkeypatch.setattr(PretrainModule, "training_step", original_step)
+    (tmp_path / "resumed" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    run_module.pretrain(cfg, tmp_path / "resumed")
+    straight, resumed = (
+        torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)
+        for run in ("straight", "resumed")
+    )
+    assert resumed["global_step"] == straight["global_step"] == 6
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
