@@ -27,7 +27,8 @@ class DataConfig:
     patch_size: int = 8
     num_channels: int | None = 1
     slice_axis: int = 0
-    split: str | None = None
+    split: str | None = "auto"
+    small_images: str = "resize"
     min_foreground: float = 0.0
     normalise: str = "auto"
     samples_per_epoch: int = 2048

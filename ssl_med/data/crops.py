@@ -4,10 +4,21 @@ A crop is drawn deterministically from ``(seed, index)``: the image (weighted by
 crop positions, so large volumes are sampled more), for 2D crops from a volume the slice along
 ``slice_axis``, and the crop origin. Only the chunks that the crop touches are read.
 
-Foreground-aware sampling (``min_foreground > 0``) redraws a crop, deterministically from
-``(seed, index, attempt)``, while less than that fraction of its voxels is above
-``foreground_threshold`` (after normalisation to ``[0, 1]``), i.e. skips crops that are mostly air;
-after ``max_tries`` the most foreground-rich attempt is used.
+Foreground-aware sampling (``min_foreground > 0``) redraws the crop's *position within the same
+image*, deterministically from ``(seed, index, attempt)``, while less than that fraction of its voxels
+is above ``foreground_threshold`` (after normalisation to ``[0, 1]``), i.e. skips crops that are
+mostly air; after ``max_tries`` the most foreground-rich attempt is used. The image is never
+redrawn, so images keep their sampling weight however sparse their foreground is; the bias that
+remains is within an image, towards foreground-rich positions.
+
+Images smaller than the crop along a crop axis (e.g. 28 px MedMNIST images under a 32 px crop) are,
+with ``small_images="resize"`` (default), read whole along that axis and scaled up isotropically
+(bilinear / trilinear) until they cover the crop, so a model never trains on padding; ``"pad"``
+keeps the old behaviour (padded at the end with what normalises to 0) and ``"error"`` refuses them
+at start-up, naming the image.
+
+``split="auto"`` trains on the ``train`` split when the store has one (MedMNIST files keep their
+splits at ingest), so that val and test images never enter pretraining by default.
 
 Where the crops are normalised (``normalise=``): ``"worker"`` hands float32 ``[0, 1]`` crops to the
 view transform inside the DataLoader worker; ``"batch"`` hands the stored values (e.g. int16, half
@@ -19,9 +30,10 @@ is the costliest step of loading a 96³ crop on a small machine (docs/benchmarks
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -30,6 +42,8 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from ssl_med.data.faults import FaultPolicy
 from ssl_med.data.store import ImageMeta, ImageStore
+
+log = logging.getLogger(__name__)
 
 
 def intensity_window(meta: ImageMeta) -> np.ndarray:
@@ -70,6 +84,22 @@ def normalise_batch(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+def resolve_split(split: str | None, metas: Iterable[ImageMeta]) -> str | None:
+    """``"auto"`` -> ``"train"`` when any image is in the train split, else ``None`` (all images)."""
+    if split != "auto":
+        return split
+    return "train" if any(m.split == "train" for m in metas) else None
+
+
+def resize_up(crop: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """``(C, *S)`` -> ``(C, *size)`` by bilinear / trilinear interpolation, in the crop's dtype
+    (integers rounded), for the upscaling of images smaller than the crop."""
+    x = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None]
+    mode = "bilinear" if x.ndim == 4 else "trilinear"
+    out = torch.nn.functional.interpolate(x, size=tuple(int(s) for s in size), mode=mode, align_corners=False)[0].numpy()
+    return out.round().astype(crop.dtype) if crop.dtype.kind in "iu" else out.astype(crop.dtype, copy=False)
+
+
 def match_channels(crop: np.ndarray, num_channels: int | None) -> np.ndarray:
     """Adapt ``(C, ...)`` to ``num_channels``: mean to 1 channel, or repeat 1 channel; ``None`` keeps C."""
     c = crop.shape[0]
@@ -92,7 +122,7 @@ class RandomCropDataset(Dataset):
         slice_axis: for 2D crops from 3D volumes, the axis the slice is taken along (0 = Z, axial).
         length: nominal number of crops per epoch.
         seed: crops are a function of ``(seed, index)``.
-        split: only images of this split (``None``: all).
+        split: only images of this split (``None``: all; ``"auto"``: ``train`` when the store has it, else all).
         transform: per-sample callable applied last (the objective's view transform).
         min_foreground: minimum fraction of foreground voxels per crop (0: no check).
         foreground_threshold: normalised intensity above which a voxel is foreground.
@@ -109,7 +139,8 @@ class RandomCropDataset(Dataset):
         max_error_fraction: with ``on_error="skip"``, the fraction of draws that may fail before
             :class:`~ssl_med.data.faults.TooManyFaults` stops the run.
 
-    Images smaller than the crop are padded with the value that normalises to 0.
+        small_images: ``"resize"``, ``"pad"`` or ``"error"`` for images smaller than the crop
+            (see the module docstring).
     """
 
     def __init__(
@@ -130,9 +161,15 @@ class RandomCropDataset(Dataset):
         normalise: Literal["auto", "worker", "batch"] = "worker",
         on_error: str = "raise",
         max_error_fraction: float = 0.05,
+        small_images: Literal["resize", "pad", "error"] = "resize",
     ) -> None:
         self.store_path = str(store_path)
         self.crop_size = tuple(int(c) for c in crop_size)
+        if not self.crop_size or min(self.crop_size) <= 0:
+            raise ValueError(f"crop size {list(self.crop_size)} (data.crop_size): every size must be a positive integer")
+        if small_images not in ("resize", "pad", "error"):
+            raise ValueError(f"small_images (data.small_images) must be resize, pad or error, got {small_images!r}")
+        self.small_images = small_images
         self.spatial_dims = len(self.crop_size)
         self.num_channels = num_channels
         self.slice_axis = slice_axis
@@ -146,6 +183,8 @@ class RandomCropDataset(Dataset):
         self.engine = engine
         self.faults = FaultPolicy(on_error, max_error_fraction)
         manifest = ImageStore(self.store_path).manifest
+        split = resolve_split(split, manifest.values())
+        self.split = split
         self.names = [
             n
             for n, m in manifest.items()
@@ -170,8 +209,31 @@ class RandomCropDataset(Dataset):
         self._position = {n: k for k, n in enumerate(self.names)}
         weights = np.array([self._num_positions(m) for m in self.metas], dtype=np.float64)
         self.weights = weights / weights.sum()
+        self._check_small_images()
         self._store: ImageStore | None = None
         self._pid: int | None = None
+
+    def _plane(self, meta: ImageMeta) -> tuple[int, ...]:
+        """The image's size along the crop axes (the slice axis dropped for 2D crops of volumes)."""
+        spatial = meta.shape[1:]
+        if meta.spatial_dims > self.spatial_dims:
+            return tuple(s for i, s in enumerate(spatial) if i != self.slice_axis)
+        return tuple(spatial)
+
+    def _check_small_images(self) -> None:
+        """Refuse (``"error"``) or report (``"resize"``, ``"pad"``) images smaller than the crop, once."""
+        small = [(n, self._plane(m)) for n, m in zip(self.names, self.metas) if any(s < c for s, c in zip(self._plane(m), self.crop_size))]
+        if not small:
+            return
+        name, plane = small[0]
+        what = f"{len(small)} of {len(self.names)} images are smaller than the crop {list(self.crop_size)} (e.g. {name}: {list(plane)})"
+        if self.small_images == "error":
+            raise ValueError(f"{what} in store {self.store_path}; set data.small_images=resize or pad, or a smaller data.crop_size")
+        if self.small_images == "resize":
+            log.info("%s: scaled up to cover the crop (data.small_images=resize)", what)
+        else:
+            padding = np.mean([1 - math.prod(min(s, c) for s, c in zip(p, self.crop_size)) / math.prod(self.crop_size) for _, p in small])
+            log.warning("%s: padded, %.0f%% of their crops is padding (data.small_images=pad)", what, 100 * padding)
 
     def _num_positions(self, meta: ImageMeta) -> int:
         spatial = meta.shape[1:]
@@ -196,14 +258,29 @@ class RandomCropDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def window(self, meta: ImageMeta) -> tuple[int, ...]:
+        """The extent read along each crop axis: the crop, or with ``small_images="resize"`` the part
+        of a too-small image that scales up (isotropically) to exactly cover the crop."""
+        plane = self._plane(meta)
+        if self.small_images != "resize" or all(s >= c for s, c in zip(plane, self.crop_size)):
+            return self.crop_size
+        scale = max(c / s for s, c in zip(plane, self.crop_size))
+        return tuple(min(s, math.ceil(c / scale - 1e-9)) for s, c in zip(plane, self.crop_size))
+
     def region(self, index: int, attempt: int = 0) -> tuple[str, tuple[slice, ...]]:
-        """The image name and the spatial region (in store coordinates) of crop ``index``."""
+        """The image name and the spatial region (in store coordinates) of crop ``index``.
+
+        Attempts of one draw (``attempt // max_tries`` equal) share the image of their first attempt
+        and differ in position only.
+        """
         rng = np.random.default_rng([self.seed, index] + ([attempt] if attempt else []))
-        k = int(rng.choice(len(self.names), p=self.weights))
+        first = attempt - attempt % self.max_tries
+        image_rng = rng if attempt == first else np.random.default_rng([self.seed, index] + ([first] if first else []))
+        k = int(image_rng.choice(len(self.names), p=self.weights))
         meta = self.metas[k]
         spatial = list(meta.shape[1:])
         region: list[slice] = []
-        crop = list(self.crop_size)
+        crop = list(self.window(meta))
         if meta.spatial_dims > self.spatial_dims:
             z = int(rng.integers(spatial[self.slice_axis]))
             crop.insert(self.slice_axis, 1)
@@ -222,6 +299,8 @@ class RandomCropDataset(Dataset):
         crop = self.store.read(name, region)
         if meta.spatial_dims > self.spatial_dims:
             crop = crop.squeeze(1 + self.slice_axis)
+        if self.small_images == "resize" and tuple(crop.shape[1:]) != self.crop_size:
+            crop = resize_up(crop, self.crop_size)
         if self.normalise == "worker":
             return normalise_intensity(crop, meta), meta
         return crop.astype(self.raw_dtype, copy=False), meta

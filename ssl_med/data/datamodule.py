@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,8 @@ from torch.utils.data import DataLoader
 from ssl_med.config import DataConfig
 from ssl_med.data.crops import EpochSampler, RandomCropDataset
 from ssl_med.registry import DATASETS
+
+log = logging.getLogger(__name__)
 
 
 def resolve_store(cfg: DataConfig) -> str:
@@ -72,7 +75,14 @@ class CropDataModule(L.LightningDataModule):
                 normalise=self.normalise_mode(),
                 on_error=self.cfg.on_error,
                 max_error_fraction=self.cfg.max_error_fraction,
+                small_images=self.cfg.small_images,
             )
+            held_out = sorted({m.split for m in self.dataset.metas} & {"val", "test"})
+            if held_out:
+                log.warning(
+                    "pretraining reads the %s split(s) of %s (data.split=%s): evaluations on them are not held out; "
+                    "use data.split=train (or auto)", "/".join(held_out), self.dataset.store_path, self.cfg.split,
+                )
 
     def normalise_mode(self) -> str:
         """``data.normalise`` resolved: ``worker``, ``batch``, or ``auto`` (the dataset's choice)."""

@@ -167,14 +167,16 @@ def test_raw_handoff_pads_ct_values_to_zero(tmp_path) -> None:
     ct = np.random.default_rng(3).integers(-1024, 1500, size=(1, 20, 24)).astype(np.int16)
     store = ImageStore(tmp_path / "ct.zarr", mode="a")
     store.add("ct", ct, (1.0, 1.0))
-    worker = RandomCropDataset(store.path, (32, 32), length=2, seed=1)
-    raw = RandomCropDataset(store.path, (32, 32), length=2, seed=1, normalise="auto")
-    assert raw.normalise == "batch"
-    for i in range(2):
-        sample = raw[i]
-        batch = normalise_batch({k: v[None] for k, v in sample.items()})
-        torch.testing.assert_close(batch["image"][0], worker[i]["image"], rtol=0, atol=1e-6)
-        assert float(batch["image"][0, :, 20:].abs().max()) == 0.0
+    for mode in ("pad", "resize"):  # both hand-offs agree however small images are brought to size
+        worker = RandomCropDataset(store.path, (32, 32), length=2, seed=1, small_images=mode)
+        raw = RandomCropDataset(store.path, (32, 32), length=2, seed=1, normalise="auto", small_images=mode)
+        assert raw.normalise == "batch"
+        for i in range(2):
+            sample = raw[i]
+            batch = normalise_batch({k: v[None] for k, v in sample.items()})
+            torch.testing.assert_close(batch["image"][0], worker[i]["image"], rtol=0, atol=1e-6)
+            if mode == "pad":
+                assert float(batch["image"][0, :, 20:].abs().max()) == 0.0
 
 
 def test_raw_handoff_refuses_channel_averaging(brats_store) -> None:

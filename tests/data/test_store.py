@@ -65,10 +65,14 @@ def test_random_crops_are_real_and_deterministic(volume_store) -> None:
 
 def test_2d_slices_from_volumes_and_padding(volume_store) -> None:
     store, _ = volume_store
-    ds = RandomCropDataset(store.path, (64, 16), num_channels=1)
+    ds = RandomCropDataset(store.path, (64, 16), num_channels=1, small_images="pad")
     x = ds[0]["image"]
     assert x.shape == (1, 64, 16)  # y is only 41 long: zero-padded
     assert float(x[:, 41:].abs().sum()) == 0.0
+    resized = RandomCropDataset(store.path, (64, 16), num_channels=1)  # default: scaled up, 41 x 11 -> 64 x 16
+    name, region = resized.region(0)
+    assert [s.stop - s.start for s in region] == [1, 41, 11]
+    assert resized[0]["image"].shape == (1, 64, 16)
 
 
 def test_channel_matching() -> None:
