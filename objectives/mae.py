@@ -138,6 +138,7 @@ class MAE(Objective):
     """
 
     geometric_views = True  # flips and mask noise only
+    eval_features = "mean_patch"  # no MAE loss term trains the CLS token
 
     def __init__(
         self,

@@ -119,6 +119,17 @@ class Encoder(nn.Module, ABC):
         return math.prod(self.grid_shape(spatial_shape))
 
 
+def config_input_size(backbone: dict[str, Any]) -> list[int] | None:
+    """The input size ``(S_1, ..., S_d)`` a backbone config was built for (``img_size`` given as one
+    int is repeated over ``spatial_dims``), or ``None`` when the config does not say."""
+    size = backbone.get("img_size")
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return [size] * int(backbone.get("spatial_dims", 2))
+    return [int(v) for v in size]
+
+
 def size_preset(family: str, presets: dict[str, tuple[int, ...]], size: str, *explicit: int | None) -> tuple[int, ...]:
     """A named size's dimensions (e.g. ``(embed_dim, depth, num_heads)``), each overridden by the
     matching ``explicit`` value when that is not ``None``; unknown sizes list the valid ones."""

@@ -9,18 +9,25 @@ The Lightning module only wires ``encoder + objective + optimiser``::
 
 ``batch`` is the collated output of the view transform; its ``"image"`` key holds the crops
 ``(B, C, *S)`` sampled by the data module.
+
+Before anything is built, :meth:`Objective.view_geometry` tells from the data config alone whether
+the crops fit the objective's views and what size the encoder sees (:mod:`ssl_med.geometry`)::
+
+    OBJECTIVES.get("voco").view_geometry(CropSpec((32, 96, 96), (8, 8, 8)), cfg).encoder_size  # (32, 32, 32)
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
 from ssl_med.encoder import Encoder
+from ssl_med.geometry import CropSpec, ViewGeometry, patch_multiple_crop
 
 Sample = dict[str, Any]
 
@@ -47,12 +54,17 @@ class Objective(nn.Module, ABC):
         encoder: the trained encoder (student); exported at the end of pretraining.
 
     Attributes:
+        eval_features: the feature pooling evaluators use for this objective's encoders (``auto``).
         geometric_views: the view transform only moves voxels (flips, crops, masks) and never reads
             intensities, so the data module may hand crops over raw and normalise them after the
             transfer (half the bytes for int16 images; ``data.normalise=auto``).
     """
 
     geometric_views: bool = False
+    #: frozen features that represent this objective's encoder (``eval.features=auto``): ``pooled``
+    #: (CLS / pooled embedding, trained by DINO, VoCo, graph matching) or ``mean_patch`` (MAE-family
+    #: objectives, whose losses never touch the CLS token; timm's MAE models pool the same way)
+    eval_features: str = "pooled"
 
     def __init__(self, encoder: Encoder) -> None:
         super().__init__()
@@ -61,6 +73,35 @@ class Objective(nn.Module, ABC):
     def view_transform(self) -> Callable[[Sample], Sample]:
         """Per-sample transform from a data-module crop to this objective's views (default: none)."""
         return _identity
+
+    @classmethod
+    def view_geometry(cls, crop: CropSpec, options: Mapping[str, Any]) -> ViewGeometry:
+        """The views this objective makes of data crops ``(C, *crop.crop_size)``, from the configs alone.
+
+        Runs before anything is built. Objectives whose views are not the crop itself override it.
+
+        Args:
+            crop: data crop size, encoder patch size and batch size.
+            options: the objective's config (constructor arguments; missing ones take their defaults,
+                see :meth:`options_with_defaults`).
+
+        Returns:
+            the view sizes; ``encoder_size`` is the size the backbone is built for (``img_size``).
+
+        Raises:
+            GeometryError: the crop (or an option) does not fit; the message names the fixing override.
+
+        Default: the encoder sees the crop itself, so it must be a multiple of the patch.
+        """
+        size = patch_multiple_crop(crop)
+        return ViewGeometry(size, {"image": size})
+
+    @classmethod
+    def options_with_defaults(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` (a config mapping; ``name`` is dropped) over the constructor's default arguments."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        return {**defaults, **{k: v for k, v in options.items() if k != "name"}}
 
     @abstractmethod
     def forward(self, batch: dict[str, Any]) -> ObjectiveOutput:

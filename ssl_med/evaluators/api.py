@@ -23,7 +23,7 @@ from ssl_med.evaluators.base import EvalContext, EvalResult
 from ssl_med.evaluators.datasets import ClassificationData, load_eval_data, resolve_eval_data
 from ssl_med.evaluators.plots import label_efficiency_plot
 from ssl_med.evaluators.report import write_results
-from ssl_med.registry import BACKBONES, EVALUATORS
+from ssl_med.registry import BACKBONES, EVALUATORS, OBJECTIVES
 
 CONFIG_NAME = "config.json"  # ssl_med.export.CONFIG_NAME (imported lazily: export pulls in heavier deps)
 
@@ -74,6 +74,25 @@ def published_rows(data_cfg: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def match_encoder(
+    eval_cfg: dict[str, Any], data_cfg: dict[str, Any], encoder_config: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fill the settings left to the encoder: ``eval.features=auto`` -> the pretraining objective's
+    :attr:`~ssl_med.objective.Objective.eval_features` (``mean_patch`` for MAE-family encoders, whose
+    CLS token no loss trains; ``pooled`` otherwise), and ``eval_data.image_size=null`` on classification
+    files -> the encoder's input size, so that evaluation sees the pretraining geometry."""
+    from ssl_med.encoder import config_input_size
+
+    eval_cfg, data_cfg = dict(eval_cfg), dict(data_cfg)
+    if eval_cfg.get("features") == "auto":
+        objective = (encoder_config.get("objective") or {}).get("name")
+        eval_cfg["features"] = OBJECTIVES.get(objective).eval_features if objective in OBJECTIVES else "pooled"
+    size = config_input_size(encoder_config.get("backbone") or {})
+    if data_cfg.get("image_size") is None and data_cfg.get("kind") == "medmnist" and size and len(set(size)) == 1:
+        data_cfg["image_size"] = size[0]
+    return eval_cfg, data_cfg
+
+
 def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,6 +129,7 @@ def evaluate(
     Returns:
         the ``results.json`` content (see :mod:`ssl_med.evaluators.report`).
     """
+    eval_cfg, data_cfg = match_encoder(eval_cfg, data_cfg, encoder_config or {})
     data_cfg = resolve_eval_data(data_cfg)
     published = published_rows(data_cfg)
     out = Path(out_dir)

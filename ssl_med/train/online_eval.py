@@ -94,11 +94,14 @@ class OnlineEval(L.Callback):
 
     @torch.no_grad()
     def evaluate(self, pl_module: L.LightningModule) -> dict[str, float]:
-        """Metrics of ``pl_module.objective.eval_encoder()`` now (the encoder's mode is restored)."""
-        encoder = pl_module.objective.eval_encoder()
+        """Metrics of ``pl_module.objective.eval_encoder()`` now (the encoder's mode is restored);
+        ``features: auto`` is the objective's :attr:`~ssl_med.objective.Objective.eval_features`."""
+        objective = pl_module.objective
+        encoder = objective.eval_encoder()
         device = str(pl_module.device)
+        mode = objective.eval_features if self.cfg.features == "auto" else self.cfg.features
         feats = {
-            split: extract_features(encoder, x, self.cfg.features, self.cfg.batch_size, device)
+            split: extract_features(encoder, x, mode, self.cfg.batch_size, device)
             for split, x in self.images.items()
         }
         return online_metrics(

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from ssl_med.config import ConfigError, PretrainConfig
 from ssl_med.data.datamodule import CropDataModule
-from ssl_med.encoder import Encoder
+from ssl_med.encoder import Encoder, config_input_size
 from ssl_med.objective import Objective
 from ssl_med.registry import BACKBONES, OBJECTIVES
 from ssl_med.train.callbacks import AtomicCheckpointIO, ExportEncoder, PlotCurves, PreviewImages
@@ -47,12 +47,6 @@ def build_encoder(backbone: dict) -> Encoder:
 def build_objective(objective: dict, encoder: Encoder) -> Objective:
     kwargs = dict(objective)
     return OBJECTIVES.build(kwargs.pop("name"), encoder=encoder, **kwargs)
-
-
-def encoder_input_size(cfg: PretrainConfig) -> list[int]:
-    """The spatial size the encoder is built for (``backbone.img_size``, else the crop), one value per axis."""
-    size = cfg.backbone.get("img_size", cfg.data.crop_size)
-    return [int(size)] * cfg.data.spatial_dims if isinstance(size, int) else [int(s) for s in size]
 
 
 def resume_checkpoint(resume: str, checkpoint_dir: Path) -> str | None:
@@ -108,7 +102,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         ExportEncoder(export_dir, {"backbone": cfg.backbone, "objective": cfg.objective, "data": asdict(cfg.data)}),
         PlotCurves(run_dir),
     ]
-    online = build_online_eval(cfg.online_eval, encoder_input_size(cfg), encoder.in_chans)
+    input_size = config_input_size(cfg.backbone) or list(cfg.data.crop_size)
+    online = build_online_eval(cfg.online_eval, input_size, encoder.in_chans)
     if online is not None:
         callbacks.append(online)
     if t.progress_bar:
