@@ -43,7 +43,7 @@ class OptimConfig:
     name: str = "adamw"
     lr: float = 5.0e-4
     min_lr: float = 1.0e-6
-    warmup_steps: int = 20
+    warmup_steps: float = 0.07
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.05
     weight_decay_end: float = 0.05
@@ -53,6 +53,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 300
+    max_time: str | None = None
     accelerator: str = "auto"
     devices: Any = 1
     strategy: str = "auto"

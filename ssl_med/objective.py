@@ -69,6 +69,7 @@ class Objective(nn.Module, ABC):
     def __init__(self, encoder: Encoder) -> None:
         super().__init__()
         self.encoder = encoder
+        self.max_steps = 0  # set by set_run_length
 
     def view_transform(self) -> Callable[[Sample], Sample]:
         """Per-sample transform from a data-module crop to this objective's views (default: none)."""
@@ -126,6 +127,11 @@ class Objective(nn.Module, ABC):
 
     def on_train_step_end(self, step: int, max_steps: int) -> None:
         """Hook after each optimiser step (EMA teachers, schedules); ``step`` counts from 1."""
+
+    def set_run_length(self, max_steps: int) -> None:
+        """Told once, before training, how many optimiser steps the run has (schedules given as
+        fractions of the run resolve against it)."""
+        self.max_steps = max_steps
 
     def eval_encoder(self) -> nn.Module:
         """The encoder whose features represent this objective now: the EMA teacher where the

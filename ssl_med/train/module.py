@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -12,7 +13,9 @@ from torch import Tensor
 from ssl_med.config import OptimConfig
 from ssl_med.data.crops import normalise_batch
 from ssl_med.objective import Objective
-from ssl_med.train.schedules import warmup_cosine
+from ssl_med.train.schedules import steps_of, warmup_cosine
+
+log = logging.getLogger(__name__)
 
 
 def embedding_std(embeddings: Tensor) -> Tensor:
@@ -29,6 +32,30 @@ def _batch_size(batch: dict[str, Any]) -> int | None:
     return next((v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.ndim), None)
 
 
+class CollapseMonitor:
+    """Warns in the log, once, when the embedding spread stays below ``ratio`` of the ideal
+    ``1/sqrt(D)`` for ``patience`` consecutive steps: a collapsed encoder maps every image to (nearly)
+    one point, and only the curves would show it otherwise."""
+
+    def __init__(self, ratio: float = 0.1, patience: int = 20) -> None:
+        self.ratio, self.patience = ratio, patience
+        self.low_steps = 0
+        self.warned = False
+
+    def update(self, std: float, ideal: float, step: int) -> bool:
+        """Record one step's ``collapse/embedding_std``; returns True when it warns."""
+        self.low_steps = self.low_steps + 1 if std < self.ratio * ideal else 0
+        if self.low_steps < self.patience or self.warned:
+            return False
+        self.warned = True
+        log.warning(
+            "embedding collapse at step %d: embedding std %.4f is below %.0f%% of the healthy %.4f for %d steps; "
+            "lower optim.lr, lengthen the warm-up, or check the objective's teacher/temperature settings",
+            step, std, 100 * self.ratio, ideal, self.patience,
+        )
+        return True
+
+
 class PretrainModule(L.LightningModule):
     """Trains ``objective`` (which holds the encoder) with AdamW and per-step schedules.
 
@@ -43,6 +70,9 @@ class PretrainModule(L.LightningModule):
         self.objective = objective
         self.optim = optim
         self.max_steps = max_steps
+        self.warmup_steps = steps_of(optim.warmup_steps, max_steps)
+        objective.set_run_length(max_steps)
+        self.collapse = CollapseMonitor()
         self._t_last: float | None = None
 
     @property
@@ -101,8 +131,10 @@ class PretrainModule(L.LightningModule):
         for name, value in out.terms.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
         if out.embeddings is not None:
-            self.log("collapse/embedding_std", embedding_std(out.embeddings), batch_size=batch_size)
-            self.log("collapse/embedding_std_ideal", out.embeddings.shape[1] ** -0.5, batch_size=batch_size)
+            std, ideal = embedding_std(out.embeddings), out.embeddings.shape[1] ** -0.5
+            self.log("collapse/embedding_std", std, batch_size=batch_size)
+            self.log("collapse/embedding_std_ideal", ideal, batch_size=batch_size)
+            self.collapse.update(float(std), ideal, self.global_step)
         self.log("train/lr", self.optim_lr(), batch_size=batch_size)
         now = time.perf_counter()
         if self._t_last is not None and batch_size:
@@ -112,7 +144,7 @@ class PretrainModule(L.LightningModule):
 
     def optim_lr(self) -> float:
         """The scheduled base learning rate of this step (before per-parameter multipliers)."""
-        return warmup_cosine(self.global_step, self.max_steps, self.optim.lr, self.optim.min_lr, self.optim.warmup_steps)
+        return warmup_cosine(self.global_step, self.max_steps, self.optim.lr, self.optim.min_lr, self.warmup_steps)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.objective.on_train_step_end(self.global_step, self.max_steps)

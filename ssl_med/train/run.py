@@ -110,6 +110,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     trainer = L.Trainer(
         max_steps=t.max_steps,
+        max_time=t.max_time,
         accelerator=t.accelerator,
         devices=t.devices,
         strategy=t.strategy,

@@ -15,3 +15,14 @@ def warmup_cosine(step: int, total_steps: int, start: float, end: float, warmup_
     span = max(total_steps - warmup_steps, 1)
     progress = min((step - warmup_steps) / span, 1.0)
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
+
+
+def steps_of(value: float, total_steps: int) -> int:
+    """A schedule length given as steps (``value >= 1``) or as a fraction of the run (``0 <= value < 1``).
+
+    ``steps_of(20, 300) == 20``, ``steps_of(0.1, 300) == 30``: warm-ups written as fractions keep
+    their share of a run of any length.
+    """
+    if value < 0:
+        raise ValueError(f"schedule length {value} must be >= 0 (steps, or a fraction of the run below 1)")
+    return int(round(value * total_steps)) if value < 1 else int(value)
