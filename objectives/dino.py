@@ -62,7 +62,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,6 +92,7 @@ from objectives.losses.dino import (
     update_center,
 )
 from ssl_med.encoder import Encoder
+from ssl_med.geometry import CropSpec, GeometryError, ViewGeometry, override, round_up
 from ssl_med.layers.patch_embed import patchify, unpatchify
 from ssl_med.objective import Objective, ObjectiveOutput, Sample
 from ssl_med.registry import OBJECTIVES
@@ -424,15 +425,23 @@ class MultiCropViews(ReseededViews):
         self._pipelines: dict[tuple[int, ...], list[Compose]] = {}
 
     def crop_sizes(self, spatial_shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Global and local crop sizes for an incoming crop of ``spatial_shape`` (multiples of the patch)."""
+        """Global and local crop sizes for an incoming crop of ``spatial_shape`` (multiples of the patch);
+        explicit sizes that are not raise a :class:`GeometryError` naming the rounded-up size."""
         p = self.patch_size
         glob = self.global_crop_size or tuple(_patch_multiple(s, q) for s, q in zip(spatial_shape, p))
         loc = self.local_crop_size or tuple(
             _patch_multiple(g * self.local_crop_fraction, q) for g, q in zip(glob, p)
         )
         for name, size in (("global", glob), ("local", loc)):
-            if len(size) != self.spatial_dims or any(s % q for s, q in zip(size, p)):
-                raise ValueError(f"{name} crop size {size} is not a multiple of the patch size {p}")
+            if len(size) != self.spatial_dims:
+                raise GeometryError(
+                    f"DINO {name} crop size {size} does not have spatial_dims={self.spatial_dims} values"
+                )
+            if any(s % q for s, q in zip(size, p)):
+                raise GeometryError(
+                    f"DINO {name} crop size {size} is not a multiple of the patch size {p}",
+                    [override(f"objective.{name}_crop_size", round_up(size, p))],
+                )
         return tuple(glob), tuple(loc)
 
     def _pipeline(self, size: Sequence[int], scale: Sequence[float], blur_prob: float, solarize: float) -> Compose:
@@ -674,6 +683,20 @@ class DINO(Objective):
     # -- views ------------------------------------------------------------------------------------
     def view_transform(self) -> Callable[[Sample], Sample]:
         return self.views
+
+    @classmethod
+    def view_geometry(cls, crop: CropSpec, options: Mapping[str, Any]) -> ViewGeometry:
+        """Any data crop works (crops are resized); the encoder is built for the global crops."""
+        o = cls.options_with_defaults(options)
+        views = MultiCropViews(
+            crop.spatial_dims,
+            crop.patch_size,
+            global_crop_size=o["global_crop_size"],
+            local_crop_size=o["local_crop_size"],
+            local_crop_fraction=o["local_crop_fraction"],
+        )
+        glob, loc = views.crop_sizes(crop.crop_size)
+        return ViewGeometry(glob, {"global": glob, "local": loc})
 
     def make_masks(self, n_images: int, grid: Sequence[int], device: torch.device | None = None) -> Tensor:
         """iBOT masks ``(n_images, N)`` for the global crops (drawn from torch's RNG state)."""

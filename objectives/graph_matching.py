@@ -87,7 +87,7 @@ Deviations, on purpose:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -98,6 +98,7 @@ from torch import Tensor, nn
 
 from objectives.losses.vicreg import vicreg_terms
 from ssl_med.encoder import Encoder
+from ssl_med.geometry import CropSpec, GeometryError, ViewGeometry, override, patch_multiple_crop
 from ssl_med.objective import Objective, ObjectiveOutput, Sample
 from ssl_med.ops.graph_matching_solvers import blackbox_matching
 from ssl_med.registry import OBJECTIVES
@@ -325,6 +326,17 @@ class GraphMatching(Objective):
 
     def view_transform(self) -> Callable[[Sample], Sample]:
         return TwoViews(**self._view_kwargs)
+
+    @classmethod
+    def view_geometry(cls, crop: CropSpec, options: Mapping[str, Any]) -> ViewGeometry:
+        """Both views have the crop's size; a batch needs at least two images to match."""
+        if crop.batch_size < 2:
+            raise GeometryError(
+                f"graph matching needs at least 2 images per batch, got data.batch_size={crop.batch_size}",
+                [override("data.batch_size", 2 * cls.options_with_defaults(options)["graph_size"])],
+            )
+        size = patch_multiple_crop(crop)
+        return ViewGeometry(size, {"view1": size, "view2": size})
 
     def local_costs(self, maps_s: Tensor, maps_t: Tensor) -> Tensor:
         """``(B, T, Q)`` token maps of the two views -> ``(B, B)`` L2 distances of matched token sets.

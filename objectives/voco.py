@@ -51,16 +51,17 @@ Deviations from the reference, on purpose:
     * ``view_size`` optionally resizes every crop (the CVPR/10k recipe resizes 96^3 crops to 64^3);
       default off, as Large-Scale.
 
-Defaults here are CPU-sized: ``proj_dim=256`` (reference: 1024 Large-Scale, 2048 original). For
-the 3D demo use ``data=demo3d_voco`` (32x96x96 regions -> 3x3 bases of 32^3, patch 8 -> 4^3 tokens
-per crop); the reference geometry is a 64x192x192 region with 64^3 bases.
+Defaults here are CPU-sized: ``proj_dim=256`` (reference: 1024 Large-Scale, 2048 original).
+``objective=voco`` trains on ``data=demo3d_voco`` unless ``data=`` says otherwise (32x96x96 regions ->
+3x3 bases of 32^3, patch 8 -> 4^3 tokens per crop; the encoder is built for the 32^3 crops, see
+:meth:`VoCo.view_geometry`); the reference geometry is a 64x192x192 region with 64^3 bases.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -70,6 +71,15 @@ from monai.transforms import Randomizable
 from torch import Tensor, nn
 
 from ssl_med.encoder import Encoder
+from ssl_med.geometry import (
+    CropSpec,
+    GeometryError,
+    ViewGeometry,
+    crop_misfit,
+    format_size,
+    override,
+    round_up,
+)
 from ssl_med.objective import Objective, ObjectiveOutput, Sample
 from ssl_med.registry import OBJECTIVES
 
@@ -135,7 +145,10 @@ class VoCoViews(Randomizable):
         multiple_of: Sequence[int] | None = None,
     ) -> None:
         if len(grid) != 2 or min(grid) < 1 or math.prod(grid) < 2:
-            raise ValueError(f"grid must be two positive ints with at least 2 cells, got {grid}")
+            raise GeometryError(
+                f"VoCo grid must be two positive ints with at least 2 cells, got {grid}",
+                [override("objective.grid", (3, 3))],
+            )
         self.grid = tuple(int(g) for g in grid)
         self.num_crops = int(num_crops)
         self.flip_prob, self.rot_prob = flip_prob, rot_prob
@@ -145,19 +158,50 @@ class VoCoViews(Randomizable):
         self.multiple_of = tuple(multiple_of) if multiple_of is not None else None
 
     def cell_shape(self, spatial: Sequence[int]) -> tuple[int, ...]:
-        """Spatial shape of a base/random crop cut from a region of shape ``spatial``."""
-        *depth, h, w = spatial
+        """Spatial shape ``(*depth, H/gh, W/gw)`` of a base/random crop cut from a region of shape
+        ``spatial``, before ``view_size``; a region that does not fit raises a :class:`GeometryError`
+        naming the nearest region (``data.crop_size``) or grid that fits."""
+        if len(spatial) not in (2, 3):
+            raise GeometryError(f"VoCo needs 2D or 3D regions, got spatial shape {tuple(spatial)}")
+        *depth, h, w = (int(s) for s in spatial)
         gh, gw = self.grid
-        if h % gh or w % gw:
-            raise ValueError(f"VoCo region in-plane size {(h, w)} is not divisible by the grid {self.grid}")
         cell = (*depth, h // gh, w // gw)
-        out = self.view_size or cell
-        if self.multiple_of is not None and any(s % p for s, p in zip(out, self.multiple_of)):
-            raise ValueError(
-                f"VoCo crops of size {out} (region {tuple(spatial)} / grid {self.grid}) are not multiples of the "
-                f"patch size {self.multiple_of}; change data.crop_size, objective.grid or objective.view_size"
+        patch = tuple(self.multiple_of) if self.multiple_of is not None else (1,) * len(spatial)
+        if self.view_size is None:  # the crops go to the encoder as cut: depth and cells in patches
+            multiple = (*patch[:-2], gh * patch[-2], gw * patch[-1])
+        else:  # the crops are resized to view_size: the grid only has to divide the region
+            multiple = (*(1,) * len(depth), gh, gw)
+        fit = round_up(spatial, multiple)
+        if fit != (*depth, h, w):
+            if h % gh or w % gw:
+                reason = f"VoCo region in-plane size {(h, w)} is not divisible by the grid {self.grid}"
+            else:
+                reason = (
+                    f"VoCo crops of size {format_size(cell)} (region {format_size(spatial)} / grid {gh}x{gw}) "
+                    f"are not multiples of the patch size {format_size(patch)}"
+                )
+            raise crop_misfit(reason, fit, *self._fitting_grids((*depth, h, w), patch))
+        view = self.view_size or cell
+        if round_up(view, patch) != tuple(view):
+            raise GeometryError(
+                f"VoCo view_size {format_size(view)} is not a multiple of the patch size {format_size(patch)}",
+                [override("objective.view_size", round_up(view, patch))],
             )
         return cell
+
+    def view_shape(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """Spatial shape of every base and random crop the encoder sees (``view_size`` or the cell)."""
+        cell = self.cell_shape(spatial)
+        return self.view_size or cell
+
+    def _fitting_grids(self, spatial: Sequence[int], patch: Sequence[int]) -> list[str]:
+        """``objective.grid=[g,g]`` for the largest square grid below the current one that fits."""
+        if self.view_size is not None or round_up(spatial[:-2], patch[:-2]) != tuple(spatial[:-2]):
+            return []
+        for g in range(max(self.grid) - 1, 1, -1):
+            if all(s % (g * p) == 0 for s, p in zip(spatial[-2:], patch[-2:])):
+                return [override("objective.grid", (g, g))]
+        return []
 
     def sample_origins(self, spatial: Sequence[int]) -> np.ndarray:
         """``(K, 2)`` random in-plane origins, uniform over all positions inside the region."""
@@ -347,6 +391,15 @@ class VoCo(Objective):
 
     def view_transform(self) -> Callable[[Sample], Sample]:
         return VoCoViews(**self._view_kwargs, multiple_of=self.encoder.patch_size)
+
+    @classmethod
+    def view_geometry(cls, crop: CropSpec, options: Mapping[str, Any]) -> ViewGeometry:
+        """The data crop is the region ``(*depth, H, W)``; the encoder sees base and random crops of
+        ``(*depth, H/gh, W/gw)`` (or ``view_size``), so ``backbone.img_size`` is that, not the region."""
+        o = cls.options_with_defaults(options)
+        views = VoCoViews(grid=o["grid"], view_size=o["view_size"], multiple_of=crop.patch_size)
+        size = views.view_shape(crop.crop_size)
+        return ViewGeometry(size, {"bases": size, "crops": size})
 
     def eval_encoder(self) -> nn.Module:
         return self.teacher_encoder if self.teacher_encoder is not None else self.encoder

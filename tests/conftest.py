@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -73,3 +75,15 @@ def _fit_objective(
 def fit_objective() -> Callable[..., tuple[list[float], list[torch.Tensor]]]:
     """The shared training loop of the learning tests (see :func:`_fit_objective`)."""
     return _fit_objective
+
+
+def _run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``ssl_med *args`` in a fresh interpreter (the installed entry point's module), output captured."""
+    command = [sys.executable, "-m", "ssl_med.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture()
+def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Runs the ``ssl_med`` command in a subprocess (see :func:`_run_cli`)."""
+    return _run_cli

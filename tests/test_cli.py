@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from ssl_med.cli import main
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ssl_med.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_top_level_help(capsys) -> None:
@@ -29,14 +22,14 @@ def test_list_names_registered_components(capsys) -> None:
     assert "backbones:" in out and "vit" in out and "mae" in out and "demo" in out
 
 
-def test_pretrain_help_lists_groups() -> None:
+def test_pretrain_help_lists_groups(run_cli) -> None:
     result = run_cli("pretrain", "--help")
     assert result.returncode == 0
     assert "== Configuration groups ==" in result.stdout
     assert "backbone: " in result.stdout and "demo3d" in result.stdout
 
 
-def test_pretrain_rejects_unknown_key_and_name() -> None:
+def test_pretrain_rejects_unknown_key_and_name(run_cli) -> None:
     bad_key = run_cli("pretrain", "+data.batchsize=4")
     assert bad_key.returncode != 0 and "unknown key(s) ['batchsize'] in 'data'" in bad_key.stderr
     bad_name = run_cli("pretrain", "backbone=vitt")

@@ -12,11 +12,14 @@ from ssl_med.commands import Command, run_hydra
 def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from ssl_med.config import parse_pretrain_config
+    from ssl_med.train.geometry import prepare_pretrain_config
     from ssl_med.train.run import pretrain
 
     logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own; avoid doubles
-    out = pretrain(parse_pretrain_config(cfg), HydraConfig.get().runtime.output_dir)
+    hydra = HydraConfig.get()
+    # validated, and the crop / backbone.img_size fitted to the objective's views, before any work
+    parsed = prepare_pretrain_config(cfg, hydra.overrides.task)
+    out = pretrain(parsed, hydra.runtime.output_dir)
     print(f"encoder written to {out}")
 
 
