@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ssl_med.commands.ingest import run as ingest_command
@@ -48,3 +50,12 @@ def test_stores_without_inventory_verify_with_a_warning(tiny_store, faults, engi
     faults.drop_inventories(tiny_store)
     report = verify(str(tiny_store) if engine_path == "direct" else f"file://{tiny_store}")
     assert report.ok and "no chunk inventory" in report.warnings[0], report.summary()
+
+
+def test_damaged_inventory_is_reported(tiny_store) -> None:
+    meta = tiny_store / CT / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["ssl_med_chunks"]["count"] += 1
+    meta.write_text(json.dumps(doc))
+    report = verify(str(tiny_store))
+    assert report.problems == [f"ct: {CT}: chunk inventory damaged: bitmap lists 7 chunks, count says 8"]
