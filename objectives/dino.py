@@ -43,8 +43,9 @@ Deviations from the reference, on purpose:
       and scaled with the crop size; no ImageNet normalisation (inputs stay in ``[0, 1]``).
     * Crop sizes default to the incoming crop (globals) and ``96/224`` of it (locals), rounded to
       multiples of the patch size.
-    * Schedules are in optimiser steps, not in 1250-iteration "epochs": ``warmup_teacher_temp_steps``
-      and ``freeze_last_layer_steps`` (reference: 30 and 1 epochs = 37500 and 1250 steps).
+    * Schedules are in optimiser steps, or fractions of the run when below 1, not in 1250-iteration
+      "epochs": ``warmup_teacher_temp_steps`` and ``freeze_last_layer_steps`` (reference: 30 and 1 of
+      100 epochs = 0.3 and 0.01 of the run).
     * The center update is applied right after the targets are computed (the reference defers it
       to the next call: the same values are used for the same steps). The iBOT center is the global
       mean over all masked tokens of all ranks (reference: per-rank mean averaged over ranks).
@@ -96,6 +97,7 @@ from ssl_med.geometry import CropSpec, GeometryError, ViewGeometry, override, ro
 from ssl_med.layers.patch_embed import patchify, unpatchify
 from ssl_med.objective import Objective, ObjectiveOutput, Sample
 from ssl_med.registry import OBJECTIVES
+from ssl_med.train.schedules import steps_of
 
 Centering = Literal["centering", "sinkhorn_knopp"]
 
@@ -513,7 +515,8 @@ class DINO(Objective):
             (0.32, 1) / (0.05, 0.32), local 96 of 224 px).
         student_temp: ``tau_s`` (0.1).
         teacher_temp, warmup_teacher_temp, warmup_teacher_temp_steps: ``tau_t`` linear warm-up
-            ``0.04 -> 0.07`` over the given optimiser steps (reference: 30 epochs).
+            ``0.04 -> 0.07`` over the given optimiser steps, or fraction of the run below 1 (reference:
+            30 of 100 epochs = 0.3).
         centering: ``"centering"`` (EMA center) or ``"sinkhorn_knopp"``.
         center_momentum: center EMA (0.9). sinkhorn_iterations: 3.
         momentum_teacher, momentum_teacher_end: EMA momentum, cosine over the run (0.992 -> 1).
@@ -521,7 +524,8 @@ class DINO(Objective):
         mask_probability: fraction of global crops that get an iBOT mask (0.5).
         mask_ratio_min_max: ratio range spread over the masked crops ((0.1, 0.5)).
         mask_min_num_patches: smallest mask box (4). mask_max_fraction: largest box as a grid fraction (0.5).
-        freeze_last_layer_steps: prototypes get no gradient for this many steps (reference 1 epoch).
+        freeze_last_layer_steps: prototypes get no gradient for this many steps, or fraction of the run
+            below 1 (reference 1 of 100 epochs = 0.01).
         layerwise_decay, patch_embed_lr_mult: for :meth:`lr_multipliers` (0.9, 0.2).
         head_checkpoint: optional ``.safetensors``/``.pt`` state dict of the DINO head to start from
             (continued pretraining, e.g. RAD-DINO's ``dino_head.safetensors``).
@@ -552,7 +556,7 @@ class DINO(Objective):
         student_temp: float = 0.1,
         teacher_temp: float = 0.07,
         warmup_teacher_temp: float = 0.04,
-        warmup_teacher_temp_steps: int = 37500,
+        warmup_teacher_temp_steps: float = 37500,
         centering: Centering = "centering",
         center_momentum: float = 0.9,
         sinkhorn_iterations: int = 3,
@@ -565,7 +569,7 @@ class DINO(Objective):
         mask_ratio_min_max: Sequence[float] = (0.1, 0.5),
         mask_min_num_patches: int = 4,
         mask_max_fraction: float = 0.5,
-        freeze_last_layer_steps: int = 1250,
+        freeze_last_layer_steps: float = 1250,
         layerwise_decay: float = 0.9,
         patch_embed_lr_mult: float = 0.2,
         head_checkpoint: str | None = None,
@@ -658,13 +662,14 @@ class DINO(Objective):
         return layers
 
     def _freeze_hook(self, grad: Tensor) -> Tensor:
-        if self.training and int(self.step) < self.freeze_last_layer_steps:
+        if self.training and int(self.step) < steps_of(self.freeze_last_layer_steps, self.max_steps):
             return torch.zeros_like(grad)
         return grad
 
     # -- schedules ---------------------------------------------------------------------------------
     def current_teacher_temp(self) -> float:
-        return linear_warmup(int(self.step), self.warmup_teacher_temp_steps, self.warmup_teacher_temp, self.teacher_temp)
+        warmup = steps_of(self.warmup_teacher_temp_steps, self.max_steps)
+        return linear_warmup(int(self.step), warmup, self.warmup_teacher_temp, self.teacher_temp)
 
     def teacher_momentum(self, step: int, max_steps: int) -> float:
         """EMA momentum used after optimiser step ``step`` (1-based) of ``max_steps``."""

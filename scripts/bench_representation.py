@@ -1,0 +1,205 @@
+"""In-domain representation benchmark: do pretrained encoders beat random init on real labelled data?
+
+For each dataset, objective and seed, the documented workflow is run with the command-line tools a
+user runs (nothing is called behind their back):
+
+1. ``ssl_med ingest <file>.npz`` — the MedMNIST file becomes a store that keeps its splits;
+2. ``ssl_med pretrain recipe=<small_2d|small_3d> objective=<o> seed=<s> data=store ...`` — pretraining
+   on the **train** split only (``data.split=auto``) with the online kNN / ridge-probe curve on **val**;
+3. ``ssl_med evaluate eval=linear_probe`` and ``eval=knn`` with ``seed=<s>`` — the pretrained encoder
+   and a random-init encoder of the same seed, probe C chosen on val, scored once on test.
+
+The table (mean ± std over seeds, gap = pretrained − random init per seed) and the online curves are
+written to ``--doc`` between ``<!-- in-domain:begin -->`` and ``<!-- in-domain:end -->``, and to
+``<out>/in_domain.md``; runs that exist are reused, so an interrupted benchmark continues::
+
+    python scripts/bench_representation.py --datasets breastmnist --objectives mae dino --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SSL_MED_SHARED_DATA", REPO.parent / "shared" / "data"))
+BEGIN, END = "<!-- in-domain:begin -->", "<!-- in-domain:end -->"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    file: str
+    recipe: str
+    eval_data: str
+
+
+DATASETS = {
+    "breastmnist": Dataset("medmnist/breastmnist.npz", "small_2d", "breastmnist"),
+    "pneumoniamnist": Dataset("medmnist/pneumoniamnist_subset.npz", "small_2d", "pneumoniamnist"),
+    "vesselmnist3d": Dataset("medmnist/vesselmnist3d.npz", "small_3d", "vesselmnist3d"),
+}
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run ``cmd`` (output to ``log``); returns its wall time; raises with the log's tail on failure."""
+    start = time.perf_counter()
+    with log.open("w") as f:
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    if code:
+        tail = "\n".join(log.read_text().splitlines()[-20:])
+        raise RuntimeError(f"{' '.join(cmd)} failed ({code}); last lines of {log}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def online_curve(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def one_run(out: Path, name: str, objective: str, backbone: str, seed: int, steps: int, overrides: list[str]) -> dict:
+    """Pretrain + evaluate one (dataset, objective, backbone, seed); cached in ``<out>/<key>/row.json``."""
+    spec = DATASETS[name]
+    key = f"{name}-{backbone}-{objective}-s{seed}"
+    folder = out / key
+    row_file = folder / "row.json"
+    if row_file.is_file():
+        return json.loads(row_file.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    store = out / "stores" / f"{name}.zarr"
+    if not store.exists():
+        store.parent.mkdir(parents=True, exist_ok=True)
+        run(["ssl_med", "ingest", str(SHARED / spec.file), "--out", str(store), "--no-progress"], folder / "ingest.log")
+    run_dir = folder / "run"
+    pretrain = [
+        "ssl_med", "pretrain", f"recipe={spec.recipe}", f"objective={objective}", f"backbone={backbone}",
+        "data=store", f"data.store={store}", f"seed={seed}", f"trainer.max_steps={steps}",
+        f"online_eval.data={spec.eval_data}", "trainer.progress_bar=false", "resume=never",
+        f"experiment={key}", f"hydra.run.dir={run_dir}", *overrides,
+    ]
+    seconds = run(pretrain, folder / "pretrain.log")
+    row = {"dataset": name, "objective": objective, "backbone": backbone, "seed": seed, "steps": steps,
+           "pretrain_s": round(seconds, 1), "command": " ".join(pretrain)}
+    for evaluator in ("linear_probe", "knn"):
+        eval_dir = folder / f"eval-{evaluator}"
+        run(["ssl_med", "evaluate", f"eval={evaluator}", f"checkpoint={run_dir}", f"eval_data={spec.eval_data}",
+             f"seed={seed}", "eval.label_fractions=[]" if evaluator == "linear_probe" else "eval.k=20",
+             f"hydra.run.dir={eval_dir}"], folder / f"{evaluator}.log")
+        results = json.loads((eval_dir / "results.json").read_text())
+        for r in results["rows"]:
+            row[f"{evaluator}/{r['encoder']}"] = r["metrics"]
+    for tag in ("online/knn_auroc", "online/linear_auroc"):
+        row[tag] = online_curve(run_dir, tag)
+    row_file.write_text(json.dumps(row, indent=1))
+    return row
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per (dataset, backbone, objective) and one random-init line per dataset."""
+    lines = [
+        "| data | encoder | seeds | steps | pretrain min | probe AUROC | random-init probe AUROC | gap (mean ± std) | kNN ACC | random-init kNN ACC |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["backbone"], r["objective"]), []).append(r)
+    for (data, backbone, objective), rs in sorted(groups.items()):
+        auc = [r["linear_probe/pretrained"]["auroc"] for r in rs]
+        auc0 = [r["linear_probe/random-init"]["auroc"] for r in rs]
+        knn = [r["knn/pretrained"]["accuracy"] for r in rs]
+        knn0 = [r["knn/random-init"]["accuracy"] for r in rs]
+        gaps = [a - b for a, b in zip(auc, auc0)]
+        lines.append(
+            f"| {data} | {backbone}-tiny {objective} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} | "
+            f"{statistics.mean(r['pretrain_s'] for r in rs) / 60:.1f} | {mean_std(auc)} | {mean_std(auc0)} | "
+            f"**{mean_std(gaps)}** | {mean_std(knn)} | {mean_std(knn0)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """Online val kNN AUROC vs step, one panel per dataset, one line per run (step 0 = random init)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.2), squeeze=False)
+    for ax, data in zip(axes[0], datasets):
+        for r in (r for r in rows if r["dataset"] == data):
+            curve = r.get("online/knn_auroc") or []
+            if curve:
+                ax.plot(*zip(*curve), marker=".", label=f"{r['objective']} s{r['seed']}")
+        ax.set_title(f"{data}: online kNN AUROC (val)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_doc(doc: Path, body: str) -> None:
+    text = doc.read_text() if doc.is_file() else ""
+    block = f"{BEGIN}\n{body}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["breastmnist"], choices=sorted(DATASETS))
+    parser.add_argument("--objectives", nargs="+", default=["mae", "dino"])
+    parser.add_argument("--backbone", default="vit")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=500, help="pretraining steps per run (equal budget)")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_representation")
+    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md", help="markdown file to update")
+    parser.add_argument("overrides", nargs="*", help="extra ssl_med pretrain overrides for every run")
+    args = parser.parse_args(argv)
+    if not SHARED.is_dir():
+        print(f"shared data not found at {SHARED} (set SSL_MED_SHARED_DATA)", file=sys.stderr)
+        return 2
+    rows = []
+    for name in args.datasets:
+        for objective in args.objectives:
+            for seed in args.seeds:
+                print(f"[{name} / {objective} / seed {seed}]", flush=True)
+                rows.append(one_run(args.out, name, objective, args.backbone, seed, args.steps, args.overrides))
+    curves = args.doc.parent / "benchmarks" / "online_curves.png"
+    plot_curves(rows, curves)
+    body = (
+        f"{table(rows)}\n\nOnline curves (val split, step 0 = random init): "
+        f"![online curves]({curves.relative_to(args.doc.parent).as_posix()})\n\n"
+        f"Command: `python scripts/bench_representation.py --datasets {' '.join(args.datasets)} "
+        f"--objectives {' '.join(args.objectives)} --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}"
+        + (f" {' '.join(args.overrides)}" if args.overrides else "") + "`"
+    )
+    (args.out / "in_domain.md").write_text(body + "\n")
+    write_doc(args.doc, body)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
