@@ -132,6 +132,19 @@ def parse_pretrain_config(cfg: DictConfig) -> PretrainConfig:
             raise ConfigError(f"'{group}' needs a 'name' (a registered {group}; see `ssl_med list`)")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(PretrainConfig), cfg)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        parsed: PretrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except Exception as err:  # omegaconf's ValidationError / MissingMandatoryValue
         raise ConfigError(str(err)) from err
+    _check_run_length(parsed.trainer)
+    return parsed
+
+
+def _check_run_length(trainer: TrainerConfig) -> None:
+    """Refuse runs that cannot train: ``max_steps < 1`` would export the random initialisation as if it
+    were pretrained (and the learning-rate and EMA schedules are defined over ``max_steps``)."""
+    if trainer.max_steps < 1:
+        raise ConfigError(
+            f"trainer.max_steps={trainer.max_steps}: a run needs at least one optimiser step, else the "
+            "exported encoder is its random initialisation (for a random-init baseline, evaluate with "
+            "baseline=true instead)"
+        )

@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ssl_med.encoder import Encoder
+from ssl_med.export_target import ExportTargetError, check_export_target
 from ssl_med.hub import (
     HF_PREFIX,
     PICKLE_SUFFIXES,
@@ -58,6 +59,7 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "ExportError",
+    "ExportTargetError",
     "HubError",
     "IntegrityError",
     "UnsafeWeightsError",
@@ -584,17 +586,22 @@ def export_encoder(
     private: bool = False,
     token: str | None = None,
     trust_pickle: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write a hub-ready export folder from a run folder, a Lightning checkpoint or an export folder.
+
+    ``out`` must be new, empty or a previous ssl_med export unless ``overwrite=True``, and ``push_to``
+    a hub repository id; both are checked before anything is read or written
+    (:func:`ssl_med.export_target.check_export_target`, raising :class:`ExportTargetError`).
 
     Evaluator results found in the run folder (``results.json``/``eval_results.json``, with a sibling
     ``.md`` table if present) go into the model card and ``eval_results.json``; the run's resolved config
     is copied as ``training_config.yaml``. With ``push_to=ORG/NAME`` the folder is then uploaded; a
     :class:`HubError` (offline, no token) is raised only after the local export is complete.
     """
+    out = check_export_target(out, push_to, overwrite)
     encoder, config, run_dir = load_source(checkpoint, weights=weights, trust_pickle=trust_pickle)
     results = find_results(run_dir)
-    out = Path(out)
     config = {**config, "exported_weights": weights}
     save_encoder(
         encoder,

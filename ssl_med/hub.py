@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -35,7 +36,8 @@ TIMM_PREFIX = "ssl_med_"
 #: files an export folder may hold; downloads fetch only these (never pickles unless trusted)
 EXPORT_FILES = ("config.json", "model.safetensors", "README.md", "eval_results.json", "training_config.yaml")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
-
+#: one part (ORG or NAME) of a hub repository id
+REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9])?")
 
 
 class HubError(RuntimeError):
@@ -56,13 +58,30 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or flag.upper() in ("1", "ON", "YES", "TRUE")
 
 
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if it is a hub repository id ``ORG/NAME``, else a ``ValueError`` saying why.
+
+    Each part is 1-96 letters, digits, ``-``, ``_`` or ``.``, starts and ends with a letter or digit and
+    holds no ``--`` or ``..`` (the hub's own rules), so that no path (``../x``, ``/abs``, ``org/``)
+    reaches an upload or a model card title.
+    """
+    parts = repo_id.split("/")
+    problem = None
+    if len(parts) != 2 or not all(parts):
+        problem = "it must be ORG/NAME: two non-empty parts separated by one '/'"
+    elif not all(REPO_PART.fullmatch(part) for part in parts):
+        problem = "each part must be 1-96 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+    elif any(".." in part or "--" in part for part in parts) or repo_id.endswith(".git"):
+        problem = "'..', '--' and a '.git' ending are not allowed"
+    if problem:
+        raise ValueError(f"{repo_id!r} is not a hub repository id: {problem}")
+    return repo_id
+
+
 def split_repo_id(ref: str) -> tuple[str, str | None]:
     """``"hf-hub:ORG/NAME@rev"`` (or ``"ORG/NAME"``) -> ``("ORG/NAME", "rev" or None)``."""
-    repo = ref.removeprefix(HF_PREFIX)
-    repo, _, revision = repo.partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise ValueError(f"{ref!r} is not a hub repository id of the form ORG/NAME (optionally @revision)")
-    return repo, revision or None
+    repo, _, revision = ref.removeprefix(HF_PREFIX).partition("@")
+    return check_repo_id(repo), revision or None
 
 
 def download(

@@ -14,7 +14,7 @@ class ExportFailed(SystemExit):
 
 
 def _task(cfg: DictConfig) -> None:
-    from ssl_med.export import ExportError, HubError, UnsafeWeightsError, export_encoder
+    from ssl_med.export import ExportError, ExportTargetError, HubError, UnsafeWeightsError, export_encoder
 
     datasets = OmegaConf.to_container(cfg.datasets) if cfg.datasets else None
     try:
@@ -27,11 +27,12 @@ def _task(cfg: DictConfig) -> None:
             push_to=cfg.push_to,
             private=cfg.private,
             trust_pickle=cfg.trust_pickle,
+            overwrite=cfg.overwrite,
         )
     except HubError as err:
         print(f"ssl_med export: upload failed: {err}", file=sys.stderr)
         raise ExportFailed(1) from err
-    except (ExportError, UnsafeWeightsError, FileNotFoundError) as err:
+    except (ExportError, ExportTargetError, UnsafeWeightsError, FileNotFoundError) as err:
         print(f"ssl_med export: {err}", file=sys.stderr)
         raise ExportFailed(1) from err
     print(f"encoder exported to {out}" + (f" and pushed to {cfg.push_to}" if cfg.push_to else ""))

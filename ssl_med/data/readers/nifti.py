@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,14 +12,25 @@ import numpy as np
 from ssl_med.data.readers import ReadError, Record, Source
 
 LABEL_SUFFIXES = ("seg", "label", "labels", "mask", "gt")
-# MRI sequences in the order BraTS and most pipelines stack them; unknown suffixes follow alphabetically
-SEQUENCE_ORDER = ("t1", "t1n", "t1w", "t1ce", "t1c", "t1gd", "t2", "t2w", "flair", "t2f", "pd", "dwi", "adc")
+# MRI sequences that make a case folder (with label suffixes), in the order BraTS and most pipelines stack them
+SEQUENCE_ORDER = (
+    "t1", "t1n", "t1w", "t1ce", "t1c", "t1gd", "t2", "t2w", "flair", "t2f", "pd", "pdw", "t2star", "swi", "dwi", "adc",
+)  # fmt: skip
 MR_SEQUENCES = set(SEQUENCE_ORDER)
 
 
 def nifti_stem(path: str | Path) -> str:
     name = Path(path).name
     return re.sub(r"\.nii(\.gz)?$", "", name)
+
+
+def _size(n: int) -> str:
+    """``n`` bytes for a reason message (``54.0 TB``)."""
+    value, units = float(n), ("bytes", "kB", "MB", "GB", "TB")
+    k = 0
+    while value >= 1000 and k < len(units) - 1:
+        value, k = value / 1000, k + 1
+    return f"{n} bytes" if k == 0 else f"{value:.1f} {units[k]}"
 
 
 def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -29,7 +41,17 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if p.stat().st_size == 0:
         raise ReadError("zero-size file")
     image = nib.load(str(p))
-    data = np.asanyarray(image.dataobj)
+    shape, dtype = tuple(int(n) for n in image.header.get_data_shape()), np.dtype(image.get_data_dtype())
+    declared = math.prod(shape) * dtype.itemsize
+    described = f"its header declares {'x'.join(map(str, shape))} {dtype} voxels ({_size(declared)})"
+    offset = int(image.header.get("vox_offset", 0))
+    if not str(p).lower().endswith(".gz") and offset + declared > p.stat().st_size:
+        held = _size(p.stat().st_size)
+        raise ReadError(f"{described} but the file holds {held}: truncated, or a corrupt header")
+    try:
+        data = np.asanyarray(image.dataobj)
+    except MemoryError:  # numpy's own message is empty when the request is absurd
+        raise ReadError(f"{described}, more than can be allocated: a corrupt header or too large a volume") from None
     if data.ndim < 2 or data.ndim > 4:
         raise ReadError(f"unsupported NIfTI shape {data.shape}")
     return data, np.asarray(image.affine, dtype=np.float64)
@@ -54,7 +76,12 @@ def read_nifti_source(source: Source) -> Iterator[Record]:
 
 
 def case_suffixes(files: list[str]) -> dict[str, str] | None:
-    """``{suffix: file}`` if ``files`` look like one case (``<prefix>_<sequence>.nii.gz``), else ``None``."""
+    """``{suffix: file}`` if ``files`` look like one case (``<prefix>_<sequence>.nii.gz``), else ``None``.
+
+    Only MR sequence suffixes (:data:`SEQUENCE_ORDER`) and label suffixes (:data:`LABEL_SUFFIXES`)
+    make a case: ``ct_liver.nii.gz`` and ``ct_lung.nii.gz`` in one folder are two images, not two
+    channels of one.
+    """
     stems = [nifti_stem(f) for f in files]
     if len(stems) < 2 or len(stems) > 12:
         return None
@@ -67,11 +94,11 @@ def case_suffixes(files: list[str]) -> dict[str, str] | None:
         return None
     prefix = common[: cut + 1]
     suffixes = [s[len(prefix) :] for s in stems]
-    if not all(re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", s) for s in suffixes) or len(set(suffixes)) != len(
-        suffixes
-    ):
+    keys = [s.lower() for s in suffixes]
+    known = set(keys) <= MR_SEQUENCES | set(LABEL_SUFFIXES) and bool(MR_SEQUENCES & set(keys))
+    if not known or len(set(keys)) != len(keys):
         return None
-    return dict(zip((s.lower() for s in suffixes), files))
+    return dict(zip(keys, files))
 
 
 def read_case(source: Source) -> Iterator[Record]:
