@@ -22,6 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 RESULTS_NAME = "results.json"
+ONLINE_EVAL_FILE = "online_eval.json"  # written by ssl_med.train.online_eval
 HEADLINE = {"linear_probe": "auroc", "finetune": "auroc", "knn": "accuracy", "segmentation": "dice_mean"}
 
 
@@ -140,20 +141,49 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def collect_online(root: str | Path) -> list[dict[str, Any]]:
+    """One row per pretraining run under ``root`` with an ``online_eval.json``: the online metrics at
+    the last evaluation and at step 0 (the random-init reference of the same run), val split."""
+    root = Path(root)
+    rows = []
+    for path in sorted(root.rglob(ONLINE_EVAL_FILE)):
+        record = json.loads(path.read_text())
+        history = record.get("history") or []
+        if not history:
+            continue
+        first, last = history[0], history[-1]
+        row = {"run": str(path.parent.relative_to(root)) or ".", "data": record.get("data", ""), "step": last["step"]}
+        for name in ("knn_accuracy", "knn_auroc", "linear_auroc"):
+            row[name] = last[name]
+            row[f"{name} @0"] = first[name]
+        rows.append(row)
+    return rows
+
+
 def write_summary(root: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Summarise every ``results.json`` under ``root`` into ``summary.{md,json,png}`` in ``out_dir`` (default ``root``)."""
+    """Summarise every ``results.json`` under ``root`` into ``summary.{md,json,png}`` in ``out_dir``
+    (default ``root``), with a table of the online (val) metrics of every pretraining run found."""
     from ssl_med.evaluators.plots import summary_bar_plot
 
     rows = collect(root)
-    if not rows:
-        raise FileNotFoundError(f"no {RESULTS_NAME} found under {root}")
+    online = collect_online(root)
+    if not rows and not online:
+        raise FileNotFoundError(f"no {RESULTS_NAME} or {ONLINE_EVAL_FILE} found under {root}")
     out = Path(out_dir or root)
     out.mkdir(parents=True, exist_ok=True)
+    online_md = ""
+    if online:
+        columns = ["run", "data", "step", "knn_accuracy", "knn_accuracy @0", "knn_auroc", "knn_auroc @0", "linear_auroc", "linear_auroc @0"]
+        online_md = "\n## Online evaluation (val split; @0 = step 0, the run's random init)\n\n" + markdown_table(online, columns) + "\n"
+        (out / "summary_online.json").write_text(json.dumps(online, indent=2))
+    if not rows:
+        (out / "summary.md").write_text(online_md.lstrip())
+        return out / "summary.md"
     rows.sort(key=lambda r: (r["data"], r["eval"], r["run"], r["encoder"] == "random-init"))
     meta = ["run", "eval", "data", "backbone", "objective", "encoder"]
     columns = meta + metric_columns([{k: v for k, v in r.items() if k not in meta} for r in rows])
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
-    (out / "summary.md").write_text(markdown_table(rows, columns) + "\n")
+    (out / "summary.md").write_text(markdown_table(rows, columns) + "\n" + online_md)
     for eval_name, metric in HEADLINE.items():
         chosen = [r for r in rows if r["eval"] == eval_name]
         if chosen:

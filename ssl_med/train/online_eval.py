@@ -10,7 +10,8 @@ teacher where the objective has one (:meth:`~ssl_med.objective.Objective.eval_en
   standardised features (one solve, no iterations), trained on train and scored on val;
 * ``online/embedding_std``: the spread of the val embeddings (collapse monitor on fixed images).
 
-The test split is never read. Images are loaded once (the ``eval_data`` groups of ``ssl_med
+The curve is also written to ``<run dir>/online_eval.json`` (``ssl_med report`` lists the last
+value of each run next to its step-0 value). The test split is never read. Images are loaded once (the ``eval_data`` groups of ``ssl_med
 evaluate``, resized to the pretraining geometry), features are extracted in ``eval()`` mode under
 ``torch.no_grad`` on the training device, so the cost is one forward pass over
 ``max_train + max_val`` images per evaluation and nothing enters the training graph.
@@ -18,8 +19,10 @@ evaluate``, resized to the pretraining geometry), features are extracted in ``ev
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -31,6 +34,7 @@ from ssl_med.evaluators.datasets import ClassificationData, _subset
 from ssl_med.evaluators.features import extract_features
 from ssl_med.evaluators.knn import knn_scores
 from ssl_med.evaluators.metrics import classification_metrics
+from ssl_med.evaluators.report import ONLINE_EVAL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ class OnlineEval(L.Callback):
         data: the labelled set (its ``train`` and ``val`` splits are used, ``test`` is dropped).
     """
 
-    def __init__(self, cfg: OnlineEvalConfig, data: ClassificationData) -> None:
+    def __init__(self, cfg: OnlineEvalConfig, data: ClassificationData, out_file: Path | None = None) -> None:
         if data.task == "multi-label":
             raise ValueError(f"online_eval.data={cfg.data}: multi-label data is not supported online; use ssl_med evaluate")
         self.cfg = cfg
@@ -88,6 +92,7 @@ class OnlineEval(L.Callback):
             keep = _subset(len(data.labels[split]), limit, data.labels[split])
             self.images[split] = data.images[split][torch.from_numpy(keep)]
             self.labels[split] = data.labels[split][keep]
+        self.out_file = out_file
         self.history: list[dict[str, float]] = []
         self.seconds = 0.0
         self._last_step = -1
@@ -136,11 +141,17 @@ class OnlineEval(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._run(trainer, pl_module)
+        if self.out_file is not None and trainer.is_global_zero:
+            record = {"data": self.cfg.data, "features": self.cfg.features, "seconds": self.seconds, "history": self.history}
+            self.out_file.write_text(json.dumps(record, indent=1))
 
 
-def build_online_eval(cfg: OnlineEvalConfig, image_size: list[int], in_chans: int | None) -> OnlineEval | None:
+def build_online_eval(
+    cfg: OnlineEvalConfig, image_size: list[int], in_chans: int | None, out_file: Path | None = None
+) -> OnlineEval | None:
     """The callback for ``cfg`` (``None`` when ``cfg.data`` is null), with images resized to the
-    pretraining geometry ``image_size`` (the encoder's input size)."""
+    pretraining geometry ``image_size`` (the encoder's input size); the curve is also written to
+    ``out_file`` (JSON, read by ``ssl_med report``) at the end of training."""
     if not cfg.data:
         return None
     from ssl_med.evaluators.datasets import eval_data_config, load_eval_data, resolve_eval_data
@@ -158,4 +169,4 @@ def build_online_eval(cfg: OnlineEvalConfig, image_size: list[int], in_chans: in
     data = load_eval_data(data_cfg, in_chans or 1)
     if not isinstance(data, ClassificationData):
         raise ValueError(f"online_eval.data={cfg.data} is not a classification set (kNN needs class labels)")
-    return OnlineEval(cfg, data)
+    return OnlineEval(cfg, data, out_file)

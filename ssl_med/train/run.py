@@ -32,7 +32,7 @@ from ssl_med.train.callbacks import AtomicCheckpointIO, ExportEncoder, PlotCurve
 from ssl_med.train.checkpoints import checkpoint_problem, newest_good_checkpoint
 from ssl_med.train.launch import relaunch_this_job
 from ssl_med.train.module import PretrainModule
-from ssl_med.train.online_eval import build_online_eval
+from ssl_med.train.online_eval import ONLINE_EVAL_FILE, build_online_eval
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         PlotCurves(run_dir),
     ]
     input_size = config_input_size(cfg.backbone) or list(cfg.data.crop_size)
-    online = build_online_eval(cfg.online_eval, input_size, encoder.in_chans)
+    online = build_online_eval(cfg.online_eval, input_size, encoder.in_chans, run_dir / ONLINE_EVAL_FILE)
     if online is not None:
         callbacks.append(online)
     if t.progress_bar:

@@ -124,3 +124,8 @@ def test_smoke_pretrain_logs_online_metrics(tmp_path: Path, shared_data: Path, m
     assert len(knn) == 3, "before step 1, at step 2 and at step 4"
     assert all(0.0 <= v <= 1.0 for v in knn)
     assert len(scalars(tmp_path, "online/linear_auroc")) == 3
+
+    from ssl_med.evaluators.report import write_summary
+
+    summary = write_summary(tmp_path).read_text()
+    assert "Online evaluation" in summary and "breastmnist" in summary, "ssl_med report lists the online curve's last value"
