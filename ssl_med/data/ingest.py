@@ -3,10 +3,13 @@
 Work is split into sources (:func:`~ssl_med.data.readers.discover.discover`) and run in parallel
 worker processes (``spawn``: zarr's I/O threads make ``fork`` unsafe). Each worker reads, checks,
 preprocesses and writes its images' arrays; the parent alone writes the manifest, in batches, so an
-interrupted ingest leaves at worst arrays that are not yet listed: re-running skips every image that
-is in the manifest and rewrites the unlisted ones, so no image is duplicated. A source that fails
-(corrupt, unreadable, NaN-only, zero-size, inconsistent series) is reported with its reason and
-never stops the others.
+interrupted ingest leaves at worst arrays that are not yet listed: re-running rewrites the unlisted
+ones. Every image records the digest of the files it was read from (:mod:`ssl_med.data.identity`), so
+an input the store already holds is skipped whatever root it is found under (``ingest siteA`` then
+``ingest siteA siteB``), as is a second copy of one file within a run; it is counted as "already in
+the store". A new input whose name is taken gets a fresh one. A source that fails (corrupt,
+unreadable, NaN-only, zero-size, inconsistent series) is reported with its reason and never stops the
+others.
 """
 
 from __future__ import annotations
@@ -14,16 +17,18 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from ssl_med.data.identity import free_name, known_digests, legacy_names, source_digest
 from ssl_med.data.layout import DEFAULT_LAYOUT, Layout
 from ssl_med.data.readers import ReadError, Record, Source, StackRecord, read_source
 from ssl_med.data.readers.discover import discover
-from ssl_med.data.store import ImageMeta, ImageStore
+from ssl_med.data.readers.medmnist import SPLITS, row_name
+from ssl_med.data.store import IMAGES_GROUP, ImageMeta, ImageStore
 
 INGEST_VERSION = 1
 FLUSH_EVERY_IMAGES = 256
@@ -53,12 +58,14 @@ class IngestOptions:
 
 @dataclass
 class SourceResult:
-    """What happened to one source: images written (``{name: meta dict}``), already present, or skipped."""
+    """What happened to one source: images written (``{name: meta dict}``), already present, or skipped;
+    ``digest`` identifies the content of its files."""
 
     source: Source
     written: dict[str, dict[str, Any]] = field(default_factory=dict)
     present: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    digest: str = ""
 
 
 @dataclass
@@ -123,31 +130,45 @@ def _prepare(
     return array, labels, kwargs
 
 
-def _write_record(store: ImageStore, record: Record, options: IngestOptions) -> ImageMeta:
+def _write_record(store: ImageStore, record: Record, options: IngestOptions, digest: str) -> ImageMeta:
     array, labels, kwargs = _prepare(record, options)
     spacing = kwargs.pop("spacing")
     return store.write_image(
         record.name, array, spacing, channel_names=record.channel_names, source=record.source,
         split=record.split or options.split, label=record.label, labels=labels, layout=options.layout,
-        extra=record.extra, **kwargs,
+        extra=record.extra, content_hash=digest, **kwargs,
     )  # fmt: skip
 
 
-def _write_stack(store: ImageStore, record: StackRecord, options: IngestOptions) -> dict[str, ImageMeta]:
+def _write_stack(store: ImageStore, record: StackRecord, options: IngestOptions, digest: str) -> dict[str, ImageMeta]:
     return store.write_stack(
         record.name, record.images, record.spacing, names=record.names, labels=record.labels or None,
         split=record.split, modality=record.modality or options.modality, channel_names=record.channel_names,
-        source=record.source, layout=options.layout, extra=record.extra,
+        source=record.source, layout=options.layout, extra=record.extra, content_hash=digest,
     )  # fmt: skip
 
 
 def ingest_source(
-    store_path: str, source: Source, options: IngestOptions, existing: frozenset[str]
+    store_path: str,
+    source: Source,
+    options: IngestOptions,
+    existing: frozenset[str],
+    known: Mapping[str, int] | None = None,
 ) -> SourceResult:
-    """Read, check, preprocess and write one source (runs in a worker); never raises."""
+    """Read, check, preprocess and write one source (runs in a worker); never raises.
+
+    Args:
+        existing: names listed without a content digest (older stores): records of these are present.
+        known: ``{digest: number of images}`` the store holds; a source with a known digest is present
+            without being read.
+    """
     result = SourceResult(source)
     store = _store(store_path)
     try:
+        result.digest = digest = source_digest(source.paths)
+        if known and digest in known:
+            result.present = known[digest]
+            return result
         for record in read_source(source):
             names = record.names if isinstance(record, StackRecord) else [record.name]
             if set(names) <= existing:
@@ -155,9 +176,9 @@ def ingest_source(
                 continue
             try:
                 if isinstance(record, StackRecord):
-                    metas = _write_stack(store, record, options)
+                    metas = _write_stack(store, record, options, digest)
                 else:
-                    metas = {record.name: _write_record(store, record, options)}
+                    metas = {record.name: _write_record(store, record, options, digest)}
             except (ReadError, ValueError) as exc:
                 result.skipped.append((f"{source.describe()} [{record.name}]", str(exc)))
                 continue
@@ -189,9 +210,9 @@ def ingest(
     sources, problems = discover(list(inputs))
     report.skipped += problems
     store = ImageStore(out, mode="a")
-    existing = frozenset(store.manifest)
-    todo = [s for s in sources if s.kind == "medmnist" or s.name not in existing]
-    report.present += len(sources) - len(todo)
+    hashes = {name: meta.content_hash for name, meta in store.manifest.items()}
+    existing, known = legacy_names(hashes), known_digests(hashes.values())
+    todo, report.present = plan_sources(sources, store.manifest)
     pending: dict[str, ImageMeta] = {}
     last_flush = time.perf_counter()
 
@@ -201,6 +222,12 @@ def ingest(
         report.skipped += result.skipped
         for what, why in result.skipped:
             log(f"skipped {what}: {why}")
+        if result.written and result.digest in known:  # a copy of a file another worker wrote in this run
+            _discard(store, result.written)
+            report.present += len(result.written)
+            return
+        if result.written:
+            known[result.digest] = len(result.written)
         pending.update({n: ImageMeta.from_dict(d) for n, d in result.written.items()})
         if pending and (
             len(pending) >= FLUSH_EVERY_IMAGES or time.perf_counter() - last_flush > FLUSH_EVERY_SECONDS
@@ -218,12 +245,12 @@ def ingest(
     try:
         if workers <= 1 or len(todo) <= 1:
             for source in todo:
-                collect(ingest_source(store.path, source, options, existing))
+                collect(ingest_source(store.path, source, options, existing, known))
                 bar.update(1)
         else:
             ctx = multiprocessing.get_context("spawn")
             with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = {pool.submit(ingest_source, store.path, s, options, existing): s for s in todo}
+                futures = {pool.submit(ingest_source, store.path, s, options, existing, known): s for s in todo}
                 for future in cf.as_completed(futures):
                     try:
                         collect(future.result())
@@ -237,6 +264,44 @@ def ingest(
     store.record({}, sort=True)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def plan_sources(sources: Sequence[Source], manifest: Mapping[str, ImageMeta]) -> tuple[list[Source], int]:
+    """The sources to hand to workers, and how many are present by name in a store without digests.
+
+    A source whose name the store lists with a content digest is renamed clear of it (``x`` -> ``x_2``):
+    the worker then finds it present by its digest, or writes it as a new image without replacing the
+    listed one. A name listed without a digest (a store from before digests) means present, as before.
+    """
+
+    def listed(name: str, kind: str) -> list[ImageMeta]:
+        keys = [row_name(name, split, 0) for split in SPLITS] if kind == "medmnist" else [name]
+        return [manifest[k] for k in keys if k in manifest]
+
+    used = {s.name for s in sources}
+    todo: list[Source] = []
+    present = 0
+    for source in sources:
+        metas = listed(source.name, source.kind)
+        if metas and not any(m.content_hash for m in metas):
+            if source.kind != "medmnist":  # MedMNIST splits are matched by row name in the worker
+                present += 1
+                continue
+        elif metas:
+            kind = source.kind
+            name = free_name(source.name, lambda n: n in used or bool(listed(n, kind)))
+            used.add(name)
+            source = replace(source, name=name)
+        todo.append(source)
+    return todo, present
+
+
+def _discard(store: ImageStore, written: Mapping[str, Mapping[str, Any]]) -> None:
+    """Delete the arrays of images that were written but will not be listed (duplicates)."""
+    paths = {meta.get("array") or f"{IMAGES_GROUP}/{name}" for name, meta in written.items()}
+    for path in sorted(paths):
+        if path in store.root:
+            del store.root[path]
 
 
 def _progress(total: int, enabled: bool):

@@ -73,6 +73,8 @@ class ImageMeta:
         preprocessing: what ingest did (reorientation, resampling, HU clipping), and per-modality
             normalisation recorded for the loaders (raw values stay raw).
         extra: free-form source metadata (subject/session ids, DICOM series UID, ...).
+        content_hash: ``"sha256:<hex>"`` of the source files the image was read from, by which ingest
+            recognises an input it already holds (:mod:`ssl_med.data.identity`); ``""`` when unknown.
     """
 
     shape: tuple[int, ...]
@@ -94,6 +96,7 @@ class ImageMeta:
     index: int | None = None
     preprocessing: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    content_hash: str = ""
 
     @property
     def spatial_dims(self) -> int:
@@ -266,6 +269,7 @@ class ImageStore:
         original_affine: np.ndarray | None = None,
         preprocessing: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
+        content_hash: str = "",
     ) -> ImageMeta:
         """Write image ``name`` (an OME-Zarr image group) without touching the manifest.
 
@@ -303,6 +307,7 @@ class ImageStore:
             dtype=str(array.dtype),
             preprocessing=dict(preprocessing or {}),
             extra=dict(extra or {}),
+            content_hash=content_hash,
         )
         group = self.root.create_group(f"{IMAGES_GROUP}/{name}", overwrite=True)
         windows = list(zip(stats["p0.5"], stats["p99.5"]))
@@ -361,6 +366,7 @@ class ImageStore:
         unit: str = "",
         layout: Layout = DEFAULT_LAYOUT,
         extra: dict[str, Any] | None = None,
+        content_hash: str = "",
     ) -> dict[str, ImageMeta]:
         """Write ``images`` ``(N, C, *spatial)`` as one stack array; one manifest entry per row.
 
@@ -408,6 +414,7 @@ class ImageStore:
                 array=path,
                 index=i,
                 extra=dict(extra or {}),
+                content_hash=content_hash,
             )
         arr.attrs["ssl_med"] = {"names": list(names), "split": split, "source": source}
         return metas

@@ -12,6 +12,11 @@ from ssl_med.data.readers import ReadError, Source, StackRecord
 SPLITS = ("train", "val", "test")
 
 
+def row_name(source_name: str, split: str, index: int) -> str:
+    """The image name of row ``index`` of ``split`` of the MedMNIST source named ``source_name``."""
+    return f"{source_name}_{split}_{index:05d}"
+
+
 def is_medmnist(path: str | Path) -> bool:
     try:
         with np.load(path) as z:
@@ -48,7 +53,7 @@ def read_medmnist(source: Source) -> Iterator[StackRecord]:
             yield StackRecord(
                 name=f"{source.name}_{split}",
                 images=np.ascontiguousarray(images),
-                names=[f"{source.name}_{split}_{i:05d}" for i in range(n)],
+                names=[row_name(source.name, split, i) for i in range(n)],
                 labels=[] if labels is None else [[int(v) for v in np.atleast_1d(row)] for row in labels],
                 split=split,
                 spacing=(1.0,) * (images.ndim - 2),
