@@ -12,23 +12,45 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch import Tensor
 
+from ssl_med.train.checkpoints import PARTIAL_SAVE
+
 
 def _keep_storage(storage: Any, location: str) -> Any:
     return storage
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file and renames it into place: a run killed mid-save never
-    leaves a truncated ``last.ckpt`` behind. Loads with ``weights_only=True`` always, whatever the
-    caller or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says: a checkpoint (``resume=<path>`` may name any
-    file) is tensors and plain data, never code to unpickle."""
+    """Writes a checkpoint to a temporary file, flushes it to disk and renames it into place: a run
+    killed mid-save (or a machine that loses power) never leaves a truncated ``last.ckpt`` behind, only
+    the previous one and a partial temporary file, which the next start removes
+    (:func:`~ssl_med.train.checkpoints.remove_partial_saves`). Loads with ``weights_only=True`` always,
+    whatever the caller or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says: a checkpoint (``resume=<path>``
+    may name any file) is tensors and plain data, never code to unpickle."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(checkpoint, tmp)
+        tmp = path.with_name(f".{path.name}{PARTIAL_SAVE}{os.getpid()}")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
     def load_checkpoint(
         self, path: str | os.PathLike, map_location: Any = _keep_storage, weights_only: bool | None = None

@@ -20,6 +20,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _STEP = re.compile(r"step(\d+)")
+#: infix of the temporary file a checkpoint is written to before it is renamed into place
+PARTIAL_SAVE = ".tmp"
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -70,6 +72,20 @@ def newest_good_checkpoint(directory: Path, last: str = "last.ckpt") -> Path | N
             f"no usable checkpoint in {directory}: {'; '.join(f'{p} ({why})' for p, why in rejected.items())}"
         )
     return None
+
+
+def remove_partial_saves(directory: Path) -> list[Path]:
+    """Delete the temporary files of checkpoint saves that were killed before their rename
+    (``.last.ckpt.tmp<pid>``); returns them. Call before training starts, when nothing is being saved."""
+    removed = []
+    for path in directory.glob(f".*.ckpt{PARTIAL_SAVE}*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    if removed:
+        log.info("removed %d partial checkpoint file(s) of an interrupted save: %s", len(removed),
+                 ", ".join(p.name for p in removed))  # fmt: skip
+    return removed
 
 
 def _move_aside(path: Path) -> None:

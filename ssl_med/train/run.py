@@ -29,7 +29,7 @@ from ssl_med.encoder import Encoder, config_input_size
 from ssl_med.objective import Objective
 from ssl_med.registry import BACKBONES, OBJECTIVES
 from ssl_med.train.callbacks import AtomicCheckpointIO, ExportEncoder, PlotCurves, PreviewImages
-from ssl_med.train.checkpoints import checkpoint_problem, newest_good_checkpoint
+from ssl_med.train.checkpoints import checkpoint_problem, newest_good_checkpoint, remove_partial_saves
 from ssl_med.train.launch import relaunch_this_job
 from ssl_med.train.module import PretrainModule
 from ssl_med.train.online_eval import ONLINE_EVAL_FILE, build_online_eval
@@ -84,6 +84,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     data = CropDataModule(cfg.data, objective.view_transform(), cfg.seed, objective.geometric_views)
 
     checkpoint_dir = run_dir / "checkpoints"
+    remove_partial_saves(checkpoint_dir)  # left by a save that was killed before its rename
     ckpt_path = resume_checkpoint(cfg.resume, checkpoint_dir)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)

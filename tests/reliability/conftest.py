@@ -1,12 +1,17 @@
-"""Fault injection on tiny stores written per test: chunk files deleted, truncated, or with a byte flipped.
+"""Fault injection on tiny stores written per test: chunk files deleted, truncated, or with a byte flipped;
+and on ``ssl_med`` processes: signals, kills, a save that dies half-way.
 
 ``tiny_store`` is a fresh store per test; the helpers come as the ``faults`` fixture (:class:`Faults`).
+``processes`` (:class:`Processes`) spawns ``ssl_med`` commands and kills whatever is left at teardown.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -99,3 +104,49 @@ class Faults:
 @pytest.fixture()
 def faults() -> type[Faults]:
     return Faults
+
+
+#: a pretraining run of a few seconds on the demo data (overrides of ``ssl_med pretrain``)
+TINY_PRETRAIN = (
+    "backbone.embed_dim=48", "backbone.depth=1", "objective.decoder_dim=16", "objective.decoder_depth=1",
+    "objective.decoder_heads=2", "data.crop_size=[32,32]", "data.batch_size=4", "data.num_workers=0",
+    "data.samples_per_epoch=64", "trainer.progress_bar=false", "trainer.preview_every_n_steps=0",
+)  # fmt: skip
+
+
+class Processes:
+    """``ssl_med`` commands in fresh interpreters, each in its own session (signals reach only it)."""
+
+    tiny_pretrain = TINY_PRETRAIN
+
+    def __init__(self) -> None:
+        self.spawned: list[subprocess.Popen[str]] = []
+
+    @staticmethod
+    def pretrain_args(run_dir: Path, *overrides: str) -> list[str]:
+        """``pretrain`` arguments of the tiny run into ``run_dir``, then ``overrides``."""
+        return ["pretrain", *TINY_PRETRAIN, f"hydra.run.dir={run_dir}", *overrides]
+
+    def spawn(self, args: list[str], prelude: str = "") -> subprocess.Popen[str]:
+        """``ssl_med *args`` after running the Python code ``prelude`` (fault injection); stdout and
+        stderr together in ``proc.stdout``."""
+        code = f"{prelude}\nimport sys\nfrom ssl_med.cli import main\nsys.exit(main(sys.argv[1:]))"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        self.spawned.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.spawned:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture()
+def processes() -> Iterator[Processes]:
+    procs = Processes()
+    yield procs
+    procs.close()
