@@ -80,6 +80,8 @@ class OnlineEvalConfig:
         ridge: L2 strength of the closed-form probe, relative to the mean feature variance.
         max_train, max_val: stratified subsets of the train (bank) and val (query) splits.
         batch_size: feature-extraction batch.
+        keep_best: export the encoder of the best val value of this metric to ``encoder_best/``
+            (model selection on val; ``null``: off). ``encoder/`` is always the last step's.
     """
 
     data: str | None = None
@@ -92,6 +94,7 @@ class OnlineEvalConfig:
     max_train: int | None = 2000
     max_val: int | None = 1000
     batch_size: int = 256
+    keep_best: str | None = "linear_auroc"
 
 
 @dataclass

@@ -73,6 +73,10 @@ def online_metrics(
     }
 
 
+#: the metrics :func:`online_metrics` returns (``online/<name>`` in TensorBoard)
+METRICS = ("knn_accuracy", "knn_auroc", "linear_accuracy", "linear_auroc", "embedding_std")
+
+
 class OnlineEval(L.Callback):
     """Logs ``online/*`` metrics of the current encoder on a labelled train/val set (see module docstring).
 
@@ -81,7 +85,14 @@ class OnlineEval(L.Callback):
         data: the labelled set (its ``train`` and ``val`` splits are used, ``test`` is dropped).
     """
 
-    def __init__(self, cfg: OnlineEvalConfig, data: ClassificationData, out_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        cfg: OnlineEvalConfig,
+        data: ClassificationData,
+        out_file: Path | None = None,
+        best_dir: Path | None = None,
+        export_config: dict[str, Any] | None = None,
+    ) -> None:
         if data.task == "multi-label":
             raise ValueError(f"online_eval.data={cfg.data}: multi-label data is not supported online; use ssl_med evaluate")
         self.cfg = cfg
@@ -93,6 +104,8 @@ class OnlineEval(L.Callback):
             self.images[split] = data.images[split][torch.from_numpy(keep)]
             self.labels[split] = data.labels[split][keep]
         self.out_file = out_file
+        self.best_dir, self.export_config = best_dir, export_config or {}
+        self.best: dict[str, float] | None = None
         self.history: list[dict[str, float]] = []
         self.seconds = 0.0
         self._last_step = -1
@@ -122,6 +135,7 @@ class OnlineEval(L.Callback):
         metrics = self.evaluate(pl_module)
         self.seconds += time.perf_counter() - start
         self.history.append({"step": step, **metrics})
+        self._keep_if_best(step, metrics, pl_module)
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_scalar"):
             for name, value in metrics.items():
@@ -131,6 +145,19 @@ class OnlineEval(L.Callback):
             "online eval (%s val, step %d): kNN acc %.3f AUROC %.3f | ridge probe AUROC %.3f | embedding std %.4f",
             self.cfg.data, step, metrics["knn_accuracy"], metrics["knn_auroc"], metrics["linear_auroc"], metrics["embedding_std"],
         )
+
+    def _keep_if_best(self, step: int, metrics: dict[str, float], pl_module: L.LightningModule) -> None:
+        """Export the evaluated encoder to ``best_dir`` when ``cfg.keep_best`` improved (val only)."""
+        key = self.cfg.keep_best
+        if not key or self.best_dir is None or step == 0:  # step 0 is the random init, not a result
+            return
+        if self.best is not None and not metrics[key] > self.best[key]:
+            return
+        from ssl_med.export import save_encoder
+
+        self.best = {"step": step, **metrics}
+        save_encoder(pl_module.objective.eval_encoder(), self.best_dir, {**self.export_config, "selected_on": {"val": key, **self.best}})
+        log.info("online eval: best val %s so far (%.3f at step %d): encoder written to %s", key, metrics[key], step, self.best_dir)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._run(trainer, pl_module)  # step 0 of a fresh run: the random-init reference
@@ -142,18 +169,27 @@ class OnlineEval(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._run(trainer, pl_module)
         if self.out_file is not None and trainer.is_global_zero:
-            record = {"data": self.cfg.data, "features": self.cfg.features, "seconds": self.seconds, "history": self.history}
+            record = {"data": self.cfg.data, "features": self.cfg.features, "seconds": self.seconds,
+                      "best": self.best, "history": self.history}
             self.out_file.write_text(json.dumps(record, indent=1))
 
 
 def build_online_eval(
-    cfg: OnlineEvalConfig, image_size: list[int], in_chans: int | None, out_file: Path | None = None
+    cfg: OnlineEvalConfig,
+    image_size: list[int],
+    in_chans: int | None,
+    out_file: Path | None = None,
+    best_dir: Path | None = None,
+    export_config: dict[str, Any] | None = None,
 ) -> OnlineEval | None:
     """The callback for ``cfg`` (``None`` when ``cfg.data`` is null), with images resized to the
     pretraining geometry ``image_size`` (the encoder's input size); the curve is also written to
-    ``out_file`` (JSON, read by ``ssl_med report``) at the end of training."""
+    ``out_file`` (JSON, read by ``ssl_med report``) at the end of training, and with ``cfg.keep_best``
+    the encoder of the best val evaluation is exported to ``best_dir`` (with ``export_config``)."""
     if not cfg.data:
         return None
+    if cfg.keep_best and cfg.keep_best not in METRICS:
+        raise ValueError(f"online_eval.keep_best={cfg.keep_best!r}: choose one of {', '.join(METRICS)} or null")
     from ssl_med.evaluators.datasets import eval_data_config, load_eval_data, resolve_eval_data
 
     overrides = [f"eval_data.path={cfg.path}"] if cfg.path else []
@@ -169,4 +205,4 @@ def build_online_eval(
     data = load_eval_data(data_cfg, in_chans or 1)
     if not isinstance(data, ClassificationData):
         raise ValueError(f"online_eval.data={cfg.data} is not a classification set (kNN needs class labels)")
-    return OnlineEval(cfg, data, out_file)
+    return OnlineEval(cfg, data, out_file, best_dir, export_config)

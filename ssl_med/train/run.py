@@ -21,6 +21,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
 from ssl_med.config import ConfigError, PretrainConfig
@@ -28,7 +29,8 @@ from ssl_med.data.datamodule import CropDataModule
 from ssl_med.encoder import Encoder, config_input_size
 from ssl_med.objective import Objective
 from ssl_med.registry import BACKBONES, OBJECTIVES
-from ssl_med.train.callbacks import AtomicCheckpointIO, ExportEncoder, PlotCurves, PreviewImages
+from ssl_med.lifetimes import Interrupted, StopSignals
+from ssl_med.train.callbacks import AtomicCheckpointIO, ExportEncoder, PlotCurves, PreviewImages, StopOnSignal
 from ssl_med.train.checkpoints import checkpoint_problem, newest_good_checkpoint, remove_partial_saves
 from ssl_med.train.launch import relaunch_this_job
 from ssl_med.train.module import PretrainModule
@@ -90,6 +92,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         log.info("resuming from %s", ckpt_path)
     t = cfg.trainer
     export_dir = run_dir / "encoder"
+    export_config = {"backbone": cfg.backbone, "objective": cfg.objective, "data": asdict(cfg.data)}
     callbacks: list[L.Callback] = [
         ModelCheckpoint(
             dirpath=checkpoint_dir,
@@ -100,15 +103,20 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
             save_top_k=1,
         ),
         PreviewImages(t.preview_every_n_steps),
-        ExportEncoder(export_dir, {"backbone": cfg.backbone, "objective": cfg.objective, "data": asdict(cfg.data)}),
+        ExportEncoder(export_dir, export_config),
         PlotCurves(run_dir),
     ]
     input_size = config_input_size(cfg.backbone) or list(cfg.data.crop_size)
-    online = build_online_eval(cfg.online_eval, input_size, encoder.in_chans, run_dir / ONLINE_EVAL_FILE)
+    online = build_online_eval(
+        cfg.online_eval, input_size, encoder.in_chans, run_dir / ONLINE_EVAL_FILE, run_dir / "encoder_best", export_config
+    )
     if online is not None:
         callbacks.append(online)
     if t.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
+    stop = StopSignals("run")  # SIGINT / SIGTERM: save last.ckpt after the current step and stop
+    stopper = StopOnSignal(stop, checkpoint_dir / LAST_CHECKPOINT)
+    callbacks.append(stopper)
     trainer = L.Trainer(
         max_steps=t.max_steps,
         max_time=t.max_time,
@@ -127,8 +135,11 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         max_epochs=-1,
         default_root_dir=str(run_dir),
     )
-    with relaunch_this_job("pretrain"):
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
+    try:
+        with relaunch_this_job("pretrain"), stop:
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
+    except (Interrupted, SIGTERMException):
+        raise stopper.interrupted(trainer) from None
     if cfg.evaluate and trainer.is_global_zero:
         evaluate_run(run_dir, cfg.evaluate, cfg.evaluate_on, seed=cfg.seed)
     return export_dir

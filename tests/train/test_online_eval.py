@@ -125,6 +125,17 @@ def test_smoke_pretrain_logs_online_metrics(tmp_path: Path, shared_data: Path, m
     assert all(0.0 <= v <= 1.0 for v in knn)
     assert len(scalars(tmp_path, "online/linear_auroc")) == 3
 
+    import json
+
+    import ssl_med
+
+    best = json.loads((tmp_path / "encoder_best" / "config.json").read_text())["selected_on"]
+    record = json.loads((tmp_path / "online_eval.json").read_text())
+    assert best.pop("val") == "linear_auroc"
+    assert best["step"] in (2, 4) and best == record["best"], "the best val step (never step 0) is exported"
+    assert best["linear_auroc"] == max(h["linear_auroc"] for h in record["history"][1:])
+    ssl_med.load_pretrained(tmp_path / "encoder_best")
+
     from ssl_med.evaluators.report import write_summary
 
     summary = write_summary(tmp_path).read_text()
