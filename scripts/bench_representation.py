@@ -7,7 +7,8 @@ user runs (nothing is called behind their back):
 2. ``ssl_med pretrain recipe=<small_2d|small_3d> objective=<o> seed=<s> data=store ...`` — pretraining
    on the **train** split only (``data.split=auto``) with the online kNN / ridge-probe curve on **val**;
 3. ``ssl_med evaluate eval=linear_probe`` and ``eval=knn`` with ``seed=<s>`` — the pretrained encoder
-   and a random-init encoder of the same seed, probe C chosen on val, scored once on test.
+   (the last step's) and a random-init encoder of the same seed, probe C chosen on val, scored once on
+   test; plus the linear probe of ``encoder_best/``, the encoder the online val curve selected.
 
 The table (mean ± std over seeds, gap = pretrained − random init per seed) and the online curves are
 written to ``--doc`` between ``<!-- in-domain:begin -->`` and ``<!-- in-domain:end -->``, and to
@@ -97,6 +98,14 @@ def one_run(out: Path, name: str, objective: str, backbone: str, seed: int, step
         results = json.loads((eval_dir / "results.json").read_text())
         for r in results["rows"]:
             row[f"{evaluator}/{r['encoder']}"] = r["metrics"]
+    best_dir = run_dir / "encoder_best"
+    if best_dir.is_dir():  # the encoder selected on the online val curve (online_eval.keep_best)
+        eval_dir = folder / "eval-linear_probe-best"
+        run(["ssl_med", "evaluate", "eval=linear_probe", f"checkpoint={best_dir}", f"eval_data={spec.eval_data}",
+             f"seed={seed}", "eval.label_fractions=[]", "baseline=false", f"hydra.run.dir={eval_dir}"], folder / "best.log")
+        results = json.loads((eval_dir / "results.json").read_text())
+        row["linear_probe/best-on-val"] = results["rows"][0]["metrics"]
+        row["best_step"] = json.loads((best_dir / "config.json").read_text())["selected_on"]["step"]
     for tag in ("online/knn_auroc", "online/linear_auroc"):
         row[tag] = online_curve(run_dir, tag)
     row_file.write_text(json.dumps(row, indent=1))
@@ -112,8 +121,9 @@ def mean_std(values: list[float]) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown: one line per (dataset, backbone, objective) and one random-init line per dataset."""
     lines = [
-        "| data | encoder | seeds | steps | pretrain min | probe AUROC | random-init probe AUROC | gap (mean ± std) | kNN ACC | random-init kNN ACC |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| data | encoder | seeds | steps | pretrain min | probe AUROC | random-init probe AUROC | gap (mean ± std) "
+        "| best-on-val probe AUROC (step) | kNN ACC | random-init kNN ACC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -124,10 +134,12 @@ def table(rows: list[dict]) -> str:
         knn = [r["knn/pretrained"]["accuracy"] for r in rs]
         knn0 = [r["knn/random-init"]["accuracy"] for r in rs]
         gaps = [a - b for a, b in zip(auc, auc0)]
+        best = [r["linear_probe/best-on-val"]["auroc"] for r in rs if "linear_probe/best-on-val" in r]
+        best_cell = f"{mean_std(best)} ({','.join(str(r['best_step']) for r in rs if 'best_step' in r)})" if best else "-"
         lines.append(
             f"| {data} | {backbone}-tiny {objective} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} | "
             f"{statistics.mean(r['pretrain_s'] for r in rs) / 60:.1f} | {mean_std(auc)} | {mean_std(auc0)} | "
-            f"**{mean_std(gaps)}** | {mean_std(knn)} | {mean_std(knn0)} |"
+            f"**{mean_std(gaps)}** | {best_cell} | {mean_std(knn)} | {mean_std(knn0)} |"
         )
     return "\n".join(lines)
 
