@@ -96,6 +96,7 @@ import torch.nn.functional as F
 from monai.transforms import Randomizable
 from torch import Tensor, nn
 
+from objectives.losses.precision import upcast
 from objectives.losses.vicreg import vicreg_terms
 from ssl_med.encoder import Encoder
 from ssl_med.geometry import CropSpec, GeometryError, ViewGeometry, override, patch_multiple_crop
@@ -382,14 +383,15 @@ class GraphMatching(Objective):
         b = v1.shape[0]
         out = self.encoder(torch.cat([v1, v2]))
         z = self.projector(out.pooled)
-        zs, zt = z[:b], z[b:]
-        local = None
-        if self.maps_projector is not None:
-            maps = self.maps_projector(out.patch_tokens)
-            local = self.local_costs(maps[:b], maps[b:])
-        per_graph, sizes = self.match(zs, zt, local)
+        maps = None if self.maps_projector is None else self.maps_projector(out.patch_tokens)
+        # matching and VICReg in float32 outside autocast: the solver compares sums of costs, which
+        # bf16 rounding (8 significant bits) ties or reorders, flipping the discrete Hamming loss
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            zs, zt = upcast(z[:b]), upcast(z[b:])
+            local = None if maps is None else self.local_costs(upcast(maps[:b]), upcast(maps[b:]))
+            per_graph, sizes = self.match(zs, zt, local)
+            vic = vicreg_terms(zs, zt)
         hamming = per_graph.mean()
-        vic = vicreg_terms(zs, zt)
         w_gm = self.current_gm_weight()
         loss = w_gm * hamming + self.inv_coeff * vic.inv + self.var_coeff * vic.var + self.cov_coeff * vic.cov
         with torch.no_grad():

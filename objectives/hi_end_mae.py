@@ -46,11 +46,11 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from objectives.dino import ReseededViews
+from objectives.losses.precision import upcast
 from objectives.mae import MAE, MAEDecoder, masked_patch_loss, random_masking
 from ssl_med.encoder import Encoder
 from ssl_med.layers.attention import Attention, AttnImpl, attention
 from ssl_med.layers.patch_embed import patchify
-from ssl_med.layers.pos_embed import sincos_pos_embed
 from ssl_med.objective import ObjectiveOutput, Sample
 from ssl_med.registry import OBJECTIVES
 
@@ -65,6 +65,8 @@ def hi_end_mae_loss(pred: Tensor, patches: Tensor, mask: Tensor, norm_pix: bool 
 
     Shapes: ``pred``, ``patches`` ``(B, N, P)``; ``mask`` ``(B, N)`` bool (True = masked) -> scalar.
     """
+    # float32 targets whatever the images' dtype (layer_norm keeps its input's), as masked_patch_loss
+    patches = upcast(patches)
     target = F.layer_norm(patches, patches.shape[-1:], eps=1e-6) if norm_pix else patches
     return masked_patch_loss(pred, target, mask, norm_pix=False)
 
@@ -140,10 +142,7 @@ class HiEndDecoder(MAEDecoder):
     ) -> Tensor:
         if len(levels) != len(self.cross_blocks):
             raise ValueError(f"expected {len(self.cross_blocks)} encoder levels, got {len(levels)}")
-        b, n = final.shape[0], math.prod(grid)
-        x = self.mask_token.to(final.dtype).expand(b, n, -1).clone()
-        x = x.scatter(1, keep_idx.unsqueeze(-1).expand(-1, -1, self.decoder_dim), self.embed(final))
-        x = x + sincos_pos_embed(grid, self.decoder_dim).to(x)[None]
+        x = self.query_stream(final, keep_idx, grid)
         for block in self.blocks:
             x = block(x)
         for proj, block, level in zip(self.level_embed, self.cross_blocks, levels):

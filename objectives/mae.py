@@ -26,6 +26,7 @@ import torch
 from monai.transforms import Compose, RandFlipd, RandomizableTransform
 from torch import Tensor, nn
 
+from objectives.losses.precision import upcast
 from ssl_med.encoder import Encoder
 from ssl_med.layers.patch_embed import grid_shape, patchify, unpatchify
 from ssl_med.layers.pos_embed import sincos_pos_embed
@@ -54,8 +55,10 @@ def random_masking(noise: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor]:
 def masked_patch_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool) -> Tensor:
     """MAE loss: per-patch MSE ``(B, N)`` averaged over masked patches (``mask`` True).
 
-    ``pred``/``target``: ``(B, N, P)`` patch vectors.
+    ``pred``/``target``: ``(B, N, P)`` patch vectors. Computed in float32 (the decoder's prediction is
+    bf16 under autocast; the squared errors and the per-patch target statistics need float32).
     """
+    pred, target = upcast(pred), upcast(target)
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)  # unbiased, as the reference
@@ -112,12 +115,18 @@ class MAEDecoder(nn.Module):
         self.pred = nn.Linear(decoder_dim, patch_dim)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    def query_stream(self, visible: Tensor, keep_idx: Tensor, grid: tuple[int, ...]) -> Tensor:
+        """Embedded visible tokens at their positions, the mask token elsewhere, plus fixed sin-cos
+        positions: ``(B, N_keep, D)`` -> ``(B, N, decoder_dim)``."""
+        tokens = self.embed(visible)
+        # the mask token takes the embedded tokens' dtype, not the encoder output's: under autocast
+        # ``embed`` returns bf16 whatever ``visible`` is, and scatter needs one dtype
+        x = self.mask_token.to(tokens.dtype).expand(tokens.shape[0], math.prod(grid), -1).clone()
+        x = x.scatter(1, keep_idx.unsqueeze(-1).expand(-1, -1, self.decoder_dim), tokens)
+        return x + sincos_pos_embed(grid, self.decoder_dim).to(x)[None]
+
     def forward(self, visible: Tensor, keep_idx: Tensor, grid: tuple[int, ...]) -> Tensor:
-        b = visible.shape[0]
-        n = math.prod(grid)
-        x = self.mask_token.to(visible.dtype).expand(b, n, -1).clone()
-        x = x.scatter(1, keep_idx.unsqueeze(-1).expand(-1, -1, self.decoder_dim), self.embed(visible))
-        x = x + sincos_pos_embed(grid, self.decoder_dim).to(x)[None]
+        x = self.query_stream(visible, keep_idx, grid)
         for block in self.blocks:
             x = block(x)
         return self.pred(self.norm(x))

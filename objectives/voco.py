@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from monai.transforms import Randomizable
 from torch import Tensor, nn
 
+from objectives.losses.precision import upcast
 from ssl_med.encoder import Encoder
 from ssl_med.geometry import (
     CropSpec,
@@ -453,14 +454,19 @@ class VoCo(Objective):
                 teacher = self.teacher_head(self.teacher_encoder(inputs).pooled)
         x_stu, b_stu = student[: b * k].reshape(b, k, -1), student[b * k :].reshape(b, g, -1)
         x_tea, b_tea = teacher[: b * k].reshape(b, k, -1), teacher[b * k :].reshape(b, g, -1)
-        terms = self.losses(labels.to(student.dtype), x_stu, b_stu, x_tea, b_tea)
+        # the terms in float32 outside autocast: a bf16 einsum rounds cosines near 1 to 1 (bf16 steps
+        # are 2^-8 there), which -log(1 - l + 1e-6) turns into ~14 instead of a few units
+        with torch.autocast(device_type=student.device.type, enabled=False):
+            x_stu, b_stu, x_tea, b_tea = upcast(x_stu), upcast(b_stu), upcast(x_tea), upcast(b_tea)
+            terms = self.losses(labels.to(x_stu.dtype), x_stu, b_stu, x_tea, b_tea)
+            with torch.no_grad():
+                label_mae = (online_assign(x_stu, b_tea) - labels).abs().mean()
         per_volume = terms["pos"] + terms["neg"] + self.reg_weight * terms["reg"]
         if "inter" in terms:
             per_volume = per_volume + self.inter_weight * terms["inter"]
         loss = per_volume.mean()
         logged = {name: t.mean().detach() for name, t in terms.items()}
-        with torch.no_grad():
-            logged["label_mae"] = (online_assign(x_stu, b_tea) - labels).abs().mean()
+        logged["label_mae"] = label_mae
         embeddings = emb[: b * k].reshape(b, k, -1)[:, 0].detach()
         return ObjectiveOutput(loss=loss, terms=logged, embeddings=embeddings)
 

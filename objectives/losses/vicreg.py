@@ -14,7 +14,7 @@ covariance (averaging the two views instead of summing them) is the VICRegL / LV
 original VICReg sums the two covariance terms (equivalent to a covariance weight of 2 here).
 
 Statistics are over the local batch only (VICReg all-gathers the embeddings across GPUs first);
-half-precision inputs are upcast to float32.
+half-precision inputs are upcast to float32 and the terms computed outside autocast.
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ def vicreg_terms(x: Tensor, y: Tensor, eps: float = 1e-4) -> VICRegTerms:
         raise ValueError("VICReg needs at least 2 images per batch")
     if x.dtype in (torch.float16, torch.bfloat16):
         x, y = x.float(), y.float()
-    inv = F.mse_loss(x, y)
-    var = (_std_hinge(x, eps) + _std_hinge(y, eps)) / 2
-    cov = (_off_diagonal_cov(x) + _off_diagonal_cov(y)) / 2
+    # autocast off: it would run the covariance matmul in bf16/fp16 again
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        inv = F.mse_loss(x, y)
+        var = (_std_hinge(x, eps) + _std_hinge(y, eps)) / 2
+        cov = (_off_diagonal_cov(x) + _off_diagonal_cov(y)) / 2
     return VICRegTerms(inv, var, cov)

@@ -135,6 +135,18 @@ def test_3d_pretrain_smoke(tmp_path: Path) -> None:
     assert enc(torch.rand(1, 1, 16, 16, 16)).patch_tokens.shape == (1, 8, 48)
 
 
+def test_bf16_mixed_pretrain_runs(tmp_path: Path) -> None:
+    """``trainer.precision=bf16-mixed`` (Lightning's bf16 autocast, here on the CPU) with the default
+    objective: the run ends with finite logged losses and exports a float32 encoder (every pair's
+    bf16 step against float32: tests/test_pairs.py)."""
+    cfg = config("trainer.precision=bf16-mixed", "trainer.max_steps=2", "trainer.log_every_n_steps=1")
+    export_dir = run_module.pretrain(cfg, tmp_path)
+    losses = scalars(tmp_path, "train/loss")
+    assert losses and all(torch.isfinite(torch.tensor(losses))), losses
+    encoder = ssl_med.load_pretrained(export_dir)
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32}
+
+
 def test_mae_crops_travel_raw_and_are_normalised_after_the_transfer() -> None:
     """data.normalise=batch: MAE's views only move voxels, so 1-channel crops can leave the workers in
     their stored dtype and PretrainModule.on_after_batch_transfer makes them float32 [0, 1]; DINO's
