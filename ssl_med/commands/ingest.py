@@ -7,6 +7,7 @@ groups to compose, and should not create a Hydra run folder for every call.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ssl_med.commands import Command
 
@@ -73,6 +74,7 @@ def run(args: list[str]) -> int:
     from ssl_med.data.ingest import IngestOptions, ingest
     from ssl_med.data.layout import DEFAULT_LAYOUT
     from ssl_med.data.verify import verify
+    from ssl_med.lifetimes import Interrupted
 
     ns = parser().parse_args(args)
     if not ns.inputs and not ns.verify:
@@ -92,9 +94,16 @@ def run(args: list[str]) -> int:
             split=ns.split,
             layout=layout,
         )
-        report = ingest(
-            ns.inputs, ns.out, options, workers=ns.workers, progress=not ns.no_progress, log=lambda _: None
-        )
+        try:
+            report = ingest(
+                ns.inputs, ns.out, options, workers=ns.workers, progress=not ns.no_progress, log=lambda _: None
+            )
+        except Interrupted as stop:  # SIGINT / SIGTERM: what was written is listed, the rest is not
+            print(f"ssl_med ingest: {stop}", file=sys.stderr)
+            return stop.exit_code
+        except KeyboardInterrupt:  # a second Ctrl+C
+            print("ssl_med ingest: interrupted; run the same command again to continue", file=sys.stderr)
+            return 130
         print(report.summary())
         if report.written == 0 and report.present == 0:
             status = 1

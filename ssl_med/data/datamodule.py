@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from ssl_med.config import DataConfig
+from ssl_med.lifetimes import init_worker
 from ssl_med.data.crops import EpochSampler, RandomCropDataset
 from ssl_med.registry import DATASETS
 
@@ -39,7 +43,8 @@ class CropDataModule(L.LightningDataModule):
             the workers normalise (the main process would otherwise do it on the training cores).
 
     Workers are started with ``spawn`` (zarr v3 handles are not fork-safe once the parent has read
-    data); each worker opens its own store handle.
+    data); each worker opens its own store handle, dies with the training process and ignores SIGINT /
+    SIGTERM (the training process stops cleanly and shuts them down: :mod:`ssl_med.lifetimes`).
     """
 
     def __init__(
@@ -104,6 +109,7 @@ class CropDataModule(L.LightningDataModule):
             return trainer.global_step * batch * world if trainer is not None else 0
 
         workers = self.cfg.num_workers
+        seed_workers = bool(int(os.environ.get("PL_SEED_WORKERS", "0")))  # L.seed_everything(workers=True)
         return DataLoader(
             self.dataset,
             batch_size=batch,
@@ -111,5 +117,15 @@ class CropDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             multiprocessing_context=multiprocessing.get_context("spawn") if workers > 0 else None,
+            worker_init_fn=partial(init_loader_worker, os.getpid(), rank, seed_workers) if workers > 0 else None,
             drop_last=True,
         )
+
+
+def init_loader_worker(parent_pid: int, rank: int, seed_workers: bool, worker_id: int) -> None:
+    """A DataLoader worker dies with the training process and leaves SIGINT / SIGTERM to it
+    (:func:`ssl_med.lifetimes.init_worker`), then is seeded as Lightning would have seeded it (Lightning
+    adds its own initialiser only to loaders that have none)."""
+    init_worker(parent_pid)
+    if seed_workers:
+        pl_worker_init_function(worker_id, rank)

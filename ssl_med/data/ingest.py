@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,7 @@ from ssl_med.data.readers import ReadError, Record, Source, StackRecord, read_so
 from ssl_med.data.readers.discover import discover
 from ssl_med.data.readers.medmnist import SPLITS, row_name
 from ssl_med.data.store import IMAGES_GROUP, ImageMeta, ImageStore
+from ssl_med.lifetimes import Interrupted, StopSignals, init_worker, stop_workers
 
 INGEST_VERSION = 1
 FLUSH_EVERY_IMAGES = 256
@@ -241,29 +244,74 @@ def ingest(
         pending.clear()
         last_flush = time.perf_counter()
 
+    # picklable for the pool; in this process it sees ``known`` grow, so a second copy is not even read
+    work = partial(ingest_source, store.path, options=options, existing=existing, known=known)
+    def failed(source: Source, exc: BaseException) -> None:  # a worker died (e.g. out of memory)
+        report.skipped.append((source.describe(), f"worker failed ({exc!r})"))
+
     bar = _progress(len(todo), progress)
+    stop = StopSignals("ingest")
     try:
-        if workers <= 1 or len(todo) <= 1:
-            for source in todo:
-                collect(ingest_source(store.path, source, options, existing, known))
-                bar.update(1)
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = {pool.submit(ingest_source, store.path, s, options, existing, known): s for s in todo}
-                for future in cf.as_completed(futures):
-                    try:
-                        collect(future.result())
-                    except Exception as exc:  # a worker died (e.g. out of memory): report, continue
-                        report.skipped.append((futures[future].describe(), f"worker failed ({exc!r})"))
+        with stop:
+            if workers <= 1 or len(todo) <= 1:
+                for source in todo:
+                    if stop.received is not None:
+                        break
+                    collect(work(source))
                     bar.update(1)
+            else:
+                _run_in_pool(work, todo, workers, stop, collect, failed, bar.update)
     finally:
         bar.close()
         if pending:
             flush()
     store.record({}, sort=True)
     report.seconds = time.perf_counter() - start
+    if stop.received is not None:
+        raise Interrupted(
+            stop.received, f"stopped by {stop.signal_name}: {report.written} images written and listed, "
+            f"{report.present} already in the store; run the same command again to continue",
+        )  # fmt: skip
     return report
+
+
+def _run_in_pool(
+    work: Callable[[Source], SourceResult],
+    todo: Sequence[Source],
+    workers: int,
+    stop: StopSignals,
+    collect: Callable[[SourceResult], None],
+    failed: Callable[[Source, BaseException], None],
+    advance: Callable[[int], Any],
+) -> None:
+    """``work`` on every source in ``workers`` spawned processes, results to ``collect`` as they come.
+
+    The workers die with this process and ignore SIGINT / SIGTERM (:func:`~ssl_med.lifetimes.init_worker`).
+    When ``stop`` records a signal, or anything goes wrong here, the sources not started are cancelled
+    and the running workers abandon theirs (:func:`~ssl_med.lifetimes.stop_workers`): what they wrote
+    is not listed, and a re-run rewrites it.
+    """
+    before = set(multiprocessing.active_children())
+    ctx = multiprocessing.get_context("spawn")
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker, initargs=(os.getpid(),))
+    finished = False
+    try:
+        futures = {pool.submit(work, s): s for s in todo}
+        waiting = set(futures)
+        while waiting and stop.received is None:
+            done, waiting = cf.wait(waiting, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                try:
+                    collect(future.result())
+                except Exception as exc:
+                    failed(futures[future], exc)
+                advance(1)
+        finished = not waiting
+    finally:
+        if not finished:
+            pool.shutdown(wait=False, cancel_futures=True)
+            stop_workers(set(multiprocessing.active_children()) - before)
+        pool.shutdown(wait=True)
 
 
 def plan_sources(sources: Sequence[Source], manifest: Mapping[str, ImageMeta]) -> tuple[list[Source], int]:

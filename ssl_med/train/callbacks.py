@@ -1,17 +1,21 @@
-"""Callbacks carrying cross-cutting behaviour: atomic checkpoints, image previews, encoder export."""
+"""Callbacks carrying cross-cutting behaviour: atomic checkpoints, stopping on signals, image previews,
+encoder export."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
+from ssl_med.lifetimes import Interrupted, StopSignals
 from ssl_med.train.checkpoints import PARTIAL_SAVE
 
 
@@ -56,6 +60,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, path: str | os.PathLike, map_location: Any = _keep_storage, weights_only: bool | None = None
     ) -> dict[str, Any]:
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+class StopOnSignal(L.Callback):
+    """Ends training after the step in which SIGINT or SIGTERM arrived (recorded by ``stop``), with the
+    state saved to ``checkpoint`` (``last.ckpt``) so that ``resume=auto`` continues from that step.
+
+    The stop comes at the end of a step, never inside one, so the saved state is consistent. With more
+    than one process, a signal seen by any of them stops all of them at the same step. Lightning's own
+    SIGTERM handling (which raises ``SIGTERMException`` after a step, and under SLURM requeues the job on
+    its requeue signal) saves the same way. A second Ctrl+C interrupts at once and saves nothing: the
+    previous ``last.ckpt`` stays.
+    """
+
+    def __init__(self, stop: StopSignals, checkpoint: Path) -> None:
+        self.stop = stop
+        self.checkpoint = checkpoint
+        self.saved: Path | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stopping = self.stop.received is not None
+        if trainer.world_size > 1:
+            stopping = trainer.strategy.reduce_boolean_decision(stopping, all=False)
+        if stopping:
+            raise Interrupted(self.stop.received or signal.SIGTERM, f"stopped at step {trainer.global_step}")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (Interrupted, SIGTERMException)):
+            trainer.save_checkpoint(self.checkpoint)
+            self.saved = self.checkpoint
+
+    def interrupted(self, trainer: L.Trainer) -> Interrupted:
+        """The one-line report of the stop, after ``trainer.fit`` ended with it."""
+        signum = self.stop.received or signal.SIGTERM
+        saved = f"saved {self.saved}" if self.saved else "nothing saved"
+        return Interrupted(
+            signum, f"stopped by {signal.Signals(signum).name} after step {trainer.global_step}; {saved}; "
+            "run the same command again to resume",
+        )  # fmt: skip
 
 
 def _preview_grid(images: dict[str, Tensor], max_items: int = 4) -> Tensor:
