@@ -117,8 +117,6 @@ TINY_PRETRAIN = (
 class Processes:
     """``ssl_med`` commands in fresh interpreters, each in its own session (signals reach only it)."""
 
-    tiny_pretrain = TINY_PRETRAIN
-
     def __init__(self) -> None:
         self.spawned: list[subprocess.Popen[str]] = []
 
