@@ -29,7 +29,9 @@ def _is_previous_export(folder: Path, names: set[str]) -> bool:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(config, dict) and "ssl_med_version" in config and isinstance(config.get("backbone"), dict)
+    return (
+        isinstance(config, dict) and "ssl_med_version" in config and isinstance(config.get("backbone"), dict)
+    )
 
 
 def check_export_target(out: str | Path, push_to: str | None = None, overwrite: bool = False) -> Path:

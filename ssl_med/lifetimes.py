@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -68,14 +68,31 @@ def init_worker(parent_pid: int | None = None, *_: Any) -> None:
     die_with_parent(parent_pid)
 
 
+_TASKS_RUNNING = 0
+
+
+@contextlib.contextmanager
+def abandonable() -> Iterator[None]:
+    """Marks a worker's task that :data:`ABANDON` may end (with ``SystemExit``). Outside such a task
+    the signal is ignored: an idle pool worker is waiting for its next task or for the parent's
+    shutdown sentinel, and must not be torn out of that exchange."""
+    global _TASKS_RUNNING
+    _TASKS_RUNNING += 1
+    try:
+        yield
+    finally:
+        _TASKS_RUNNING -= 1
+
+
 def _abandon(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
+    if _TASKS_RUNNING:
+        raise SystemExit(128 + signum)
 
 
 def stop_workers(workers: Iterable[multiprocessing.process.BaseProcess], grace: float = 5.0) -> None:
-    """Ask ``workers`` to abandon their tasks (:data:`ABANDON`: ``SystemExit`` in the task, after which
-    a pool worker exits normally, running its clean-up), and kill those still alive after ``grace``
-    seconds (a task deep in a C call)."""
+    """Ask ``workers`` to abandon their :func:`abandonable` tasks (:data:`ABANDON`: ``SystemExit`` in the
+    task, after which a pool worker takes its shutdown sentinel and exits normally, running its
+    clean-up), and kill those still alive after ``grace`` seconds (a task deep in a C call)."""
     workers = [w for w in workers if w.is_alive()]
     for worker in workers:
         if ABANDON is not None and worker.pid is not None:

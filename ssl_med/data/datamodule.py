@@ -15,8 +15,8 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from ssl_med.config import DataConfig
-from ssl_med.lifetimes import init_worker
 from ssl_med.data.crops import EpochSampler, RandomCropDataset
+from ssl_med.lifetimes import init_worker
 from ssl_med.registry import DATASETS
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from ssl_med.data.readers import ReadError, Record, Source, StackRecord, read_so
 from ssl_med.data.readers.discover import discover
 from ssl_med.data.readers.medmnist import SPLITS, row_name
 from ssl_med.data.store import IMAGES_GROUP, ImageMeta, ImageStore
-from ssl_med.lifetimes import Interrupted, StopSignals, init_worker, stop_workers
+from ssl_med.lifetimes import Interrupted, StopSignals, abandonable, init_worker, stop_workers
 
 INGEST_VERSION = 1
 FLUSH_EVERY_IMAGES = 256
@@ -158,13 +158,21 @@ def ingest_source(
     existing: frozenset[str],
     known: Mapping[str, int] | None = None,
 ) -> SourceResult:
-    """Read, check, preprocess and write one source (runs in a worker); never raises.
+    """Read, check, preprocess and write one source (runs in a worker); never raises, except
+    ``SystemExit`` in a worker told to abandon it (:func:`~ssl_med.lifetimes.stop_workers`).
 
     Args:
         existing: names listed without a content digest (older stores): records of these are present.
         known: ``{digest: number of images}`` the store holds; a source with a known digest is present
             without being read.
     """
+    with abandonable():  # the parent may ask a running worker to give this source up (SIGINT / SIGTERM)
+        return _ingest_source(store_path, source, options, existing, known)
+
+
+def _ingest_source(
+    store_path: str, source: Source, options: IngestOptions, existing: frozenset[str], known: Mapping[str, int] | None
+) -> SourceResult:
     result = SourceResult(source)
     store = _store(store_path)
     try:
@@ -336,8 +344,7 @@ def plan_sources(sources: Sequence[Source], manifest: Mapping[str, ImageMeta]) -
                 present += 1
                 continue
         elif metas:
-            kind = source.kind
-            name = free_name(source.name, lambda n: n in used or bool(listed(n, kind)))
+            name = free_name(source.name, lambda n, kind=source.kind: n in used or bool(listed(n, kind)))
             used.add(name)
             source = replace(source, name=name)
         todo.append(source)

@@ -27,9 +27,9 @@ from omegaconf import OmegaConf
 from ssl_med.config import ConfigError, PretrainConfig
 from ssl_med.data.datamodule import CropDataModule
 from ssl_med.encoder import Encoder, config_input_size
+from ssl_med.lifetimes import Interrupted, StopSignals
 from ssl_med.objective import Objective
 from ssl_med.registry import BACKBONES, OBJECTIVES
-from ssl_med.lifetimes import Interrupted, StopSignals
 from ssl_med.train.callbacks import AtomicCheckpointIO, ExportEncoder, PlotCurves, PreviewImages, StopOnSignal
 from ssl_med.train.checkpoints import checkpoint_problem, newest_good_checkpoint, remove_partial_saves
 from ssl_med.train.launch import relaunch_this_job

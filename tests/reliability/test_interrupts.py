@@ -68,6 +68,25 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def spawned_workers(pid: int) -> set[int]:
+    """The children of ``pid`` started by multiprocessing's ``spawn`` (not its resource tracker)."""
+    found = set()
+    for child in children(pid):
+        with contextlib.suppress(OSError):
+            if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text():
+                found.add(child)
+    return found
+
+
+def images_written(store: Path) -> int:
+    """Images whose arrays are complete in ``store`` (a worker writes their metadata last)."""
+    count = 0
+    for metadata in store.glob("images/*/zarr.json"):
+        with contextlib.suppress(OSError, ValueError):  # being written
+            count += "ssl_med" in json.loads(metadata.read_text()).get("attributes", {})
+    return count
+
+
 def alive(pid: int) -> bool:
     """``pid`` exists and is not a zombie."""
     try:
@@ -157,9 +176,10 @@ def test_sigint_saves_last_checkpoint_and_stops(processes, tmp_path: Path, capsy
 @needs_proc
 def test_kill_9_of_ingest_leaves_no_orphan_workers(processes, tmp_path: Path) -> None:
     inputs = fifo_inputs(tmp_path / "in", blocked=2)
-    proc = processes.spawn(["ingest", str(inputs), "--out", str(tmp_path / "s.zarr"), "--workers", "2", "--no-progress"])
-    spawned = lambda: {p for p in children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()}  # noqa: E731
-    wait_for(lambda: len(spawned()) == 2, 60, "two ingest workers", proc)
+    proc = processes.spawn(
+        ["ingest", str(inputs), "--out", str(tmp_path / "s.zarr"), "--workers", "2", "--no-progress"]
+    )
+    wait_for(lambda: len(spawned_workers(proc.pid)) == 2, 60, "two ingest workers", proc)
     workers = children(proc.pid)
     time.sleep(0.5)  # let them reach the FIFOs
     proc.kill()
@@ -177,15 +197,15 @@ def test_sigint_of_ingest_is_one_line_and_leaves_a_resumable_store(processes, tm
     inputs = fifo_inputs(tmp_path / "in", blocked=1, good=3)
     out = tmp_path / "s.zarr"
     proc = processes.spawn(["ingest", str(inputs), "--out", str(out), "--workers", "2", "--no-progress"])
-    written = lambda: sum("ssl_med" in json.loads(f.read_text()).get("attributes", {})  # noqa: E731
-                          for f in out.glob("images/*/zarr.json"))  # fmt: skip
-    wait_for(lambda: written() == 3, 60, "the three good images", proc)
+    wait_for(lambda: images_written(out) == 3, 60, "the three good images", proc)
     workers = children(proc.pid)
     time.sleep(1.0)  # the parent collects them
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=15)
     assert proc.returncode == 130, output
-    assert "Traceback" not in output and output.strip().splitlines()[-1].startswith("ssl_med ingest: stopped by SIGINT: ")
+    assert "Traceback" not in output and output.strip().splitlines()[-1].startswith(
+        "ssl_med ingest: stopped by SIGINT: "
+    )
     wait_for(lambda: not any(alive(pid) for pid in workers), 10, "the workers to exit")
     assert verify(str(out)).ok
 

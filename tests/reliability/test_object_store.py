@@ -116,7 +116,9 @@ def test_a_missing_object_is_named(s3, faults) -> None:
     url = f"s3://{BUCKET}/lost.zarr"
     faults.write_store(url)
     client = boto3.client("s3")
-    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="lost.zarr/images/ct/0/c/")["Contents"])
+    keys = sorted(
+        o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="lost.zarr/images/ct/0/c/")["Contents"]
+    )
     lost = keys[0]
     client.delete_object(Bucket=BUCKET, Key=lost)
     chunk = lost.removeprefix("lost.zarr/images/ct/0/")

@@ -24,7 +24,9 @@ def test_a_run_without_steps_is_refused(steps: int) -> None:
         parse_pretrain_config(raw)
 
 
-@pytest.mark.parametrize("name", ["../x", "org/", "/abs", "org/../x", "a/b/c", "org/na me", "org/x.git", "-org/x"])
+@pytest.mark.parametrize(
+    "name", ["../x", "org/", "/abs", "org/../x", "a/b/c", "org/na me", "org/x.git", "-org/x"]
+)
 def test_bad_push_to_names_fail_before_the_folder_is_written(name: str, tmp_path: Path) -> None:
     out = tmp_path / "export"
     with pytest.raises(ExportTargetError, match="is not a hub repository id"):
@@ -35,7 +37,15 @@ def test_bad_push_to_names_fail_before_the_folder_is_written(name: str, tmp_path
 @pytest.fixture()
 def export_dir(tmp_path: Path) -> Path:
     """An ssl_med export of a tiny 2D ViT."""
-    backbone = {"name": "vit", "spatial_dims": 2, "embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 4, "img_size": 8}
+    backbone = {
+        "name": "vit",
+        "spatial_dims": 2,
+        "embed_dim": 32,
+        "depth": 1,
+        "num_heads": 2,
+        "patch_size": 4,
+        "img_size": 8,
+    }
     encoder = BACKBONES.build("vit", **{k: v for k, v in backbone.items() if k != "name"})
     return save_encoder(encoder, tmp_path / "source", {"backbone": backbone}, model_card=False)
 
@@ -46,7 +56,7 @@ def test_export_refuses_a_foreign_folder_without_overwrite(export_dir: Path, tmp
     files = {"README.md": "# my project\n", "config.json": '{"lr": 1}\n', "notes.txt": "keep me\n"}
     for name, text in files.items():
         (project / name).write_text(text)
-    with pytest.raises(ExportTargetError, match="not empty and not an ssl_med export.*overwrite=true"):
+    with pytest.raises(ExportTargetError, match=r"not empty and not an ssl_med export.*overwrite=true"):
         export_encoder(export_dir, project)
     assert {p.name: p.read_text() for p in project.iterdir()} == files  # untouched
 
@@ -64,7 +74,9 @@ def test_export_may_replace_a_previous_export(export_dir: Path, tmp_path: Path) 
         export_encoder(export_dir, out / "config.json")
 
 
-def test_cli_export_refusal_is_one_line(export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_export_refusal_is_one_line(
+    export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from ssl_med.cli import main as cli
 
     (tmp_path / "mine.txt").write_text("x")
