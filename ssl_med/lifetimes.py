@@ -39,7 +39,8 @@ ABANDON: signal.Signals | None = getattr(signal, "SIGUSR2", None)
 
 
 def die_with_parent(parent_pid: int | None = None) -> bool:
-    """Have the kernel SIGKILL this process when its parent exits; ``True`` where that is possible (Linux).
+    """Have the kernel SIGKILL this process when its parent exits (strictly: the parent's thread that
+    started it, here always the main thread); ``True`` where that is possible (Linux).
 
     ``parent_pid`` closes the race of a parent that died before this call: if this process has already
     been handed to another parent, it exits at once.
@@ -116,10 +117,6 @@ class Interrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + int(self.signum)
-
-    @property
-    def signal_name(self) -> str:
-        return signal.Signals(self.signum).name
 
 
 class StopSignals:
