@@ -34,7 +34,6 @@ from ssl_med.evaluators.datasets import ClassificationData, _subset
 from ssl_med.evaluators.features import extract_features
 from ssl_med.evaluators.knn import knn_scores
 from ssl_med.evaluators.metrics import classification_metrics
-from ssl_med.evaluators.report import ONLINE_EVAL_FILE
 
 log = logging.getLogger(__name__)
 

@@ -25,4 +25,4 @@ def steps_of(value: float, total_steps: int) -> int:
     """
     if value < 0:
         raise ValueError(f"schedule length {value} must be >= 0 (steps, or a fraction of the run below 1)")
-    return int(round(value * total_steps)) if value < 1 else int(value)
+    return round(value * total_steps) if value < 1 else int(value)

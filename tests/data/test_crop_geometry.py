@@ -65,9 +65,9 @@ def test_small_images_error_and_pad_modes(medmnist_like: str, caplog: pytest.Log
         ds = RandomCropDataset(medmnist_like, (32, 32), small_images="pad")
     assert "padding" in caplog.text
     assert ds[0]["image"][:, 28:, :].abs().sum() == 0, "pad mode pads at the end"
-    with pytest.raises(ValueError, match="data.crop_size"):
+    with pytest.raises(ValueError, match=r"data\.crop_size"):
         RandomCropDataset(medmnist_like, (-32, 32))
-    with pytest.raises(ValueError, match="data.crop_size"):
+    with pytest.raises(ValueError, match=r"data\.crop_size"):
         RandomCropDataset(medmnist_like, (0, 32))
 
 

@@ -70,7 +70,7 @@ def test_2d_slices_from_volumes_and_padding(volume_store) -> None:
     assert x.shape == (1, 64, 16)  # y is only 41 long: zero-padded
     assert float(x[:, 41:].abs().sum()) == 0.0
     resized = RandomCropDataset(store.path, (64, 16), num_channels=1)  # default: scaled up, 41 x 11 -> 64 x 16
-    name, region = resized.region(0)
+    _, region = resized.region(0)
     assert [s.stop - s.start for s in region] == [1, 41, 11]
     assert resized[0]["image"].shape == (1, 64, 16)
 

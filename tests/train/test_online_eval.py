@@ -107,9 +107,8 @@ def test_online_eval_uses_the_teacher_and_builds_no_graph() -> None:
 
 
 def test_smoke_pretrain_logs_online_metrics(tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.train.test_pretrain import config, scalars
-
     from ssl_med.train import run as run_module
+    from tests.train.test_pretrain import config, scalars
 
     monkeypatch.setenv("SSL_MED_SHARED_DATA", str(shared_data))
     cfg = config(

@@ -45,9 +45,8 @@ def test_collapse_monitor_warns_once(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_max_time_stops_a_run_early(tmp_path: Path) -> None:
-    from tests.train.test_pretrain import config
-
     from ssl_med.train import run as run_module
+    from tests.train.test_pretrain import config
 
     cfg = config("trainer.max_steps=100000", "trainer.max_time=00:00:00:03")
     export_dir = run_module.pretrain(cfg, tmp_path)
