@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from ssl_med.config import ConfigError, PretrainConfig
 from ssl_med.data.datamodule import CropDataModule
 from ssl_med.encoder import Encoder, config_input_size
+from ssl_med.evaluators.report import ONLINE_EVAL_FILE
 from ssl_med.lifetimes import Interrupted, StopSignals
 from ssl_med.objective import Objective
 from ssl_med.registry import BACKBONES, OBJECTIVES
@@ -34,7 +35,7 @@ from ssl_med.train.callbacks import AtomicCheckpointIO, ExportEncoder, PlotCurve
 from ssl_med.train.checkpoints import checkpoint_problem, newest_good_checkpoint, remove_partial_saves
 from ssl_med.train.launch import relaunch_this_job
 from ssl_med.train.module import PretrainModule
-from ssl_med.train.online_eval import ONLINE_EVAL_FILE, build_online_eval
+from ssl_med.train.online_eval import build_online_eval
 
 log = logging.getLogger(__name__)
 
