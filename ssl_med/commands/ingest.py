@@ -28,6 +28,7 @@ examples:
   ssl_med ingest ../shared/data/brats2020_sample --out brats.zarr
   ssl_med ingest /data/ct --out ct.zarr --workers 8 --spacing 1.5 1 1 --hu-clip -1024 3071 --modality CT
   ssl_med ingest --verify --out ct.zarr
+  ssl_med ingest --verify --repair --out ct.zarr
   ssl_med pretrain data=store data.store=ct.zarr data.spatial_dims=3 data.crop_size=[96,96,96]
 """
 
@@ -64,6 +65,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shard", type=int, default=None, help="shard edge for volumes (default: no sharding)")
     p.add_argument("--verify", action="store_true", help="check the store (after ingesting INPUTs, if any)")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="with --verify: re-ingest damaged images from their recorded sources (if unchanged), then verify again",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -79,6 +85,8 @@ def run(args: list[str]) -> int:
     ns = parser().parse_args(args)
     if not ns.inputs and not ns.verify:
         parser().error("give INPUT paths to ingest, or --verify")
+    if ns.repair and not ns.verify:
+        parser().error("--repair goes with --verify")
     status = 0
     if ns.inputs:
         layout = DEFAULT_LAYOUT
@@ -110,6 +118,12 @@ def run(args: list[str]) -> int:
     if ns.verify:
         result = verify(ns.out)
         print(result.summary())
+        if ns.repair and not result.ok:
+            from ssl_med.data.repair import repair
+
+            print(repair(ns.out, result).summary())
+            result = verify(ns.out)
+            print(f"after repair: {result.summary()}")
         status = status or (0 if result.ok else 1)
     return status
 

@@ -28,6 +28,7 @@ class VerifyReport:
     checked: int = 0
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    damaged: set[str] = field(default_factory=set)  # names of the images a problem touches (for --repair)
 
     @property
     def ok(self) -> bool:
@@ -52,23 +53,30 @@ def verify(path: str, read_data: bool = True) -> VerifyReport:
             arr = store.array(name)
         except KeyError:
             report.problems.append(f"{name}: array {store.array_path(name)} is missing")
+            report.damaged.add(name)
             continue
         shape = tuple(arr.shape[1:]) if meta.index is not None else tuple(arr.shape)
         if shape != tuple(meta.shape):
             report.problems.append(f"{name}: array shape {shape}, manifest says {meta.shape}")
+            report.damaged.add(name)
             continue
         arrays.setdefault(store.array_path(name), {})[meta.index] = name
         if meta.index is None and store.version >= 2:
             attrs = dict(store.root[f"{IMAGES_GROUP}/{name}"].attrs)
-            report.problems += [f"{name}: {p}" for p in ome.check_image_attrs(attrs, arr.shape)]
+            bad_attrs = ome.check_image_attrs(attrs, arr.shape)
+            report.problems += [f"{name}: {p}" for p in bad_attrs]
+            if bad_attrs:
+                report.damaged.add(name)
         for label in meta.label_maps:
             try:
                 lab = store.root[store.label_path(name, label)]
             except KeyError:
                 report.problems.append(f"{name}: label map {label!r} is missing")
+                report.damaged.add(name)
                 continue
             if tuple(lab.shape[1:]) != tuple(meta.shape[1:]):
                 report.problems.append(f"{name}: label map {label!r} has shape {lab.shape}")
+                report.damaged.add(name)
                 continue
             arrays[store.label_path(name, label)] = {None: name}
     if read_data:
@@ -76,7 +84,7 @@ def verify(path: str, read_data: bool = True) -> VerifyReport:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UnverifiableStoreWarning)  # reported below, once
             for array_path, images in arrays.items():
-                problems, verifiable = check_chunks(store, array_path, images)
+                problems, verifiable = check_chunks(store, array_path, images, report.damaged)
                 report.problems += problems
                 unverifiable += not verifiable
         if unverifiable:
@@ -92,16 +100,21 @@ def verify(path: str, read_data: bool = True) -> VerifyReport:
     return report
 
 
-def check_chunks(store: ImageStore, path: str, images: dict[int | None, str]) -> tuple[list[str], bool]:
+def check_chunks(
+    store: ImageStore, path: str, images: dict[int | None, str], damaged: set[str] | None = None
+) -> tuple[list[str], bool]:
     """Read every chunk of the array at ``path`` (holding ``images``: ``{stack row or None: name}``).
 
     Returns the problems, one per bad chunk (the first :data:`MAX_CHUNKS_LISTED`, then a count), and
-    whether the array can be verified at all (has an inventory and checksums).
+    whether the array can be verified at all (has an inventory and checksums). The names of the images
+    a bad chunk belongs to are added to ``damaged``.
     """
+    damaged = set() if damaged is None else damaged
     arr = store.root[path]
     try:
         verifiable = ChunkInventory.of(arr) is not None
     except ValueError as exc:
+        damaged.update(images.values())
         return [f"{_owners(images, 0, 0)}: {path}: {exc}"], False
     verifiable = verifiable and "crc32c" in str(arr.metadata.to_dict()["codecs"])
     chunks = storage_chunks(arr)
@@ -112,12 +125,14 @@ def check_chunks(store: ImageStore, path: str, images: dict[int | None, str]) ->
         try:
             data = store.read_array(path, region)
         except ChunkError as exc:
+            damaged.update(_owner_names(images, index[0], chunks[0]))
             problems.append(
                 f"{_owners(images, index[0], chunks[0])}: chunk {exc.key} of {path} is {exc.kind} ({exc.detail})"
             )
             continue
         any_finite = any_finite or bool(np.isfinite(data).any())
     if not any_finite and not problems:
+        damaged.update(images.values())
         problems.append(f"{_owners(images, 0, 0)}: no finite values")
     if len(problems) > MAX_CHUNKS_LISTED:
         problems[MAX_CHUNKS_LISTED:] = [
@@ -126,10 +141,14 @@ def check_chunks(store: ImageStore, path: str, images: dict[int | None, str]) ->
     return problems, verifiable
 
 
-def _owners(images: dict[int | None, str], first_axis_chunk: int, rows_per_chunk: int) -> str:
+def _owner_names(images: dict[int | None, str], first_axis_chunk: int, rows_per_chunk: int) -> list[str]:
     """The image(s) a chunk belongs to: the image, or the stack rows of chunk ``first_axis_chunk``."""
     if None in images:
-        return images[None]
+        return [images[None]]
     rows = range(first_axis_chunk * rows_per_chunk, (first_axis_chunk + 1) * rows_per_chunk)
-    names = [images[r] for r in rows if r in images] or sorted(images.values())
+    return [images[r] for r in rows if r in images] or sorted(images.values())
+
+
+def _owners(images: dict[int | None, str], first_axis_chunk: int, rows_per_chunk: int) -> str:
+    names = _owner_names(images, first_axis_chunk, rows_per_chunk)
     return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
