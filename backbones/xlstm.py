@@ -1,7 +1,7 @@
 """Vision-LSTM (ViL) with mLSTM blocks for 2D and 3D inputs (``backbone=xlstm``).
 
-Follows NX-AI/vision-lstm (``vision_lstm2.py`` = ViL v2, the default; ``vision_lstm.py`` = v1), see
-``../shared/specs/backbones.md`` Part II. One block (:class:`ViLBlock`), tokens ``(B, L, D)``::
+Follows NX-AI/vision-lstm (``vision_lstm2.py`` = ViL v2, the default; ``vision_lstm.py`` = v1; Alkin et
+al., "Vision-LSTM", ICLR 2025). One block (:class:`ViLBlock`), tokens ``(B, L, D)``::
 
     x = x + DropPath(flip(ViLLayer(flip(LN(x)))))            flip only in odd (backward) blocks
     ViLLayer: x_m, z = split(proj_up(x))                       D -> 2 * inner, inner = 2 D

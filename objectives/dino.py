@@ -1,6 +1,7 @@
 """DINOv2 as RAD-DINO trains it: DINO CLS loss + iBOT masked-patch loss + KoLeo, 2D and 3D (``objective=dino``).
 
-Recipe (``facebookresearch/dinov2``; see ``shared/specs/objectives.md`` section 2):
+Recipe (Oquab et al., "DINOv2", TMLR 2024, ``facebookresearch/dinov2``; Pérez-García et al., "RAD-DINO",
+Nat. Mach. Intell. 2025):
 
 * **Views** (:class:`MultiCropViews`, per sample in the DataLoader workers): 2 global crops
   (random-scale crop of area fraction ``global_crop_scale`` resized to ``global_crop_size``) and

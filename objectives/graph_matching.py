@@ -1,8 +1,8 @@
 """LVM-Med second-order graph-matching objective (``objective=graph_matching``), 2D and 3D, any backbone.
 
 Reference: Nguyen et al., "LVM-Med" (NeurIPS 2023). LVM-Med's pretraining code is not public; this
-follows the paper and the lineage code described in ``shared/specs/objectives.md`` section 6 (the
-group's ``Exgra-Med/.../run_vic.py`` research script and BB-GM, Rolinek et al. ECCV 2020):
+follows the paper and its lineage code (the group's ``Exgra-Med/.../run_vic.py`` research script and
+BB-GM, Rolinek et al. ECCV 2020):
 
 1. two augmented views of each crop (:class:`TwoViews`) -> encoder -> pooled embedding ->
    projector ``h`` -> ``z^s_i, z^t_i`` ``(B, P)``;

@@ -1,6 +1,6 @@
 """Linear probe (``eval=linear_probe``): logistic regression on cached frozen features.
 
-Protocol (ecosystem notes §2.1/§2.7): features standardised on the training split; L-BFGS
+Protocol (DINOv2's and MedMNIST's linear evaluation): features standardised on the training split; L-BFGS
 logistic regression (one-vs-rest for multi-label) for each ``C`` in ``cfg['C']``; the ``C`` with the
 best validation ``select_metric`` is scored once on test. Label efficiency: the same sweep on
 stratified, seeded ``label_fractions`` of the training labels, mean ± std over ``seeds``.
