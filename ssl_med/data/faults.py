@@ -7,6 +7,11 @@ logged. The run still stops, with :class:`TooManyFaults`, when the skips exceed
 ``max_error_fraction`` of the draws, or when one sample fails :data:`MAX_REDRAWS` draws in a row
 (e.g. every chunk of the store lost). Each DataLoader worker counts its own draws, and the fraction
 is judged against at least :data:`MIN_DRAWS` draws so that one early fault does not stop a run.
+
+With ``skip`` every sample carries its count of failed draws (``sample[SKIPPED_KEY]``, an int the
+DataLoader collates into a ``(B,)`` tensor), so the count crosses from (spawned) workers to the
+training process with the batch itself; :class:`~ssl_med.train.module.PretrainModule` removes it from
+the batch and logs the run's total as ``data/skipped_samples`` (TensorBoard).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ log = logging.getLogger(__name__)
 ON_ERROR = ("raise", "skip")
 MAX_REDRAWS = 8
 MIN_DRAWS = 50
+SKIPPED_KEY = "skipped_draws"  #: per-sample count of failed draws, with on_error=skip
 
 T = TypeVar("T")
 
@@ -59,7 +65,7 @@ class FaultPolicy:
         for redraw in range(MAX_REDRAWS):
             self.draws += 1
             try:
-                return draw(index, redraw)
+                sample = draw(index, redraw)
             except ChunkError as exc:
                 self.skipped += 1
                 log.warning("data.on_error=skip: sample %d, draw %d skipped: %s (%d of %d draws skipped)",
@@ -70,6 +76,10 @@ class FaultPolicy:
                         f"{self.max_error_fraction}; the last: {exc} (run `ssl_med ingest --verify`)"
                     ) from exc
                 last = exc
+                continue
+            if isinstance(sample, dict):
+                sample[SKIPPED_KEY] = redraw  # the draws of this sample that failed before this one
+            return sample
         raise TooManyFaults(
             f"sample {index}: {MAX_REDRAWS} draws in a row failed, the last: {last}"
         ) from last

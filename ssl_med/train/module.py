@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ssl_med.config import OptimConfig
 from ssl_med.data.crops import normalise_batch
+from ssl_med.data.faults import SKIPPED_KEY
 from ssl_med.objective import Objective
 from ssl_med.train.schedules import steps_of, warmup_cosine
 
@@ -74,6 +75,8 @@ class PretrainModule(L.LightningModule):
         objective.set_run_length(max_steps)
         self.collapse = CollapseMonitor()
         self._t_last: float | None = None
+        self.data_draws = 0  # draws and skipped draws this rank's loader reported (data.on_error=skip)
+        self.skipped_draws = 0
 
     @property
     def encoder(self) -> torch.nn.Module:
@@ -120,6 +123,9 @@ class PretrainModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self._apply_schedules(self.optimizers())
+        skipped = batch.pop(SKIPPED_KEY, None) if isinstance(batch, dict) else None
+        if skipped is not None:
+            self.log_skips(skipped)
         out = self.objective(batch)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
@@ -141,6 +147,22 @@ class PretrainModule(L.LightningModule):
             self.log("train/samples_per_s", batch_size * self.trainer.world_size / (now - self._t_last), prog_bar=True)
         self._t_last = now
         return out.loss
+
+    def log_skips(self, skipped: Tensor) -> None:
+        """``data/skipped_samples``: failed draws so far (all ranks, kept across resumes), and
+        ``data/skipped_fraction``: of all draws (mean over ranks), from a batch's per-sample counts."""
+        n = int(skipped.sum())
+        self.skipped_draws += n
+        self.data_draws += skipped.numel() + n
+        self.log("data/skipped_samples", float(self.skipped_draws), reduce_fx="sum", sync_dist=True)
+        self.log("data/skipped_fraction", self.skipped_draws / max(self.data_draws, 1), sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ssl_med_data_draws"] = {"draws": self.data_draws, "skipped": self.skipped_draws}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counts = checkpoint.get("ssl_med_data_draws", {})
+        self.data_draws, self.skipped_draws = int(counts.get("draws", 0)), int(counts.get("skipped", 0))
 
     def optim_lr(self) -> float:
         """The scheduled base learning rate of this step (before per-parameter multipliers)."""

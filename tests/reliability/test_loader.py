@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from ssl_med.config import DataConfig
 from ssl_med.data.crops import RandomCropDataset
 from ssl_med.data.datamodule import CropDataModule
-from ssl_med.data.faults import MAX_REDRAWS, TooManyFaults
+from ssl_med.data.faults import MAX_REDRAWS, SKIPPED_KEY, TooManyFaults
 from ssl_med.data.integrity import ChunkError
 from ssl_med.data.store import ImageStore
 
@@ -90,3 +90,43 @@ def test_data_config_reaches_the_dataset(tiny_store) -> None:
     with pytest.raises(ValueError, match=r"data\.on_error must be one of"):
         CropDataModule(DataConfig(source="store", store=str(tiny_store), spatial_dims=3, crop_size=[8, 8, 8],
                                   on_error="ignore"), view_transform=lambda x: x).setup()  # fmt: skip
+
+
+def test_skip_counts_travel_with_the_batch_from_spawned_workers(two_volumes) -> None:
+    counted = crops(two_volumes, "skip", max_error_fraction=1.0)
+    for i in range(len(counted)):
+        counted[i]
+    assert counted.faults.skipped > 0
+    loader = DataLoader(crops(two_volumes, "skip", max_error_fraction=1.0), batch_size=8, num_workers=2,
+                        multiprocessing_context=multiprocessing.get_context("spawn"))  # fmt: skip
+    per_batch = [batch[SKIPPED_KEY] for batch in loader]
+    assert all(b.shape == (8,) for b in per_batch)
+    assert int(sum(b.sum() for b in per_batch)) == counted.faults.skipped
+    assert SKIPPED_KEY not in crops(two_volumes)[1]  # on_error=raise: batches as before
+
+
+def test_skipped_samples_reach_tensorboard(two_volumes, tmp_path, caplog) -> None:
+    from hydra import compose, initialize_config_module
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ssl_med.config import parse_pretrain_config
+    from ssl_med.train import run as run_module
+
+    overrides = ["data=store", f"data.store={two_volumes}", "data.spatial_dims=3", "data.crop_size=[16,16,16]",
+                 "data.on_error=skip", "data.max_error_fraction=1.0", "data.batch_size=4", "data.num_workers=0",
+                 "data.samples_per_epoch=64", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
+                 "trainer.progress_bar=false",
+                 "backbone.embed_dim=48", "backbone.depth=1", "objective.decoder_dim=16",
+                 "objective.decoder_depth=1", "objective.decoder_heads=2"]  # fmt: skip
+    with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
+        cfg = parse_pretrain_config(compose(config_name="pretrain", overrides=overrides))
+    with caplog.at_level(logging.WARNING, logger="ssl_med.data.faults"):
+        run_module.pretrain(cfg, tmp_path / "run")
+    logged = sum("draw" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    totals = [e.value for e in acc.Scalars("data/skipped_samples")]
+    assert len(totals) == 3 and totals == sorted(totals)
+    assert logged > 0 and totals[-1] == logged  # the run log and TensorBoard agree
+    fraction = acc.Scalars("data/skipped_fraction")[-1].value
+    assert fraction == pytest.approx(logged / (3 * 4 + logged))
