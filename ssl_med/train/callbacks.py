@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
@@ -60,6 +61,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, path: str | os.PathLike, map_location: Any = _keep_storage, weights_only: bool | None = None
     ) -> dict[str, Any]:
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+class FinalCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` also holds the final steps: Lightning saves one at the end
+    of training only if it never saved one, so when ``max_steps`` is not a multiple of
+    ``every_n_train_steps`` (or ``max_time`` ends the run) ``last.ckpt`` lacked the last steps and a
+    re-run repeated them."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # steps since the last save
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
 
 
 class StopOnSignal(L.Callback):

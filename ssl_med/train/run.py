@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
@@ -31,7 +31,14 @@ from ssl_med.evaluators.report import ONLINE_EVAL_FILE
 from ssl_med.lifetimes import Interrupted, StopSignals
 from ssl_med.objective import Objective
 from ssl_med.registry import BACKBONES, OBJECTIVES
-from ssl_med.train.callbacks import AtomicCheckpointIO, ExportEncoder, PlotCurves, PreviewImages, StopOnSignal
+from ssl_med.train.callbacks import (
+    AtomicCheckpointIO,
+    ExportEncoder,
+    FinalCheckpoint,
+    PlotCurves,
+    PreviewImages,
+    StopOnSignal,
+)
 from ssl_med.train.checkpoints import checkpoint_problem, newest_good_checkpoint, remove_partial_saves
 from ssl_med.train.launch import relaunch_this_job
 from ssl_med.train.module import PretrainModule
@@ -95,7 +102,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     export_dir = run_dir / "encoder"
     export_config = {"backbone": cfg.backbone, "objective": cfg.objective, "data": asdict(cfg.data)}
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(
+        FinalCheckpoint(
             dirpath=checkpoint_dir,
             filename="step{step:07d}",
             auto_insert_metric_name=False,

@@ -127,3 +127,18 @@ def test_run_resumes_from_the_step_checkpoint_to_the_same_weights(tmp_path, monk
     assert resumed["global_step"] == straight["global_step"] == 6
     for key, value in straight["state_dict"].items():
         assert torch.equal(resumed["state_dict"][key], value), key
+
+
+def test_last_checkpoint_holds_the_final_steps(tmp_path) -> None:
+    cfg = small_config("trainer.max_steps=5", "trainer.checkpoint_every_n_steps=3")
+    run_module.pretrain(cfg, tmp_path / "run")
+    folder = tmp_path / "run" / "checkpoints"
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 5  # not 3, the last multiple of checkpoint_every_n_steps
+    assert (folder / "step0000003.ckpt").exists()
+    weights = dict(last["state_dict"])
+    run_module.pretrain(cfg, tmp_path / "run")  # the same command again: nothing left to do
+    again = torch.load(folder / "last.ckpt", weights_only=True)
+    assert again["global_step"] == 5
+    for key, value in weights.items():
+        assert torch.equal(again["state_dict"][key], value), key
