@@ -6,6 +6,7 @@ from pathlib import Path
 
 CURVES = ("train/loss", "collapse/embedding_std", "train/lr", "train/samples_per_s")
 SCHEDULES = {"train/lr"}  # exact values, drawn unsmoothed
+ONLINE = ("online/knn_auroc", "online/linear_auroc", "online/knn_accuracy")  # sparse: drawn as points, unsmoothed
 
 
 def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
@@ -18,7 +19,8 @@ def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
 
 
 def plot_training_curves(tensorboard_dir: str | Path, out_file: str | Path) -> Path | None:
-    """Plot the scalars in :data:`CURVES` (and every other ``train/*`` loss term) from TensorBoard events.
+    """Plot the scalars in :data:`CURVES`, every other ``train/*`` loss term and the :data:`ONLINE`
+    evaluation curve (with its step-0 random-init value dashed) from TensorBoard events.
 
     Returns the written file, or ``None`` when there is nothing to plot.
     """
@@ -33,6 +35,7 @@ def plot_training_curves(tensorboard_dir: str | Path, out_file: str | Path) -> P
     available = events.Tags().get("scalars", [])
     tags = [t for t in CURVES if t in available]
     tags += sorted(t for t in available if t.startswith("train/") and t not in tags)
+    tags += sorted(t for t in available if t in ONLINE)
     if not tags:
         return None
     fig, axes = plt.subplots(1, len(tags), figsize=(3.2 * len(tags), 2.8), squeeze=False)
@@ -41,6 +44,9 @@ def plot_training_curves(tensorboard_dir: str | Path, out_file: str | Path) -> P
         steps, values = [p.step for p in points], [p.value for p in points]
         if tag in SCHEDULES:
             ax.plot(steps, values, lw=1.6, color="C0")
+        elif tag in ONLINE:  # step 0 is the random-init reference: a dashed line across
+            ax.plot(steps, values, lw=1.2, marker="o", ms=3, color="C1")
+            ax.axhline(values[0], ls="--", lw=0.8, color="grey")
         else:  # per-batch values are noisy: faint raw values under the smoothed trend
             ax.plot(steps, values, lw=0.8, alpha=0.35, color="C0")
             ax.plot(steps, _smooth(values), lw=1.6, color="C0")

@@ -118,8 +118,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     online = build_online_eval(
         cfg.online_eval, input_size, encoder.in_chans, run_dir / ONLINE_EVAL_FILE, run_dir / "encoder_best", export_config
     )
-    if online is not None:
-        callbacks.append(online)
+    if online is not None:  # before PlotCurves, whose picture then holds the final evaluation
+        callbacks.insert(callbacks.index(next(c for c in callbacks if isinstance(c, PlotCurves))), online)
     if t.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     stop = StopSignals("run")  # SIGINT / SIGTERM: save last.ckpt after the current step and stop

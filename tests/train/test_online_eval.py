@@ -123,6 +123,7 @@ def test_smoke_pretrain_logs_online_metrics(tmp_path: Path, shared_data: Path, m
     assert len(knn) == 3, "before step 1, at step 2 and at step 4"
     assert all(0.0 <= v <= 1.0 for v in knn)
     assert len(scalars(tmp_path, "online/linear_auroc")) == 3
+    assert (tmp_path / "training_curves.png").stat().st_size > 1000
 
     import json
 
