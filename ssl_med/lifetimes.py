@@ -119,6 +119,11 @@ class Interrupted(Exception):
         return 128 + int(self.signum)
 
 
+class AbandonTask(BaseException):
+    """Raised by :class:`StopSignals` out of the work inside :meth:`StopSignals.abandoning` (a
+    ``BaseException``, so that code catching ``Exception`` around a bad input does not swallow it)."""
+
+
 class StopSignals:
     """Within the block, SIGINT and SIGTERM are recorded in :attr:`received` (the first one), not acted
     on; the work polls it. Previous handlers come back on exit. Outside the main thread it does nothing
@@ -132,6 +137,20 @@ class StopSignals:
         self.what = what
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._abandon = False
+
+    @contextlib.contextmanager
+    def abandoning(self) -> Iterator[None]:
+        """Within, the first signal also ends the work in progress: :class:`AbandonTask` is raised out
+        of it and caught here (for work in this process that may take long, e.g. ``ingest --workers 1``
+        reading one large source, and whose partial results are not kept)."""
+        self._abandon = self.received is None
+        try:
+            yield
+        except AbandonTask:
+            pass
+        finally:
+            self._abandon = False
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -154,6 +173,9 @@ class StopSignals:
         self.received = signum
         log.warning("%s received: stopping the %s at its next safe point%s", signal.Signals(signum).name,
                     self.what, " (Ctrl+C again stops at once)" if signum == signal.SIGINT else "")  # fmt: skip
+        if self._abandon:
+            self._abandon = False
+            raise AbandonTask
 
     @property
     def signal_name(self) -> str:

@@ -265,8 +265,12 @@ def ingest(
                 for source in todo:
                     if stop.received is not None:
                         break
-                    collect(work(source))
-                    bar.update(1)
+                    result = None
+                    with stop.abandoning():  # a signal ends the source being read; its arrays are not listed
+                        result = work(source)
+                    if result is not None:  # finished before any signal
+                        collect(result)
+                        bar.update(1)
             else:
                 _run_in_pool(work, todo, workers, stop, collect, failed, bar.update)
     finally:

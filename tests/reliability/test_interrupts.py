@@ -214,6 +214,27 @@ def test_sigint_of_ingest_is_one_line_and_leaves_a_resumable_store(processes, tm
     assert again.written + again.present == 3 and len(ImageStore(out)) == 3 and verify(str(out)).ok
 
 
+@needs_proc
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_a_serial_ingest_inside_its_source(processes, tmp_path: Path, signum) -> None:
+    """``--workers 1``: the source being read (a FIFO that never delivers) is abandoned, not waited for."""
+    inputs = fifo_inputs(tmp_path / "in", blocked=0, good=2)
+    os.mkfifo(inputs / "zblocked.npy")  # read after the good ones
+    out = tmp_path / "s.zarr"
+    proc = processes.spawn(["ingest", str(inputs), "--out", str(out), "--workers", "1", "--no-progress"])
+    wait_for(lambda: images_written(out) == 2, 60, "the two good images", proc)
+    time.sleep(1.0)  # in the FIFO's open()
+    proc.send_signal(signum)
+    output, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 128 + signum, output
+    name = signal.Signals(signum).name
+    last = output.strip().splitlines()[-1]
+    assert "Traceback" not in output and last.startswith(
+        f"ssl_med ingest: stopped by {name}: 2 images written"
+    ), output
+    assert verify(str(out)).ok and len(ImageStore(out)) == 2
+
+
 def test_slurm_requeue_handlers_still_chain(monkeypatch) -> None:
     """Under SLURM with auto-requeue, Lightning keeps its requeue handler on SIGUSR1 and its SIGTERM
     handler calls ours too (read through Lightning's private signal connector: no public view exists)."""
