@@ -130,3 +130,16 @@ def test_skipped_samples_reach_tensorboard(two_volumes, tmp_path, caplog) -> Non
     assert logged > 0 and totals[-1] == logged  # the run log and TensorBoard agree
     fraction = acc.Scalars("data/skipped_fraction")[-1].value
     assert fraction == pytest.approx(logged / (3 * 4 + logged))
+
+
+def test_skip_totals_survive_a_resume() -> None:
+    from types import SimpleNamespace
+
+    from ssl_med.train.module import PretrainModule
+
+    before, after, checkpoint = SimpleNamespace(data_draws=40, skipped_draws=3), SimpleNamespace(), {}
+    PretrainModule.on_save_checkpoint(before, checkpoint)
+    PretrainModule.on_load_checkpoint(after, checkpoint)
+    assert (after.data_draws, after.skipped_draws) == (40, 3)
+    PretrainModule.on_load_checkpoint(after, {})  # a checkpoint from before the counts
+    assert (after.data_draws, after.skipped_draws) == (0, 0)
