@@ -121,9 +121,9 @@ def mean_std(values: list[float]) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown: one line per (dataset, backbone, objective) and one random-init line per dataset."""
     lines = [
-        "| data | encoder | seeds | steps | pretrain min | probe AUROC | random-init probe AUROC | gap (mean ± std) "
-        "| best-on-val probe AUROC (step) | kNN ACC | random-init kNN ACC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data | encoder | seeds | steps | pretrain min | probe AUROC (last step) | random-init probe AUROC | gap "
+        "| probe AUROC, encoder selected on val (step) | its gap | kNN ACC | random-init kNN ACC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -134,8 +134,10 @@ def table(rows: list[dict]) -> str:
         knn = [r["knn/pretrained"]["accuracy"] for r in rs]
         knn0 = [r["knn/random-init"]["accuracy"] for r in rs]
         gaps = [a - b for a, b in zip(auc, auc0)]
-        best = [r["linear_probe/best-on-val"]["auroc"] for r in rs if "linear_probe/best-on-val" in r]
-        best_cell = f"{mean_std(best)} ({','.join(str(r['best_step']) for r in rs if 'best_step' in r)})" if best else "-"
+        selected = [r for r in rs if "linear_probe/best-on-val" in r]
+        best = [r["linear_probe/best-on-val"]["auroc"] for r in selected]
+        best_gaps = [r["linear_probe/best-on-val"]["auroc"] - r["linear_probe/random-init"]["auroc"] for r in selected]
+        best_cell = f"{mean_std(best)} ({','.join(str(r['best_step']) for r in selected)}) | **{mean_std(best_gaps)}**" if best else "- | -"
         lines.append(
             f"| {data} | {backbone}-tiny {objective} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} | "
             f"{statistics.mean(r['pretrain_s'] for r in rs) / 60:.1f} | {mean_std(auc)} | {mean_std(auc0)} | "
