@@ -147,23 +147,27 @@ def table(rows: list[dict]) -> str:
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:
-    """Online val kNN AUROC vs step, one panel per dataset, one line per run (step 0 = random init)."""
+    """Online val kNN AUROC and ridge-probe AUROC vs step, one column per dataset, one line per run
+    (step 0 = the run's random init)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = sorted({r["dataset"] for r in rows})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.2), squeeze=False)
-    for ax, data in zip(axes[0], datasets):
-        for r in (r for r in rows if r["dataset"] == data):
-            curve = r.get("online/knn_auroc") or []
-            if curve:
-                ax.plot(*zip(*curve), marker=".", label=f"{r['objective']} s{r['seed']}")
-        ax.set_title(f"{data}: online kNN AUROC (val)", fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    tags = ("online/knn_auroc", "online/linear_auroc")
+    fig, axes = plt.subplots(len(tags), len(datasets), figsize=(4.2 * len(datasets), 3.0 * len(tags)), squeeze=False)
+    for col, data in enumerate(datasets):
+        for row, tag in enumerate(tags):
+            ax = axes[row][col]
+            for r in (r for r in rows if r["dataset"] == data):
+                curve = r.get(tag) or []
+                if curve:
+                    ax.plot(*zip(*curve), marker=".", label=f"{r['objective']} s{r['seed']}")
+            ax.set_title(f"{data}: {tag} (val)", fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -203,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     curves = args.doc.parent / "benchmarks" / "online_curves.png"
     plot_curves(rows, curves)
     body = (
-        f"{table(rows)}\n\nOnline curves (val split, step 0 = random init): "
+        f"{table(rows)}\n\nOnline curves (val split, step 0 = random init; the ridge-probe curve selects "
+        f"`encoder_best/`): "
         f"![online curves]({curves.relative_to(args.doc.parent).as_posix()})\n\n"
         f"Command: `python scripts/bench_representation.py --datasets {' '.join(args.datasets)} "
         f"--objectives {' '.join(args.objectives)} --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}"
