@@ -35,10 +35,10 @@ def _batch_size(batch: dict[str, Any]) -> int | None:
 
 class CollapseMonitor:
     """Warns in the log, once, when the embedding spread stays below ``ratio`` of the ideal
-    ``1/sqrt(D)`` for ``patience`` consecutive steps: a collapsed encoder maps every image to (nearly)
+    ``1/sqrt(D)`` for ``patience`` consecutive logged steps (``trainer.log_every_n_steps`` apart): a collapsed encoder maps every image to (nearly)
     one point, and only the curves would show it otherwise."""
 
-    def __init__(self, ratio: float = 0.1, patience: int = 20) -> None:
+    def __init__(self, ratio: float = 0.1, patience: int = 5) -> None:
         self.ratio, self.patience = ratio, patience
         self.low_steps = 0
         self.warned = False
@@ -50,7 +50,7 @@ class CollapseMonitor:
             return False
         self.warned = True
         log.warning(
-            "embedding collapse at step %d: embedding std %.4f is below %.0f%% of the healthy %.4f for %d steps; "
+            "embedding collapse at step %d: embedding std %.4f is below %.0f%% of the healthy %.4f for %d logged steps; "
             "lower optim.lr, lengthen the warm-up, or check the objective's teacher/temperature settings",
             step, std, 100 * self.ratio, ideal, self.patience,
         )
@@ -77,6 +77,7 @@ class PretrainModule(L.LightningModule):
         self._t_last: float | None = None
         self.data_draws = 0  # draws and skipped draws this rank's loader reported (data.on_error=skip)
         self.skipped_draws = 0
+        self._pending_skips: Tensor | None = None  # the next batch's per-sample counts, taken off on the host
 
     @property
     def encoder(self) -> torch.nn.Module:
@@ -117,15 +118,23 @@ class PretrainModule(L.LightningModule):
             for name, norm in self.objective.clip_gradients(self.optim.grad_clip).items():
                 self.log(f"grad_norm/{name}", norm)
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Take ``data.on_error=skip``'s per-sample counts off the batch while it is on the host (the
+        objectives never see them, and counting them needs no device sync)."""
+        if isinstance(batch, dict) and SKIPPED_KEY in batch:
+            batch = dict(batch)
+            self._pending_skips = batch.pop(SKIPPED_KEY)
+        return batch
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Raw crops (``data.normalise=batch``) become float32 ``[0, 1]`` here, on the device."""
         return normalise_batch(batch) if isinstance(batch, dict) else batch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self._apply_schedules(self.optimizers())
-        skipped = batch.pop(SKIPPED_KEY, None) if isinstance(batch, dict) else None
-        if skipped is not None:
-            self.log_skips(skipped)
+        if self._pending_skips is not None:
+            self.log_skips(self._pending_skips)
+            self._pending_skips = None
         out = self.objective(batch)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
@@ -140,7 +149,8 @@ class PretrainModule(L.LightningModule):
             std, ideal = embedding_std(out.embeddings), out.embeddings.shape[1] ** -0.5
             self.log("collapse/embedding_std", std, batch_size=batch_size)
             self.log("collapse/embedding_std_ideal", ideal, batch_size=batch_size)
-            self.collapse.update(float(std), ideal, self.global_step)
+            if self.trainer.log_every_n_steps and self.global_step % self.trainer.log_every_n_steps == 0:
+                self.collapse.update(float(std), ideal, self.global_step)  # only on logged steps: no per-step sync
         self.log("train/lr", self.optim_lr(), batch_size=batch_size)
         now = time.perf_counter()
         if self._t_last is not None and batch_size:

@@ -34,6 +34,7 @@ from ssl_med.evaluators.datasets import ClassificationData, _subset
 from ssl_med.evaluators.features import extract_features
 from ssl_med.evaluators.knn import knn_scores
 from ssl_med.evaluators.metrics import classification_metrics
+from ssl_med.train.module import embedding_std
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,12 @@ def online_metrics(
     """kNN and ridge-probe metrics of ``val`` ``(Q, D)`` against ``train`` ``(N, D)`` (single-label tasks)."""
     knn = classification_metrics(knn_scores(train, train_labels, val, num_classes, cfg.k, cfg.temperature), val_labels, task)
     lin = classification_metrics(ridge_probe_scores(train, train_labels, val, num_classes, cfg.ridge), val_labels, task)
-    z = torch.nn.functional.normalize(torch.from_numpy(val).float(), dim=1)
     return {
         "knn_accuracy": knn["accuracy"],
         "knn_auroc": knn["auroc"],
         "linear_accuracy": lin["accuracy"],
         "linear_auroc": lin["auroc"],
-        "embedding_std": float(z.std(0).mean()),
+        "embedding_std": float(embedding_std(torch.from_numpy(val))),
     }
 
 
