@@ -297,19 +297,24 @@ LOADERS = {
 RESOLVERS = {"medmnist": resolve_medmnist}
 
 
-def eval_data_config(name: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The composed, resolved ``eval_data=<name>`` group as a dict, with Hydra-style ``overrides``
-    (e.g. ``["eval_data.path=/x/foo.npz"]``); inside a running Hydra app its config search path is used."""
+def compose_evaluate(overrides: Sequence[str]) -> Any:
+    """The ``ssl_med evaluate`` config composed with Hydra-style ``overrides`` (a ``DictConfig``);
+    inside a running Hydra app (e.g. ``ssl_med pretrain``) its config search path is used."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="evaluate", overrides=list(overrides))
+    with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
+        return compose(config_name="evaluate", overrides=list(overrides))
+
+
+def eval_data_config(name: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The composed, resolved ``eval_data=<name>`` group as a dict, with Hydra-style ``overrides``
+    (e.g. ``["eval_data.path=/x/foo.npz"]``)."""
     from omegaconf import OmegaConf
 
-    args = [f"eval_data={name}", *overrides]
-    if GlobalHydra.instance().is_initialized():
-        cfg = compose(config_name="evaluate", overrides=args)
-    else:
-        with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
-            cfg = compose(config_name="evaluate", overrides=args)
+    cfg = compose_evaluate([f"eval_data={name}", *overrides])
     return OmegaConf.to_container(cfg.eval_data, resolve=True)  # type: ignore[return-value]
 
 

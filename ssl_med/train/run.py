@@ -156,18 +156,11 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
 def evaluate_run(run_dir: Path, evaluators: list[str], data: str, seed: int = 0) -> None:
     """Run ``ssl_med evaluate eval=<name> eval_data=<data> checkpoint=<run_dir>`` for each name,
     writing to ``<run_dir>/eval/<name>-<data>/``."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
     from ssl_med.evaluators.api import evaluate_checkpoint
+    from ssl_med.evaluators.datasets import compose_evaluate
 
     for name in evaluators:
-        overrides = [f"eval={name}", f"eval_data={data}", f"checkpoint={run_dir}", f"seed={seed}"]
-        if GlobalHydra.instance().is_initialized():  # inside `ssl_med pretrain`
-            cfg = compose(config_name="evaluate", overrides=overrides)
-        else:
-            with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
-                cfg = compose(config_name="evaluate", overrides=overrides)
+        cfg = compose_evaluate([f"eval={name}", f"eval_data={data}", f"checkpoint={run_dir}", f"seed={seed}"])
         evaluate_checkpoint(
             str(run_dir),
             OmegaConf.to_container(cfg.eval, resolve=True),
