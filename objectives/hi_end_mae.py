@@ -45,9 +45,9 @@ from monai.transforms import Compose, RandFlipd, RandRotate90d, RandScaleIntensi
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from objectives.dino import ReseededViews
 from objectives.losses.precision import upcast
 from objectives.mae import MAE, MAEDecoder, masked_patch_loss, random_masking
+from objectives.views import ReseededViews
 from ssl_med.encoder import Encoder
 from ssl_med.layers.attention import Attention, AttnImpl, attention
 from ssl_med.layers.patch_embed import patchify
@@ -165,7 +165,7 @@ class HiEndMAEViews(ReseededViews):
 
     Flips on every spatial axis (``flip_prob``), a random 90-degree rotation in the first two spatial
     axes when they are equal (``rotate90_prob``), intensity scaling and shifting. Seeding: see
-    :class:`~objectives.dino.ReseededViews`.
+    :class:`~objectives.views.ReseededViews`.
     """
 
     def __init__(
