@@ -85,6 +85,7 @@ from ssl_med.encoder import Encoder
 from ssl_med.geometry import CropSpec, ViewGeometry
 from ssl_med.layers.patch_embed import patchify, unpatchify
 from ssl_med.objective import Objective, ObjectiveOutput, Sample
+from ssl_med.optim import layer_decay_scales
 from ssl_med.registry import OBJECTIVES
 from ssl_med.train.schedules import steps_of
 
@@ -418,26 +419,16 @@ class DINO(Objective):
     def lr_multipliers(self) -> dict[str, float]:
         """Per-parameter learning-rate multipliers for the trainable parameters (keys as ``named_parameters()``).
 
-        Encoder: layer-wise decay ``layerwise_decay ** (depth + 1 - layer_id)`` with ``layer_id`` 0 for
-        the patch embedding and the position/CLS/register/mask tokens, ``i + 1`` for ``blocks.i``,
-        ``depth + 1`` otherwise (final norm); the patch embedding is further multiplied by
+        Encoder: layer-wise decay ``layerwise_decay ** (depth + 1 - layer_id)`` with the encoder's
+        :meth:`~ssl_med.encoder.Encoder.layer_id` (0 for the stem: patch embedding, position/CLS/register/
+        mask tokens; ``i + 1`` for block ``i``; ``depth + 1`` for the final norm); the encoder's
+        :meth:`~ssl_med.encoder.Encoder.patch_embed_names` are further multiplied by
         ``patch_embed_lr_mult``. Heads: 1.
         """
-        depth = self.encoder.depth
-        out: dict[str, float] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            if not name.startswith("encoder."):
-                out[name] = 1.0
-                continue
-            sub = name[len("encoder.") :]
-            layer_id = _layer_id(sub, depth)
-            mult = self.layerwise_decay ** (depth + 1 - layer_id)
-            if sub.startswith("patch_embed"):
-                mult *= self.patch_embed_lr_mult
-            out[name] = mult
-        return out
+        scales = layer_decay_scales(self.encoder, self.layerwise_decay, prefix="encoder.")
+        for name in self.encoder.patch_embed_names():
+            scales[f"encoder.{name}"] *= self.patch_embed_lr_mult
+        return {name: scales.get(name, 1.0) for name, p in self.named_parameters() if p.requires_grad}
 
     def clip_gradients(self, max_norm: float) -> dict[str, Tensor]:
         """Clip the gradient norm of backbone, DINO head and iBOT head separately (DINOv2); returns the norms."""
@@ -461,15 +452,6 @@ class DINO(Objective):
         patches = patchify(images, self.encoder.patch_size) * (~masks).unsqueeze(-1)
         out["ibot_masked"] = unpatchify(patches, grid, self.encoder.patch_size, images.shape[1])
         return out
-
-
-def _layer_id(name: str, depth: int) -> int:
-    """DINOv2's ``get_vit_lr_decay_rate`` layer numbering for an encoder parameter name."""
-    if name.startswith(("patch_embed", "pos_embed", "cls_token", "reg_token", "mask_token", "register_tokens")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
 
 
 def _load_state_dict(path: str) -> dict[str, Tensor]:

@@ -192,6 +192,10 @@ class MAE(Objective):
         return ObjectiveOutput(loss=loss, terms={"mae": loss.detach()}, embeddings=embeddings)
 
     @torch.no_grad()
+    def no_weight_decay(self) -> set[str]:
+        """The encoder's, and the decoder's mask token."""
+        return super().no_weight_decay() | {"decoder.mask_token"}
+
     def preview(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         images = batch["image"]
         grid = self.encoder.grid_shape(images.shape[2:])

@@ -45,6 +45,7 @@ class OptimConfig:
     min_lr: float = 1.0e-6
     warmup_steps: float = 0.07
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    momentum: float = 0.9
     weight_decay: float = 0.05
     weight_decay_end: float = 0.05
     grad_clip: float | None = 3.0

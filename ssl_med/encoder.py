@@ -22,6 +22,7 @@ orders.
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -117,6 +118,39 @@ class Encoder(nn.Module, ABC):
 
     def num_patches(self, spatial_shape: Sequence[int]) -> int:
         return math.prod(self.grid_shape(spatial_shape))
+
+    # -- parameter metadata (timm's convention): what optimisers ask instead of parsing names ----
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (``named_parameters()`` keys of this encoder) trained without weight decay,
+        besides biases and 1-D parameters, which never get it. Default: none."""
+        return set()
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter grouping: ``{"stem": regex, "blocks": [(regex, None)], "norm": regex}``.
+
+        ``stem`` matches the input-side parameters (layer 0); the ``blocks`` regex captures the block
+        index (block ``i`` is layer ``i + 1``); ``norm`` (and anything unmatched) comes after the last
+        block (layer ``depth + 1``). timm's ``param_groups_layer_decay`` reads the same dictionary and
+        numbers the layers as :meth:`layer_id` does.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not declare group_matcher()")
+
+    def layer_id(self, name: str) -> int:
+        """Depth position of parameter ``name`` for layer-wise learning-rate decay (BEiT, DINOv2's
+        ``get_vit_lr_decay_rate``): 0 for the stem, ``i + 1`` for block ``i``, ``depth + 1`` after the
+        blocks (final norm). Read from :meth:`group_matcher`."""
+        matcher = self.group_matcher()
+        if matcher.get("stem") and re.match(matcher["stem"], name):
+            return 0
+        for pattern, _ in matcher.get("blocks", ()):
+            found = re.match(pattern, name)
+            if found:
+                return int(found.group(1)) + 1
+        return self.depth + 1
+
+    def patch_embed_names(self) -> set[str]:
+        """Names of the patch-embedding parameters (DINOv2 trains them at ``patch_embed_lr_mult``)."""
+        return set()
 
 
 def config_input_size(backbone: dict[str, Any]) -> list[int] | None:
@@ -340,5 +374,16 @@ class TokenEncoder(Encoder):
         return seq[:, start:stop], torch.cat([seq[:, :start], seq[:, stop:]], dim=1)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names excluded from weight decay (timm convention)."""
+        """Position, CLS, register and mask tokens (timm's convention)."""
         return {"pos_embed", "cls_token", "reg_token", "mask_token"}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Stem: every parameter outside ``blocks`` and the final ``norm`` (patch embedding, positions,
+        prefix/mask tokens, and whatever input-side embeddings a subclass adds, e.g. ChAda-ViT's
+        channel embeddings); then ``blocks.i``; then the final norm. A backbone with parameters after
+        the blocks besides ``norm`` overrides this. (timm's own ViT puts ``norm`` in the last block's
+        group; here it is a layer of its own, as in BEiT and DINOv2.)"""
+        return {"stem": r"^(?!blocks\.|norm\.)", "blocks": [(r"^blocks\.(\d+)\.", None)], "norm": r"^norm\."}
+
+    def patch_embed_names(self) -> set[str]:
+        return {f"patch_embed.{name}" for name, _ in self.patch_embed.named_parameters()}

@@ -112,6 +112,12 @@ class Objective(nn.Module, ABC):
         """Named images ``(B, C, *S)`` worth looking at (input, masked input, reconstruction...)."""
         return {}
 
+    def no_weight_decay(self) -> set[str]:
+        """Trainable parameter names (``named_parameters()`` keys) without weight decay besides biases
+        and 1-D parameters: the encoder's :meth:`~ssl_med.encoder.Encoder.no_weight_decay`; objectives
+        add their own tokens (e.g. a decoder's mask token)."""
+        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+
     def lr_multipliers(self) -> dict[str, float]:
         """Learning-rate multiplier per trainable parameter name (``named_parameters()`` keys); missing
         names get 1. Objectives use it for layer-wise decay or slower patch embeddings."""

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from ssl_med.encoder import Encoder
+from ssl_med.optim import layer_decay_scales, param_groups
 
 
 @dataclass
@@ -54,30 +55,19 @@ class EvalResult:
 
 
 def layer_decay_groups(
-    encoder: nn.Module, lr: float, layer_decay: float, weight_decay: float = 0.05
+    encoder: Encoder, lr: float, layer_decay: float, weight_decay: float = 0.05
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups with layer-wise LR decay (BEiT/MAE fine-tuning recipe).
 
-    Block ``i`` of ``depth`` gets ``lr * layer_decay ** (depth - i)``; the patch embedding and
-    prefix/position/mask tokens ``lr * layer_decay ** (depth + 1)``; the final norm and anything
-    else ``lr``. Biases, norms and tokens get no weight decay.
+    Block ``i`` of ``depth`` gets ``lr * layer_decay ** (depth - i)``; the stem (patch embedding,
+    prefix/position/mask tokens) ``lr * layer_decay ** (depth + 1)``; the final norm ``lr``, as the
+    encoder's :meth:`~ssl_med.encoder.Encoder.layer_id` numbers them. Biases, 1-D parameters and the
+    encoder's :meth:`~ssl_med.encoder.Encoder.no_weight_decay` get no weight decay.
     """
-    depth = int(getattr(encoder, "depth", 0))
-    no_decay_names = encoder.no_weight_decay() if hasattr(encoder, "no_weight_decay") else set()
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, param in encoder.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.startswith("blocks."):
-            layer = int(name.split(".")[1]) + 1
-        elif name.startswith(("patch_embed", "cls_token", "reg_token", "pos_embed", "mask_token")):
-            layer = 0
-        else:
-            layer = depth + 1
-        no_decay = param.ndim <= 1 or name.split(".")[0] in no_decay_names
-        key = (layer, no_decay)
-        if key not in groups:
-            scale = layer_decay ** (depth + 1 - layer)
-            groups[key] = {"params": [], "lr": lr * scale, "weight_decay": 0.0 if no_decay else weight_decay}
-        groups[key]["params"].append(param)
-    return list(groups.values())
+    return param_groups(
+        encoder,
+        weight_decay,
+        no_weight_decay=encoder.no_weight_decay(),
+        lr_scale=layer_decay_scales(encoder, layer_decay),
+        lr=lr,
+    )

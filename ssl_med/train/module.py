@@ -14,6 +14,7 @@ from ssl_med.config import OptimConfig
 from ssl_med.data.crops import normalise_batch
 from ssl_med.data.faults import SKIPPED_KEY
 from ssl_med.objective import Objective
+from ssl_med.optim import build_optimizer, param_groups
 from ssl_med.train.schedules import steps_of, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -84,24 +85,22 @@ class PretrainModule(L.LightningModule):
         return self.objective.encoder
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW over trainable parameters, one group per (weight decay on/off, lr multiplier).
+        """``optim.name`` (AdamW by default; timm's factory, so also ``lamb``, ``lars``) over the
+        trainable parameters, one group per (weight decay on/off, lr multiplier).
 
-        No weight decay on biases, norms and the encoder's position/CLS/register/mask tokens;
-        multipliers come from :meth:`~ssl_med.objective.Objective.lr_multipliers`.
+        No weight decay on biases, 1-D parameters and :meth:`~ssl_med.objective.Objective.no_weight_decay`
+        (the encoder's position/CLS/register/mask tokens, decoder tokens); multipliers come from
+        :meth:`~ssl_med.objective.Objective.lr_multipliers`.
         """
-        skip = {f"encoder.{n}" for n in self.objective.encoder.no_weight_decay()}
-        multipliers = self.objective.lr_multipliers()
-        groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
-        for name, param in self.objective.named_parameters():
-            if not param.requires_grad:
-                continue
-            plain = param.ndim <= 1 or name.endswith(".bias") or name in skip or name.endswith("mask_token")
-            groups.setdefault((not plain, multipliers.get(name, 1.0)), []).append(param)
-        param_groups = [
-            {"params": params, "weight_decay": self.optim.weight_decay if decay else 0.0, "apply_wd": decay, "lr_scale": scale}
-            for (decay, scale), params in sorted(groups.items(), key=lambda kv: kv[0])
-        ]
-        return torch.optim.AdamW(param_groups, lr=self.optim.lr, betas=tuple(self.optim.betas))
+        groups = param_groups(
+            self.objective,
+            self.optim.weight_decay,
+            no_weight_decay=self.objective.no_weight_decay(),
+            lr_scale=self.objective.lr_multipliers(),
+        )
+        return build_optimizer(
+            groups, self.optim.name, self.optim.lr, self.optim.weight_decay, self.optim.betas, self.optim.momentum
+        )
 
     def _apply_schedules(self, optimizer: torch.optim.Optimizer) -> None:
         lr = self.optim_lr()
