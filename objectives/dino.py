@@ -87,40 +87,10 @@ from ssl_med.layers.patch_embed import patchify, unpatchify
 from ssl_med.objective import Objective, ObjectiveOutput, Sample
 from ssl_med.optim import layer_decay_scales
 from ssl_med.registry import OBJECTIVES
-from ssl_med.train.schedules import steps_of
+from ssl_med.train.ema import ema_update
+from ssl_med.train.schedules import cosine_schedule, linear_warmup, steps_of
 
 Centering = Literal["centering", "sinkhorn_knopp"]
-
-
-# -- schedules ------------------------------------------------------------------------------------
-def cosine_schedule(step: int, total: int, start: float, end: float) -> float:
-    """Half-cosine from ``start`` (step 0) to ``end`` (step ``total``), constant afterwards."""
-    if total <= 0:
-        return end
-    t = min(max(step, 0), total) / total
-    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
-
-
-def linear_warmup(step: int, warmup: int, start: float, end: float) -> float:
-    """``np.linspace(start, end, warmup)[step]`` during warm-up, then ``end`` (DINOv2's teacher-temp schedule)."""
-    if step >= warmup:
-        return end
-    return start + (end - start) * step / max(warmup - 1, 1)
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``theta_t <- m theta_t + (1 - m) theta_s`` for every parameter (matched by name)."""
-    t_params = dict(teacher.named_parameters())
-    pairs = [(t_params[name], p) for name, p in student.named_parameters()]
-    if not pairs:
-        return
-    t_list = [t for t, _ in pairs]
-    s_list = [s.detach().to(t.dtype) for t, s in pairs]
-    torch._foreach_mul_(t_list, momentum)
-    torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)
-
-
 
 
 # -- the objective --------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ from ssl_med.geometry import (
 )
 from ssl_med.objective import Objective, ObjectiveOutput, Sample
 from ssl_med.registry import OBJECTIVES
+from ssl_med.train.ema import ema_update
 
 EPS = 1e-6
 
@@ -313,15 +314,6 @@ def row_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return x * keep / (1 - p)
 
 
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``theta_t <- m theta_t + (1 - m) theta_s`` over parameters (buffers are copied)."""
-    for pt, ps in zip(teacher.parameters(), student.parameters()):
-        pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
-    for bt, bs in zip(teacher.buffers(), student.buffers()):
-        bt.copy_(bs)
-
-
 @OBJECTIVES.register("voco")
 class VoCo(Objective):
     """VoCo objective (see the module docstring).
@@ -406,9 +398,9 @@ class VoCo(Objective):
         return self.teacher_encoder if self.teacher_encoder is not None else self.encoder
 
     def on_train_step_end(self, step: int, max_steps: int) -> None:
-        ema_update(self.teacher_head, self.student_head, self.momentum)
+        ema_update(self.teacher_head, self.student_head, self.momentum, copy_buffers=True)
         if self.teacher_encoder is not None:
-            ema_update(self.teacher_encoder, self.encoder, self.momentum)
+            ema_update(self.teacher_encoder, self.encoder, self.momentum, copy_buffers=True)
 
     def losses(
         self, labels: Tensor, x_stu: Tensor, b_stu: Tensor, x_tea: Tensor, b_tea: Tensor

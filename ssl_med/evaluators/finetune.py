@@ -22,6 +22,7 @@ from ssl_med.evaluators.base import EvalContext, EvalResult, layer_decay_groups
 from ssl_med.evaluators.datasets import ClassificationData
 from ssl_med.evaluators.metrics import classification_metrics
 from ssl_med.registry import EVALUATORS
+from ssl_med.train.schedules import cosine_schedule
 
 
 class Classifier(nn.Module):
@@ -69,7 +70,7 @@ def finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ct
     optimizer = torch.optim.AdamW(groups)
     steps = int(cfg["steps"])
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
+        optimizer, lambda s: cosine_schedule(s, steps, 1.0, 0.0)
     )
     x_train, y_train = data.images["train"], torch.from_numpy(data.labels["train"])
     best_state, best_score, history = None, -math.inf, []

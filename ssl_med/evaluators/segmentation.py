@@ -27,6 +27,7 @@ from ssl_med.evaluators.metrics import dice_per_class
 from ssl_med.evaluators.plots import interpolation_plot, overlay_png
 from ssl_med.evaluators.unetr import UnetrSegmenter
 from ssl_med.registry import EVALUATORS
+from ssl_med.train.schedules import cosine_schedule
 
 
 def _pad_to(image: np.ndarray, label: np.ndarray, roi: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +130,7 @@ def train_segmenter(
     optimizer = build_optimizer(model, cfg)
     steps = int(cfg["steps"])
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
+        optimizer, lambda s: cosine_schedule(s, steps, 1.0, 0.0)
     )
     history: list[dict[str, float]] = []
     best_state, best_dice = None, -math.inf

@@ -1,4 +1,5 @@
-"""Per-step schedules (plain functions of the step, as DINOv2's ``CosineScheduler``)."""
+"""Per-step schedules (plain functions of the step, as DINOv2's ``CosineScheduler``), for the
+optimiser (learning rate, weight decay) and for the objectives (EMA momentum, teacher temperature)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,18 @@ def steps_of(value: float, total_steps: int) -> int:
     if value < 0:
         raise ValueError(f"schedule length {value} must be >= 0 (steps, or a fraction of the run below 1)")
     return round(value * total_steps) if value < 1 else int(value)
+
+
+def cosine_schedule(step: int, total: int, start: float, end: float) -> float:
+    """Half-cosine from ``start`` (step 0) to ``end`` (step ``total``), constant afterwards."""
+    if total <= 0:
+        return end
+    t = min(max(step, 0), total) / total
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
+
+
+def linear_warmup(step: int, warmup: int, start: float, end: float) -> float:
+    """``np.linspace(start, end, warmup)[step]`` during warm-up, then ``end`` (DINOv2's teacher-temp schedule)."""
+    if step >= warmup:
+        return end
+    return start + (end - start) * step / max(warmup - 1, 1)
