@@ -41,7 +41,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.transforms import Compose, RandFlipd, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd
 from timm.layers import Mlp
 from torch import Tensor, nn
 
@@ -163,9 +162,11 @@ def _xavier_init(module: nn.Module) -> None:
 class HiEndMAEViews(ReseededViews):
     """Per-sample augmentation of the reference loader: ``{"image": (C, *S)}`` -> same keys, same shape.
 
-    Flips on every spatial axis (``flip_prob``), a random 90-degree rotation in the first two spatial
-    axes when they are equal (``rotate90_prob``), intensity scaling and shifting. Seeding: see
-    :class:`~objectives.views.ReseededViews`.
+    Flips on every spatial axis (``flip_prob`` each), intensity scaling by ``1 + U(-intensity_scale,
+    intensity_scale)`` and shifting by ``U(-intensity_shift, intensity_shift)`` (``intensity_prob``
+    each), then a rotation by ``k * 90`` degrees, ``k`` uniform in ``{1, 2, 3}``, in the first two
+    spatial axes when they are equal (``rotate90_prob``). All draws come from one call to the
+    generator, the pixel work is plain torch ops. Seeding: see :class:`~objectives.views.ReseededViews`.
     """
 
     def __init__(
@@ -177,26 +178,30 @@ class HiEndMAEViews(ReseededViews):
         intensity_shift: float = 0.1,
         intensity_prob: float = 0.1,
     ) -> None:
-        key = "image"
-        self.flips = Compose(
-            [RandFlipd(key, prob=flip_prob, spatial_axis=a) for a in range(spatial_dims)]
-            + [
-                RandScaleIntensityd(key, factors=intensity_scale, prob=intensity_prob),
-                RandShiftIntensityd(key, offsets=intensity_shift, prob=intensity_prob),
-            ]
-        )
-        self.rotate = RandRotate90d(key, prob=rotate90_prob, max_k=3, spatial_axes=(0, 1)) if rotate90_prob else None
+        self.spatial_dims = spatial_dims
+        self.flip_prob = flip_prob
+        self.rotate90_prob = rotate90_prob
+        self.intensity_scale = intensity_scale
+        self.intensity_shift = intensity_shift
+        self.intensity_prob = intensity_prob
 
     def __call__(self, sample: Sample) -> Sample:
-        seed = self.call_seed()
-        self.flips.set_random_state(seed=seed)
-        d = self.flips(dict(sample))
-        if self.rotate is not None and d["image"].shape[1] == d["image"].shape[2]:
-            self.rotate.set_random_state(seed=seed + 1)
-            d = self.rotate(d)
-        image = d["image"]
-        d["image"] = torch.as_tensor(image.as_tensor() if hasattr(image, "as_tensor") else image).contiguous()
-        return d
+        nd = self.spatial_dims
+        u = self.rng().random_sample(nd + 6).tolist()
+        image = torch.as_tensor(sample["image"])
+        if hasattr(image, "as_tensor"):  # a MONAI MetaTensor: plain ops on a plain tensor
+            image = image.as_tensor()
+        flips = [1 + a for a in range(nd) if u[a] < self.flip_prob]
+        if flips:
+            image = torch.flip(image, flips)
+        scale, shift, rotate = u[nd : nd + 2], u[nd + 2 : nd + 4], u[nd + 4 :]
+        if scale[0] < self.intensity_prob:
+            image = image * (1 + self.intensity_scale * (2 * scale[1] - 1))
+        if shift[0] < self.intensity_prob:
+            image = image + self.intensity_shift * (2 * shift[1] - 1)
+        if rotate[0] < self.rotate90_prob and image.shape[1] == image.shape[2]:
+            image = torch.rot90(image, 1 + int(3 * rotate[1]), dims=(1, 2))
+        return {**sample, "image": image.contiguous()}
 
 
 @OBJECTIVES.register("hi_end_mae")

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Compose, RandFlipd, RandomizableTransform
 from torch import Tensor, nn
 
 from objectives.losses.precision import upcast
+from objectives.views import RandFlips, ReseededViews
 from ssl_med.encoder import Encoder
 from ssl_med.layers.patch_embed import grid_shape, patchify, unpatchify
 from ssl_med.layers.pos_embed import sincos_pos_embed
@@ -82,21 +82,25 @@ def reconstruction_channels(encoder: Encoder, in_chans: int | None) -> int:
     return in_chans
 
 
-class RandTokenNoised(RandomizableTransform):
-    """Adds ``sample["mask_noise"]``, uniform noise ``(N,)`` per patch token of ``sample["image"]``.
+class MAEViews(ReseededViews):
+    """``{"image": (C, *S)}`` -> the image flipped on each spatial axis with ``flip_prob``, plus
+    ``sample["mask_noise"]``, uniform noise ``(N,)`` per patch token, both drawn from one generator.
 
     Drawing the masking noise in the (per-sample seeded) view transform makes masks a function of the
     crop index: the same with any number of workers, and the same sample gets the same mask whether
-    it is trained on one process or sharded across DDP ranks.
+    it is trained on one process or sharded across DDP ranks. Seeding: see
+    :class:`~objectives.views.ReseededViews`.
     """
 
-    def __init__(self, patch_size: tuple[int, ...]) -> None:
-        RandomizableTransform.__init__(self, prob=1.0)
+    def __init__(self, spatial_dims: int, patch_size: tuple[int, ...], flip_prob: float = 0.5) -> None:
+        self.flips = RandFlips(spatial_dims, flip_prob)
         self.patch_size = patch_size
 
     def __call__(self, sample: Sample) -> Sample:
+        rng = self.rng()
+        sample = self.flips.apply(sample, rng)
         n = math.prod(grid_shape(sample["image"].shape[1:], self.patch_size))
-        return {**sample, "mask_noise": torch.from_numpy(self.R.random_sample(n).astype(np.float32))}
+        return {**sample, "mask_noise": torch.from_numpy(rng.random_sample(n).astype(np.float32))}
 
 
 class MAEDecoder(nn.Module):
@@ -171,8 +175,7 @@ class MAE(Objective):
         self.decoder = MAEDecoder(encoder.embed_dim, decoder_dim, decoder_depth, decoder_heads, patch_dim)
 
     def view_transform(self) -> Callable[[Sample], Sample]:
-        flips = [RandFlipd(keys="image", prob=self.flip_prob, spatial_axis=a) for a in range(self.encoder.spatial_dims)]
-        return Compose([*flips, RandTokenNoised(self.encoder.patch_size)])
+        return MAEViews(self.encoder.spatial_dims, self.encoder.patch_size, self.flip_prob)
 
     def forward(self, batch: dict[str, Any], noise: Tensor | None = None) -> ObjectiveOutput:
         """One step; masking noise ``(B, N)`` from ``noise``, else ``batch["mask_noise"]`` (drawn in the
