@@ -36,8 +36,9 @@ Trainer wiring (optional, documented hooks):
       encoder *before* building the objective, or call :meth:`DINO.reset_teacher` afterwards.
 
 Deviations from the reference, on purpose:
-    * Crops: MONAI ``RandScaleCropd`` (per-axis scale ``area_scale ** (1 / nd)`` drawn independently per
-      axis, which replaces RandomResizedCrop's aspect-ratio draw) + ``Resized`` (bilinear / trilinear);
+    * Crops: integer sides drawn uniformly and independently per axis between ``ceil(lo ** (1 / nd) s)``
+      and ``ceil(hi ** (1 / nd) s)`` for a crop scale ``(lo, hi)`` and input side ``s`` (which replaces
+      RandomResizedCrop's aspect-ratio draw), resized bilinear / trilinear;
       grey-level jitter only (brightness = intensity scaling, contrast = scaling about the mean, no
       saturation / hue / grayscale: medical images are grey); flips on ``flip_axes`` (default the last
       axis = horizontal flip, as the reference); blur sigma ``(0.1, 2.0)`` is given for a 224 px crop
