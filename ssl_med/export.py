@@ -12,7 +12,7 @@ end of every pretraining run) holds::
 ``config.json``::
 
     {"ssl_med_version", "format_version",
-     "backbone": {"name": "vit", ...constructor kwargs...},      # BACKBONES.build(**backbone) rebuilds it
+     "backbone": {"name": "vit", ...constructor kwargs...},      # ssl_med.build.build_encoder(backbone) rebuilds it
      "encoder": {spatial_dims, patch_size, embed_dim, depth, in_chans, channel_adaptive, img_size, ...},
      "preprocessing": {input range, intensity normalisation, spacing, crop size, channels},
      "objective": {...}, "data": {...},                          # what it was pretrained with
@@ -25,7 +25,6 @@ sha256 of the weights and their shapes against the config, and refuses pickle fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,25 +34,32 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+from safetensors.torch import save_file
 
+from ssl_med.build import build_encoder
 from ssl_med.encoder import Encoder
 from ssl_med.export_target import ExportTargetError, check_export_target
-from ssl_med.hub import (
-    HF_PREFIX,
-    PICKLE_SUFFIXES,
-    HubError,
-    UnsafeWeightsError,
-    download,
-    push_to_hub,
-    state_dict_mismatch,
-    timm_fields,
-)
+from ssl_med.hub import HF_PREFIX, HubError, download, push_to_hub, timm_fields
 from ssl_med.model_card import CARD_NAME, RESULTS_FILES, find_results, results_table, write_model_card  # noqa: F401
-from ssl_med.registry import BACKBONES
+from ssl_med.version import __version__
+from ssl_med.weights import (  # noqa: F401  (re-exported: the names ssl_med.export has always offered)
+    CHECKPOINT_PREFIXES,
+    CONFIG_NAME,
+    PICKLE_SUFFIXES,
+    WEIGHTS_NAME,
+    ExportError,
+    IntegrityError,
+    UnsafeWeightsError,
+    check_state_dict,
+    load_pickle_weights,
+    load_weights_into,
+    read_checkpoint_state,
+    read_config,
+    read_safetensors,
+    refuse_pickle,
+    sha256_file,
+    verified_weights,
+)
 
 __all__ = [
     "CONFIG_NAME",
@@ -72,35 +78,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 RESULTS_NAME = "eval_results.json"
 TRAINING_CONFIG_NAME = "training_config.yaml"
 FORMAT_VERSION = 1
-#: Lightning module keys of the encoder to export, per choice of ``weights``
-CHECKPOINT_PREFIXES = {"student": "objective.encoder.", "teacher": "objective.teacher.encoder."}
-#: file names evaluators write results to (searched in the run folder and its sub-folders)
-
-
-class ExportError(ValueError):
-    """An export folder or checkpoint that cannot be written or read (missing files, wrong layout)."""
-
-
-class IntegrityError(ExportError):
-    """Weights that do not match their config: wrong sha256 (tampered/corrupted) or wrong shapes."""
 
 
 # --------------------------------------------------------------------------------------------------
 # config.json
 # --------------------------------------------------------------------------------------------------
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def describe_encoder(encoder: Encoder) -> dict[str, Any]:
     """Shape facts of a built encoder (for config.json and the model card)."""
     grid = getattr(encoder, "base_grid", None)
@@ -193,8 +178,6 @@ def _public_data(data: Mapping[str, Any] | None) -> dict[str, Any]:
 def build_config(encoder: Encoder, config: Mapping[str, Any]) -> dict[str, Any]:
     """The full ``config.json`` for ``encoder`` from ``config`` (``backbone`` with its ``name``, optional
     ``objective`` and ``data``; other keys are kept). ``weights`` is filled in by :func:`save_encoder`."""
-    from ssl_med import __version__
-
     backbone = dict(config.get("backbone") or {})
     if "name" not in backbone:
         raise ExportError("config['backbone'] must name the registered backbone")
@@ -262,114 +245,6 @@ def save_encoder(
 # --------------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------------
-def _refuse_pickle(path: Path) -> UnsafeWeightsError:
-    return UnsafeWeightsError(
-        f"refusing to load {path}: it is a pickle file, and unpickling can run arbitrary code. Use the "
-        f"{WEIGHTS_NAME} of an ssl_med export, or pass trust_pickle=True if you trust where this file came from"
-    )
-
-
-def check_state_dict(encoder: Encoder, state: Mapping[str, Tensor], origin: str) -> None:
-    """Raise :class:`IntegrityError` listing missing/unexpected keys and shape mismatches."""
-    problems = state_dict_mismatch(encoder.state_dict(), state)
-    if problems:
-        raise IntegrityError(f"{origin} does not fit the {type(encoder).__name__} its config describes: {problems}")
-
-
-def _verified_weights(folder: Path, config: Mapping[str, Any], verify: bool) -> Path:
-    weights = folder / str((config.get("weights") or {}).get("file", WEIGHTS_NAME))
-    if not weights.is_file():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        hint = f" (it has pickle weights {pickles}: pass trust_pickle=True to load those)" if pickles else ""
-        raise ExportError(f"{weights} not found: expected an ssl_med export folder{hint}")
-    expected = (config.get("weights") or {}).get("sha256")
-    if verify and expected:
-        actual = sha256_file(weights)
-        if actual != expected:
-            raise IntegrityError(
-                f"{weights} has sha256 {actual} but {folder / CONFIG_NAME} records {expected}: the weights "
-                "were modified or corrupted after export (re-download or re-export them)"
-            )
-    elif verify:
-        log.warning("%s records no sha256 (exported by an older ssl_med); integrity not checked", folder / CONFIG_NAME)
-    return weights
-
-
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise IntegrityError(f"{path} is not a readable safetensors file: {err}") from err
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    config_file = folder / CONFIG_NAME
-    if not config_file.is_file():
-        raise ExportError(f"{config_file} not found: expected an ssl_med export folder")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ExportError(f"{config_file} is not valid JSON: {err}") from err
-    if not isinstance(config.get("backbone"), dict) or "name" not in config["backbone"]:
-        raise ExportError(f"{config_file} has no 'backbone' with a 'name': not an ssl_med export")
-    return config
-
-
-def build_from_config(config: Mapping[str, Any]) -> Encoder:
-    """A fresh (randomly initialised) encoder from an export ``config.json``'s ``backbone`` block."""
-    kwargs = dict(config["backbone"])
-    if kwargs.get("init_from"):  # never re-read the pretraining's starting weights: the export replaces them
-        kwargs["init_from"] = None
-    return BACKBONES.build(kwargs.pop("name"), **kwargs)
-
-
-def load_weights_into(encoder: Encoder, source: str | Path, *, verify: bool = True) -> Encoder:
-    """Load weights into ``encoder`` from an export folder (sha256-checked) or a ``.safetensors`` file."""
-    source = Path(source)
-    if source.is_dir():
-        path = _verified_weights(source, read_config(source), verify)
-    elif source.suffix in PICKLE_SUFFIXES:
-        raise _refuse_pickle(source)
-    else:
-        path = source
-    state = _read_safetensors(path)
-    check_state_dict(encoder, state, str(path))
-    encoder.load_state_dict(state)
-    return encoder
-
-
-def read_checkpoint_state(
-    path: Path, *, weights: Literal["student", "teacher"] = "student", trust_pickle: bool = False
-) -> dict[str, Tensor]:
-    """The encoder's state dict from a Lightning pretraining checkpoint.
-
-    The checkpoint is read with ``torch.load(weights_only=True)`` (tensors and plain containers only, no
-    code); ``trust_pickle=True`` allows a full unpickle for checkpoints that need it.
-    """
-    if weights not in CHECKPOINT_PREFIXES:
-        raise ExportError(f"weights must be one of {sorted(CHECKPOINT_PREFIXES)}, got {weights!r}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        if not trust_pickle:
-            raise UnsafeWeightsError(
-                f"{path} cannot be read with the restricted (weights-only) unpickler: {err}. "
-                "Pass trust_pickle=True if you trust this checkpoint"
-            ) from err
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ExportError(f"{path} holds no state_dict: not an ssl_med pretraining checkpoint")
-    prefix = CHECKPOINT_PREFIXES[weights]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    out = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    if not out:
-        roots = sorted({".".join(k.split(".")[:2]) for k in state})
-        other = "" if weights == "student" else " (only DINO-style objectives keep a teacher)"
-        raise ExportError(f"{path} has no {weights} encoder weights under {prefix!r}{other}; it holds {roots[:8]}")
-    return out
-
-
 def _resolve(
     path: str | Path, revision: str | None, cache_dir: str | Path | None, trust_pickle: bool
 ) -> Path:
@@ -410,13 +285,13 @@ def load_pretrained(
     source = _resolve(path, revision, cache_dir, trust_pickle)
     if source.is_file() and source.suffix in PICKLE_SUFFIXES:
         if not trust_pickle:
-            raise _refuse_pickle(source)
+            raise refuse_pickle(source)
         if source.suffix == ".ckpt":  # a Lightning pretraining checkpoint: config from its run folder
             encoder, config, _ = load_source(source, trust_pickle=True)
             encoder.pretrained_config = config  # type: ignore[assignment]
             return encoder.eval()
         config = read_config(source.parent)
-        state = _load_pickle_weights(source)
+        state = load_pickle_weights(source)
         origin = source
     else:
         folder = source.parent if source.is_file() else source
@@ -431,23 +306,11 @@ def load_pretrained(
         if source.is_file() and source.name != recorded:
             origin = source  # another safetensors file next to the config: keys and shapes are still checked
         else:
-            origin = _verified_weights(folder, config, verify)
-        state = _read_safetensors(origin)
-    encoder = build_from_config(config)
-    check_state_dict(encoder, state, str(origin))
-    encoder.load_state_dict(state)
+            origin = verified_weights(folder, config, verify)
+        state = read_safetensors(origin)
+    encoder = build_encoder(config["backbone"], weights=state, origin=str(origin))
     encoder.pretrained_config = config  # type: ignore[assignment]
     return encoder.eval()
-
-
-def _load_pickle_weights(path: Path) -> dict[str, Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ExportError(f"{path} holds no state dict")
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -509,10 +372,8 @@ def load_source(
             "ssl_med pretraining run (its config says which backbone to build)"
         )
     config = load_training_config(run_dir)
-    encoder = build_from_config(config)
     state = read_checkpoint_state(path, weights=weights, trust_pickle=trust_pickle)
-    check_state_dict(encoder, state, str(path))
-    encoder.load_state_dict(state)
+    encoder = build_encoder(config["backbone"], weights=state, origin=str(path))
     return encoder.eval(), config, run_dir
 
 

@@ -23,29 +23,33 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from ssl_med.build import build_encoder
 from ssl_med.encoder import Encoder
+from ssl_med.registry import BACKBONES
+from ssl_med.weights import (  # noqa: F401  (state_dict_mismatch re-exported)
+    CONFIG_NAME,
+    PICKLE_SUFFIXES,
+    WEIGHTS_NAME,
+    UnsafeWeightsError,
+    state_dict_mismatch,
+)
 
 HF_PREFIX = "hf-hub:"
 TIMM_PREFIX = "ssl_med_"
 #: files an export folder may hold; downloads fetch only these (never pickles unless trusted)
-EXPORT_FILES = ("config.json", "model.safetensors", "README.md", "eval_results.json", "training_config.yaml")
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md", "eval_results.json", "training_config.yaml")
 #: one part (ORG or NAME) of a hub repository id
 REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9])?")
 
 
 class HubError(RuntimeError):
     """A model-hub operation that could not run (offline, no token, unknown repository, network error)."""
-
-
-class UnsafeWeightsError(ValueError):
-    """A pickle-based weights file was offered without ``trust_pickle=True``."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,22 +260,17 @@ def _timm_entrypoint(backbone: str) -> Callable[..., Encoder]:
         pretrained_model_args: Any = None,
         **kwargs: Any,
     ) -> Encoder:
-        from ssl_med.export import load_weights_into
-        from ssl_med.registry import BACKBONES
-
         if num_classes:
             raise ValueError(
                 f"ssl_med encoders have no classifier (got num_classes={num_classes}); create with "
                 "num_classes=0 and put a head on encoder(x).pooled"
             )
         kwargs.pop("global_pool", None)  # recorded in config.json for timm's readers; ssl_med pools itself
-        if pretrained and kwargs.get("init_from"):
-            kwargs["init_from"] = None  # the pretrained weights replace the starting point
-        encoder = BACKBONES.build(backbone, **kwargs)
         cfg = {**_cfg_dict(pretrained_cfg), **dict(pretrained_cfg_overlay or {})}
+        source: str | Path | None = None
         if pretrained:
             if cfg.get("file"):
-                source: str | Path = Path(cfg["file"])
+                source = Path(cfg["file"])
             elif cfg.get("hf_hub_id"):
                 source = download(HF_PREFIX + str(cfg["hf_hub_id"]), cache_dir=cache_dir)
             else:
@@ -279,7 +278,7 @@ def _timm_entrypoint(backbone: str) -> Callable[..., Encoder]:
                     f"{TIMM_PREFIX}{backbone} has no default weights: use timm.create_model('local-dir:DIR' or "
                     "'hf-hub:ORG/NAME', pretrained=True) on an ssl_med export, or pretrained_cfg_overlay=dict(file=...)"
                 )
-            load_weights_into(encoder, source)
+        encoder = build_encoder({"name": backbone, **kwargs}, weights=source)  # weights replace init_from
         encoder.pretrained_cfg = cfg  # type: ignore[assignment]  # what timm.data.resolve_data_config reads
         return encoder.eval() if pretrained else encoder
 
@@ -293,8 +292,6 @@ def register_timm_models() -> list[str]:
     """Register every ssl_med backbone with timm as ``ssl_med_<name>`` (idempotent); returns the timm names."""
     import timm
     from timm.models import register_model
-
-    from ssl_med.registry import BACKBONES
 
     names = []
     module = sys.modules[__name__]
@@ -318,28 +315,6 @@ def ssl_med_to_timm_vit(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     dict(file=...))`` already does the same through timm's own filter, so this is for manual loading.
     """
     return {k: v for k, v in state_dict.items() if k != "mask_token"}
-
-
-def state_dict_mismatch(
-    target: Mapping[str, Tensor], state: Mapping[str, Tensor], optional: Sequence[str] = ()
-) -> str | None:
-    """What keeps ``state`` from loading into a module with state dict ``target``, or ``None`` if it fits.
-
-    Lists shape mismatches, missing keys (except ``optional`` ones) and unexpected keys, a few of each.
-    """
-    shapes = [
-        f"{k}: weights {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-        for k, v in state.items()
-        if k in target and tuple(v.shape) != tuple(target[k].shape)
-    ]
-    missing = sorted(set(target) - set(state) - set(optional))
-    unexpected = sorted(set(state) - set(target))
-    parts = [
-        f"{len(shapes)} shape mismatch(es), e.g. {shapes[:3]}" if shapes else "",
-        f"{len(missing)} missing key(s), e.g. {missing[:5]}" if missing else "",
-        f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}" if unexpected else "",
-    ]
-    return "; ".join(p for p in parts if p) or None
 
 
 def load_timm_vit_weights(encoder: Encoder, path: str | Path, *, trust_pickle: bool = False) -> Encoder:

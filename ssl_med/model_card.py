@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ssl_med.weights import CONFIG_NAME, WEIGHTS_NAME
+
 log = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
@@ -93,11 +95,6 @@ def write_model_card(
     results: Sequence[tuple[Path, Any, str | None]] = (),
 ) -> Path:
     """README.md with YAML front matter (library, tags, license, datasets), usage, I/O, training, evaluation."""
-    from ssl_med.export import (  # the export's file names (export imports this module)
-        CONFIG_NAME,
-        WEIGHTS_NAME,
-    )
-
     backbone, enc = config["backbone"], config["encoder"]
     prep, objective, data = config["preprocessing"], config.get("objective") or {}, config.get("data") or {}
     dims = enc["spatial_dims"]

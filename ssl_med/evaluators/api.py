@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
+from ssl_med.build import build_encoder
 from ssl_med.encoder import Encoder
 from ssl_med.evaluators.base import EvalContext, EvalResult
 from ssl_med.evaluators.datasets import ClassificationData, load_eval_data, resolve_eval_data
 from ssl_med.evaluators.plots import label_efficiency_plot
 from ssl_med.evaluators.report import write_results
-from ssl_med.registry import BACKBONES, EVALUATORS, OBJECTIVES
-
-CONFIG_NAME = "config.json"  # ssl_med.export.CONFIG_NAME (imported lazily: export pulls in heavier deps)
+from ssl_med.registry import EVALUATORS, OBJECTIVES
+from ssl_med.weights import CONFIG_NAME
 
 
 def resolve_encoder_dir(checkpoint: str | Path) -> Path:
@@ -40,11 +40,10 @@ def resolve_encoder_dir(checkpoint: str | Path) -> Path:
 def random_init_like(encoder_dir: str | Path, seed: int = 0) -> Encoder:
     """The backbone described by ``encoder_dir/config.json``, freshly initialised with ``seed``."""
     config = json.loads((Path(encoder_dir) / CONFIG_NAME).read_text())
-    kwargs = dict(config["backbone"])
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return BACKBONES.build(kwargs.pop("name"), **kwargs).eval()
+        return build_encoder(config["backbone"]).eval()
     finally:
         torch.random.set_rng_state(state)
 

@@ -24,13 +24,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
+from ssl_med.build import build_encoder
 from ssl_med.config import ConfigError, PretrainConfig
 from ssl_med.data.datamodule import CropDataModule
 from ssl_med.encoder import Encoder, config_input_size
 from ssl_med.evaluators.report import ONLINE_EVAL_FILE
 from ssl_med.lifetimes import Interrupted, StopSignals
 from ssl_med.objective import Objective
-from ssl_med.registry import BACKBONES, OBJECTIVES
+from ssl_med.registry import OBJECTIVES
 from ssl_med.train.callbacks import (
     AtomicCheckpointIO,
     ExportEncoder,
@@ -47,11 +48,6 @@ from ssl_med.train.online_eval import build_online_eval
 log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last.ckpt"
-
-
-def build_encoder(backbone: dict) -> Encoder:
-    kwargs = dict(backbone)
-    return BACKBONES.build(kwargs.pop("name"), **kwargs)
 
 
 def build_objective(objective: dict, encoder: Encoder) -> Objective:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_med.data.readers import ReadError, Record, Source
+from ssl_med.data.readers.base import ReadError, Record, Source
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

@@ -7,7 +7,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from ssl_med.data.readers import Source
+from ssl_med.data.readers.base import Source
 from ssl_med.data.readers.dicom import is_dicom, series_key
 from ssl_med.data.readers.nifti import case_suffixes, nifti_stem
 from ssl_med.data.readers.raster import PIL_SUFFIXES, TIFF_SUFFIXES

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_med.data.readers import ReadError, Source, StackRecord
+from ssl_med.data.readers.base import ReadError, Source, StackRecord
 
 SPLITS = ("train", "val", "test")
 

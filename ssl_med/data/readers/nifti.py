@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_med.data.readers import ReadError, Record, Source
+from ssl_med.data.readers.base import ReadError, Record, Source
 
 LABEL_SUFFIXES = ("seg", "label", "labels", "mask", "gt")
 # MRI sequences that make a case folder (with label suffixes), in the order BraTS and most pipelines stack them

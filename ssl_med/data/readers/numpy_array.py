@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_med.data.readers import ReadError, Record, Source
+from ssl_med.data.readers.base import ReadError, Record, Source
 
 
 def as_image(data: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_med.data.readers import ReadError, Record, Source
+from ssl_med.data.readers.base import ReadError, Record, Source
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
