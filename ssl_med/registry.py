@@ -1,4 +1,4 @@
-"""Name -> constructor registries for backbones, objectives, evaluators and datasets.
+"""Name -> constructor registries for backbones, objectives, evaluators and pretraining data sources.
 
 Every pluggable component is registered by name with a decorator, so ``backbone=NAME`` in a Hydra
 config resolves through one mechanism::
@@ -11,7 +11,7 @@ config resolves through one mechanism::
     encoder = BACKBONES.build("vit", spatial_dims=3, in_chans=1)
 
 The built-in modules live in the top-level packages ``backbones/`` and ``objectives/`` (and
-``ssl_med.evaluators``, ``ssl_med.data.datasets``); they are imported lazily the first time a
+``ssl_med.evaluators``, ``ssl_med.data.sources``); they are imported lazily the first time a
 registry is queried. Third-party packages add more through entry points in their
 ``pyproject.toml``::
 
@@ -116,11 +116,14 @@ class Registry(Generic[T]):
 BACKBONES: Registry[Any] = Registry("backbone", ("backbones",), "ssl_med.backbones")
 OBJECTIVES: Registry[Any] = Registry("objective", ("objectives",), "ssl_med.objectives")
 EVALUATORS: Registry[Any] = Registry("evaluator", ("ssl_med.evaluators",), "ssl_med.evaluators")
-DATASETS: Registry[Any] = Registry("dataset", ("ssl_med.data.sources",), "ssl_med.datasets")
+#: where pretraining images come from (``data.source``: ``demo``, ``store``), each resolving to an image
+#: store; not the evaluators' labelled ``eval_data`` sets. Plugins keep the ``ssl_med.datasets`` group.
+SOURCES: Registry[Any] = Registry("data source", ("ssl_med.data.sources",), "ssl_med.datasets")
+DATASETS = SOURCES  # the earlier name, kept for plugins and scripts
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "backbones": BACKBONES,
     "objectives": OBJECTIVES,
     "evaluators": EVALUATORS,
-    "datasets": DATASETS,
+    "sources": SOURCES,
 }

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from ssl_med.config import DataConfig
 from ssl_med.data.crops import EpochSampler, RandomCropDataset
 from ssl_med.lifetimes import init_worker
-from ssl_med.registry import DATASETS
+from ssl_med.registry import SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def resolve_store(cfg: DataConfig) -> str:
     kwargs: dict[str, Any] = {"spatial_dims": cfg.spatial_dims}
     if cfg.store is not None:
         kwargs["store"] = cfg.store
-    return DATASETS.build(cfg.source, **kwargs)
+    return SOURCES.build(cfg.source, **kwargs)
 
 
 class CropDataModule(L.LightningDataModule):

@@ -1,9 +1,11 @@
 """Labelled evaluation data, read straight from files (``eval_data=...``).
 
-This is the evaluators' own small loader: it reads the MedMNIST ``.npz`` files with numpy, the BraTS
-case with nibabel, the Kvasir-SEG pairs with Pillow and the MNI152 tissue maps from nilearn. (The
-data layer's labelled-dataset view is being built separately; once it lands these loaders can
-delegate to it.)
+The evaluation sets are read from their published files, not from an ingested image store: the
+MedMNIST ``.npz`` files with numpy, the BraTS case with nibabel, the Kvasir-SEG pairs with Pillow and
+the MNI152 tissue maps from nilearn, each prepared the way its benchmark is usually reported.
+(:class:`ssl_med.data.labelled.LabelledImages` is the store-backed view of labelled images that have
+been ingested with ``ssl_med ingest``; channel matching is shared with the crops,
+:func:`ssl_med.data.crops.match_channels`.)
 
 Two kinds of output:
 
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssl_med.data.crops import match_channels
 from ssl_med.evaluators.medmnist import SPLITS, resolve_medmnist
 
 
@@ -79,18 +82,6 @@ def resize(images: torch.Tensor, size: list[int] | tuple[int, ...], mode: str = 
         mode = "bilinear" if images.ndim == 4 else "trilinear"
     kwargs = {"align_corners": False} if mode in ("bilinear", "trilinear") else {}
     return F.interpolate(images, size=size, mode=mode, **kwargs)
-
-
-def match_channels(image: np.ndarray, in_chans: int) -> np.ndarray:
-    """``(C, *S)`` -> ``(in_chans, *S)``: average to grey, repeat grey, or keep."""
-    c = image.shape[0]
-    if c == in_chans:
-        return image
-    if in_chans == 1:
-        return image.mean(axis=0, keepdims=True)
-    if c == 1:
-        return np.repeat(image, in_chans, axis=0)
-    raise ValueError(f"cannot map {c} image channels to an encoder with {in_chans} input channels")
 
 
 def percentile_scale(volume: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:

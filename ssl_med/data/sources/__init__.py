@@ -1,1 +1,1 @@
-"""Data sources: each resolves ``data.source`` to a ready image store (``ssl_med.registry.DATASETS``)."""
+"""Data sources: each resolves ``data.source`` to a ready image store (``ssl_med.registry.SOURCES``)."""

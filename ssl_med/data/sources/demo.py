@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ssl_med.data.store import ImageStore
-from ssl_med.registry import DATASETS
+from ssl_med.registry import SOURCES
 
 DEMO_VERSION = 3  # 2: OME-Zarr 0.5 image groups (store version 2); 3: checksummed, inventoried chunks
 
@@ -113,7 +113,7 @@ def _cached_store(name: str, build: Callable[[ImageStore], None]) -> str:
     return str(path)
 
 
-@DATASETS.register("demo")
+@SOURCES.register("demo")
 def demo_store(spatial_dims: int = 2) -> str:
     """Path of the demo store for ``spatial_dims`` (built on first use)."""
     if spatial_dims == 2:

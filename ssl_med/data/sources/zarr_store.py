@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ssl_med.registry import DATASETS
+from ssl_med.registry import SOURCES
 
 
-@DATASETS.register("store")
+@SOURCES.register("store")
 def existing_store(store: str, spatial_dims: int = 2) -> str:
     """Return ``store`` (a local path or fsspec URL) after checking it opens."""
     from ssl_med.data.store import ImageStore
