@@ -10,7 +10,6 @@ metadata tensors cost ~15 ms per 28^2 sample of 6 crops; this costs well under 1
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,7 +68,7 @@ class ReseededViews(Randomizable):
 
 
 # -- pixel ops --------------------------------------------------------------------------------------
-def gaussian_blur(x: Tensor, sigma: Tensor | float) -> Tensor:
+def gaussian_blur(x: Tensor, sigma: Tensor | np.ndarray | float) -> Tensor:
     """Isotropic Gaussian blur of ``(N, C, *S)`` (2D or 3D), one ``sigma`` per image ``(N,)`` (or one
     for all); separable, replicate padding, radius ``ceil(3 * sigma)`` (at least 1), kernels normalised to 1.
 
@@ -77,13 +76,14 @@ def gaussian_blur(x: Tensor, sigma: Tensor | float) -> Tensor:
     call on CPU whatever the size), larger ones grouped convolutions; both compute the same sums.
     """
     n, c, nd = x.shape[0], x.shape[1], x.ndim - 2
-    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(n)
-    radius = max(1, math.ceil(3 * float(sigma.max())))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)  # (N, k)
+    sig = torch.as_tensor(sigma).detach().cpu().numpy() if isinstance(sigma, Tensor) else np.asarray(sigma)
+    sig = np.broadcast_to(sig.astype(np.float64).reshape(-1), (n,))[:, None]  # (N, 1)
+    radii = np.maximum(1, np.ceil(3 * sig))
+    radius = int(radii.max())
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
     # each image's kernel is cut at its own radius, so an image's blur does not depend on the others
-    kernel = kernel * (t.abs() <= (3 * sigma[:, None]).ceil().clamp_min(1))
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    kernel = np.exp(-0.5 * (t / sig) ** 2) * (np.abs(t) <= radii)  # (N, k)
+    kernel = torch.as_tensor(kernel / kernel.sum(axis=1, keepdims=True), dtype=x.dtype, device=x.device)
     k = kernel.shape[1]
     small = x.numel() * k * nd <= _UNFOLD_MAX_WORK
     if not small:
@@ -200,16 +200,16 @@ def render_crops(image: Tensor, p: CropParams, out_size: Sequence[int], threshol
     x = torch.cat(views)
     if (p.brightness != 1).any() or (p.contrast != 1).any():
         # brightness b then contrast c about the mean m of b * x: b * c * x + b * (1 - c) * mean(x)
-        mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+        mean = x.reshape(len(x), -1).mean(dim=1).view(-1, *([1] * (nd + 1)))
         scale = _per_view(p.brightness * p.contrast, nd)
         shift = _per_view(p.brightness * (1 - p.contrast), nd)
         x = torch.addcmul(mean * shift, x, scale)
     blurred = np.flatnonzero(p.sigma > 0)
     if len(blurred) == len(x):
-        x = gaussian_blur(x, torch.from_numpy(p.sigma.astype(np.float32)))
+        x = gaussian_blur(x, p.sigma)
     elif len(blurred):
         idx = torch.from_numpy(blurred)
-        x = x.index_copy(0, idx, gaussian_blur(x[idx], torch.from_numpy(p.sigma[blurred].astype(np.float32))))
+        x = x.index_copy(0, idx, gaussian_blur(x[idx], p.sigma[blurred]))
     if p.solarize.any():
         flag = torch.from_numpy(p.solarize).view(-1, 1, *([1] * nd))
         x = torch.where(flag & (x >= threshold), 1.0 - x, x)
