@@ -255,7 +255,14 @@ class ChAdaViT(TokenEncoder):
         channel_names: ChannelNames | None = None,
         channel_padding_mask: Tensor | None = None,
     ) -> EncoderOutput:
-        """Encode ``x`` ``(B, C, *S)``; see the module docstring for the channel arguments."""
+        """Encode ``x`` ``(B, C, *S)``; see the module docstring for the channel arguments.
+
+        Not :meth:`TokenEncoder.forward` with hooks: here the sequence is one token per (channel,
+        patch), ``(B, 1 + C*K, D)``, with channel embeddings per channel, a key-padding mask (or
+        packed sequences) for missing channels that every block receives, and patch outputs averaged
+        over the present channels. The skeleton's hooks assume one token per patch and blocks called
+        as ``block(x)``; widening them for this one backbone would complicate the three others.
+        The parameter metadata (stem, blocks, norm) is still the skeleton's."""
         if x.ndim != self.spatial_dims + 2:
             raise ValueError(
                 f"expected a (B, C, {'D, ' if self.spatial_dims == 3 else ''}H, W) tensor for "
