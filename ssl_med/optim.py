@@ -13,7 +13,7 @@ same rule that biases and 1-D parameters get no weight decay), with two addition
 module needs: any mapping of per-parameter LR multipliers (DINOv2's patch-embedding multiplier
 on top of layer decay), and an ``apply_wd`` flag telling the weight-decay schedule which groups it
 drives. ``build_optimizer`` is timm's optimizer factory, so ``optim.name`` may be ``adamw``,
-``lamb``, ``lars`` or any other name timm registers.
+``lamb``, ``lars``, ``sgd`` (Nesterov momentum) or any other name timm registers.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def build_optimizer(
     momentum: float = 0.9,
 ) -> torch.optim.Optimizer:
     """timm's optimizer factory over ready-made ``groups``: ``adamw`` is ``torch.optim.AdamW``,
-    ``lamb`` / ``lars`` timm's LAMB / LARS. ``betas`` go to the Adam family, ``momentum`` to the others."""
+    ``lamb`` / ``lars`` timm's LAMB / LARS, ``sgd`` ``torch.optim.SGD`` with Nesterov momentum.
+    ``betas`` go to the Adam family, ``momentum`` to the others."""
     from timm.optim import create_optimizer_v2
 
     kwargs: dict[str, Any] = {"betas": tuple(betas)} if name.lower() in ADAM_FAMILY else {"momentum": momentum}

@@ -41,3 +41,9 @@ def test_unknown_group_option_lists_choices() -> None:
 
     with pytest.raises(MissingConfigException, match="vit"):
         compose_pretrain("backbone=vitt")
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb", "lars", "sgd"])
+def test_every_optimiser_config_parses(name: str) -> None:
+    cfg = parse_pretrain_config(compose_pretrain(f"optim={name}"))
+    assert cfg.optim.name == name

@@ -57,7 +57,7 @@ def test_groups_cover_each_trainable_parameter_once() -> None:
     assert all(g["lr"] == 1e-3 * g["lr_scale"] for g in groups)
 
 
-@pytest.mark.parametrize(("name", "kind"), [("adamw", torch.optim.AdamW), ("lamb", None), ("lars", None)])
+@pytest.mark.parametrize(("name", "kind"), [("adamw", torch.optim.AdamW), ("lamb", None), ("lars", None), ("sgd", torch.optim.SGD)])
 def test_optimizer_choices_take_a_step(name: str, kind: type | None) -> None:
     enc = build("vit")
     opt = build_optimizer(param_groups(enc, 0.05), name, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))

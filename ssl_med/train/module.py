@@ -85,7 +85,7 @@ class PretrainModule(L.LightningModule):
         return self.objective.encoder
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """``optim.name`` (AdamW by default; timm's factory, so also ``lamb``, ``lars``) over the
+        """``optim.name`` (AdamW by default; timm's factory, so also ``lamb``, ``lars``, ``sgd``) over the
         trainable parameters, one group per (weight decay on/off, lr multiplier).
 
         No weight decay on biases, 1-D parameters and :meth:`~ssl_med.objective.Objective.no_weight_decay`
