@@ -106,6 +106,7 @@ class PretrainConfig:
     optim: OptimConfig
     trainer: TrainerConfig
     online_eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
+    logger: dict[str, Any] = field(default_factory=dict)  # conf/logger: {name: {_target_: class, **kwargs}}
     seed: int = 0
     resume: str = "auto"
     experiment: str = "run"

@@ -130,7 +130,8 @@ def _preview_grid(images: dict[str, Tensor], max_items: int = 4) -> Tensor:
 
 class PreviewImages(L.Callback):
     """Every ``every_n_steps``, logs the objective's :meth:`~ssl_med.objective.Objective.preview`
-    (e.g. input | masked input | reconstruction) to TensorBoard."""
+    (e.g. input | masked input | reconstruction) to TensorBoard (``trainer.logger`` when it has
+    ``add_image``; without a TensorBoard logger there are no previews)."""
 
     def __init__(self, every_n_steps: int) -> None:
         self.every_n_steps = every_n_steps
@@ -176,14 +177,17 @@ class ExportEncoder(L.Callback):
 
 
 class PlotCurves(L.Callback):
-    """Writes ``training_curves.png`` (loss terms, collapse monitor, lr, throughput) at the end of training."""
+    """Writes ``training_curves.png`` (loss terms, collapse monitor, lr, throughput, online evaluation)
+    at the end of training, from the run's ``metrics.jsonl``."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and trainer.logger is not None:
+        if trainer.is_global_zero:
+            from ssl_med.train.loggers import METRICS_FILE
             from ssl_med.train.plots import plot_training_curves
 
-            trainer.logger.save()
-            plot_training_curves(self.run_dir / "tensorboard", self.run_dir / "training_curves.png")
+            for logger in trainer.loggers:
+                logger.save()
+            plot_training_curves(self.run_dir / METRICS_FILE, self.run_dir / "training_curves.png")

@@ -1,4 +1,5 @@
-"""A PNG of the training curves next to the TensorBoard logs, for a look without starting TensorBoard."""
+"""A PNG of the training curves, drawn from ``metrics.jsonl`` (written whatever the loggers), for a look
+without starting TensorBoard or a tracking server."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
     return out
 
 
-def plot_training_curves(tensorboard_dir: str | Path, out_file: str | Path) -> Path | None:
+def plot_training_curves(metrics_file: str | Path, out_file: str | Path) -> Path | None:
     """Plot the scalars in :data:`CURVES`, every other ``train/*`` loss term and the :data:`ONLINE`
-    evaluation curve (with its step-0 random-init value dashed) from TensorBoard events.
+    evaluation curve (with its step-0 random-init value dashed) from a run's ``metrics.jsonl``
+    (:func:`ssl_med.train.loggers.read_metrics`).
 
     Returns the written file, or ``None`` when there is nothing to plot.
     """
@@ -28,11 +30,11 @@ def plot_training_curves(tensorboard_dir: str | Path, out_file: str | Path) -> P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tensorboard_dir))
-    events.Reload()
-    available = events.Tags().get("scalars", [])
+    from ssl_med.train.loggers import read_metrics
+
+    series = read_metrics(metrics_file)
+    available = list(series)
     tags = [t for t in CURVES if t in available]
     tags += sorted(t for t in available if t.startswith("train/") and t not in tags)
     tags += sorted(t for t in available if t in ONLINE)
@@ -40,8 +42,7 @@ def plot_training_curves(tensorboard_dir: str | Path, out_file: str | Path) -> P
         return None
     fig, axes = plt.subplots(1, len(tags), figsize=(3.2 * len(tags), 2.8), squeeze=False)
     for ax, tag in zip(axes[0], tags):
-        points = events.Scalars(tag)
-        steps, values = [p.step for p in points], [p.value for p in points]
+        steps, values = [s for s, _ in series[tag]], [v for _, v in series[tag]]
         if tag in SCHEDULES:
             ax.plot(steps, values, lw=1.6, color="C0")
         elif tag in ONLINE:  # step 0 is the random-init reference: a dashed line across

@@ -6,7 +6,8 @@ A run folder holds everything of one run::
       .hydra/                Hydra's composed config and overrides
       resolved_config.yaml   the validated, fully resolved config
       checkpoints/           last.ckpt (resume point) and periodic step checkpoints
-      tensorboard/           loss terms, learning rate, samples/s, collapse monitor, previews
+      tensorboard/           loss terms, learning rate, samples/s, collapse monitor, previews (logger=tensorboard)
+      metrics.jsonl          every logged scalar, one JSON object per logging step (whatever the loggers)
       encoder/               model.safetensors + config.json (the exported encoder)
       training_curves.png    loss terms, collapse monitor, lr and throughput at a glance
 """
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
@@ -42,6 +42,7 @@ from ssl_med.train.callbacks import (
 )
 from ssl_med.train.checkpoints import checkpoint_problem, newest_good_checkpoint, remove_partial_saves
 from ssl_med.train.launch import relaunch_this_job
+from ssl_med.train.loggers import ForwardOnlineMetrics, build_loggers
 from ssl_med.train.module import PretrainModule
 from ssl_med.train.online_eval import build_online_eval
 
@@ -80,6 +81,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "resolved_config.yaml")
+    loggers = build_loggers(cfg.logger, run_dir)  # a missing optional package fails here, before any work
+    for logger in loggers:
+        logger.log_hyperparams(asdict(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     encoder = build_encoder(cfg.backbone)
@@ -115,7 +119,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         cfg.online_eval, input_size, encoder.in_chans, run_dir / ONLINE_EVAL_FILE, run_dir / "encoder_best", export_config
     )
     if online is not None:  # before PlotCurves, whose picture then holds the final evaluation
-        callbacks.insert(callbacks.index(next(c for c in callbacks if isinstance(c, PlotCurves))), online)
+        at = callbacks.index(next(c for c in callbacks if isinstance(c, PlotCurves)))
+        callbacks[at:at] = [online, ForwardOnlineMetrics(online)]
     if t.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     stop = StopSignals("run")  # SIGINT / SIGTERM: save last.ckpt after the current step and stop
@@ -129,7 +134,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         strategy=t.strategy,
         num_nodes=t.num_nodes,
         precision=t.precision,
-        logger=TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
+        logger=loggers,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=t.log_every_n_steps,
