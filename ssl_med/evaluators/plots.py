@@ -101,3 +101,23 @@ def summary_bar_plot(rows: list[dict[str, Any]], metric: str, path: Path) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
+
+
+def sweep_plot(series: dict[str, list[tuple[float, float]]], key: str, path: Path) -> Path:
+    """Metric vs a swept value: one line per ``series`` label (``[(value, metric), ...]``); the x axis
+    is logarithmic when the values are positive and span a factor of 10 or more (learning rates)."""
+    fig = Figure(figsize=(5.0, 3.4))
+    ax = fig.subplots()
+    xs = [x for points in series.values() for x, _ in points]
+    for label, points in series.items():
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+    if xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
+        ax.set_xscale("log")
+    ax.set_xlabel(key)
+    ax.set_ylabel("metric (higher is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

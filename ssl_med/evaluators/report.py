@@ -9,7 +9,10 @@ One evaluation folder holds ``results.json``::
      "config": {"eval": {...}, "eval_data": {...}}}
 
 :func:`collect` finds every ``results.json`` under a folder (e.g. a Hydra multirun) and
-:func:`write_summary` turns them into one table (``summary.md``/``summary.json``/``summary.png``).
+:func:`write_summary` turns them into one table (``summary.md``/``summary.json``/``summary.png``),
+with one column per swept key (from each run's ``.hydra/overrides.yaml``, :mod:`.sweep`), rows
+sorted by the chosen metric, and ``summary_sweep_<key>.png`` (metric vs value) when exactly one swept
+key is numeric.
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from ssl_med.evaluators.sweep import by_metric, is_number, numeric_keys, run_overrides, swept_keys
+
 RESULTS_NAME = "results.json"
 ONLINE_EVAL_FILE = "online_eval.json"  # written by ssl_med.train.online_eval
 HEADLINE = {"linear_probe": "auroc", "finetune": "auroc", "knn": "accuracy", "segmentation": "dice_mean"}
+ONLINE_METRICS = ("knn_accuracy", "knn_auroc", "linear_auroc")
+META = ("run", "eval", "data", "backbone", "objective", "encoder")
 
 
 def _fmt(value: Any) -> str:
@@ -119,7 +126,8 @@ def write_results(results: dict[str, Any], out_dir: Path) -> Path:
 
 
 def collect(root: str | Path) -> list[dict[str, Any]]:
-    """Flat rows (one per encoder per ``results.json`` under ``root``): run, eval, data, encoder, metrics."""
+    """Flat rows (one per encoder per ``results.json`` under ``root``): run, eval, data, encoder, metrics,
+    and ``overrides`` (the run's Hydra overrides, :func:`~ssl_med.evaluators.sweep.run_overrides`)."""
     root = Path(root)
     rows = []
     for path in sorted(root.rglob(RESULTS_NAME)):
@@ -136,6 +144,7 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
                     "objective": objective.get("name", "") if row["encoder"] != "random-init" else "-",
                     "encoder": row["encoder"],
                     **{k: v for k, v in row["metrics"].items() if "/" not in k},
+                    "overrides": run_overrides(path, root),
                 }
             )
     return rows
@@ -143,7 +152,8 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
 
 def collect_online(root: str | Path) -> list[dict[str, Any]]:
     """One row per pretraining run under ``root`` with an ``online_eval.json``: the online metrics at
-    the last evaluation and at step 0 (the random-init reference of the same run), val split."""
+    the last evaluation and at step 0 (the random-init reference of the same run), val split, and the
+    run's ``overrides``."""
     root = Path(root)
     rows = []
     for path in sorted(root.rglob(ONLINE_EVAL_FILE)):
@@ -153,17 +163,81 @@ def collect_online(root: str | Path) -> list[dict[str, Any]]:
             continue
         first, last = history[0], history[-1]
         row = {"run": str(path.parent.relative_to(root)) or ".", "data": record.get("data", ""), "step": last["step"]}
-        for name in ("knn_accuracy", "knn_auroc", "linear_auroc"):
+        for name in ONLINE_METRICS:
             row[name] = last[name]
             row[f"{name} @0"] = first[name]
+        row["overrides"] = run_overrides(path, root)
         rows.append(row)
     return rows
 
 
-def write_summary(root: str | Path, out_dir: str | Path | None = None) -> Path:
+def _sweep_columns(rows: list[dict[str, Any]], keys: list[str]) -> dict[str, str]:
+    """``{swept key: column name}``, leaving out keys that only repeat a column (``backbone=vit,mamba``
+    is the backbone column already); a key named like a column that says something else (``data``, the
+    pretraining data, beside the evaluation's) becomes ``<key> (override)``."""
+    columns = {}
+    for key in keys:
+        if key in META and all(str(r.get(key, "")) == str(r["overrides"].get(key, r.get(key, ""))) for r in rows):
+            continue
+        columns[key] = f"{key} (override)" if key in META else key
+    return columns
+
+
+def _with_sweep(rows: list[dict[str, Any]], columns: dict[str, str]) -> list[dict[str, Any]]:
+    """The rows with a cell per swept key (blank where a run did not set it; numbers in ``%g``, so
+    ``3e-4`` is not rounded to three decimals), ``overrides`` dropped."""
+
+    def text(value: Any) -> str:
+        return f"{value:g}" if is_number(value) else str(value)
+
+    return [
+        {**{k: v for k, v in r.items() if k != "overrides"}, **{c: text(r["overrides"].get(k, "")) for k, c in columns.items()}}
+        for r in rows
+    ]
+
+
+def _headline(rows: list[dict[str, Any]], eval_name: str, metric: str | None) -> str:
+    """``metric`` where rows of ``eval_name`` report it, else the evaluator's headline metric."""
+    if metric and any(metric in r for r in rows if r["eval"] == eval_name):
+        return metric
+    return HEADLINE.get(eval_name, metric or "")
+
+
+def sweep_series(
+    rows: list[dict[str, Any]], online: list[dict[str, Any]], key: str, columns: dict[str, str],
+    metric: str | None, online_metric: str,
+) -> dict[str, list[tuple[float, float]]]:
+    """Metric vs the numeric swept ``key``: one series per (evaluation, data, other swept values) of
+    the pretrained encoders, and one per data set of the online (val) metric; several runs at one
+    value (seeds) are averaged."""
+    others = [k for k in columns if k != key]
+    grouped: dict[str, dict[float, list[float]]] = {}
+
+    def add(label: str, row: dict[str, Any], name: str) -> None:
+        x, y = row["overrides"].get(key), row.get(name)
+        if is_number(x) and is_number(y):
+            rest = ", ".join(f"{k}={row['overrides'].get(k, '')}" for k in others)
+            grouped.setdefault(label + (f" ({rest})" if rest else ""), {}).setdefault(float(x), []).append(float(y))
+
+    for row in rows:
+        if row["encoder"] != "random-init":
+            name = _headline(rows, row["eval"], metric)
+            add(f"{row['eval']} {row['data']} {name}", row, name)
+    for row in online:
+        add(f"online {row['data']} {online_metric}", row, online_metric)
+    return {label: sorted((x, sum(ys) / len(ys)) for x, ys in points.items()) for label, points in grouped.items()}
+
+
+def write_summary(root: str | Path, out_dir: str | Path | None = None, metric: str | None = None) -> Path:
     """Summarise every ``results.json`` under ``root`` into ``summary.{md,json,png}`` in ``out_dir``
-    (default ``root``), with a table of the online (val) metrics of every pretraining run found."""
-    from ssl_med.evaluators.plots import summary_bar_plot
+    (default ``root``), with a table of the online (val) metrics of every pretraining run found.
+
+    Both tables get one column per swept key (:func:`~ssl_med.evaluators.sweep.swept_keys` over the
+    runs' Hydra overrides) and are sorted by ``metric``, highest first (per evaluation and data set;
+    default: each evaluator's headline metric, ``linear_auroc`` online). When exactly one swept key
+    is numeric, ``summary_sweep_<key>.png`` plots the metric against it.
+    """
+    from ssl_med.evaluators.plots import summary_bar_plot, sweep_plot
 
     rows = collect(root)
     online = collect_online(root)
@@ -171,35 +245,54 @@ def write_summary(root: str | Path, out_dir: str | Path | None = None) -> Path:
         raise FileNotFoundError(f"no {RESULTS_NAME} or {ONLINE_EVAL_FILE} found under {root}")
     out = Path(out_dir or root)
     out.mkdir(parents=True, exist_ok=True)
+    columns = _sweep_columns(rows + online, swept_keys(r["overrides"] for r in rows + online))
+    online_metric = metric if metric in ONLINE_METRICS else "linear_auroc"
     online_md = ""
     if online:
-        columns = ["run", "data", "step", "knn_accuracy", "knn_accuracy @0", "knn_auroc", "knn_auroc @0", "linear_auroc", "linear_auroc @0"]
-        online_md = "\n## Online evaluation (val split; @0 = step 0, the run's random init)\n\n" + markdown_table(online, columns) + "\n"
+        online.sort(key=lambda r: (r["data"], by_metric(online_metric)(r), r["run"]))
+        table = ["run", *columns.values(), "data", "step"]
+        table += [c for name in ONLINE_METRICS for c in (name, f"{name} @0")]
+        online_md = (
+            f"\n## Online evaluation (val split; @0 = step 0, the run's random init; sorted by {online_metric})\n\n"
+            + markdown_table(_with_sweep(online, columns), table) + "\n"
+        )
         (out / "summary_online.json").write_text(json.dumps(online, indent=2))
-    if not rows:
+    if rows:
+        sort_by = {r["eval"]: by_metric(_headline(rows, r["eval"], metric)) for r in rows}
+        rows.sort(key=lambda r: (r["data"], r["eval"], r["encoder"] == "random-init", sort_by[r["eval"]](r), r["run"]))
+        table = ["run", *columns.values(), *META[1:]]
+        flat = _with_sweep(rows, columns)
+        table += metric_columns([{k: v for k, v in r.items() if k not in table} for r in flat])
+        (out / "summary.json").write_text(json.dumps(rows, indent=2))
+        (out / "summary.md").write_text(markdown_table(flat, table) + "\n" + online_md)
+        for eval_name, name in HEADLINE.items():
+            chosen = [r for r in rows if r["eval"] == eval_name]
+            if chosen:
+                summary_bar_plot(chosen, name, out / f"summary_{eval_name}_{name}.png")
+    else:
         (out / "summary.md").write_text(online_md.lstrip())
-        return out / "summary.md"
-    rows.sort(key=lambda r: (r["data"], r["eval"], r["run"], r["encoder"] == "random-init"))
-    meta = ["run", "eval", "data", "backbone", "objective", "encoder"]
-    columns = meta + metric_columns([{k: v for k, v in r.items() if k not in meta} for r in rows])
-    (out / "summary.json").write_text(json.dumps(rows, indent=2))
-    (out / "summary.md").write_text(markdown_table(rows, columns) + "\n" + online_md)
-    for eval_name, metric in HEADLINE.items():
-        chosen = [r for r in rows if r["eval"] == eval_name]
-        if chosen:
-            summary_bar_plot(chosen, metric, out / f"summary_{eval_name}_{metric}.png")
+    numeric = numeric_keys((r["overrides"] for r in rows + online), columns)
+    if len(numeric) == 1:
+        series = sweep_series(rows, online, numeric[0], columns, metric, online_metric)
+        if series:
+            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in numeric[0])
+            sweep_plot(series, numeric[0], out / f"summary_sweep_{safe}.png")
     return out / "summary.md"
 
 
 class SummaryCallback(Callback):
     """Hydra callback: after a multirun, write the sweep summary into the sweep folder.
 
-    Enable with ``hydra.callbacks.summary._target_: ssl_med.evaluators.report.SummaryCallback``.
+    Enable with ``hydra.callbacks.summary._target_: ssl_med.evaluators.report.SummaryCallback``;
+    ``hydra.callbacks.summary.metric`` sorts (and plots) by that metric instead of the headline ones.
     """
+
+    def __init__(self, metric: str | None = None) -> None:
+        self.metric = metric
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            print(f"summary written to {write_summary(sweep_dir)}")
+            print(f"summary written to {write_summary(sweep_dir, metric=self.metric)}")
         except FileNotFoundError as err:
             print(f"no summary: {err}")
