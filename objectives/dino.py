@@ -3,7 +3,8 @@
 Recipe (Oquab et al., "DINOv2", TMLR 2024, ``facebookresearch/dinov2``; Pérez-García et al., "RAD-DINO",
 Nat. Mach. Intell. 2025):
 
-* **Views** (:class:`MultiCropViews`, per sample in the DataLoader workers): 2 global crops
+* **Views** (:class:`MultiCropViews`, per sample in the DataLoader workers; its options are the
+  ``views:`` group of the objective's config): 2 global crops
   (random-scale crop of area fraction ``global_crop_scale`` resized to ``global_crop_size``) and
   ``n_local_crops`` local crops (``local_crop_scale``, resized to ``local_crop_size``), each flipped and
   intensity-jittered; global 1 always blurred, global 2 blurred with p 0.1 and solarised with p 0.2,
@@ -104,10 +105,12 @@ class DINO(Objective):
         out_dim, hidden_dim, bottleneck_dim, head_nlayers: DINO head (reference 65536, 2048, 256, 3).
         ibot_separate_head: own iBOT head (ViT-L/g configs) instead of sharing the DINO head.
         ibot_out_dim: prototypes of a separate iBOT head (default ``out_dim``).
-        n_local_crops, global_crop_size, local_crop_size, local_crop_fraction, global_crop_scale,
-            local_crop_scale, flip_axes, flip_prob, jitter_prob, brightness, contrast, blur_sigma,
-            solarize_prob: views, see :class:`MultiCropViews` (reference: 8 locals, scales
-            (0.32, 1) / (0.05, 0.32), local 96 of 224 px).
+        views: keyword arguments of :class:`~objectives.views.MultiCropViews` (``n_local_crops``,
+            ``global_crop_size``, ``local_crop_size``, ``local_crop_fraction``, ``global_crop_scale``,
+            ``local_crop_scale``, ``flip_axes``, ``flip_prob``, ``jitter_prob``, ``brightness``,
+            ``contrast``, ``blur_sigma``, ``solarize_prob``); missing ones take its defaults (the
+            reference: 8 locals, scales (0.32, 1) / (0.05, 0.32), local 96 of 224 px). On the command
+            line: ``objective.views.n_local_crops=2``.
         student_temp: ``tau_s`` (0.1).
         teacher_temp, warmup_teacher_temp, warmup_teacher_temp_steps: ``tau_t`` linear warm-up
             ``0.04 -> 0.07`` over the given optimiser steps, or fraction of the run below 1 (reference:
@@ -135,19 +138,7 @@ class DINO(Objective):
         head_nlayers: int = 3,
         ibot_separate_head: bool = False,
         ibot_out_dim: int | None = None,
-        n_local_crops: int = 8,
-        global_crop_size: Sequence[int] | None = None,
-        local_crop_size: Sequence[int] | None = None,
-        local_crop_fraction: float = 96 / 224,
-        global_crop_scale: Sequence[float] = (0.32, 1.0),
-        local_crop_scale: Sequence[float] = (0.05, 0.32),
-        flip_axes: Sequence[int] | None = None,
-        flip_prob: float = 0.5,
-        jitter_prob: float = 0.8,
-        brightness: float = 0.4,
-        contrast: float = 0.4,
-        blur_sigma: Sequence[float] = (0.1, 2.0),
-        solarize_prob: float = 0.2,
+        views: Mapping[str, Any] | None = None,
         student_temp: float = 0.1,
         teacher_temp: float = 0.07,
         warmup_teacher_temp: float = 0.04,
@@ -174,23 +165,7 @@ class DINO(Objective):
             raise ValueError(f"centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
         if len(mask_ratio_min_max) != 2 or not 0.0 <= mask_ratio_min_max[0] <= mask_ratio_min_max[1] <= 1.0:
             raise ValueError(f"mask_ratio_min_max must be (lo, hi) in [0, 1], got {mask_ratio_min_max}")
-        self.views = MultiCropViews(
-            encoder.spatial_dims,
-            encoder.patch_size,
-            n_local_crops=n_local_crops,
-            global_crop_size=global_crop_size,
-            local_crop_size=local_crop_size,
-            local_crop_fraction=local_crop_fraction,
-            global_crop_scale=global_crop_scale,
-            local_crop_scale=local_crop_scale,
-            flip_axes=flip_axes,
-            flip_prob=flip_prob,
-            jitter_prob=jitter_prob,
-            brightness=brightness,
-            contrast=contrast,
-            blur_sigma=blur_sigma,
-            solarize_prob=solarize_prob,
-        )
+        self.views = MultiCropViews(encoder.spatial_dims, encoder.patch_size, **(views or {}))
         self.student_temp = student_temp
         self.teacher_temp = teacher_temp
         self.warmup_teacher_temp = warmup_teacher_temp
@@ -287,15 +262,8 @@ class DINO(Objective):
     @classmethod
     def view_geometry(cls, crop: CropSpec, options: Mapping[str, Any]) -> ViewGeometry:
         """Any data crop works (crops are resized); the encoder is built for the global crops."""
-        o = cls.options_with_defaults(options)
-        views = MultiCropViews(
-            crop.spatial_dims,
-            crop.patch_size,
-            global_crop_size=o["global_crop_size"],
-            local_crop_size=o["local_crop_size"],
-            local_crop_fraction=o["local_crop_fraction"],
-        )
-        glob, loc = views.crop_sizes(crop.crop_size)
+        views = cls.options_with_defaults(options)["views"] or {}
+        glob, loc = MultiCropViews(crop.spatial_dims, crop.patch_size, **views).crop_sizes(crop.crop_size)
         return ViewGeometry(glob, {"global": glob, "local": loc})
 
     def make_masks(self, n_images: int, grid: Sequence[int], device: torch.device | None = None) -> Tensor:

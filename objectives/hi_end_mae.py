@@ -36,7 +36,7 @@ Deviations from the reference, on purpose (MAE's, see :mod:`objectives.mae`):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -216,8 +216,9 @@ class HiEndMAE(MAE):
         decoder_self_depth: self-attention blocks before the cross-attention blocks (2).
         levels: encoder block indices whose hidden states are decoded, any order (consumed deep to
             shallow); default 1/4, 2/4, 3/4 depth.
-        flip_prob, rotate90_prob, intensity_scale, intensity_shift, intensity_prob: view augmentation
-            (0.5, 0.3, 0.1, 0.1, 0.1).
+        views: keyword arguments of :class:`HiEndMAEViews` (``flip_prob``, ``rotate90_prob``,
+            ``intensity_scale``, ``intensity_shift``, ``intensity_prob``; defaults 0.5, 0.3, 0.1, 0.1,
+            0.1); on the command line ``objective.views.rotate90_prob=0``.
         in_chans: channels to reconstruct for channel-adaptive encoders (see :class:`~objectives.mae.MAE`).
     """
 
@@ -230,15 +231,15 @@ class HiEndMAE(MAE):
         decoder_heads: int = 12,
         decoder_self_depth: int = 2,
         levels: Sequence[int] | None = None,
-        flip_prob: float = 0.5,
-        rotate90_prob: float = 0.3,
-        intensity_scale: float = 0.1,
-        intensity_shift: float = 0.1,
-        intensity_prob: float = 0.1,
+        views: Mapping[str, Any] | None = None,
         in_chans: int | None = None,
     ) -> None:
+        hi_end_views = HiEndMAEViews(encoder.spatial_dims, **(views or {}))
         # MAE's constructor validates and stores the shared options; its plain decoder is replaced below
-        super().__init__(encoder, mask_ratio, norm_pix_loss, decoder_dim, 0, decoder_heads, flip_prob, in_chans)
+        super().__init__(
+            encoder, mask_ratio, norm_pix_loss, decoder_dim, 0, decoder_heads, hi_end_views.flip_prob, in_chans
+        )
+        self.views = hi_end_views
         levels = default_levels(encoder.depth) if levels is None else tuple(int(i) for i in levels)
         if not levels:
             raise ValueError("Hi-End-MAE needs at least one intermediate level")
@@ -247,9 +248,6 @@ class HiEndMAE(MAE):
                 raise ValueError(f"level {i} out of range for an encoder of depth {encoder.depth}")
         # deep -> shallow
         self.levels = tuple(sorted(levels, key=lambda i: i % encoder.depth, reverse=True))
-        self.views = HiEndMAEViews(
-            encoder.spatial_dims, flip_prob, rotate90_prob, intensity_scale, intensity_shift, intensity_prob
-        )
         patch_dim = math.prod(encoder.patch_size) * self.in_chans
         self.decoder = HiEndDecoder(
             encoder.embed_dim, decoder_dim, decoder_self_depth, decoder_heads, patch_dim, len(self.levels)

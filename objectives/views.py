@@ -231,7 +231,19 @@ class MultiCropViews(ReseededViews):
     ``solarize_prob``, local crops blurred with probability 0.5; ``blur_sigma`` is given for a 224 px
     crop and scaled by ``min(crop size) / 224``. Parameters come from :meth:`draw` (one call to the
     generator per crop group), pixels from :func:`render_crops`. Seeding: see :class:`ReseededViews`.
-    See :class:`DINO` for the arguments.
+
+    Args:
+        spatial_dims, patch_size: of the encoder (crop sizes are multiples of the patch).
+        n_local_crops: local crops per sample (reference 8; 0 for globals only).
+        global_crop_size, local_crop_size: output sizes ``G`` and ``L``; default the incoming crop
+            rounded to the patch, and ``local_crop_fraction`` of ``G`` (reference 96 / 224).
+        global_crop_scale, local_crop_scale: area (volume) fraction ranges of the crops in the input.
+        flip_axes, flip_prob: spatial axes flipped (default the last) and the probability per axis.
+        jitter_prob, brightness, contrast: grey-level jitter (see :func:`draw_crops`).
+        blur_sigma: blur sigma range for a 224 px crop. solarize_prob: of global crop 2.
+
+    :class:`~objectives.dino.DINO` takes these (but the first two) as its ``views`` mapping, the
+    ``objective.views`` group of the config.
     """
 
     def __init__(
@@ -285,7 +297,7 @@ class MultiCropViews(ReseededViews):
             if any(s % q for s, q in zip(size, p)):
                 raise GeometryError(
                     f"DINO {name} crop size {size} is not a multiple of the patch size {p}",
-                    [override(f"objective.{name}_crop_size", round_up(size, p))],
+                    [override(f"objective.views.{name}_crop_size", round_up(size, p))],
                 )
         return tuple(glob), tuple(loc)
 

@@ -20,7 +20,7 @@ OBJECTIVE_KWARGS = {
     # KoLeo at the DINOv2 default (0.1): without it, DINO's first steps at this scale can fit an
     # image-independent teacher target (the CLS barely depends on the image at init, the center starts
     # at 0), e.g. ChAda-ViT in 3D and the ViT at seeds 1-4 let the spread fall 0.036 -> 0.004
-    "dino": {"out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "n_local_crops": 2, "koleo_loss_weight": 0.1,
+    "dino": {"out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "views": {"n_local_crops": 2}, "koleo_loss_weight": 0.1,
              "warmup_teacher_temp": 0.07, "freeze_last_layer_steps": 0},
 }
 CASES = [

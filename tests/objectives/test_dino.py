@@ -259,7 +259,7 @@ def test_ema_update_math() -> None:
 
 
 def test_objective_ema_step_uses_cosine_momentum() -> None:
-    obj = DINO(tiny_vit(), **TINY_HEAD, n_local_crops=0)
+    obj = DINO(tiny_vit(), **TINY_HEAD, views={"n_local_crops": 0})
     assert all(not p.requires_grad for p in obj.teacher.parameters())
     assert all(p.requires_grad for p in obj.head.parameters())
     with torch.no_grad():
@@ -286,7 +286,7 @@ def test_dino_head_weight_norm() -> None:
 # -- the full step --------------------------------------------------------------------------------
 def test_forward_bookkeeping_matches_reference() -> None:
     torch.manual_seed(0)
-    obj = DINO(tiny_vit(), **TINY_HEAD, n_local_crops=2, koleo_loss_weight=0.1).double()
+    obj = DINO(tiny_vit(), **TINY_HEAD, views={"n_local_crops": 2}, koleo_loss_weight=0.1).double()
     views = obj.view_transform()
     batch = default_collate([views({"image": torch.rand(1, 32, 32)}) for _ in range(3)])
     batch = {k: v.double() for k, v in batch.items()}
@@ -325,7 +325,7 @@ def test_forward_bookkeeping_matches_reference() -> None:
 
 def test_sinkhorn_mode_and_separate_ibot_head_step() -> None:
     torch.manual_seed(0)
-    obj = DINO(tiny_vit(), **TINY_HEAD, n_local_crops=1, centering="sinkhorn_knopp", ibot_separate_head=True, ibot_out_dim=32)
+    obj = DINO(tiny_vit(), **TINY_HEAD, views={"n_local_crops": 1}, centering="sinkhorn_knopp", ibot_separate_head=True, ibot_out_dim=32)
     batch = default_collate([obj.view_transform()({"image": torch.rand(1, 32, 32)}) for _ in range(2)])
     out = obj(batch)
     out.loss.backward()
@@ -337,7 +337,7 @@ def test_sinkhorn_mode_and_separate_ibot_head_step() -> None:
 
 def test_last_layer_frozen_for_first_steps() -> None:
     torch.manual_seed(0)
-    obj = DINO(tiny_vit(), **TINY_HEAD, n_local_crops=0, freeze_last_layer_steps=2)
+    obj = DINO(tiny_vit(), **TINY_HEAD, views={"n_local_crops": 0}, freeze_last_layer_steps=2)
     batch = default_collate([obj.view_transform()({"image": torch.rand(1, 32, 32)}) for _ in range(2)])
     obj(batch).loss.backward()
     assert obj.head.last_layer.weight_v.grad.abs().sum() == 0
@@ -379,8 +379,9 @@ def test_multicrop_views(spatial_dims: int) -> None:
     torch.manual_seed(123)
     second = views.set_random_state(seed=3)({"image": image})
     torch.testing.assert_close(first["global_crops"], second["global_crops"])
-    with pytest.raises(ValueError, match="multiple of the patch"):
+    with pytest.raises(ValueError, match="multiple of the patch") as info:
         MultiCropViews(spatial_dims, (8,) * spatial_dims, local_crop_size=(12,) * spatial_dims).crop_sizes((32,) * spatial_dims)
+    assert info.value.fixes == (f"objective.views.local_crop_size=[{','.join(['16'] * spatial_dims)}]",)
 
 
 # -- it learns ------------------------------------------------------------------------------------
@@ -390,7 +391,7 @@ def test_dino_learns_on_demo_crops(demo_store_2d: str, fit_objective) -> None:
         "dino",
         encoder=tiny_vit(),
         **TINY_HEAD,
-        n_local_crops=1,
+        views={"n_local_crops": 1},
         teacher_temp=0.04,  # constant temperature: the falling loss reflects learning, not the schedule
         warmup_teacher_temp=0.04,
         freeze_last_layer_steps=2,
@@ -413,7 +414,7 @@ def test_dino_learns_on_demo_crops(demo_store_2d: str, fit_objective) -> None:
 
 def test_dino_3d_smoke(demo_store_3d: str) -> None:
     torch.manual_seed(0)
-    obj = OBJECTIVES.build("dino", encoder=tiny_vit(3), **TINY_HEAD, n_local_crops=1)
+    obj = OBJECTIVES.build("dino", encoder=tiny_vit(3), **TINY_HEAD, views={"n_local_crops": 1})
     data = RandomCropDataset(demo_store_3d, crop_size=(32, 32, 32), transform=obj.view_transform(), length=4)
     batch = next(iter(DataLoader(data, batch_size=2)))
     assert batch["global_crops"].shape == (2, 2, 1, 32, 32, 32)

@@ -99,7 +99,7 @@ def test_decoder_queries_levels_deep_to_shallow() -> None:
 
 
 def test_views_keep_shape_and_preview() -> None:
-    obj = HiEndMAE(tiny_vit(), decoder_dim=24, decoder_heads=2, rotate90_prob=1.0)
+    obj = HiEndMAE(tiny_vit(), decoder_dim=24, decoder_heads=2, views={"rotate90_prob": 1.0})
     views = obj.view_transform()
     sample = views({"image": torch.rand(1, 32, 32)})
     assert sample["image"].shape == (1, 32, 32) and type(sample["image"]) is torch.Tensor

@@ -22,7 +22,7 @@ MISFITS = {
     "voco-on-3d-cubes": ["objective=voco", "data=demo3d"],
     "voco-2d-crop-on-3d-data": ["objective=voco", "data.crop_size=[96,96]"],
     "mae-crop-off-patch": ["objective=mae", "data.crop_size=[60,60]"],
-    "dino-global-off-patch": ["objective=dino", "objective.global_crop_size=[60,60]"],
+    "dino-global-off-patch": ["objective=dino", "objective.views.global_crop_size=[60,60]"],
     "graph-matching-batch-1": ["objective=graph_matching", "data.batch_size=1"],
 }
 
@@ -52,7 +52,7 @@ def test_default_crop_adapts_to_the_objective(caplog: pytest.LogCaptureFixture) 
 
 
 def test_backbone_follows_the_views_unless_set() -> None:
-    assert prepare("objective=dino", "objective.global_crop_size=[48,48]").backbone["img_size"] == [48, 48]
+    assert prepare("objective=dino", "objective.views.global_crop_size=[48,48]").backbone["img_size"] == [48, 48]
     cfg = prepare("objective=voco", "backbone.img_size=[32,96,96]")
     assert cfg.data.name == "demo3d_voco" and cfg.backbone["img_size"] == [32, 96, 96]
 

@@ -74,7 +74,7 @@ class _Module(torch.nn.Module):
 
 def test_online_eval_uses_the_teacher_and_builds_no_graph() -> None:
     encoder = BACKBONES.build("vit", spatial_dims=2, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
-    dino = OBJECTIVES.build("dino", encoder=encoder, out_dim=16, hidden_dim=16, bottleneck_dim=8, n_local_crops=1)
+    dino = OBJECTIVES.build("dino", encoder=encoder, out_dim=16, hidden_dim=16, bottleneck_dim=8, views={"n_local_crops": 1})
     with torch.no_grad():  # make teacher and student differ
         for p in dino.teacher["encoder"].parameters():
             p.add_(0.5)

@@ -24,7 +24,7 @@ def test_steps_of_reads_steps_and_fractions() -> None:
 def test_dino_warmups_scale_with_the_run() -> None:
     encoder = BACKBONES.build("vit", spatial_dims=2, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
     dino = OBJECTIVES.build(
-        "dino", encoder=encoder, out_dim=16, hidden_dim=16, bottleneck_dim=8, n_local_crops=1,
+        "dino", encoder=encoder, out_dim=16, hidden_dim=16, bottleneck_dim=8, views={"n_local_crops": 1},
         warmup_teacher_temp_steps=0.3, warmup_teacher_temp=0.04, teacher_temp=0.07, freeze_last_layer_steps=0.01,
     )
     for total in (100, 1000):
