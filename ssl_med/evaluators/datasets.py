@@ -3,9 +3,12 @@
 The evaluation sets are read from their published files, not from an ingested image store: the
 MedMNIST ``.npz`` files with numpy, the BraTS case with nibabel, the Kvasir-SEG pairs with Pillow and
 the MNI152 tissue maps from nilearn, each prepared the way its benchmark is usually reported.
-(:class:`ssl_med.data.labelled.LabelledImages` is the store-backed view of labelled images that have
-been ingested with ``ssl_med ingest``; channel matching is shared with the crops,
-:func:`ssl_med.data.crops.match_channels`.)
+
+This is the one loader of labelled data: the evaluators, the online evaluation during pretraining
+and the benchmark scripts (through ``ssl_med evaluate``) all read through :func:`load_eval_data`.
+An ingested store keeps the labels its files carried (manifest and label maps), but nothing
+evaluates from a store. Channel matching is shared with the crops,
+:func:`ssl_med.data.crops.match_channels`.
 
 Two kinds of output:
 

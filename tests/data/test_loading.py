@@ -1,5 +1,5 @@
 """Reading crops from stores: read engines, sharding, fsspec URLs, OME metadata, DataLoader workers,
-foreground-aware sampling, labelled views and the ``ssl_med ingest`` command."""
+foreground-aware sampling, the labels a store keeps and the ``ssl_med ingest`` command."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import zarr
 from torch.utils.data import DataLoader
 
 from ssl_med.data.crops import RandomCropDataset, normalise_batch
-from ssl_med.data.labelled import LabelledImages
 from ssl_med.data.layout import Layout
 from ssl_med.data.store import ImageStore
 
@@ -185,25 +184,24 @@ def test_raw_handoff_refuses_channel_averaging(brats_store) -> None:
         RandomCropDataset(brats_store, (8, 8, 8), num_channels=1, normalise="batch")
 
 
-def test_labelled_views(brats_store, shared_data, tmp_path) -> None:
+def test_ingest_keeps_labels(brats_store, shared_data, tmp_path) -> None:
+    """The store keeps what the labelled files carry: label maps beside the image, MedMNIST labels and
+    splits in the manifest (the evaluators read labelled sets from the files, ``ssl_med.evaluators.datasets``)."""
     from ssl_med.data.ingest import ingest
 
-    seg = LabelledImages(brats_store, task="segmentation")
-    item = seg[0]
-    assert (
-        len(seg) == 1
-        and item["label"].shape == (1, 155, 240, 240)
-        and item["image"].shape == (4, 155, 240, 240)
-    )
+    brats = ImageStore(brats_store)
+    (name,) = [n for n, m in brats.manifest.items() if "seg" in m.label_maps]
+    assert brats.read_label(name, "seg").shape == (1, 155, 240, 240)
+    assert brats.read(name).shape == (4, 155, 240, 240)
     out = str(tmp_path / "b.zarr")
     ingest([str(shared_data / "medmnist" / "breastmnist.npz")], out, progress=False)
-    test = LabelledImages(out, split="test")
+    manifest = ImageStore(out).manifest
     with np.load(shared_data / "medmnist" / "breastmnist.npz") as z:
-        np.testing.assert_array_equal(test.labels(), z["test_labels"])
-        assert len(LabelledImages(out, split="train")) == len(z["train_images"])
-    x = test[7]
-    assert x["image"].shape == (1, 28, 28) and int(x["label"][0]) == int(test.labels()[7, 0])
-    assert len(LabelledImages(out, task="segmentation")) == 0
+        for split in ("train", "test"):
+            metas = [m for m in manifest.values() if m.split == split]
+            labels = np.asarray([m.label for m in metas], dtype=np.int64).reshape(len(metas), -1)
+            np.testing.assert_array_equal(labels, z[f"{split}_labels"])
+    assert not any(m.label_maps for m in manifest.values())
 
 
 def test_ingest_command(inputs, tmp_path, capsys) -> None:
