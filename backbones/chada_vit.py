@@ -275,29 +275,9 @@ class ChAdaViT(TokenEncoder):
             x, missing, ids = x[:, used], missing[:, used], ids[:, used]
         c = x.shape[1]
         present = ~missing
-
-        # shared single-channel patch embedding of the present channels only
-        emb, grid = self.patch_embed(x[present].unsqueeze(1))  # (sum_b C_b, N, D)
-        n, d = emb.shape[1], emb.shape[2]
-        if bool(present.all()):
-            tokens = emb.reshape(b, c, n, d)
-        else:
-            tokens = emb.new_zeros(b, c, n, d).index_put((present,), emb)
-        if mask is not None:
-            if mask.shape != (b, n):
-                raise ValueError(f"mask must be (B, N) = {(b, n)}, got {tuple(mask.shape)}")
-            tokens = torch.where(mask[:, None, :, None], self.mask_token.to(tokens.dtype), tokens)
-        chan = self.channel_table()[ids].to(tokens.dtype)  # (B, C, D)
-        tokens = tokens + self.patch_position_embedding(grid)[:, None] + chan[:, :, None]
-        if keep_idx is not None:
-            if keep_idx.ndim != 2 or keep_idx.shape[0] != b:
-                raise ValueError(f"keep_idx must be (B, N_keep) with B={b}, got {tuple(keep_idx.shape)}")
-            index = keep_idx[:, None, :, None].expand(-1, c, -1, d)
-            tokens = torch.gather(tokens, 2, index)
-        k = tokens.shape[2]
-        cls = (self.cls_token + self.pos_embed[:, :1]).to(tokens.dtype).expand(b, -1, -1)
-        seq = torch.cat([cls, tokens.reshape(b, c * k, d)], dim=1)  # (B, 1 + C*K, D)
+        seq, grid = self._channel_tokens(x, present, ids, mask, keep_idx)  # (B, 1 + C*K, D)
         length = seq.shape[1]
+        k = (length - 1) // c
 
         key_padding = None
         if not bool(present.all()):
@@ -330,6 +310,39 @@ class ChAdaViT(TokenEncoder):
             hidden_states=[hidden[i] for i in wanted],
             prefix_tokens=prefix,
         )
+
+    def _channel_tokens(
+        self, x: Tensor, present: Tensor, ids: Tensor, mask: Tensor | None, keep_idx: Tensor | None
+    ) -> tuple[Tensor, tuple[int, ...]]:
+        """The token sequence of ``x`` ``(B, C, *S)``: ``(B, 1 + C*K, D)`` (CLS, then the ``K`` kept
+        patches of each channel in turn) and the patch grid.
+
+        Each present channel (``present`` ``(B, C)`` bool) goes through the shared single-channel
+        patch embedding; missing ones are zeros. ``mask`` ``(B, N)`` replaces patches by the mask
+        token, every token gets its patch position and its channel's embedding (``ids`` ``(B, C)``
+        rows of :meth:`channel_table`), and ``keep_idx`` ``(B, K)`` keeps those patches of every channel.
+        """
+        b, c = present.shape
+        emb, grid = self.patch_embed(x[present].unsqueeze(1))  # (sum_b C_b, N, D)
+        n, d = emb.shape[1], emb.shape[2]
+        if bool(present.all()):
+            tokens = emb.reshape(b, c, n, d)
+        else:
+            tokens = emb.new_zeros(b, c, n, d).index_put((present,), emb)
+        if mask is not None:
+            if mask.shape != (b, n):
+                raise ValueError(f"mask must be (B, N) = {(b, n)}, got {tuple(mask.shape)}")
+            tokens = torch.where(mask[:, None, :, None], self.mask_token.to(tokens.dtype), tokens)
+        chan = self.channel_table()[ids].to(tokens.dtype)  # (B, C, D)
+        tokens = tokens + self.patch_position_embedding(grid)[:, None] + chan[:, :, None]
+        if keep_idx is not None:
+            if keep_idx.ndim != 2 or keep_idx.shape[0] != b:
+                raise ValueError(f"keep_idx must be (B, N_keep) with B={b}, got {tuple(keep_idx.shape)}")
+            index = keep_idx[:, None, :, None].expand(-1, c, -1, d)
+            tokens = torch.gather(tokens, 2, index)
+        k = tokens.shape[2]
+        cls = (self.cls_token + self.pos_embed[:, :1]).to(tokens.dtype).expand(b, -1, -1)
+        return torch.cat([cls, tokens.reshape(b, c * k, d)], dim=1), grid
 
     @staticmethod
     def _channel_mean(tokens: Tensor, present: Tensor, k: int) -> Tensor:

@@ -85,23 +85,10 @@ def _yaml_list(name: str, items: Sequence[str]) -> list[str]:
     return [f"{name}:", *(f"  - {json.dumps(str(i))}" for i in items)] if items else []
 
 
-def write_model_card(
-    out: Path,
-    config: Mapping[str, Any],
-    *,
-    license: str = "unknown",
-    datasets: Sequence[str] | None = None,
-    repo_id: str | None = None,
-    results: Sequence[tuple[Path, Any, str | None]] = (),
-) -> Path:
-    """README.md with YAML front matter (library, tags, license, datasets), usage, I/O, training, evaluation."""
+def _front_matter(config: Mapping[str, Any], license: str, datasets: Sequence[str]) -> list[str]:
+    """The card's YAML front matter (library, license, pipeline tag, tags, datasets)."""
     backbone, enc = config["backbone"], config["encoder"]
-    prep, objective, data = config["preprocessing"], config.get("objective") or {}, config.get("data") or {}
-    dims = enc["spatial_dims"]
-    obj_name = objective.get("name", "unknown")
-    name = repo_id or f"ssl_med-{backbone['name']}-{obj_name}-{dims}d"
-    datasets = list(datasets or ([str(data["name"])] if data.get("name") else []))
-    timm_native = not str(config["architecture"]).startswith("ssl_med_")
+    obj_name = (config.get("objective") or {}).get("name", "unknown")
     tags = [
         "ssl_med",
         "medical-imaging",
@@ -109,11 +96,11 @@ def write_model_card(
         "image-feature-extraction",
         backbone["name"],
         obj_name,
-        f"{dims}d",
+        f"{enc['spatial_dims']}d",
     ]
-    if timm_native:
+    if _timm_native(config):
         tags.append("timm")
-    front = [
+    return [
         "---",
         "library_name: ssl_med",
         f"license: {license}",
@@ -122,11 +109,19 @@ def write_model_card(
         *_yaml_list("datasets", datasets),
         "---",
     ]
+
+
+def _timm_native(config: Mapping[str, Any]) -> bool:
+    """Whether the architecture is timm's own (not an ``ssl_med_*`` one registered by ``ssl_med.hub``)."""
+    return not str(config["architecture"]).startswith("ssl_med_")
+
+
+def _usage(config: Mapping[str, Any], repo_id: str | None) -> list[str]:
+    """The 'Usage' section: loading with ssl_med and with timm, on an example input of the right shape."""
+    enc, prep = config["encoder"], config["preprocessing"]
     ref = f"hf-hub:{repo_id}" if repo_id else "path/to/this/folder"
-    chans = enc["in_chans"] if enc["in_chans"] is not None else "any (channel-adaptive)"
     size = enc["img_size"] or prep.get("crop_size")
     example = [2, enc["in_chans"] or 1, *(size or [s * 4 for s in enc["patch_size"]])]
-    shape_axes = "(B, C, D, H, W)" if dims == 3 else "(B, C, H, W)"
     usage = [
         "```python",
         "import torch",
@@ -146,7 +141,7 @@ def write_model_card(
         "import timm",
     ]
     timm_ref = f"hf-hub:{repo_id}" if repo_id else "local-dir:path/to/this/folder"
-    if timm_native:
+    if _timm_native(config):
         usage += [
             f'model = timm.create_model("{timm_ref}", pretrained=True)  # timm\'s own {config["architecture"]}',
             "features = model.forward_features(x)  # (B, 1 + N, D), same tokens as ssl_med",
@@ -157,7 +152,18 @@ def write_model_card(
             f'model = timm.create_model("{timm_ref}", pretrained=True)  # {config["architecture"]}',
         ]
     usage.append("```")
-    io_rows = [
+    return usage
+
+
+def _io_rows(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Rows of the 'Inputs and outputs' table: input shape, intensity, spacing, crop, channels, outputs."""
+    enc, prep = config["encoder"], config["preprocessing"]
+    chans = enc["in_chans"] if enc["in_chans"] is not None else "any (channel-adaptive)"
+    shape_axes = "(B, C, D, H, W)" if enc["spatial_dims"] == 3 else "(B, C, H, W)"
+    spacing = prep["spacing"].get("note", "")
+    if "median_mm" in prep["spacing"]:
+        spacing += f"; pretraining median {prep['spacing']['median_mm']} mm"
+    return [
         (
             "input",
             f"`{shape_axes}` float32, C = {chans}, spatial size a multiple of the patch {enc['patch_size']}",
@@ -166,27 +172,42 @@ def write_model_card(
             "intensity",
             f"{prep['intensity_normalisation']['formula']} ({prep['intensity_normalisation']['scope']})",
         ),
-        (
-            "spacing",
-            prep["spacing"].get("note", "")
-            + (
-                f"; pretraining median {prep['spacing']['median_mm']} mm"
-                if "median_mm" in prep["spacing"]
-                else ""
-            ),
-        ),
+        ("spacing", spacing),
         ("pretraining crop", str(prep.get("crop_size"))),
         ("channels", prep["channel_handling"]),
         ("output `pooled`", f"`(B, {enc['embed_dim']})`, pooling = {enc['pooling']}"),
         ("output `patch_tokens`", f"`(B, N, {enc['embed_dim']})`, N = number of patches"),
     ]
+
+
+def _evaluation(results: Sequence[tuple[Path, Any, str | None]]) -> list[str]:
+    """The 'Evaluation' section: one table per results file (its markdown, or one built from its data)."""
     evaluation: list[str] = []
-    for path, data_, markdown in results:
-        table = markdown.strip() if markdown else results_table(data_)
+    for path, data, markdown in results:
+        table = markdown.strip() if markdown else results_table(data)
         if table:
             evaluation += [f"From `{path.name}` ({path.parent.name}):", "", table, ""]
+    return evaluation or ["No evaluation results were found next to the pretraining run.", ""]
+
+
+def write_model_card(
+    out: Path,
+    config: Mapping[str, Any],
+    *,
+    license: str = "unknown",
+    datasets: Sequence[str] | None = None,
+    repo_id: str | None = None,
+    results: Sequence[tuple[Path, Any, str | None]] = (),
+) -> Path:
+    """README.md with YAML front matter (library, tags, license, datasets), usage, I/O, training, evaluation."""
+    backbone, enc = config["backbone"], config["encoder"]
+    objective, data = config.get("objective") or {}, config.get("data") or {}
+    dims = enc["spatial_dims"]
+    obj_name = objective.get("name", "unknown")
+    name = repo_id or f"ssl_med-{backbone['name']}-{obj_name}-{dims}d"
+    datasets = list(datasets or ([str(data["name"])] if data.get("name") else []))
     lines = [
-        *front,
+        *_front_matter(config, license, datasets),
         "",
         f"# {name}",
         "",
@@ -203,13 +224,13 @@ def write_model_card(
         "",
         "## Usage",
         "",
-        *usage,
+        *_usage(config, repo_id),
         "",
         "## Inputs and outputs",
         "",
         "| | |",
         "|---|---|",
-        *(f"| {k} | {v} |" for k, v in io_rows),
+        *(f"| {k} | {v} |" for k, v in _io_rows(config)),
         "",
         "## Training",
         "",
@@ -220,7 +241,7 @@ def write_model_card(
         "",
         "## Evaluation",
         "",
-        *(evaluation or ["No evaluation results were found next to the pretraining run.", ""]),
+        *_evaluation(results),
         "## Files",
         "",
         f"- `{WEIGHTS_NAME}`: sha256 `{(config.get('weights') or {}).get('sha256', '')}` (checked by `load_pretrained`)",

@@ -201,6 +201,7 @@ def _ingest_source(
     return result
 
 
+# long because collect/flush/failed are closures over this run's report, store and pending listing
 def ingest(
     inputs: Sequence[str],
     out: str,
