@@ -22,6 +22,8 @@ class DataConfig:
     name: str = "demo"
     source: str = "demo"
     store: str | None = None
+    path: str | None = None  # data=folder: a folder or file `ssl_med ingest` accepts
+    ingest: dict[str, Any] = field(default_factory=dict)  # data=folder: ingest options (spacing, modality, ...)
     spatial_dims: int = 2
     crop_size: list[int] = field(default_factory=lambda: [64, 64])
     patch_size: int = 8
@@ -123,6 +125,9 @@ def _check_group(group: str, cfg: DictConfig, schema: type) -> None:
 
 def parse_pretrain_config(cfg: DictConfig) -> PretrainConfig:
     """Validate a composed Hydra config and return typed objects (``backbone``/``objective`` as dicts)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))  # '???' in a YAML: a value the user must give
+    if missing:
+        raise ConfigError(f"missing value(s) for {', '.join(missing)}: give them on the command line, e.g. {missing[0]}=...")
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     groups = (("data", DataConfig), ("optim", OptimConfig), ("trainer", TrainerConfig), ("online_eval", OnlineEvalConfig))
     for group, schema in groups:

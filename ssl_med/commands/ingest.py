@@ -30,6 +30,7 @@ examples:
   ssl_med ingest --verify --out ct.zarr
   ssl_med ingest --verify --repair --out ct.zarr
   ssl_med pretrain data=store data.store=ct.zarr data.spatial_dims=3 data.crop_size=[96,96,96]
+  ssl_med pretrain data=folder data.path=/data/ct ...   (ingests into a cached store on first use)
 """
 
 

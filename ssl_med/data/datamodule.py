@@ -27,6 +27,10 @@ def resolve_store(cfg: DataConfig) -> str:
     kwargs: dict[str, Any] = {"spatial_dims": cfg.spatial_dims}
     if cfg.store is not None:
         kwargs["store"] = cfg.store
+    if cfg.path is not None:
+        kwargs["path"] = cfg.path
+    if cfg.ingest:
+        kwargs["ingest"] = dict(cfg.ingest)
     return SOURCES.build(cfg.source, **kwargs)
 
 
