@@ -4,10 +4,11 @@
   ``model.safetensors`` + ``README.md``) through ``huggingface_hub.snapshot_download``;
   :func:`push_to_hub` uploads one. Both fail fast with a :class:`HubError` that says what to do
   when there is no network or no token.
-* **timm registry**: importing this module registers every ssl_med backbone with timm as
-  ``ssl_med_<name>`` (``ssl_med_vit``, ``ssl_med_mamba``, ...), so an export folder also loads with::
+* **timm registry**: every ssl_med backbone is a timm model ``ssl_med_<name>`` (``ssl_med_vit``,
+  ``ssl_med_mamba``, ...) built by :func:`create_timm_model`: the encoder behind timm's API
+  (:class:`~ssl_med.feature_model.FeatureModel`). The installed package registers these names when
+  timm is imported (:mod:`ssl_med.timm_plugin`); importing this module registers them too. So::
 
-      import ssl_med.hub  # registers ssl_med_* with timm
       model = timm.create_model("local-dir:/path/to/export", pretrained=True)   # or "hf-hub:ORG/NAME"
 
   2D ViT exports name a timm-native ``architecture`` instead (``vit_small_patch16_224`` + ``model_args``),
@@ -29,8 +30,8 @@ from typing import Any
 
 from torch import Tensor
 
-from ssl_med.build import build_encoder
 from ssl_med.encoder import Encoder
+from ssl_med.feature_model import FeatureModel
 from ssl_med.registry import BACKBONES
 from ssl_med.weights import (  # noqa: F401  (state_dict_mismatch re-exported)
     CONFIG_NAME,
@@ -231,6 +232,11 @@ def timm_fields(backbone: Mapping[str, Any], encoder: Encoder) -> dict[str, Any]
         "num_classes": 0,
         "first_conv": "patch_embed.proj" if native is not None else None,
         "classifier": None,
+        # what timm users see in the config when the architecture is unknown to their timm
+        "notes": None if native is not None else [
+            f"{architecture} is registered with timm by the ssl_med package: `pip install ssl_med` "
+            "(timm then reports no 'Unknown model'); `import ssl_med.hub` registers it by hand"
+        ],
     }
     return {
         "architecture": architecture,
@@ -250,46 +256,67 @@ def _cfg_dict(cfg: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
-def _timm_entrypoint(backbone: str) -> Callable[..., Encoder]:
-    def create(
-        pretrained: bool = False,
-        pretrained_cfg: Any = None,
-        pretrained_cfg_overlay: Mapping[str, Any] | None = None,
-        cache_dir: str | Path | None = None,
-        num_classes: int | None = None,
-        pretrained_model_args: Any = None,
-        **kwargs: Any,
-    ) -> Encoder:
-        if num_classes:
-            raise ValueError(
-                f"ssl_med encoders have no classifier (got num_classes={num_classes}); create with "
-                "num_classes=0 and put a head on encoder(x).pooled"
+def create_timm_model(
+    backbone: str,
+    pretrained: bool = False,
+    pretrained_cfg: Any = None,
+    pretrained_cfg_overlay: Mapping[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    num_classes: int = 0,
+    global_pool: str | None = None,
+    drop_rate: float = 0.0,
+    pretrained_model_args: Any = None,
+    **kwargs: Any,
+) -> FeatureModel:
+    """What ``timm.create_model("ssl_med_<backbone>", ...)`` calls: the encoder behind timm's API.
+
+    ``kwargs`` are the backbone's constructor arguments (an export's ``model_args``). With
+    ``pretrained=True`` the weights come from ``pretrained_cfg["file"]`` (``local-dir:``, or
+    ``pretrained_cfg_overlay=dict(file=...)``) or ``hf_hub_id`` (``hf-hub:``), with the sha256 and
+    shape checks of :func:`ssl_med.load_pretrained`. ``num_classes > 0`` adds a new linear head.
+    """
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    cfg = {**_cfg_dict(pretrained_cfg), **dict(pretrained_cfg_overlay or {})}
+    source: str | Path | None = None
+    if pretrained:
+        if cfg.get("file"):
+            source = Path(cfg["file"])
+        elif cfg.get("hf_hub_id"):
+            source = download(HF_PREFIX + str(cfg["hf_hub_id"]), cache_dir=cache_dir)
+        else:
+            raise RuntimeError(
+                f"{TIMM_PREFIX}{backbone} has no default weights: use timm.create_model('local-dir:DIR' or "
+                "'hf-hub:ORG/NAME', pretrained=True) on an ssl_med export, or pretrained_cfg_overlay=dict(file=...)"
             )
-        kwargs.pop("global_pool", None)  # recorded in config.json for timm's readers; ssl_med pools itself
-        cfg = {**_cfg_dict(pretrained_cfg), **dict(pretrained_cfg_overlay or {})}
-        source: str | Path | None = None
-        if pretrained:
-            if cfg.get("file"):
-                source = Path(cfg["file"])
-            elif cfg.get("hf_hub_id"):
-                source = download(HF_PREFIX + str(cfg["hf_hub_id"]), cache_dir=cache_dir)
-            else:
-                raise RuntimeError(
-                    f"{TIMM_PREFIX}{backbone} has no default weights: use timm.create_model('local-dir:DIR' or "
-                    "'hf-hub:ORG/NAME', pretrained=True) on an ssl_med export, or pretrained_cfg_overlay=dict(file=...)"
-                )
-        encoder = build_encoder({"name": backbone, **kwargs}, weights=source)  # weights replace init_from
-        encoder.pretrained_cfg = cfg  # type: ignore[assignment]  # what timm.data.resolve_data_config reads
-        return encoder.eval() if pretrained else encoder
+    model = FeatureModel(
+        {"name": backbone, **kwargs},  # given weights replace init_from
+        weights=source,
+        num_classes=num_classes or 0,
+        global_pool=global_pool,
+        drop_rate=drop_rate,
+    )
+    model.pretrained_cfg = cfg  # what timm.data.resolve_data_config reads
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model.eval() if pretrained else model
+
+
+def _timm_entrypoint(backbone: str) -> Callable[..., FeatureModel]:
+    def create(**kwargs: Any) -> FeatureModel:
+        return create_timm_model(backbone, **kwargs)
 
     create.__name__ = create.__qualname__ = TIMM_PREFIX + backbone
     create.__module__ = __name__
-    create.__doc__ = f"ssl_med backbone {backbone!r} for timm.create_model (encoder only, no classifier)."
+    create.__doc__ = f"ssl_med backbone {backbone!r} for timm.create_model (see ssl_med.hub.create_timm_model)."
     return create
 
 
 def register_timm_models() -> list[str]:
-    """Register every ssl_med backbone with timm as ``ssl_med_<name>`` (idempotent); returns the timm names."""
+    """Register every ssl_med backbone with timm as ``ssl_med_<name>`` (idempotent); returns the timm names.
+
+    Names already registered (by :mod:`ssl_med.timm_plugin` when timm was imported) are kept: they
+    call :func:`create_timm_model` too.
+    """
     import timm
     from timm.models import register_model
 

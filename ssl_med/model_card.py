@@ -112,7 +112,7 @@ def _front_matter(config: Mapping[str, Any], license: str, datasets: Sequence[st
 
 
 def _timm_native(config: Mapping[str, Any]) -> bool:
-    """Whether the architecture is timm's own (not an ``ssl_med_*`` one registered by ``ssl_med.hub``)."""
+    """Whether the architecture is timm's own (not an ``ssl_med_*`` one that ssl_med registers)."""
     return not str(config["architecture"]).startswith("ssl_med_")
 
 
@@ -148,8 +148,10 @@ def _usage(config: Mapping[str, Any], repo_id: str | None) -> list[str]:
         ]
     else:
         usage += [
-            "import ssl_med.hub  # registers ssl_med backbones with timm",
+            "# needs `pip install ssl_med`: it registers its backbones with timm when timm is imported",
             f'model = timm.create_model("{timm_ref}", pretrained=True)  # {config["architecture"]}',
+            "model(x)                   # (B, D) pooled features, = ssl_med's encoder(x).pooled",
+            "model.forward_features(x)  # (B, P + N, D) tokens; model.reset_classifier(n) adds a head",
         ]
     usage.append("```")
     return usage

@@ -20,7 +20,8 @@ LAYERS = {
     "backbones": ("backbones",),
     "objectives": ("objectives",),
     "evaluators": ("ssl_med.evaluators",),
-    "artefacts": ("ssl_med.export", "ssl_med.export_target", "ssl_med.hub", "ssl_med.model_card"),
+    "artefacts": ("ssl_med.export", "ssl_med.export_target", "ssl_med.hub", "ssl_med.model_card", "ssl_med.feature_model",
+                  "ssl_med.timm_plugin"),
     "train": ("ssl_med.train",),
     "commands": ("ssl_med.cli", "ssl_med.commands", "ssl_med.__main__"),
 }
