@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 class DataConfig:
     name: str = "demo"
     source: str = "demo"
+    license: str | None = None  # the data's licence id; model cards of exports default to it
     store: str | None = None
     path: str | None = None  # data=folder: a folder or file `ssl_med ingest` accepts
     ingest: dict[str, Any] = field(default_factory=dict)  # data=folder: ingest options (spacing, modality, ...)

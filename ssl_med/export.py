@@ -41,6 +41,7 @@ from ssl_med.encoder import Encoder
 from ssl_med.export_target import ExportTargetError, check_export_target
 from ssl_med.hub import HF_PREFIX, HubError, download, push_to_hub, timm_fields
 from ssl_med.model_card import CARD_NAME, RESULTS_FILES, find_results, results_table, write_model_card  # noqa: F401
+from ssl_med.monai_bundle import write_monai_bundle
 from ssl_med.version import __version__
 from ssl_med.weights import (  # noqa: F401  (re-exported: the names ssl_med.export has always offered)
     CHECKPOINT_PREFIXES,
@@ -219,9 +220,14 @@ def save_encoder(
 
     ``config`` must contain ``backbone`` with its registered ``name`` (the constructor kwargs that built
     ``encoder``); ``objective`` and ``data`` describe the pretraining. ``card_options`` are passed to
-    :func:`write_model_card` (``license``, ``datasets``, ``repo_id``, ``results``).
+    :func:`write_model_card` (``license``, ``datasets``, ``repo_id``, ``results``); the licence defaults
+    to the data config's (:func:`resolve_license`).
     """
+    options = dict(card_options or {})
+    options["license"] = resolve_license(options.get("license"), config.get("data"))
     full = build_config(encoder, config)
+    if options["license"] != "unknown":
+        full["pretrained_cfg"]["license"] = options["license"]  # timm's field for it
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
@@ -238,7 +244,7 @@ def save_encoder(
     text = json.dumps(full, indent=2, default=str) + "\n"
     _atomic_write(out / CONFIG_NAME, lambda tmp: tmp.write_text(text))
     if model_card:
-        write_model_card(out, full, **dict(card_options or {}))
+        write_model_card(out, full, **options)
     return out
 
 
@@ -377,18 +383,28 @@ def load_source(
     return encoder.eval(), config, run_dir
 
 
+def resolve_license(license: str | None, data: Mapping[str, Any] | None) -> str:
+    """The model card's licence: ``license`` if given, else the data config's ``license`` (the terms the
+    pretraining data came with, e.g. ``data.license=cc-by-4.0``), else ``"unknown"``."""
+    for candidate in (license, (data or {}).get("license")):
+        if candidate and str(candidate).strip() and str(candidate) != "None":
+            return str(candidate).strip()
+    return "unknown"
+
+
 def export_encoder(
     checkpoint: str | Path,
     out: str | Path,
     *,
     weights: Literal["student", "teacher"] = "student",
-    license: str = "unknown",
+    license: str | None = None,
     datasets: Sequence[str] | None = None,
     push_to: str | None = None,
     private: bool = False,
     token: str | None = None,
     trust_pickle: bool = False,
     overwrite: bool = False,
+    format: Literal["ssl_med", "monai_bundle"] = "ssl_med",
 ) -> Path:
     """Write a hub-ready export folder from a run folder, a Lightning checkpoint or an export folder.
 
@@ -400,17 +416,25 @@ def export_encoder(
     ``.md`` table if present) go into the model card and ``eval_results.json``; the run's resolved config
     is copied as ``training_config.yaml``. With ``push_to=ORG/NAME`` the folder is then uploaded; a
     :class:`HubError` (offline, no token) is raised only after the local export is complete.
+
+    ``license`` defaults to the data config's ``license`` (``data.license``), else ``unknown``
+    (:func:`resolve_license`). ``format="monai_bundle"`` writes a MONAI bundle instead
+    (:mod:`ssl_med.monai_bundle`; no hub upload).
     """
+    if format not in ("ssl_med", "monai_bundle"):
+        raise ExportError(f"format={format!r}: choose ssl_med or monai_bundle")
+    if format == "monai_bundle" and push_to:
+        raise ExportError("push_to= uploads ssl_med exports; a MONAI bundle is shared as its folder (or a zip of it)")
     out = check_export_target(out, push_to, overwrite)
     encoder, config, run_dir = load_source(checkpoint, weights=weights, trust_pickle=trust_pickle)
     results = find_results(run_dir)
     config = {**config, "exported_weights": weights}
-    save_encoder(
-        encoder,
-        out,
-        config,
-        card_options={"license": license, "datasets": datasets, "repo_id": push_to, "results": results},
-    )
+    license = resolve_license(license, config.get("data"))
+    card_options = {"license": license, "datasets": datasets, "repo_id": push_to, "results": results}
+    if format == "monai_bundle":
+        options = {k: v for k, v in card_options.items() if k != "license"}
+        return write_monai_bundle(encoder, out, build_config(encoder, config), license=license, card_options=options)
+    save_encoder(encoder, out, config, card_options=card_options)
     results_file = out / RESULTS_NAME
     if results:
         merged = results[0][1] if len(results) == 1 else {str(p.relative_to(run_dir)): d for p, d, _ in results}  # type: ignore[arg-type]

@@ -20,9 +20,24 @@ class ExportTargetError(ValueError):
     """An export destination (``out`` folder or ``push_to`` name) that ssl_med will not write to."""
 
 
+#: the top-level names of a MONAI bundle export (``format=monai_bundle``)
+BUNDLE_FILES = ("configs", "models", "docs", "LICENSE")
+
+
+def _is_previous_bundle(folder: Path, names: set[str]) -> bool:
+    """Whether ``folder`` is a MONAI bundle that ssl_med exported (its metadata names ssl_med)."""
+    try:
+        meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return names <= set(BUNDLE_FILES) and isinstance(meta, dict) and "ssl_med" in meta.get("required_packages_version", {})
+
+
 def _is_previous_export(folder: Path, names: set[str]) -> bool:
     """Whether ``folder`` (holding ``names``) looks like a folder ssl_med exported: export files only,
-    with a ``config.json`` that records an ssl_med version and a backbone."""
+    with a ``config.json`` that records an ssl_med version and a backbone (or an ssl_med MONAI bundle)."""
+    if "configs" in names:
+        return _is_previous_bundle(folder, names)
     if not names <= set(EXPORT_FILES) or "config.json" not in names:
         return False
     try:

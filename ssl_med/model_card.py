@@ -192,6 +192,18 @@ def _evaluation(results: Sequence[tuple[Path, Any, str | None]]) -> list[str]:
     return evaluation or ["No evaluation results were found next to the pretraining run.", ""]
 
 
+def _license_lines(license: str) -> list[str]:
+    """The card's licence section; an unknown licence says how to set one."""
+    if license != "unknown":
+        return [f"`{license}`. The terms of the pretraining data apply as well."]
+    return [
+        "**Not set** (`license: unknown`). Set it when exporting, `ssl_med export ... license=<id>` "
+        "(a Hugging Face / SPDX id such as `apache-2.0` or `cc-by-nc-4.0`, compatible with the pretraining "
+        "data's terms), or record the data's licence when pretraining, `data.license=<id>`, which exports "
+        "then default to.",
+    ]
+
+
 def write_model_card(
     out: Path,
     config: Mapping[str, Any],
@@ -223,6 +235,10 @@ def write_model_card(
         "Feature extraction and fine-tuning for medical image analysis research: linear probes / kNN on "
         "`pooled`, segmentation decoders on `patch_tokens` and hidden states. **Not for clinical use**: it "
         "has not been validated for diagnosis, and it inherits the biases of its pretraining data.",
+        "",
+        "## License",
+        "",
+        *_license_lines(license),
         "",
         "## Usage",
         "",

@@ -28,6 +28,7 @@ def _task(cfg: DictConfig) -> None:
             private=cfg.private,
             trust_pickle=cfg.trust_pickle,
             overwrite=cfg.overwrite,
+            format=cfg.format,
         )
     except HubError as err:
         print(f"ssl_med export: upload failed: {err}", file=sys.stderr)
@@ -35,7 +36,8 @@ def _task(cfg: DictConfig) -> None:
     except (ExportError, ExportTargetError, UnsafeWeightsError, FileNotFoundError) as err:
         print(f"ssl_med export: {err}", file=sys.stderr)
         raise ExportFailed(1) from err
-    print(f"encoder exported to {out}" + (f" and pushed to {cfg.push_to}" if cfg.push_to else ""))
+    what = "MONAI bundle" if cfg.format == "monai_bundle" else "encoder"
+    print(f"{what} exported to {out}" + (f" and pushed to {cfg.push_to}" if cfg.push_to else ""))
 
 
 def _run(args: list[str]) -> int:
