@@ -65,6 +65,13 @@ def parser() -> argparse.ArgumentParser:
         "--chunk", type=int, default=None, help="chunk edge for volumes (default from the benchmark: 64)"
     )
     p.add_argument("--shard", type=int, default=None, help="shard edge for volumes (default: no sharding)")
+    p.add_argument(
+        "--pyramid",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write downsampled levels for viewers (napari) beside each image; default: for images with "
+        "an axis over 256 voxels. Training reads level 0 only",
+    )
     p.add_argument("--verify", action="store_true", help="check the store (after ingesting INPUTs, if any)")
     p.add_argument(
         "--repair",
@@ -102,6 +109,7 @@ def run(args: list[str]) -> int:
             modality=ns.modality,
             split=ns.split,
             layout=layout,
+            pyramid=ns.pyramid,
         )
         try:
             report = ingest(

@@ -49,6 +49,8 @@ class IngestOptions:
         modality: modality for images whose source does not say (NIfTI, rasters, NumPy).
         split: split recorded for images whose source has none (MedMNIST keeps its own).
         layout: chunks, shards and codec of the arrays.
+        pyramid: downsampled levels for viewers beside each image: ``True``, ``False``, or ``None``
+            for images with a spatial axis over 256 (:mod:`ssl_med.data.pyramid`); level 0 is the data.
     """
 
     spacing: tuple[float, float, float] | None = None
@@ -57,6 +59,7 @@ class IngestOptions:
     modality: str = ""
     split: str = ""
     layout: Layout = DEFAULT_LAYOUT
+    pyramid: bool | None = None
 
 
 @dataclass
@@ -139,7 +142,7 @@ def _write_record(store: ImageStore, record: Record, options: IngestOptions, dig
     return store.write_image(
         record.name, array, spacing, channel_names=record.channel_names, source=record.source,
         split=record.split or options.split, label=record.label, labels=labels, layout=options.layout,
-        extra=record.extra, content_hash=digest, **kwargs,
+        extra=record.extra, content_hash=digest, pyramid=options.pyramid, **kwargs,
     )  # fmt: skip
 
 

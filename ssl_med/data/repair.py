@@ -15,12 +15,13 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 
+from ssl_med.data import ome
 from ssl_med.data.identity import source_digest
 from ssl_med.data.ingest import IngestOptions, _write_record, _write_stack
 from ssl_med.data.layout import DEFAULT_LAYOUT, Layout
 from ssl_med.data.readers import Source, StackRecord, read_source
 from ssl_med.data.readers.discover import discover
-from ssl_med.data.store import ImageMeta, ImageStore
+from ssl_med.data.store import IMAGES_GROUP, ImageMeta, ImageStore
 from ssl_med.data.verify import VerifyReport
 
 
@@ -144,7 +145,19 @@ def _options(store: ImageStore, name: str, meta: ImageMeta) -> IngestOptions:
         modality=meta.modality,
         split=meta.split,
         layout=_layout(store, name, meta),
+        pyramid=_has_pyramid(store, name, meta),
     )
+
+
+def _has_pyramid(store: ImageStore, name: str, meta: ImageMeta) -> bool | None:
+    """Whether the image's group lists downsampled levels (``None``: unknown, decide by size)."""
+    if meta.index is not None or meta.array:
+        return None
+    try:
+        attrs = dict(store.root[f"{IMAGES_GROUP}/{name}"].attrs)
+    except KeyError:
+        return None
+    return bool(ome.level_factors(attrs, meta.spacing)) if "ome" in attrs else None
 
 
 def _layout(store: ImageStore, name: str, meta: ImageMeta) -> Layout:

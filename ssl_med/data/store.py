@@ -3,12 +3,16 @@
 Layout (zarr v3 group, store version 2)::
 
     store.zarr/
-      zarr.json                   {"ssl_med": {"version": 2, "images": manifest}}
+      zarr.json                   {"ssl_med": {"version": 2, "images": manifest},
+                                   "ome": {"bioformats2raw.layout": 3}}  (an OME-Zarr 0.5 collection)
+      OME/                        {"ome": {"series": ["images/<name>", ...]}}  the collection's images
       images/<name>/              an OME-Zarr 0.5 image group: {"ome": multiscales, omero; "ssl_med": ImageMeta}
         0/                        level 0, (C, Z, Y, X) or (C, Y, X), chunked, Blosc-compressed
+        1/, 2/, ...               downsampled levels for viewers (large images; never read for training)
         labels/                   {"ome": {"labels": ["seg", ...]}}  (only when the image has label maps)
-          seg/0/                  (1, Z, Y, X) integer label map, an OME-Zarr label image
+          seg/0/                  (1, Z, Y, X) integer label map, an OME-Zarr label image (+ its levels)
       stacks/<name>/              (N, C, *spatial): many small images of one shape (MedMNIST) in few chunks
+                                  (ssl_med's own arrays, not OME-Zarr images)
 
 The manifest in the group attributes lists every image with its shape, spacing, modality, channel
 names, split and (for stacks) its row, so samplers plan crops without opening each array. Crops read
@@ -35,6 +39,7 @@ import numpy as np
 import zarr
 
 from ssl_med.data import ome
+from ssl_med.data import pyramid as _pyramid
 from ssl_med.data.chunkread import ChunkReader
 from ssl_med.data.integrity import ChunkError, read_zarr, record_inventory, warn_unverifiable
 from ssl_med.data.layout import DEFAULT_LAYOUT, Layout
@@ -236,8 +241,14 @@ class ImageStore:
         attrs = dict(self.root.attrs.get("ssl_med", {}))
         attrs["version"] = self.version
         attrs["images"] = {n: _compact(m.to_dict()) for n, m in self._manifest.items()}
+        series = [f"{IMAGES_GROUP}/{n}" for n, m in self._manifest.items() if m.index is None and not m.array]
         with zarr.config.set({"json_indent": None}):
-            self.root.attrs["ssl_med"] = attrs
+            if series and self.version >= 2:  # an OME-Zarr collection of the image groups
+                self.root.attrs.update({"ssl_med": attrs, **ome.collection_attrs()})
+                group = self.root.require_group(ome.OME_GROUP)
+                group.attrs.update(ome.series_attrs(series))
+            else:
+                self.root.attrs["ssl_med"] = attrs
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -270,12 +281,15 @@ class ImageStore:
         preprocessing: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
         content_hash: str = "",
+        pyramid: bool | None = None,
     ) -> ImageMeta:
         """Write image ``name`` (an OME-Zarr image group) without touching the manifest.
 
         ``array`` is ``(C, *spatial)``; each of ``labels`` is ``(*spatial)`` or ``(1, *spatial)``
-        integer. Safe to call from several processes for different names (ingest workers); the
-        parent then calls :meth:`record`.
+        integer. ``pyramid`` adds downsampled levels for viewers (``None``: when the image is large,
+        :func:`ssl_med.data.pyramid.levels_for`); level 0 holds ``array`` unchanged either way. Safe to
+        call from several processes for different names (ingest workers); the parent then calls
+        :meth:`record`.
         """
         names = tuple(channel_names) or tuple(f"ch{i}" for i in range(array.shape[0] if array.ndim else 0))
         check_image(name, array, spacing, names)
@@ -309,12 +323,11 @@ class ImageStore:
             extra=dict(extra or {}),
             content_hash=content_hash,
         )
+        levels = _pyramid.levels_for(array.shape, meta.spacing, pyramid)
         group = self.root.create_group(f"{IMAGES_GROUP}/{name}", overwrite=True)
         windows = list(zip(stats["p0.5"], stats["p99.5"]))
-        group.attrs.update(ome.image_attrs(name, meta.spacing, meta.origin, unit, names, windows))
-        self._write_level(
-            group, array, chunks or layout.chunks(array.shape), layout.shards(array.shape), layout, modality
-        )
+        group.attrs.update(ome.image_attrs(name, meta.spacing, meta.origin, unit, names, windows, levels))
+        self._write_levels(group, array, levels, chunks, layout, modality)
         if labels:
             label_root = group.create_group(LABELS_GROUP)
             label_root.attrs.update(ome.labels_group_attrs(list(labels)))
@@ -323,33 +336,37 @@ class ImageStore:
                 lab = lab.astype(np.uint8 if lab.min() >= 0 and lab.max() < 256 else np.int32)
                 sub = label_root.create_group(key)
                 values = [int(v) for v in np.unique(lab)]
-                sub.attrs.update(ome.label_image_attrs(key, meta.spacing, meta.origin, unit, values))
-                self._write_level(sub, lab, layout.chunks(lab.shape), layout.shards(lab.shape), layout, "")
+                sub.attrs.update(ome.label_image_attrs(key, meta.spacing, meta.origin, unit, values, levels))
+                self._write_levels(sub, lab, levels, None, layout, "", labels=True)
         group.attrs["ssl_med"] = meta.to_dict()
         return meta
 
     @staticmethod
-    def _write_level(
+    def _write_levels(
         group: zarr.Group,
         array: np.ndarray,
-        chunks: Sequence[int],
-        shards: Sequence[int] | None,
+        levels: Sequence[tuple[int, ...]],
+        chunks: Sequence[int] | None,
         layout: Layout,
         modality: str,
+        labels: bool = False,
     ) -> None:
-        level = group.create_array(
-            ome.LEVEL0,
-            shape=array.shape,
-            dtype=array.dtype,
-            chunks=tuple(chunks),
-            shards=None if shards is None else tuple(shards),
-            compressors=layout.compressors(),
-            fill_value=_fill_value(array, modality),
-            dimension_names=ome.dimension_names(array.ndim - 1),
-            overwrite=True,
-        )
-        level[...] = array
-        record_inventory(level)
+        """Write ``array`` as level ``0`` of ``group`` (``chunks`` or the layout's), then its downsampled
+        levels ``1, 2, ...`` (factors ``levels``; label maps strided, images averaged)."""
+        for k, data in enumerate([array, *_pyramid.levels(array, levels, labels=labels)]):
+            level = group.create_array(
+                str(k),
+                shape=data.shape,
+                dtype=data.dtype,
+                chunks=tuple(chunks if k == 0 and chunks else layout.chunks(data.shape)),
+                shards=layout.shards(data.shape),
+                compressors=layout.compressors(),
+                fill_value=_fill_value(array, modality),
+                dimension_names=ome.dimension_names(data.ndim - 1),
+                overwrite=True,
+            )
+            level[...] = data
+            record_inventory(level)
 
     def write_stack(
         self,

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ssl_med.data import ome
+from ssl_med.data import ome, pyramid
 from ssl_med.data.integrity import ChunkError, ChunkInventory, UnverifiableStoreWarning, storage_chunks
-from ssl_med.data.store import IMAGES_GROUP, ImageStore
+from ssl_med.data.store import IMAGES_GROUP, ImageMeta, ImageStore
 
 MAX_CHUNKS_LISTED = 5  # per array; the rest are counted
 
@@ -67,6 +67,8 @@ def verify(path: str, read_data: bool = True) -> VerifyReport:
             report.problems += [f"{name}: {p}" for p in bad_attrs]
             if bad_attrs:
                 report.damaged.add(name)
+            else:
+                check_levels(store, f"{IMAGES_GROUP}/{name}", attrs, meta, report, arrays)
         for label in meta.label_maps:
             try:
                 lab = store.root[store.label_path(name, label)]
@@ -79,6 +81,8 @@ def verify(path: str, read_data: bool = True) -> VerifyReport:
                 report.damaged.add(name)
                 continue
             arrays[store.label_path(name, label)] = {None: name}
+            group = store.label_path(name, label).rsplit("/", 1)[0]
+            check_levels(store, group, dict(store.root[group].attrs), meta, report, arrays)
     if read_data:
         unverifiable = 0
         with warnings.catch_warnings():
@@ -98,6 +102,36 @@ def verify(path: str, read_data: bool = True) -> VerifyReport:
             f"{len(orphans)} image arrays not in the manifest (interrupted ingest? re-run it): {', '.join(orphans[:5])}"
         )
     return report
+
+
+def check_levels(
+    store: ImageStore,
+    group: str,
+    attrs: dict,
+    meta: ImageMeta,
+    report: VerifyReport,
+    arrays: dict[str, dict[int | None, str]],
+) -> None:
+    """Check the downsampled levels ``1, 2, ...`` that the NGFF metadata of image (or label) group
+    ``group`` lists: each present with the shape its downsampling gives; their chunks are then read
+    like level 0's (added to ``arrays``). Levels are for viewers, so a bad one damages the image only
+    as far as a re-ingest is the way to rewrite it."""
+    name = group.split("/")[1]
+    channels = int(store.root[f"{group}/{ome.LEVEL0}"].shape[0])
+    for k, factors in enumerate(ome.level_factors(attrs, meta.spacing), start=1):
+        path = f"{group}/{k}"
+        expected = pyramid.expected_shape((channels, *meta.shape[1:]), factors)
+        try:
+            shape = tuple(store.root[path].shape)
+        except KeyError:
+            report.problems.append(f"{name}: pyramid level {path} is missing")
+            report.damaged.add(name)
+            continue
+        if shape != expected:
+            report.problems.append(f"{name}: pyramid level {path} has shape {shape}, expected {expected}")
+            report.damaged.add(name)
+            continue
+        arrays[path] = {None: name}
 
 
 def check_chunks(
