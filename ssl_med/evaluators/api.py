@@ -186,10 +186,13 @@ def evaluate_checkpoint(
     """:func:`evaluate` for an export/run folder; the baseline is :func:`random_init_like` it."""
     from ssl_med.export import load_pretrained
 
-    data_cfg = resolve_eval_data(data_cfg)  # a bad task / path fails here, before the encoder loads
-    published_rows(data_cfg)
+    published_rows(resolve_eval_data(data_cfg))  # a bad task / path fails here, before the encoder loads
     encoder_dir = resolve_encoder_dir(checkpoint)
     config = json.loads((encoder_dir / CONFIG_NAME).read_text())
+    encoder_config = {k: config.get(k) for k in ("backbone", "objective", "data")}
+    # sizes left null go to the encoder's input size (evaluate() does the same; resolving first
+    # would have filled them with the file's own default size)
+    eval_cfg, data_cfg = match_encoder(eval_cfg, data_cfg, encoder_config)
     return evaluate(
         load_pretrained(encoder_dir),
         eval_cfg,
@@ -197,7 +200,7 @@ def evaluate_checkpoint(
         out_dir,
         baseline=random_init_like(encoder_dir, seed) if baseline else None,
         checkpoint=str(encoder_dir),
-        encoder_config={k: config.get(k) for k in ("backbone", "objective", "data")},
+        encoder_config=encoder_config,
         device=device,
         cache_dir=cache_dir,
         seed=seed,

@@ -3,7 +3,11 @@ MedMNIST-style files are resized to the encoder's input size unless a size is gi
 
 from __future__ import annotations
 
-from ssl_med.evaluators.api import match_encoder
+from pathlib import Path
+
+from ssl_med.build import build_encoder
+from ssl_med.evaluators.api import evaluate_checkpoint, match_encoder
+from ssl_med.evaluators.datasets import eval_data_config
 
 
 def test_auto_features_follow_the_pretraining_objective() -> None:
@@ -27,3 +31,21 @@ def test_null_image_size_is_the_encoders_input_size() -> None:
     assert data["image_size"] == 32
     _, data = match_encoder({}, {"kind": "brats", "image_size": None}, {"backbone": backbone})
     assert data["image_size"] is None, "segmentation sets keep their own geometry"
+
+
+def test_checkpoint_is_evaluated_at_its_input_size(tmp_path: Path) -> None:
+    """A 28 px, patch-7 encoder (not a multiple of the file's default 32 px) is evaluated at 28 px."""
+    from ssl_med.export import save_encoder
+
+    from .test_medmnist_group import cycle, write_npz
+
+    backbone = {"name": "vit", "spatial_dims": 2, "in_chans": 1, "img_size": [28, 28], "patch_size": 7,
+                "embed_dim": 32, "depth": 1, "num_heads": 2}
+    save_encoder(build_encoder(backbone), tmp_path / "run" / "encoder", {"backbone": backbone, "objective": {"name": "dino"}})
+    path = write_npz(tmp_path / "foo.npz", (28, 28), cycle(12, 2))
+    data = eval_data_config("medmnist", [f"eval_data.path={path}", "eval_data.published=null"])
+    probe = {"name": "linear_probe", "features": "auto", "C": [1.0], "select_metric": "auroc",
+             "label_fractions": [], "batch_size": 8}
+    results = evaluate_checkpoint(tmp_path / "run", probe, data, tmp_path / "out", baseline=False)
+    assert results["config"]["eval_data"]["image_size"] == 28
+    assert results["config"]["eval"]["features"] == "pooled"
