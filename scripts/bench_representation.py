@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SSL_MED_SHARED_DATA", REPO.parent / "shared" / "data"))
 BEGIN, END = "<!-- in-domain:begin -->", "<!-- in-domain:end -->"
@@ -67,14 +69,33 @@ def online_curve(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
 
 
-def one_run(out: Path, name: str, objective: str, backbone: str, seed: int, steps: int, overrides: list[str]) -> dict:
-    """Pretrain + evaluate one (dataset, objective, backbone, seed); cached in ``<out>/<key>/row.json``."""
+def with_geometry(row: dict, run_dir: Path) -> dict:
+    """``row`` with the patch and crop size its run trained at (from the run's resolved config)."""
+    if "crop_size" not in row and (run_dir / "resolved_config.yaml").is_file():
+        data = OmegaConf.load(run_dir / "resolved_config.yaml").data
+        row["patch_size"], row["crop_size"] = int(data.patch_size), int(data.crop_size[0])
+    return row
+
+
+def one_run(
+    out: Path, name: str, objective: str, backbone: str, seed: int, steps: int, overrides: list[str],
+    cached_only: bool = False, re_evaluate: bool = False,
+) -> dict | None:
+    """Pretrain + evaluate one (dataset, objective, backbone, seed); cached in ``<out>/<key>/row.json``
+    (a finished pretraining in ``pretrain.json``, so ``re_evaluate`` redoes only the evaluations)."""
     spec = DATASETS[name]
     key = f"{name}-{backbone}-{objective}-s{seed}"
     folder = out / key
     row_file = folder / "row.json"
-    if row_file.is_file():
-        return json.loads(row_file.read_text())
+    done_file = folder / "pretrain.json"  # a finished pretraining: evaluations may be redone without it
+    if row_file.is_file() and not done_file.is_file():  # rows written before pretrain.json existed
+        old = json.loads(row_file.read_text())
+        done_file.write_text(json.dumps({k: old[k] for k in ("pretrain_s", "command")}))
+    if row_file.is_file() and not re_evaluate:
+        return with_geometry(json.loads(row_file.read_text()), folder / "run")
+    if cached_only:
+        print(f"  not run yet: {key} (--cached-only)", flush=True)
+        return None
     folder.mkdir(parents=True, exist_ok=True)
     store = out / "stores" / f"{name}.zarr"
     if not store.exists():
@@ -87,9 +108,12 @@ def one_run(out: Path, name: str, objective: str, backbone: str, seed: int, step
         f"online_eval.data={spec.eval_data}", "trainer.progress_bar=false", "resume=never",
         f"experiment={key}", f"hydra.run.dir={run_dir}", *overrides,
     ]
-    seconds = run(pretrain, folder / "pretrain.log")
-    row = {"dataset": name, "objective": objective, "backbone": backbone, "seed": seed, "steps": steps,
-           "pretrain_s": round(seconds, 1), "command": " ".join(pretrain)}
+    if done_file.is_file():
+        done = json.loads(done_file.read_text())
+    else:
+        done = {"pretrain_s": round(run(pretrain, folder / "pretrain.log"), 1), "command": " ".join(pretrain)}
+        done_file.write_text(json.dumps(done))
+    row = {"dataset": name, "objective": objective, "backbone": backbone, "seed": seed, "steps": steps, **done}
     for evaluator in ("linear_probe", "knn"):
         eval_dir = folder / f"eval-{evaluator}"
         run(["ssl_med", "evaluate", f"eval={evaluator}", f"checkpoint={run_dir}", f"eval_data={spec.eval_data}",
@@ -108,8 +132,35 @@ def one_run(out: Path, name: str, objective: str, backbone: str, seed: int, step
         row["best_step"] = json.loads((best_dir / "config.json").read_text())["selected_on"]["step"]
     for tag in ("online/knn_auroc", "online/linear_auroc"):
         row[tag] = online_curve(run_dir, tag)
+    row = with_geometry(row, run_dir)
     row_file.write_text(json.dumps(row, indent=1))
     return row
+
+
+def pixel_probe(out: Path, name: str, image_size: int) -> dict:
+    """The linear probe of ``conf/eval/linear_probe.yaml`` on raw pixels (no encoder) at the encoders'
+    input size: what a linear read-out of the images alone reaches; cached in ``<out>/pixels-<name>.json``."""
+    cache = out / f"pixels-{name}-{image_size}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from ssl_med.evaluators.datasets import eval_data_config, load_eval_data, resolve_eval_data
+    from ssl_med.evaluators.linear_probe import probe_sweep
+
+    probe = OmegaConf.load(REPO / "conf" / "eval" / "linear_probe.yaml")
+    cfg = resolve_eval_data({**eval_data_config(DATASETS[name].eval_data, []), "image_size": image_size})
+    data = load_eval_data(cfg)
+    feats = {split: x.flatten(1).numpy() for split, x in data.images.items()}
+    result = probe_sweep(feats, data.labels, data.task, list(probe.C), probe.select_metric)
+    row = {"dataset": name, "image_size": image_size, "C": result["C"], **result["test"]}
+    cache.write_text(json.dumps(row, indent=1))
+    return row
+
+
+def pixel_table(rows: list[dict]) -> str:
+    lines = ["| data | input | probe C (chosen on val) | probe AUROC | probe ACC |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | raw pixels at {r['image_size']} px | {r['C']:g} | {r['auroc']:.3f} | {r['accuracy']:.3f} |")
+    return "\n".join(lines)
 
 
 def mean_std(values: list[float]) -> str:
@@ -121,14 +172,14 @@ def mean_std(values: list[float]) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown: one line per (dataset, backbone, objective) and one random-init line per dataset."""
     lines = [
-        "| data | encoder | seeds | steps | pretrain min | probe AUROC (last step) | random-init probe AUROC | gap "
-        "| probe AUROC, encoder selected on val (step) | its gap | kNN ACC | random-init kNN ACC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data | encoder/patch | seeds | steps | pretrain min | probe AUROC (last step) | random-init probe AUROC | gap "
+        "| probe AUROC, encoder selected on val (step) | its gap | kNN ACC | random-init kNN ACC | kNN gap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["backbone"], r["objective"]), []).append(r)
-    for (data, backbone, objective), rs in sorted(groups.items()):
+        groups.setdefault((r["dataset"], r["backbone"], r["objective"], r.get("patch_size", "?")), []).append(r)
+    for (data, backbone, objective, patch), rs in sorted(groups.items()):
         auc = [r["linear_probe/pretrained"]["auroc"] for r in rs]
         auc0 = [r["linear_probe/random-init"]["auroc"] for r in rs]
         knn = [r["knn/pretrained"]["accuracy"] for r in rs]
@@ -139,9 +190,10 @@ def table(rows: list[dict]) -> str:
         best_gaps = [r["linear_probe/best-on-val"]["auroc"] - r["linear_probe/random-init"]["auroc"] for r in selected]
         best_cell = f"{mean_std(best)} ({','.join(str(r['best_step']) for r in selected)}) | **{mean_std(best_gaps)}**" if best else "- | -"
         lines.append(
-            f"| {data} | {backbone}-tiny {objective} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} | "
+            f"| {data} | {backbone}-tiny/{patch} {objective} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} | "
             f"{statistics.mean(r['pretrain_s'] for r in rs) / 60:.1f} | {mean_std(auc)} | {mean_std(auc0)} | "
-            f"**{mean_std(gaps)}** | {best_cell} | {mean_std(knn)} | {mean_std(knn0)} |"
+            f"**{mean_std(gaps)}** | {best_cell} | {mean_std(knn)} | {mean_std(knn0)} | "
+            f"{mean_std([a - b for a, b in zip(knn, knn0)])} |"
         )
     return "\n".join(lines)
 
@@ -193,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=500, help="pretraining steps per run (equal budget)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_representation")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md", help="markdown file to update")
+    parser.add_argument("--cached-only", action="store_true", help="build the table from finished runs only")
+    parser.add_argument("--re-evaluate", action="store_true", help="redo the evaluations of finished pretraining runs")
     parser.add_argument("overrides", nargs="*", help="extra ssl_med pretrain overrides for every run")
     args = parser.parse_args(argv)
     if not SHARED.is_dir():
@@ -203,11 +257,17 @@ def main(argv: list[str] | None = None) -> int:
         for objective in args.objectives:
             for seed in args.seeds:
                 print(f"[{name} / {objective} / seed {seed}]", flush=True)
-                rows.append(one_run(args.out, name, objective, args.backbone, seed, args.steps, args.overrides))
+                row = one_run(args.out, name, objective, args.backbone, seed, args.steps, args.overrides, args.cached_only, args.re_evaluate)
+                if row is not None:
+                    rows.append(row)
+    pixels = []
+    for name in args.datasets:
+        sizes = sorted({r["crop_size"] for r in rows if r["dataset"] == name and "crop_size" in r})
+        pixels += [pixel_probe(args.out, name, size) for size in sizes]
     curves = args.doc.parent / "benchmarks" / "online_curves.png"
     plot_curves(rows, curves)
     body = (
-        f"{table(rows)}\n\nOnline curves (val split, step 0 = random init; the ridge-probe curve selects "
+        f"{table(rows)}\n\nThe same probe on the raw pixels (no encoder), for scale:\n\n{pixel_table(pixels)}\n\nOnline curves (val split, step 0 = random init; the ridge-probe curve selects "
         f"`encoder_best/`): "
         f"![online curves]({curves.relative_to(args.doc.parent).as_posix()})\n\n"
         f"Command: `python scripts/bench_representation.py --datasets {' '.join(args.datasets)} "

@@ -79,7 +79,7 @@ class OnlineEvalConfig:
             ``medmnist`` with ``path``); classification data with train and val splits.
         path: replaces ``eval_data.path`` (e.g. any MedMNIST-style ``.npz`` with ``data=medmnist``).
         every_n_steps: evaluate every this many optimiser steps (also before step 1 and at the end).
-        features: ``auto``, ``pooled``, ``mean_patch`` or ``pooled+mean_patch`` (as ``eval.features``).
+        features: ``auto``, ``pooled``, ``mean_patch``, ``pooled+mean_patch`` or ``patch_tokens`` (as ``eval.features``).
         k, temperature: kNN neighbours and vote temperature.
         ridge: L2 strength of the closed-form probe, relative to the mean feature variance.
         max_train, max_val: stratified subsets of the train (bank) and val (query) splits.

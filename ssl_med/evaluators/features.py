@@ -1,8 +1,10 @@
 """Frozen-encoder features, extracted once and cached on disk.
 
 ``extract_features`` runs the encoder in ``eval()`` mode under ``torch.no_grad`` and returns
-``(N, D)`` (``pooled``) or ``(N, 2D)`` (``pooled+mean_patch``: pooled embedding concatenated with the
-mean patch token, DINOv2's linear-eval variant). ``cached_features`` stores them as
+``(N, D)`` (``pooled``, ``mean_patch``), ``(N, 2D)`` (``pooled+mean_patch``: pooled embedding
+concatenated with the mean patch token, DINOv2's linear-eval variant) or ``(N, P * D)`` (``patch_tokens``:
+every final patch token in raster order, concatenated — a linear read-out of the whole token map,
+which keeps where things are; pooling keeps only what). ``cached_features`` stores them as
 ``<cache_dir>/<encoder hash>/<dataset key>.npz`` so a probe sweep, kNN and label-efficiency runs on
 the same checkpoint and dataset pay for one forward pass.
 """
@@ -17,7 +19,7 @@ import torch
 
 from ssl_med.encoder import Encoder
 
-FEATURE_MODES = ("pooled", "pooled+mean_patch", "mean_patch")
+FEATURE_MODES = ("pooled", "pooled+mean_patch", "mean_patch", "patch_tokens")
 
 
 def encoder_fingerprint(encoder: Encoder) -> str:
@@ -34,7 +36,8 @@ def encoder_fingerprint(encoder: Encoder) -> str:
 def extract_features(
     encoder: Encoder, images: torch.Tensor, mode: str = "pooled", batch_size: int = 64, device: str = "cpu"
 ) -> np.ndarray:
-    """``images`` ``(N, C, *S)`` -> features ``(N, D)`` or ``(N, 2D)`` float32 (see module docstring)."""
+    """``images`` ``(N, C, *S)`` -> features ``(N, D)``, ``(N, 2D)`` or ``(N, P * D)`` float32 (see the module
+    docstring)."""
     if mode not in FEATURE_MODES:
         raise ValueError(f"unknown feature mode {mode!r}; choose one of {FEATURE_MODES}")
     was_training = encoder.training
@@ -47,6 +50,7 @@ def extract_features(
             "pooled": [out.pooled],
             "mean_patch": [mean_patch],
             "pooled+mean_patch": [out.pooled, mean_patch],
+            "patch_tokens": [out.patch_tokens.flatten(1)],
         }
         chunks.append(torch.cat(parts[mode], dim=1).float().cpu())
     encoder.train(was_training)

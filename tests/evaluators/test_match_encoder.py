@@ -49,3 +49,21 @@ def test_checkpoint_is_evaluated_at_its_input_size(tmp_path: Path) -> None:
     results = evaluate_checkpoint(tmp_path / "run", probe, data, tmp_path / "out", baseline=False)
     assert results["config"]["eval_data"]["image_size"] == 28
     assert results["config"]["eval"]["features"] == "pooled"
+
+
+def test_patch_token_features_keep_the_token_map() -> None:
+    """``patch_tokens`` is every final patch token in raster order, concatenated: ``(N, P * D)``."""
+    import torch
+
+    from ssl_med.evaluators.features import extract_features
+
+    backbone = {"name": "vit", "spatial_dims": 2, "in_chans": 1, "img_size": [28, 28], "patch_size": 7,
+                "embed_dim": 32, "depth": 1, "num_heads": 2}
+    encoder = build_encoder(backbone).eval()
+    x = torch.rand(5, 1, 28, 28)
+    feats = extract_features(encoder, x, "patch_tokens", batch_size=2)
+    with torch.no_grad():
+        tokens = encoder(x).patch_tokens
+    assert feats.shape == (5, 16 * 32)
+    assert torch.allclose(torch.from_numpy(feats).view(5, 16, 32), tokens, atol=1e-6)
+    assert torch.allclose(torch.from_numpy(extract_features(encoder, x, "mean_patch")), tokens.mean(1), atol=1e-6)
