@@ -219,11 +219,15 @@ class DINO(Objective):
             for p in teacher.parameters():
                 p.requires_grad_(False)
             self.teacher[name] = teacher.eval()
+        self.teacher.eval()  # the container too: the same modules are in eval mode before and after train()
 
     def train(self, mode: bool = True) -> DINO:
         super().train(mode)
         self.teacher.eval()  # no drop-path / dropout in the teacher, as the reference
         return self
+
+    def eval_mode_modules(self) -> list[nn.Module]:
+        return [self.teacher]
 
     def _last_layers(self) -> list[nn.Module]:
         layers = [self.head.last_layer]

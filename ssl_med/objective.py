@@ -144,6 +144,11 @@ class Objective(nn.Module, ABC):
         objective keeps one (its features are the ones DINO/VoCo report), else the trained encoder."""
         return self.encoder
 
+    def eval_mode_modules(self) -> list[nn.Module]:
+        """Sub-modules kept in eval mode while the rest trains, by design (e.g. an EMA teacher run
+        without drop-path); the trainer tells Lightning they are intentional. Default: none."""
+        return []
+
 
 def _identity(sample: Sample) -> Sample:
     return sample

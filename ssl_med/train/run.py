@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import OmegaConf
 
 from ssl_med.build import build_encoder
@@ -73,6 +75,18 @@ def resume_checkpoint(resume: str, checkpoint_dir: Path) -> str | None:
     if problem:
         raise ConfigError(f"resume={resume!r}: {problem}")
     return resume
+
+
+def expect_eval_mode(objective: Objective) -> None:
+    """Silence Lightning's "Found N module(s) in eval mode" warning when the N modules are exactly the
+    ones the objective keeps in eval mode by design (:meth:`Objective.eval_mode_modules`); any other
+    count still warns."""
+    count = sum(1 for module in objective.eval_mode_modules() for _ in module.modules())
+    if count:
+        log.info("%d modules of the objective (its EMA teacher) stay in eval mode by design", count)
+        warnings.filterwarnings(
+            "ignore", message=rf"Found {count} module\(s\) in eval mode", category=PossibleUserWarning
+        )
 
 
 def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
@@ -144,6 +158,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         max_epochs=-1,
         default_root_dir=str(run_dir),
     )
+    expect_eval_mode(objective)
     try:
         with relaunch_this_job("pretrain"), stop:
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
