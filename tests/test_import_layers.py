@@ -56,12 +56,25 @@ def _owner(name: str) -> str | None:
     return name or None
 
 
+def parse(source: str, attempts: int = 3) -> ast.Module:
+    """``ast.parse`` that retries CPython 3.11's spurious "AST constructor recursion depth mismatch"
+    SystemError (python/cpython#106905: the AST builder's depth counter is shared with other threads,
+    e.g. a logger's writer thread compiling on import, and goes wrong under a rare race)."""
+    for attempt in range(attempts):
+        try:
+            return ast.parse(source)
+        except SystemError as err:
+            if "recursion depth mismatch" not in str(err) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def import_graph() -> dict[str, set[str]]:
     """module -> first-party modules it imports anywhere in its body."""
     graph = {}
     for name, file in MODULES.items():
         deps = set()
-        for node in ast.walk(ast.parse(file.read_text())):
+        for node in ast.walk(parse(file.read_text())):
             if isinstance(node, ast.Import):
                 deps |= {_owner(a.name) for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
