@@ -14,6 +14,9 @@ input-dependent ``(B, N, L)`` or grouped ``(B, G, N, L)`` (channel ``d`` uses gr
 Implementations (``impl=``):
 
 * ``"cuda"`` — mamba-ssm's fused kernel (imported lazily; CUDA tensors only).
+* ``"fused"`` — the fused CPU kernel of :mod:`ssl_med.ops.selective_scan_fused` (C++/OpenMP, built on
+  first use): one pass per element forward, states recomputed in the backward as mamba-ssm's CUDA
+  kernel does.
 * ``"torch"`` — :class:`_ChunkedScan`: a work-efficient blocked scan with a hand-written backward.
   The linear recurrence ``h_t = a_t h_{t-1} + b_t`` is an associative scan over pairs ``(a, b)``.
   The sequence is cut into chunks of ``chunk`` steps; ``chunk - 1`` vector operations advance every
@@ -25,11 +28,16 @@ Implementations (``impl=``):
   0 but never overflow or produce NaN (the failure of cumprod-and-divide scans on long sequences).
   The backward recomputes the states and runs the reverse scan ``g_t = a_{t+1} g_{t+1} + C_t dy_t``;
   only the inputs are saved, so memory stays ``O(B D L N)`` per channel slice rather than per step.
+  Runs on any device and under ``torch.compile``.
 * ``"ref"`` — a plain sequential loop (autograd through it), for tests only.
-* ``"auto"`` — ``"cuda"`` when the kernel imports and the tensors are on CUDA, else ``"torch"``.
+* ``"auto"`` — CUDA tensors: ``"cuda"`` when mamba-ssm imports, else ``"torch"``; CPU tensors:
+  ``"fused"`` when the extension builds (or is cached), else ``"torch"`` (the reason is logged once),
+  and ``"torch"`` while ``torch.compile`` traces; other devices: ``"torch"``. The environment
+  variable ``SSL_MED_SCAN_IMPL`` (``cuda | fused | torch | ref``) replaces ``"auto"`` in every call,
+  so a whole model can be run on one path (benchmarks, debugging).
 
 Differences from mamba-ssm: its kernel's backward ignores the gradient of the returned last state
-(inference only); ``"torch"`` and ``"ref"`` propagate it (checked on an H200: docs/benchmarks/gpu.md).
+(inference only); ``"fused"``, ``"torch"`` and ``"ref"`` propagate it (checked on an H200: docs/benchmarks/gpu.md).
 Its reference upcasts to float32 with ``.float()``, which
 *downcasts* float64; here the compute dtype is ``promote(u.dtype, float32)`` so float64 stays float64.
 Complex ``A`` is not supported.
@@ -38,6 +46,8 @@ Complex ``A`` is not supported.
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -45,7 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ScanImpl = Literal["auto", "cuda", "torch", "ref"]
+ScanImpl = Literal["auto", "cuda", "fused", "torch", "ref"]
+IMPLS = ("cuda", "fused", "torch", "ref")
+#: Environment variable that replaces ``impl="auto"`` (one of :data:`IMPLS`).
+IMPL_ENV = "SSL_MED_SCAN_IMPL"
+
+logger = logging.getLogger(__name__)
 
 #: Steps per chunk of the torch scan (measured on CPU, scripts/bench_scan.py: 4 and 8 best, 16 ~30% slower).
 DEFAULT_CHUNK = 4
@@ -316,13 +331,53 @@ def _scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_
     return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
+@functools.cache
+def _cpu_fused_ready() -> bool:
+    """Whether ``auto`` takes the fused CPU kernel; builds it on the first call and logs the choice once."""
+    from ssl_med.ops import selective_scan_fused
+
+    if selective_scan_fused.fused_available():
+        logger.info("selective scan on the CPU: fused C++ kernel (%s)", selective_scan_fused.fused_status())
+        return True
+    logger.warning(
+        "selective scan on the CPU: torch chunked scan, because the fused C++ kernel is unavailable: %s",
+        selective_scan_fused.fused_status(),
+    )
+    return False
+
+
 def resolve_impl(impl: ScanImpl, device: torch.device) -> str:
-    """The implementation ``impl`` stands for on ``device`` (``auto`` -> ``cuda`` or ``torch``)."""
+    """The implementation ``impl`` stands for on ``device``.
+
+    ``auto`` is first replaced by ``$SSL_MED_SCAN_IMPL`` when that is set, then resolved to ``cuda``
+    (CUDA device, mamba-ssm importable), ``fused`` (CPU, extension built) or ``torch``.
+    """
     if impl == "auto":
-        return "cuda" if device.type == "cuda" and _mamba_kernel() is not None else "torch"
-    if impl not in ("cuda", "torch", "ref"):
-        raise ValueError(f"unknown scan impl {impl!r}; choose auto, cuda, torch or ref")
+        impl = os.environ.get(IMPL_ENV, "auto").strip().lower() or "auto"  # type: ignore[assignment]
+        if impl != "auto" and impl not in IMPLS:
+            raise ValueError(f"{IMPL_ENV}={impl!r}; choose auto, {', '.join(IMPLS)}")
+    if impl == "auto":
+        if device.type == "cuda":
+            return "cuda" if _mamba_kernel() is not None else "torch"
+        if device.type == "cpu" and _cpu_fused_ready():
+            return "fused"
+        return "torch"
+    if impl not in IMPLS:
+        raise ValueError(f"unknown scan impl {impl!r}; choose auto, {', '.join(IMPLS)}")
     return impl
+
+
+def _pick_impl(impl: ScanImpl, u: Tensor, A: Tensor) -> str:
+    """:func:`resolve_impl` for one call: ``auto`` keeps to the torch scan where the fused kernel does not
+    apply (``torch.compile`` tracing, complex ``A``, more than ``MAX_STATE`` states)."""
+    from ssl_med.ops.selective_scan_fused import MAX_STATE
+
+    if impl == "auto" and u.device.type == "cpu" and torch.compiler.is_compiling():
+        return "torch"
+    which = resolve_impl(impl, u.device)
+    if which == "fused" and impl == "auto" and (A.is_complex() or A.shape[-1] > MAX_STATE):
+        return "torch"
+    return which
 
 
 def selective_scan(
@@ -352,16 +407,20 @@ def selective_scan(
         delta_bias: ``(D,)`` added to ``delta`` before the softplus.
         delta_softplus: apply ``softplus`` to ``delta``.
         return_last_state: also return the final state ``(B, D, N)``.
-        impl: ``auto | cuda | torch | ref``.
+        impl: ``auto | cuda | fused | torch | ref`` (``auto``: see the module docstring).
         chunk: steps per chunk of the torch scan (results do not depend on it beyond rounding).
 
     Returns:
         ``(B, D, L)`` in ``u``'s dtype, or ``(out, last_state)``.
     """
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    which = resolve_impl(impl, u.device)
+    which = _pick_impl(impl, u, A)
     if which == "cuda":
         return _scan_cuda(*args)
+    if which == "fused":
+        from ssl_med.ops.selective_scan_fused import scan_fused
+
+        return scan_fused(*args)
     if which == "ref":
         return _scan_ref(*args)
     return _scan_torch(*args, chunk)

@@ -11,6 +11,15 @@ from ssl_med.ops.selective_scan import causal_conv1d, linear_scan, resolve_impl,
 F64 = torch.float64
 
 
+def skip_unless_built(impl: str) -> None:
+    """Skip a ``fused`` case when the C++ extension cannot be built here (no compiler, no ninja)."""
+    if impl == "fused":
+        from ssl_med.ops.selective_scan_fused import fused_available, fused_status
+
+        if not fused_available():
+            pytest.skip(f"fused CPU kernel unavailable: {fused_status()}")
+
+
 def closed_form(u, delta, A, B, C):
     """Independent oracle, no recurrence: h_t = sum_{s<=t} exp(sum_{s<r<=t} delta_r A) delta_s B_s u_s.
 
@@ -47,7 +56,8 @@ def make_inputs(L, b=2, d=3, n=4, bc="variable", dtype=F64, seed=0):
 def test_ref_and_torch_match_closed_form(L: int) -> None:
     (u, delta, A, B, C), _ = make_inputs(L)
     expected = closed_form(u, delta, A, B, C)
-    for impl in ("ref", "torch"):
+    for impl in ("ref", "torch", "fused"):
+        skip_unless_built(impl)
         torch.testing.assert_close(selective_scan(u, delta, A, B, C, impl=impl), expected, rtol=1e-10, atol=1e-10)
 
 
@@ -61,19 +71,21 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("impl", ["torch", "fused"])
 @pytest.mark.parametrize(("L", "bc", "opts"), CASES)
-def test_torch_matches_ref_forward_and_gradients(L: int, bc: str, opts: dict) -> None:
+def test_torch_matches_ref_forward_and_gradients(L: int, bc: str, opts: dict, impl: str) -> None:
+    skip_unless_built(impl)
     tensors, extras = make_inputs(L, bc=bc, b=1 if L > 1000 else 2)
     kwargs = {k: (extras[k] if opts[k] else None) for k in ("D", "z", "delta_bias")}
     flags = {k: opts[k] for k in ("delta_softplus", "return_last_state")}
     leaves = [t.requires_grad_() for t in tensors] + [v.requires_grad_() for v in kwargs.values() if v is not None]
     results = {}
-    for impl in ("torch", "ref"):
-        res = selective_scan(*tensors, **kwargs, **flags, impl=impl)
+    for which in (impl, "ref"):
+        res = selective_scan(*tensors, **kwargs, **flags, impl=which)
         out, last = res if opts["return_last_state"] else (res, None)
         loss = (out * torch.cos(out)).sum() + (last.square().sum() if last is not None else 0)
-        results[impl] = (out, last, torch.autograd.grad(loss, leaves))
-    (o1, l1, g1), (o2, l2, g2) = results["torch"], results["ref"]
+        results[which] = (out, last, torch.autograd.grad(loss, leaves))
+    (o1, l1, g1), (o2, l2, g2) = results[impl], results["ref"]
     torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
     if last is not None:
         torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-10)
@@ -89,13 +101,15 @@ def test_chunk_size_does_not_change_results(chunk: int) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-11, atol=1e-11)
 
 
-def test_long_sequence_is_stable_and_exact() -> None:
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_long_sequence_is_stable_and_exact(impl: str) -> None:
     """L = 16384 with large steps (cumulative decays far below float range): finite and equal to the loop."""
+    skip_unless_built(impl)
     L = 16384
     (u, delta, A, B, C), _ = make_inputs(L, b=1, d=2, n=4, seed=3)
     A = -torch.arange(1, 5, dtype=F64).repeat(2, 1)
     bias = torch.full((2,), 5.0, dtype=F64)
-    out, last = selective_scan(u, delta, A, B, C, delta_bias=bias, delta_softplus=True, return_last_state=True, impl="torch")
+    out, last = selective_scan(u, delta, A, B, C, delta_bias=bias, delta_softplus=True, return_last_state=True, impl=impl)
     ref, ref_last = selective_scan(u, delta, A, B, C, delta_bias=bias, delta_softplus=True, return_last_state=True, impl="ref")
     assert torch.isfinite(out).all() and torch.isfinite(last).all()
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -103,17 +117,19 @@ def test_long_sequence_is_stable_and_exact() -> None:
     # float32 with slow decays (products of 16k factors underflow): finite, close to float64
     slow = torch.full((2,), -4.0, dtype=F64)
     args32 = [t.float() for t in (u, delta, A / 16, B, C)]
-    out32 = selective_scan(*args32, delta_bias=slow.float(), delta_softplus=True, impl="torch")
+    out32 = selective_scan(*args32, delta_bias=slow.float(), delta_softplus=True, impl=impl)
     out64 = selective_scan(u, delta, A / 16, B, C, delta_bias=slow, delta_softplus=True, impl="ref")
     assert torch.isfinite(out32).all()
     torch.testing.assert_close(out32.double(), out64, rtol=1e-3, atol=1e-3)
 
 
-def test_low_precision_inputs_keep_their_dtype() -> None:
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_low_precision_inputs_keep_their_dtype(impl: str) -> None:
+    skip_unless_built(impl)
     (u, delta, A, B, C), ex = make_inputs(64, dtype=torch.float32)
     u, delta, B, C = (t.bfloat16() for t in (u, delta, B, C))
     expected = selective_scan(u.float(), delta.float(), A, B.float(), C.float(), **ex, impl="ref")
-    got = selective_scan(u, delta, A, B, C, **ex, impl="torch")
+    got = selective_scan(u, delta, A, B, C, **ex, impl=impl)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=3e-2, atol=5e-2)
 
@@ -122,10 +138,12 @@ def test_last_state_alone_has_gradients() -> None:
     tensors, _ = make_inputs(20)
     u = tensors[0].requires_grad_()
     grads = []
-    for impl in ("torch", "ref"):
+    skip_unless_built("fused")
+    for impl in ("torch", "fused", "ref"):
         _, last = selective_scan(*tensors, return_last_state=True, impl=impl)
         grads.append(torch.autograd.grad(last.sum(), u)[0])
-    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(grads[0], grads[2])
+    torch.testing.assert_close(grads[1], grads[2])
 
 
 def test_linear_scan_equals_a_loop() -> None:
@@ -150,7 +168,9 @@ def test_causal_conv1d_matches_padded_conv() -> None:
 
 
 def test_impl_resolution_on_cpu() -> None:
-    assert resolve_impl("auto", torch.device("cpu")) == "torch"
+    from ssl_med.ops.selective_scan_fused import fused_available
+
+    assert resolve_impl("auto", torch.device("cpu")) == ("fused" if fused_available() else "torch")
     (u, delta, A, B, C), _ = make_inputs(4)
     with pytest.raises(RuntimeError, match="cuda"):
         selective_scan(u, delta, A, B, C, impl="cuda")

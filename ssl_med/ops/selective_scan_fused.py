@@ -1,0 +1,183 @@
+"""Fused CPU selective scan: a C++/OpenMP kernel built on first use, wrapped as an autograd Function.
+
+The kernel (``csrc/selective_scan_cpu.cpp``) makes one pass over the ``(B, D, L, N)`` elements in the
+forward and, as mamba-ssm's CUDA kernel does, recomputes the states in the backward from the state saved
+every 64 steps instead of storing them: memory between forward and backward is the inputs plus
+``(B, D, ceil(L / 64), N)``. Rows ``(b, d)`` run in parallel on torch's intra-op threads, the ``N``
+states of a row are one SIMD vector. Softplus, ``delta_bias``, ``D`` and the ``silu(z)`` gate are
+applied inside the kernel, so no ``(B, D, L)`` intermediate is written either.
+
+It is compiled with ``torch.utils.cpp_extension.load`` the first time a CPU scan asks for it (about
+20 s with g++ on 2 cores; later processes load the build cached under ``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/torch_extensions``). The build is named after the CPU's vector instruction set, so
+machines sharing a home directory do not load each other's binaries. When no compiler or ninja is
+found, or the build fails, :func:`fused_status` says why and the dispatcher in
+:mod:`ssl_med.ops.selective_scan` falls back to the torch scan, logging one line.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
+#: Largest state size N the kernel accepts (kMaxState in the C++ source).
+MAX_STATE = 256
+#: Compiler flags per ``torch.backends.cpu.get_cpu_capability()``; the loops over N vectorise with them.
+ARCH_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
+
+@functools.cache
+def _load() -> tuple[Any | None, str]:
+    """Build (or load the cached build of) the extension: ``(torch.ops namespace or None, why)``."""
+    if not SOURCE.is_file():
+        return None, f"source {SOURCE} is missing from this installation"
+    torch_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = torch_logger.level
+    torch_logger.setLevel(logging.ERROR)  # its import warns about CUDA_HOME on CPU-only machines
+    try:
+        from torch.utils import cpp_extension
+    except Exception as err:  # pragma: no cover - part of every torch install
+        return None, f"torch.utils.cpp_extension does not import ({err})"
+    finally:
+        torch_logger.setLevel(level)
+    compiler = cpp_extension.get_cxx_compiler() if hasattr(cpp_extension, "get_cxx_compiler") else "c++"
+    if shutil.which(compiler) is None:
+        return None, f"no C++ compiler ({compiler!r} not on PATH; set CXX)"
+    if not cpp_extension.is_ninja_available():
+        return None, "ninja is not installed (pip install ninja)"
+    capability = torch.backends.cpu.get_cpu_capability()
+    name = f"ssl_med_selective_scan_{capability.lower()}"
+    start = time.perf_counter()
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            # -fno-trapping-math lets g++ turn the clamps of the exponential into vector min/max
+            extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", *ARCH_FLAGS.get(capability, [])],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        ops = torch.ops.ssl_med_scan
+        ops.fwd, ops.bwd  # noqa: B018 - resolve both ops now so a broken build fails here
+    except Exception as err:
+        logger.debug("building %s failed", name, exc_info=True)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return None, f"building {name} failed ({first})"
+    return ops, f"{name}, built or loaded in {time.perf_counter() - start:.1f} s"
+
+
+def fused_available() -> bool:
+    """Whether the fused CPU kernel is built and loaded (builds it on the first call)."""
+    return _load()[0] is not None
+
+
+def fused_status() -> str:
+    """One line: the loaded build and its load time, or why the kernel is unavailable."""
+    return _load()[1]
+
+
+def _ops() -> Any:
+    ops, why = _load()
+    if ops is None:
+        raise RuntimeError(f"impl='fused' is unavailable: {why}; use impl='torch' or 'auto'")
+    return ops
+
+
+class _FusedScan(torch.autograd.Function):
+    """``out, last = scan(u, delta, A, B, C, D, z, delta_bias)`` by the C++ kernel (inputs pre-laid-out)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool, needs_grad: bool):  # type: ignore[override]
+        out, last, states = _ops().fwd(u, delta, A, B, C, D, z, delta_bias, softplus, needs_grad)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.softplus = softplus
+        ctx.set_materialize_grads(False)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout: Tensor | None, dlast: Tensor | None):  # type: ignore[override]
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+        dlast = None if dlast is None else dlast.contiguous()
+        du, ddelta, dA, dB, dC, dD, dz, dbias = _ops().bwd(
+            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, states, dout, dlast
+        )
+        return (du, ddelta, dA, dB, dC, None if D is None else dD, None if z is None else dz,
+                None if delta_bias is None else dbias, None, None)  # fmt: skip
+
+
+def _layout_bc(M: Tensor, batch: int, channels: int, dtype: torch.dtype) -> Tensor:
+    """B or C -> the kernel's layouts: constant ``(D, N)``, or input-dependent ``(B, G, L, N)``.
+
+    ``(B, N, L)`` is one group; a batch of 1 is expanded to ``batch`` (autograd sums it back).
+    """
+    M = M.to(dtype)
+    if M.ndim == 2:
+        return M.contiguous()
+    if M.ndim == 3:
+        M = M[:, None]
+    if M.ndim != 4:
+        raise ValueError(f"B/C must be (D, N), (B, N, L) or (B, G, N, L), got {tuple(M.shape)}")
+    if channels % M.shape[1]:
+        raise ValueError(f"{M.shape[1]} groups do not divide {channels} channels")
+    return M.transpose(2, 3).expand(batch, -1, -1, -1).contiguous()
+
+
+def scan_fused(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    return_last_state: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The selective scan by the fused kernel; arguments and results as ``selective_scan``'s.
+
+    Computes in ``promote(u.dtype, float32)`` (float32 or float64); returns ``out`` in ``u``'s dtype
+    and the last state ``(B, D, N)`` in the compute dtype.
+    """
+    if A.is_complex():
+        raise NotImplementedError("complex A is not supported by the fused selective scan")
+    if u.device.type != "cpu":
+        raise RuntimeError(f"impl='fused' runs on the CPU, got {u.device.type} tensors; use impl='auto'")
+    if u.ndim != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be (B, D, L), got {tuple(u.shape)} and {tuple(delta.shape)}")
+    dtype_in = u.dtype
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    batch, channels, _ = u.shape
+
+    def vec(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(dtype).contiguous()
+
+    inputs = (
+        u.to(dtype).contiguous(),
+        delta.to(dtype).contiguous(),
+        A.to(dtype).contiguous(),
+        _layout_bc(B, batch, channels, dtype),
+        _layout_bc(C, batch, channels, dtype),
+        vec(D),
+        vec(z),
+        vec(delta_bias),
+    )
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    out, last = _FusedScan.apply(*inputs, delta_softplus, needs_grad)
+    out = out.to(dtype_in)
+    return (out, last) if return_last_state else out

@@ -1,0 +1,186 @@
+"""The fused CPU selective scan (C++ extension): parity with the sequential reference, dispatch, fallback.
+
+Every test here needs the extension and skips, with the reason, where it cannot be built; the module
+fixture builds it once per session (later sessions load the cached build).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import ssl_med.ops.selective_scan as scan_ops
+import ssl_med.ops.selective_scan_fused as fused_ops
+from ssl_med.ops.selective_scan import resolve_impl, selective_scan
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built() -> None:
+    if not fused_ops.fused_available():
+        pytest.skip(f"fused CPU kernel unavailable: {fused_ops.fused_status()}")
+
+
+def bc_tensor(
+    kind: str, b: int, d: int, n: int, L: int, g: torch.Generator, dtype: torch.dtype
+) -> torch.Tensor:
+    """B or C: ``constant`` (d, n), ``variable`` (b, n, L), ``shared`` (1, n, L), ``grouped`` (b, 2, n, L)."""
+    shape = {"constant": (d, n), "variable": (b, n, L), "shared": (1, n, L), "grouped": (b, 2, n, L)}[kind]
+    return torch.randn(*shape, generator=g, dtype=dtype)
+
+
+def inputs(
+    L: int, b: int, d: int, n: int, B_kind: str, C_kind: str, dtype=F64, seed: int = 0, wide_steps=False
+):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(b, d, L, generator=g, dtype=dtype)
+    # wide_steps: raw steps in [-30, 30] cross both branches of softplus (threshold 20, tails)
+    delta = (
+        (60 * torch.rand(b, d, L, generator=g, dtype=dtype) - 30)
+        if wide_steps
+        else torch.rand(b, d, L, generator=g, dtype=dtype) - 0.5
+    )
+    A = -0.5 - torch.rand(d, n, generator=g, dtype=dtype)
+    B, C = bc_tensor(B_kind, b, d, n, L, g, dtype), bc_tensor(C_kind, b, d, n, L, g, dtype)
+    extras = {
+        "D": torch.randn(d, generator=g, dtype=dtype),
+        "z": torch.randn(b, d, L, generator=g, dtype=dtype),
+        "delta_bias": 0.2 * torch.randn(d, generator=g, dtype=dtype),
+    }
+    return [u, delta, A, B, C], extras
+
+
+def run(impl: str, tensors, extras, softplus=True, last_weight=1.0):
+    """Output, last state and the gradients of a loss that uses both, for every tensor input."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    ex = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in extras.items()}
+    out, last = selective_scan(*leaves, **ex, delta_softplus=softplus, return_last_state=True, impl=impl)
+    loss = (out * torch.cos(out)).sum() + last_weight * last.square().sum()
+    grads = torch.autograd.grad(loss, leaves + [v for v in ex.values() if v is not None])
+    return out, last, grads
+
+
+def assert_same(a, b, rtol=1e-10, atol=1e-10) -> None:
+    (o1, l1, g1), (o2, l2, g2) = a, b
+    torch.testing.assert_close(o1, o2, rtol=rtol, atol=atol)
+    torch.testing.assert_close(l1, l2, rtol=rtol, atol=atol)
+    for x, y in zip(g1, g2, strict=True):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol * max(1.0, y.abs().max().item()))
+
+
+# lengths around the 64-step recompute chunk; N = 16 is the kernel's compiled fast path
+LAYOUTS = [
+    (1, 2, 3, 16, "variable", "variable"),
+    (63, 2, 3, 4, "variable", "constant"),
+    (64, 1, 4, 16, "grouped", "grouped"),
+    (65, 2, 6, 5, "constant", "grouped"),
+    (129, 3, 2, 16, "shared", "variable"),
+    (200, 2, 4, 3, "constant", "constant"),
+]
+
+
+@pytest.mark.parametrize(("L", "b", "d", "n", "B_kind", "C_kind"), LAYOUTS)
+@pytest.mark.parametrize("options", ["all", "none"])
+def test_float64_matches_reference(L, b, d, n, B_kind, C_kind, options) -> None:
+    """Outputs, last state and every gradient equal the sequential loop in float64."""
+    tensors, extras = inputs(L, b, d, n, B_kind, C_kind)
+    if options == "none":
+        extras = dict.fromkeys(extras)
+    softplus = options == "all"
+    assert_same(run("fused", tensors, extras, softplus), run("ref", tensors, extras, softplus))
+
+
+def test_float64_matches_reference_with_wide_steps() -> None:
+    """Raw steps from -30 to 30 (softplus tails and its threshold) and a gradient of the output alone."""
+    tensors, extras = inputs(150, 2, 3, 16, "variable", "variable", wide_steps=True)
+    tensors[2] = tensors[2] / 8  # keep some decays away from 0 with steps up to 30
+    assert_same(run("fused", tensors, extras, last_weight=0.0), run("ref", tensors, extras, last_weight=0.0))
+
+
+@pytest.mark.parametrize(("n", "B_kind"), [(16, "variable"), (7, "grouped")])
+def test_float32_close_to_float64_reference(n: int, B_kind: str) -> None:
+    """Float32 (the vectorised exponential, softplus and logistic) within float32 rounding of float64."""
+    tensors, extras = inputs(300, 2, 4, n, B_kind, B_kind, dtype=F64, seed=1, wide_steps=True)
+    tensors[2] = tensors[2] / 8
+    expected = run("ref", tensors, extras)
+    got = run("fused", [t.float() for t in tensors], {k: v.float() for k, v in extras.items()})
+    (o1, l1, g1), (o2, l2, g2) = got, expected
+    for x, y in [(o1, o2), (l1, l2), *zip(g1, g2, strict=True)]:
+        assert x.dtype == torch.float32
+        scale = max(1.0, y.abs().max().item())
+        torch.testing.assert_close(x.double(), y, rtol=1e-4, atol=2e-5 * scale)
+
+
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    """The per-thread partial sums of dB/dC change only the summation order."""
+    tensors, extras = inputs(100, 1, 8, 16, "variable", "grouped", dtype=torch.float32, seed=2)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(run("fused", tensors, extras))
+    for other in results[1:]:
+        assert_same(other, results[0], rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_forward_and_non_contiguous_inputs() -> None:
+    """Inference saves no states; transposed inputs (as Mamba's x_proj output) are laid out by the wrapper."""
+    tensors, extras = inputs(70, 2, 4, 16, "variable", "variable")
+    u, delta, A, B, C = tensors
+    B_t = B.transpose(1, 2).contiguous().transpose(1, 2)  # (b, n, L) view of a (b, L, n) tensor
+    expected = selective_scan(u, delta, A, B, C, **extras, delta_softplus=True, impl="ref")
+    with torch.no_grad():
+        got = selective_scan(
+            u,
+            delta.transpose(1, 2).contiguous().transpose(1, 2),
+            A,
+            B_t,
+            C,
+            **extras,
+            delta_softplus=True,
+            impl="fused",
+        )
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_auto_picks_the_fused_kernel_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert resolve_impl("auto", cpu) == "fused"
+    assert resolve_impl("torch", cpu) == "torch"
+    monkeypatch.setenv(scan_ops.IMPL_ENV, "torch")
+    assert resolve_impl("auto", cpu) == "torch"
+    assert resolve_impl("ref", cpu) == "ref"  # an explicit impl wins over the variable
+    monkeypatch.setenv(scan_ops.IMPL_ENV, "fast")
+    with pytest.raises(ValueError, match=scan_ops.IMPL_ENV):
+        resolve_impl("auto", cpu)
+
+
+def test_auto_keeps_the_torch_scan_while_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    (u, _, A, _, _), _ = inputs(4, 1, 2, 16, "variable", "variable")
+    assert scan_ops._pick_impl("auto", u, A) == "fused"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert scan_ops._pick_impl("auto", u, A) == "torch"
+
+
+@pytest.fixture
+def no_compiler(monkeypatch: pytest.MonkeyPatch):
+    """The extension 'fails to build' for one test; the dispatcher's cached choice is reset around it."""
+    monkeypatch.setattr(fused_ops, "_load", lambda: (None, "no C++ compiler ('c++' not on PATH; set CXX)"))
+    scan_ops._cpu_fused_ready.cache_clear()
+    yield
+    scan_ops._cpu_fused_ready.cache_clear()
+
+
+def test_fallback_to_the_torch_scan_logs_one_line(no_compiler, caplog: pytest.LogCaptureFixture) -> None:
+    tensors, extras = inputs(20, 1, 2, 4, "variable", "variable")
+    with caplog.at_level(logging.INFO, logger=scan_ops.__name__):
+        first = selective_scan(*tensors, **extras)
+        second = selective_scan(*tensors, **extras)
+    lines = [r.getMessage() for r in caplog.records if r.name == scan_ops.__name__]
+    assert len(lines) == 1 and "torch chunked scan" in lines[0] and "no C++ compiler" in lines[0]
+    torch.testing.assert_close(first, selective_scan(*tensors, **extras, impl="torch"))
+    torch.testing.assert_close(first, second)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        selective_scan(*tensors, impl="fused")
