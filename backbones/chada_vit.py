@@ -25,7 +25,11 @@ BraTS case without T1ce is ``["t1", None, "t2", "flair"]``).
 
 Channel embedding: a name found in ``channel_vocab`` (case-insensitive) selects its learned row; an
 image without names uses a learned row per slot index (``max_channels`` rows). A name that is not in
-the vocabulary is an error. Both tables sit in one lookup so that every row gets a gradient (zero
+the vocabulary is an error. Common spellings of the brain MRI sequences are aliases of the BraTS
+names when those are in the vocabulary (:data:`CHANNEL_ALIASES`: BraTS 2023's ``t1n t1c t2w t2f``,
+``t1gd``, ``t2-flair``, ...), so a later user's ``FLAIR`` or ``t2f`` selects the row pretraining
+learnt for ``flair``; the vocabulary is a constructor argument, so it is saved in the exported
+``config.json`` and the rows keep their meaning. Both tables sit in one lookup so that every row gets a gradient (zero
 when unused), which keeps DDP happy.
 
 Outputs (``EncoderOutput``):
@@ -38,7 +42,10 @@ Outputs (``EncoderOutput``):
 
 ``mask`` ``(B, N)`` and ``keep_idx`` ``(B, N_keep)`` index **spatial** patches: a masked patch has the
 mask token in *all* its channels (plus that channel's embedding and the position), a dropped patch is
-dropped in all channels. Per-(channel, patch) masking is left to the objectives.
+dropped in all channels. Per-(channel, patch) selection is ``token_keep_idx`` ``(B, K)``: indices
+``c * N + n`` into the channel-major (channel, patch) tokens; only those enter the blocks (BM-MAE's
+multimodal masking), and ``patch_tokens`` / ``hidden_states`` are then the ``K`` kept tokens
+themselves, ``(B, K, D)`` in the order of ``token_keep_idx``, not a channel mean.
 
 Missing channels are excluded with a key-padding mask (every attention kernel), or, when
 ``packing="pack"`` or ``packing="auto"`` with the xformers kernel (CUDA), the valid tokens of all
@@ -213,10 +220,11 @@ class ChAdaViT(TokenEncoder):
                 )
             for c in range(channels):
                 name = _norm_name(names[c]) if c < len(names) else ""
+                row = self.channel_row(name) if name else None
                 if not name:
                     missing[b, c] = True
-                elif name in self.channel_vocab:
-                    ids[b, c] = self.channel_vocab[name]
+                elif row is not None:
+                    ids[b, c] = row
                 else:
                     raise ValueError(
                         f"unknown channel name {names[c]!r}; channel_vocab is {sorted(self.channel_vocab) or 'empty'}"
@@ -232,6 +240,18 @@ class ChAdaViT(TokenEncoder):
         if empty.any():
             raise ValueError(f"images {empty.nonzero().flatten().tolist()} have no channel left")
         return missing.to(device), ids.to(device)
+
+    def channel_row(self, name: str | None) -> int | None:
+        """The vocabulary row of channel ``name`` (case-insensitive, aliases resolved), ``None`` if unknown."""
+        key = _norm_name(name)
+        if key in self.channel_vocab:
+            return self.channel_vocab[key]
+        alias = CHANNEL_ALIASES.get(key)
+        return self.channel_vocab.get(alias) if alias is not None else None
+
+    def knows_channel(self, name: str | None) -> bool:
+        """Whether ``name`` has its own channel embedding (see :meth:`channel_row`)."""
+        return self.channel_row(name) is not None
 
     def channel_table(self) -> Tensor:
         """``(V + max_channels, D)``: vocabulary embeddings, then per-slot embeddings."""
@@ -254,8 +274,10 @@ class ChAdaViT(TokenEncoder):
         return_layers: Sequence[int] = (),
         channel_names: ChannelNames | None = None,
         channel_padding_mask: Tensor | None = None,
+        token_keep_idx: Tensor | None = None,
     ) -> EncoderOutput:
-        """Encode ``x`` ``(B, C, *S)``; see the module docstring for the channel arguments.
+        """Encode ``x`` ``(B, C, *S)``; see the module docstring for the channel arguments and
+        ``token_keep_idx`` ``(B, K)`` (per-(channel, patch) token selection, :meth:`forward_tokens`).
 
         Not :meth:`TokenEncoder.forward` with hooks: here the sequence is one token per (channel,
         patch), ``(B, 1 + C*K, D)``, with channel embeddings per channel, a key-padding mask (or
@@ -270,6 +292,10 @@ class ChAdaViT(TokenEncoder):
             )
         b = x.shape[0]
         missing, ids = self.channel_layout(b, x.shape[1], channel_names, channel_padding_mask, x.device)
+        if token_keep_idx is not None:
+            if mask is not None or keep_idx is not None:
+                raise ValueError("token_keep_idx replaces mask and keep_idx; pass only one of them")
+            return self.forward_tokens(x, ~missing, ids, token_keep_idx, return_layers)
         used = ~missing.all(dim=0)
         if not bool(used.all()):  # slots missing in every image
             x, missing, ids = x[:, used], missing[:, used], ids[:, used]
@@ -311,8 +337,45 @@ class ChAdaViT(TokenEncoder):
             prefix_tokens=prefix,
         )
 
+    def forward_tokens(
+        self, x: Tensor, present: Tensor, ids: Tensor, token_keep_idx: Tensor, return_layers: Sequence[int] = ()
+    ) -> EncoderOutput:
+        """Encode only the (channel, patch) tokens ``token_keep_idx`` ``(B, K)`` (``c * N + n``) of ``x``.
+
+        Every kept token must belong to a present channel (``present`` ``(B, C)``), so no key padding is
+        needed: the sequence is ``(B, 1 + K, D)``. Returns ``patch_tokens`` ``(B, K, D)`` (final-normed)
+        and ``hidden_states`` ``(B, K, D)`` per requested block, in the order of ``token_keep_idx``.
+        """
+        b, c = present.shape
+        if token_keep_idx.ndim != 2 or token_keep_idx.shape[0] != b:
+            raise ValueError(f"token_keep_idx must be (B, K) with B={b}, got {tuple(token_keep_idx.shape)}")
+        tokens, grid = self._channel_tokens(x, present, ids, None, None, flat=False)  # (B, C, N, D)
+        n, d = tokens.shape[2], tokens.shape[3]
+        idx = token_keep_idx.to(device=tokens.device, dtype=torch.long)
+        if bool(((idx < 0) | (idx >= c * n)).any()):
+            raise ValueError(f"token_keep_idx must lie in [0, C*N) = [0, {c * n})")
+        if not bool(torch.gather(present, 1, torch.div(idx, n, rounding_mode="floor")).all()):
+            raise ValueError("token_keep_idx selects tokens of a missing channel")
+        kept = torch.gather(tokens.reshape(b, c * n, d), 1, idx[..., None].expand(-1, -1, d))
+        cls = (self.cls_token + self.pos_embed[:, :1]).to(kept.dtype).expand(b, -1, -1)
+        seq = torch.cat([cls, kept], dim=1)
+        wanted = self._normalise_layers(return_layers)
+        hidden: dict[int, Tensor] = {}
+        for i in range(self.depth):
+            seq = self.call_block(self.blocks[i], seq, key_padding_mask=None)
+            if i in wanted:
+                hidden[i] = seq[:, 1:]
+        seq = self.norm(seq)
+        return EncoderOutput(
+            pooled=seq[:, 0],
+            patch_tokens=seq[:, 1:],
+            grid=grid,
+            hidden_states=[hidden[i] for i in wanted],
+            prefix_tokens=seq[:, :1],
+        )
+
     def _channel_tokens(
-        self, x: Tensor, present: Tensor, ids: Tensor, mask: Tensor | None, keep_idx: Tensor | None
+        self, x: Tensor, present: Tensor, ids: Tensor, mask: Tensor | None, keep_idx: Tensor | None, flat: bool = True
     ) -> tuple[Tensor, tuple[int, ...]]:
         """The token sequence of ``x`` ``(B, C, *S)``: ``(B, 1 + C*K, D)`` (CLS, then the ``K`` kept
         patches of each channel in turn) and the patch grid.
@@ -335,6 +398,8 @@ class ChAdaViT(TokenEncoder):
             tokens = torch.where(mask[:, None, :, None], self.mask_token.to(tokens.dtype), tokens)
         chan = self.channel_table()[ids].to(tokens.dtype)  # (B, C, D)
         tokens = tokens + self.patch_position_embedding(grid)[:, None] + chan[:, :, None]
+        if not flat:
+            return tokens, grid
         if keep_idx is not None:
             if keep_idx.ndim != 2 or keep_idx.shape[0] != b:
                 raise ValueError(f"keep_idx must be (B, N_keep) with B={b}, got {tuple(keep_idx.shape)}")
@@ -362,6 +427,17 @@ class ChAdaViT(TokenEncoder):
 
 def _norm_name(name: str | None) -> str:
     return "" if name is None else str(name).strip().lower()
+
+
+#: other spellings of the BraTS sequence names (lower case), used when the spelling itself is not in
+#: ``channel_vocab`` and its BraTS name is: BraTS 2023 (``t1n t1c t2w t2f``), ``t1gd``/``t1c+``,
+#: ``t2-flair``, ``t1w``/``t2w``
+CHANNEL_ALIASES: dict[str, str] = {
+    "t1n": "t1", "t1w": "t1", "t1-native": "t1",
+    "t1c": "t1ce", "t1gd": "t1ce", "t1-gd": "t1ce", "t1c+": "t1ce", "t1-ce": "t1ce", "t1_ce": "t1ce", "t1post": "t1ce",
+    "t2w": "t2",
+    "t2f": "flair", "t2-flair": "flair", "t2_flair": "flair", "t2flair": "flair",
+}  # fmt: skip
 
 
 def collate_channels(

@@ -83,6 +83,7 @@ from objectives.losses.dino import (
     update_center,
 )
 from objectives.views import MultiCropViews
+from ssl_med.data.channels import encoder_channel_kwargs
 from ssl_med.encoder import Encoder
 from ssl_med.geometry import CropSpec, ViewGeometry
 from ssl_med.layers.patch_embed import patchify, unpatchify
@@ -318,7 +319,7 @@ class DINO(Objective):
 
         # teacher on the unmasked global crops
         with torch.no_grad():
-            t_out = self.teacher["encoder"](glob)
+            t_out = self.teacher["encoder"](glob, **encoder_channel_kwargs(self.encoder, batch, repeat=2))
             t_cls = self.teacher["head"](t_out.pooled)  # (2B, K)
             t_probs = self._teacher_targets(t_cls, self.dino_center, temp, update)
             t_probs = t_probs.view(2, b, -1)
@@ -326,7 +327,7 @@ class DINO(Objective):
             t_patch_probs = self._teacher_targets(t_patch, self.ibot_center, temp, update)
 
         # student on masked global crops and unmasked local crops
-        s_out = self.encoder(glob, mask=masks)
+        s_out = self.encoder(glob, mask=masks, **encoder_channel_kwargs(self.encoder, batch, repeat=2))
         s_cls_backbone = s_out.pooled  # (2B, D)
         s_masked_tokens = s_out.patch_tokens[masks]  # (M, D)
         if self.ibot_head is None:
@@ -337,7 +338,8 @@ class DINO(Objective):
         student_views = [s_cls.view(2, b, -1)]
         if n_local:
             local = local.transpose(0, 1).flatten(0, 1)  # (L B, C, *L_size)
-            student_views.append(self.head(self.encoder(local).pooled).view(n_local, b, -1))
+            channels = encoder_channel_kwargs(self.encoder, batch, repeat=n_local)
+            student_views.append(self.head(self.encoder(local, **channels).pooled).view(n_local, b, -1))
         student_logits = torch.cat(student_views)  # (2 + L, B, K)
 
         # cross-view pairs only: student crop 1 <-> teacher crop 2 and vice versa, locals <-> both

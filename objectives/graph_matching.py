@@ -98,6 +98,7 @@ from torch import Tensor, nn
 
 from objectives.losses.precision import upcast
 from objectives.losses.vicreg import vicreg_terms
+from ssl_med.data.channels import carry_channel_keys, encoder_channel_kwargs
 from ssl_med.encoder import Encoder
 from ssl_med.geometry import CropSpec, GeometryError, ViewGeometry, override, patch_multiple_crop
 from ssl_med.objective import Objective, ObjectiveOutput, Sample
@@ -152,7 +153,7 @@ class TwoViews(Randomizable):
 
     def __call__(self, sample: Sample) -> Sample:
         x = torch.as_tensor(sample["image"], dtype=torch.float32)
-        return {"view1": self._view(x), "view2": self._view(x)}
+        return carry_channel_keys(sample, {"view1": self._view(x), "view2": self._view(x)})
 
 
 def mlp(dims: Sequence[int]) -> nn.Sequential:
@@ -381,7 +382,7 @@ class GraphMatching(Objective):
         """One step on ``view1``, ``view2`` ``(B, C, *S)``."""
         v1, v2 = batch["view1"], batch["view2"]
         b = v1.shape[0]
-        out = self.encoder(torch.cat([v1, v2]))
+        out = self.encoder(torch.cat([v1, v2]), **encoder_channel_kwargs(self.encoder, batch, repeat=2))
         z = self.projector(out.pooled)
         maps = None if self.maps_projector is None else self.maps_projector(out.patch_tokens)
         # matching and VICReg in float32 outside autocast: the solver compares sums of costs, which

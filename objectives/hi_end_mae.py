@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from objectives.losses.precision import upcast
 from objectives.mae import MAE, MAEDecoder, masked_patch_loss, random_masking
 from objectives.views import ReseededViews
+from ssl_med.data.channels import encoder_channel_kwargs
 from ssl_med.encoder import Encoder
 from ssl_med.layers.attention import Attention, AttnImpl, attention
 from ssl_med.layers.patch_embed import patchify
@@ -256,22 +257,25 @@ class HiEndMAE(MAE):
     def view_transform(self) -> Callable[[Sample], Sample]:
         return self.views
 
-    def _predict(self, images: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor, tuple[int, ...]]:
+    def _predict(
+        self, images: Tensor, noise: Tensor | None, channels: Mapping[str, Any] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[int, ...]]:
         """Masking, encoder and decoder: ``pred (B, N, P)``, ``mask (B, N)``, embedding ``(B, D)``, grid.
+        ``channels``: the encoder's channel keywords (:func:`ssl_med.data.channels.encoder_channel_kwargs`).
 
         The embedding is the mean visible token (as MAE): the loss never touches the CLS token."""
         grid = self.encoder.grid_shape(images.shape[2:])
         if noise is None:
             noise = torch.rand(images.shape[0], math.prod(grid), device=images.device)
         keep_idx, mask = random_masking(noise, self.mask_ratio)
-        out = self.encoder(images, keep_idx=keep_idx, return_layers=self.levels)
+        out = self.encoder(images, keep_idx=keep_idx, return_layers=self.levels, **(channels or {}))
         pred = self.decoder(out.patch_tokens, out.hidden_states, keep_idx, grid)
         return pred, mask, out.patch_tokens.mean(dim=1), grid
 
     def forward(self, batch: dict[str, Any], noise: Tensor | None = None) -> ObjectiveOutput:
         """One step on ``batch["image"] (B, C, *S)``; ``noise`` ``(B, N)`` fixes the masking (tests)."""
         images = batch["image"]
-        pred, mask, pooled, _ = self._predict(images, noise)
+        pred, mask, pooled, _ = self._predict(images, noise, encoder_channel_kwargs(self.encoder, batch))
         loss = hi_end_mae_loss(pred, patchify(images, self.encoder.patch_size), mask, self.norm_pix_loss)
         return ObjectiveOutput(loss=loss, terms={"hi_end_mae": loss.detach()}, embeddings=pooled.detach())
 

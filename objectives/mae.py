@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from objectives.losses.precision import upcast
 from objectives.views import RandFlips, ReseededViews
+from ssl_med.data.channels import encoder_channel_kwargs
 from ssl_med.encoder import Encoder
 from ssl_med.layers.patch_embed import grid_shape, patchify, unpatchify
 from ssl_med.layers.pos_embed import sincos_pos_embed
@@ -119,21 +120,29 @@ class MAEDecoder(nn.Module):
         self.pred = nn.Linear(decoder_dim, patch_dim)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def query_stream(self, visible: Tensor, keep_idx: Tensor, grid: tuple[int, ...]) -> Tensor:
-        """Embedded visible tokens at their positions, the mask token elsewhere, plus fixed sin-cos
-        positions: ``(B, N_keep, D)`` -> ``(B, N, decoder_dim)``."""
+    def scatter_visible(self, visible: Tensor, keep_idx: Tensor, length: int) -> Tensor:
+        """Embedded visible tokens at their indices ``keep_idx`` ``(B, N_keep)`` of a stream of ``length``
+        tokens, the mask token elsewhere: ``(B, N_keep, D)`` -> ``(B, length, decoder_dim)``."""
         tokens = self.embed(visible)
         # the mask token takes the embedded tokens' dtype, not the encoder output's: under autocast
         # ``embed`` returns bf16 whatever ``visible`` is, and scatter needs one dtype
-        x = self.mask_token.to(tokens.dtype).expand(tokens.shape[0], math.prod(grid), -1).clone()
-        x = x.scatter(1, keep_idx.unsqueeze(-1).expand(-1, -1, self.decoder_dim), tokens)
+        x = self.mask_token.to(tokens.dtype).expand(tokens.shape[0], length, -1).clone()
+        return x.scatter(1, keep_idx.unsqueeze(-1).expand(-1, -1, self.decoder_dim), tokens)
+
+    def query_stream(self, visible: Tensor, keep_idx: Tensor, grid: tuple[int, ...]) -> Tensor:
+        """Embedded visible tokens at their positions, the mask token elsewhere, plus fixed sin-cos
+        positions: ``(B, N_keep, D)`` -> ``(B, N, decoder_dim)``."""
+        x = self.scatter_visible(visible, keep_idx, math.prod(grid))
         return x + sincos_pos_embed(grid, self.decoder_dim).to(x)[None]
 
-    def forward(self, visible: Tensor, keep_idx: Tensor, grid: tuple[int, ...]) -> Tensor:
-        x = self.query_stream(visible, keep_idx, grid)
+    def mix(self, x: Tensor) -> Tensor:
+        """The decoder blocks and final norm on a query stream ``(B, L, decoder_dim)``."""
         for block in self.blocks:
             x = block(x)
-        return self.pred(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, visible: Tensor, keep_idx: Tensor, grid: tuple[int, ...]) -> Tensor:
+        return self.pred(self.mix(self.query_stream(visible, keep_idx, grid)))
 
 
 @OBJECTIVES.register("mae")
@@ -187,7 +196,7 @@ class MAE(Objective):
         if noise is None:
             noise = torch.rand(images.shape[0], math.prod(grid), device=images.device)
         keep_idx, mask = random_masking(noise, self.mask_ratio)
-        out = self.encoder(images, keep_idx=keep_idx)
+        out = self.encoder(images, keep_idx=keep_idx, **encoder_channel_kwargs(self.encoder, batch))
         pred = self.decoder(out.patch_tokens, keep_idx, grid)
         loss = masked_patch_loss(pred, patchify(images, self.encoder.patch_size), mask, self.norm_pix_loss)
         # the loss never touches the CLS token, so the collapse monitor watches the mean visible token

@@ -34,6 +34,7 @@ class DataConfig:
     small_images: str = "resize"
     min_foreground: float = 0.0
     normalise: str = "auto"
+    channel_dropout: float = 0.0  # modality dropout: per-channel drop probability (ssl_med/data/channels.py)
     samples_per_epoch: int = 2048
     batch_size: int = 32
     num_workers: int = 2

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
+from ssl_med.data.channels import MASK_KEY, NAMES_KEY, draw_channel_keep, encode_names, zero_fill
 from ssl_med.data.faults import FaultPolicy
 from ssl_med.data.store import ImageMeta, ImageStore
 
@@ -82,6 +83,16 @@ def normalise_batch(batch: dict[str, Any]) -> dict[str, Any]:
     out = torch.addcmul(-lo * scale, image.float(), scale).clamp_(0.0, 1.0)  # one fused pass + clamp
     batch["image"] = out.nan_to_num_(nan=0.0) if image.is_floating_point() else out
     return batch
+
+
+def below_window(window: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``(C,)`` stored values that normalise to exactly 0 with ``window`` ``(C, 2)``: one below the
+    window's low end (clipped to 0, exactly, by :func:`normalise_batch`), within ``dtype``'s range."""
+    value = np.floor(window[:, 0]) - 1
+    if np.dtype(dtype).kind in "iu":
+        info = np.iinfo(dtype)
+        value = np.clip(value, info.min, info.max)
+    return value
 
 
 def resolve_split(split: str | None, metas: Iterable[ImageMeta]) -> str | None:
@@ -127,8 +138,12 @@ class RandomCropDataset(Dataset):
         min_foreground: minimum fraction of foreground voxels per crop (0: no check).
         foreground_threshold: normalised intensity above which a voxel is foreground.
         max_tries: crops drawn at most per sample when ``min_foreground > 0``.
-        return_channel_names: add ``"channel_names"`` (one ``str`` per channel) to each sample
-            (for channel-adaptive backbones; only with ``num_channels=None``).
+        return_channel_names: add ``"channel_names"`` to each sample: the store's names joined with
+            ``|``, one string per sample (``""`` when the crop's channels were averaged or repeated by
+            ``num_channels``) (:mod:`ssl_med.data.channels`; channel-adaptive backbones read them).
+        channel_dropout: modality dropout, the probability of dropping each channel of a sample
+            (never all of them); dropped channels are zero-filled and ``"channel_mask"`` ``(C,)``
+            (True = present) is added (:mod:`ssl_med.data.channels`).
         engine: store read engine (``"auto"``, ``"direct"``, ``"zarr"``; see :class:`ImageStore`).
         normalise: ``"worker"`` (float32 ``[0, 1]`` crops) or ``"batch"`` (stored values plus
             ``"intensity_window"`` ``(C, 2)``; finish with :func:`normalise_batch`; the transform must
@@ -157,6 +172,7 @@ class RandomCropDataset(Dataset):
         foreground_threshold: float = 0.05,
         max_tries: int = 10,
         return_channel_names: bool = False,
+        channel_dropout: float = 0.0,
         engine: str = "auto",
         normalise: Literal["auto", "worker", "batch"] = "worker",
         on_error: str = "raise",
@@ -180,6 +196,9 @@ class RandomCropDataset(Dataset):
         self.foreground_threshold = foreground_threshold
         self.max_tries = max(1, max_tries)
         self.return_channel_names = return_channel_names
+        if not 0.0 <= channel_dropout < 1.0:
+            raise ValueError(f"channel_dropout (data.channel_dropout) must be in [0, 1), got {channel_dropout}")
+        self.channel_dropout = channel_dropout
         self.engine = engine
         self.faults = FaultPolicy(on_error, max_error_fraction)
         manifest = ImageStore(self.store_path).manifest
@@ -335,13 +354,21 @@ class RandomCropDataset(Dataset):
                 if fraction > best_fraction:
                     best, best_fraction = (crop, meta), fraction
             crop, meta = best
+        own_channels = self.num_channels is None or crop.shape[0] == self.num_channels
         crop = match_channels(crop, self.num_channels)
         window = match_channels(intensity_window(meta), self.num_channels) if self.normalise == "batch" else None
+        keep = None
+        if self.channel_dropout > 0:
+            keep = draw_channel_keep(np.random.default_rng([self.seed, index, redraw, 2]), crop.shape[0], self.channel_dropout)
+            if not getattr(self.transform, "keeps_dropped_channels", False):
+                crop = zero_fill(crop, keep, None if window is None else below_window(window, crop.dtype))
         sample: dict[str, Any] = {"image": torch.from_numpy(self._padded(crop, window))}
         if window is not None:
             sample["intensity_window"] = torch.from_numpy(window)
-        if self.return_channel_names:
-            sample["channel_names"] = list(meta.channel_names)
+        if self.return_channel_names:  # every sample has the key (collation), "" when its names do not apply
+            sample[NAMES_KEY] = encode_names(meta.channel_names) if own_channels else ""
+        if keep is not None:
+            sample[MASK_KEY] = torch.from_numpy(keep)
         if self.transform is None:
             return sample
         from monai.data import MetaTensor  # here, not at import: keeps DataLoader worker start-up short

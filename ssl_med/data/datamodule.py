@@ -85,6 +85,8 @@ class CropDataModule(L.LightningDataModule):
                 on_error=self.cfg.on_error,
                 max_error_fraction=self.cfg.max_error_fraction,
                 small_images=self.cfg.small_images,
+                return_channel_names=True,
+                channel_dropout=self.cfg.channel_dropout,
             )
             held_out = sorted({m.split for m in self.dataset.metas} & {"val", "test"})
             if held_out:

@@ -135,7 +135,8 @@ def test_foreground_aware_sampling_and_channel_names(brats_store) -> None:
     fg_f = [fraction(fg[i]["image"]) for i in range(12)]
     assert min(fg_f) >= 0.5 and sum(f < 0.5 for f in plain_f) >= 6  # half the plain crops are mostly air
     sample = fg[3]
-    assert sample["channel_names"] == ["t1", "t1ce", "t2", "flair"] and sample["image"].shape == (
+    # one string per sample (collates to a list of B strings; ssl_med.data.channels.batch_channel_names)
+    assert sample["channel_names"] == "t1|t1ce|t2|flair" and sample["image"].shape == (
         4,
         48,
         48,

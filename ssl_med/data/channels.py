@@ -1,0 +1,159 @@
+"""Channel identity and modality dropout for multi-sequence images (T1/T1ce/T2/FLAIR, multi-phase CT).
+
+What travels with a crop (:class:`~ssl_med.data.crops.RandomCropDataset`) and its batch:
+
+* ``"channel_names"``: the store's per-channel names of the crop's image (ingest writes them: BraTS
+  ``_t1 _t1ce _t2 _flair``, DICOM series descriptions, ``--channel-names``), **one string per sample**
+  joined with ``|`` (``"t1|t1ce|t2|flair"``), so that any ``DataLoader`` collates it to a list of
+  ``B`` strings (a list of names would be transposed by torch's default collate); read it back with
+  :func:`batch_channel_names`. Absent when the crop's channels are not the image's (averaged to grey
+  or repeated by ``data.num_channels``).
+* ``"channel_mask"``: ``(C,)`` bool, True where the channel is present (collated to ``(B, C)``),
+  added when modality dropout is on (``data.channel_dropout > 0``).
+
+Modality dropout (``data.channel_dropout = p``): each channel of a sample is dropped independently
+with probability ``p``, deterministically from ``(seed, index)``; when every channel would go, one
+of them, drawn uniformly, is kept, so a sample never loses all its channels
+(:func:`draw_channel_keep`). Dropped channels are **zero-filled** in the image (they normalise to 0,
+also for raw ``data.normalise=batch`` crops), which is all a fixed-channel encoder (ViT, Mamba,
+xLSTM) sees of the dropout: a missing sequence is a black channel, as in the zero-filling baselines
+of missing-modality MRI work. Channel-adaptive encoders (ChAda-ViT) also get the mask and leave the
+dropped channels out altogether (:func:`encoder_channel_kwargs`). A view transform that reconstructs
+dropped channels (BM-MAE) sets ``keeps_dropped_channels = True`` and receives them un-zeroed, with
+the mask.
+
+Names the store made up for unnamed channels (``ch0``, ``ch1``, ...) are not identities: such an
+image is handed to the encoder without names (per-slot channel embeddings).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+NAMES_KEY = "channel_names"
+MASK_KEY = "channel_mask"
+#: separator of the names in one sample's ``channel_names`` string
+SEPARATOR = "|"
+#: keys the view transforms carry from the crop to their views (views of one sample share its channels)
+CHANNEL_KEYS = (NAMES_KEY, MASK_KEY)
+_PLACEHOLDER = re.compile(r"^ch\d+$")
+_warned: set[str] = set()
+
+
+def encode_names(names: Sequence[str]) -> str:
+    """One sample's channel names as one string (``|`` inside a name becomes ``/``)."""
+    return SEPARATOR.join(str(n).replace(SEPARATOR, "/") for n in names)
+
+
+def is_placeholder(names: Sequence[str]) -> bool:
+    """True when the names are the store's stand-ins for unnamed channels (``ch0``, ``ch1``, ...)."""
+    return not names or any(_PLACEHOLDER.match(str(n)) for n in names)
+
+
+def batch_channel_names(batch: Mapping[str, Any]) -> list[list[str]] | None:
+    """The per-image channel names of a collated batch (``B`` lists), or ``None`` when it has none."""
+    value = batch.get(NAMES_KEY)
+    if value is None:
+        return None
+    if isinstance(value, str):  # one uncollated sample
+        value = [value]
+    return [str(v).split(SEPARATOR) if v else [] for v in value]
+
+
+def draw_channel_keep(rng: np.random.Generator, channels: int, p: float) -> np.ndarray:
+    """``(C,)`` bool: the channels a sample keeps under modality dropout with probability ``p``.
+
+    Each channel is dropped independently with probability ``p``; if all would be dropped, one
+    channel drawn uniformly is kept (a sample never loses every channel).
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"data.channel_dropout must be in [0, 1), got {p}")
+    keep = rng.random(channels) >= p
+    if not keep.any():
+        keep[int(rng.integers(channels))] = True
+    return keep
+
+
+def zero_fill(crop: np.ndarray, keep: np.ndarray, fill: np.ndarray | None = None) -> np.ndarray:
+    """``crop`` ``(C, *S)`` with the channels not in ``keep`` ``(C,)`` set to ``fill`` ``(C,)``
+    (0 for normalised crops; for raw crops a value that normalises to 0)."""
+    out = np.array(crop, copy=True)
+    for c in np.flatnonzero(~keep):
+        out[c] = 0 if fill is None else fill[c]
+    return out
+
+
+def carry_channel_keys(sample: Mapping[str, Any], views: dict[str, Any]) -> dict[str, Any]:
+    """``views`` plus the sample's channel keys (for view transforms that build a new dict)."""
+    return {**views, **{k: sample[k] for k in CHANNEL_KEYS if k in sample}}
+
+
+def channel_names_for(encoder: Any, names: list[list[str]] | None, batch: int) -> list[list[str] | None] | None:
+    """Names an encoder can use, per image: an image's names when the encoder knows every one of them
+    (``encoder.knows_channel``), else ``None`` for that image (per-slot embeddings); unknown real
+    names are reported once, naming the option that adds them (``backbone.channel_vocab``)."""
+    if names is None:
+        return None
+    if len(names) != batch:
+        raise ValueError(f"{len(names)} channel-name entries for a batch of {batch}")
+    knows = getattr(encoder, "knows_channel", None)
+    out: list[list[str] | None] = []
+    for image_names in names:
+        if is_placeholder(image_names):
+            out.append(None)
+            continue
+        unknown = [n for n in image_names if knows is not None and not knows(n)]
+        if unknown:
+            key = ",".join(sorted(unknown))
+            if key not in _warned:
+                _warned.add(key)
+                log.warning(
+                    "channel names %s are not in the encoder's channel vocabulary: those images get per-slot "
+                    "channel embeddings; add the names to backbone.channel_vocab to give them their own", unknown
+                )
+            out.append(None)
+            continue
+        out.append(list(image_names))
+    return out if any(n is not None for n in out) else None
+
+
+def encoder_channel_kwargs(encoder: Any, batch: Mapping[str, Any], repeat: int = 1) -> dict[str, Any]:
+    """The channel keywords of ``encoder(x, ...)`` for a collated ``batch`` whose images were stacked
+    ``repeat`` times view-major (``torch.cat([view_1, view_2])``: DINO's crops, graph matching's pair).
+
+    A fixed-channel encoder (``encoder.in_chans`` set) gets nothing: it sees the zero-filled channels.
+    A channel-adaptive one gets ``channel_names`` (names it knows, see :func:`channel_names_for`) and,
+    with modality dropout, ``channel_padding_mask`` ``(B * repeat, C)`` (True = missing).
+    """
+    if getattr(encoder, "in_chans", None) is not None:
+        return {}
+    kwargs: dict[str, Any] = {}
+    mask = batch.get(MASK_KEY)
+    size = None if mask is None else int(mask.shape[0])
+    names = batch_channel_names(batch)
+    if names is not None:
+        resolved = channel_names_for(encoder, names, len(names))
+        if resolved is not None:
+            kwargs["channel_names"] = resolved * repeat
+    if mask is not None:
+        kwargs["channel_padding_mask"] = (~mask.bool()).repeat(repeat, 1)
+    if size is not None and names is not None and size != len(names):
+        raise ValueError(f"channel_mask has {size} rows but channel_names {len(names)}")
+    return kwargs
+
+
+def present_channels(batch: Mapping[str, Any], images: Tensor) -> Tensor:
+    """``(B, C)`` bool: the channels present in each image (all, without modality dropout)."""
+    mask = batch.get(MASK_KEY)
+    if mask is None:
+        return torch.ones(images.shape[:2], dtype=torch.bool, device=images.device)
+    return mask.to(device=images.device, dtype=torch.bool)
