@@ -22,7 +22,7 @@ import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -65,6 +65,10 @@ class Objective(nn.Module, ABC):
     #: (CLS / pooled embedding, trained by DINO, VoCo, graph matching) or ``mean_patch`` (MAE-family
     #: objectives, whose losses never touch the CLS token; timm's MAE models pool the same way)
     eval_features: str = "pooled"
+    #: registered backbone names this objective pairs with (``None``: every backbone); the pair
+    #: matrix skips the others with :attr:`backbone_reason` (see :meth:`pairing_problem`)
+    backbones: ClassVar[tuple[str, ...] | None] = None
+    backbone_reason: ClassVar[str] = ""
 
     def __init__(self, encoder: Encoder) -> None:
         super().__init__()
@@ -96,6 +100,13 @@ class Objective(nn.Module, ABC):
         """
         size = patch_multiple_crop(crop)
         return ViewGeometry(size, {"image": size})
+
+    @classmethod
+    def pairing_problem(cls, backbone: str) -> str | None:
+        """Why this objective does not pair with the registered ``backbone``, or ``None`` when it does."""
+        if cls.backbones is None or backbone in cls.backbones:
+            return None
+        return cls.backbone_reason or f"pairs only with backbones {', '.join(cls.backbones)}"
 
     @classmethod
     def options_with_defaults(cls, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,9 @@ TINY = ["backbone.embed_dim=48", "backbone.depth=1"]
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES.names()))
 @pytest.mark.parametrize("backbone", sorted(BACKBONES.names()))
 def test_recipe_composes_with_every_pair(recipe: str, objective: str, backbone: str) -> None:
+    problem = OBJECTIVES.get(objective).pairing_problem(backbone)
+    if problem:
+        pytest.skip(problem)
     overrides = [f"recipe={recipe}", f"backbone={backbone}", f"objective={objective}", *TINY]
     with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
         cfg = prepare_pretrain_config(compose(config_name="pretrain", overrides=overrides), overrides)
