@@ -62,12 +62,19 @@ class SegmentationData:
         spatial_dims: 2 or 3.
         items: split -> list of ``(image (C, *S) float32 [0, 1], label (*S) int64)``.
         class_names: foreground class names; label ``i + 1`` is ``class_names[i]``, 0 is background.
+        channel_names: one name per image channel (BraTS: ``eval_data.modalities``), ``None`` when
+            the channels are unnamed or were averaged to the encoder's channel count; read by
+            ``eval.channels`` (:mod:`ssl_med.evaluators.channels`).
+        source: the resolved ``eval_data`` config the set was read from (to read it again with every
+            channel, for channel-adaptive encoders).
     """
 
     name: str
     spatial_dims: int
     items: dict[str, list[tuple[np.ndarray, np.ndarray]]]
     class_names: list[str] = field(default_factory=list)
+    channel_names: list[str] | None = None
+    source: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -224,7 +231,7 @@ def _volume_task(
     return SegmentationData(cfg["name"], dims, items, class_names)
 
 
-def load_brats(cfg: dict[str, Any], in_chans: int = 1) -> SegmentationData:
+def load_brats(cfg: dict[str, Any], in_chans: int | None = 1) -> SegmentationData:
     """The BraTS 2020 case: chosen ``modalities`` stacked as channels, labels remapped by ``label_map``.
 
     ``cfg`` keys: ``path`` (case folder), ``modalities`` (e.g. ``[flair]``), ``label_map``
@@ -240,7 +247,11 @@ def load_brats(cfg: dict[str, Any], in_chans: int = 1) -> SegmentationData:
         _load_nifti_zyx(folder / f"{case}_seg.nii.gz"), {int(k): int(v) for k, v in cfg["label_map"].items()}
     )
     image = match_channels(percentile_scale(volume), in_chans) * (volume.max(axis=0, keepdims=True) > 0)
-    return _volume_task(cfg, image.astype(np.float32), label, list(cfg["class_names"]))
+    data = _volume_task(cfg, image.astype(np.float32), label, list(cfg["class_names"]))
+    data.source = dict(cfg)
+    if len(image) == len(cfg["modalities"]):  # one channel per sequence (not averaged or repeated)
+        data.channel_names = [str(m) for m in cfg["modalities"]]
+    return data
 
 
 def load_mni152_tissue(cfg: dict[str, Any], in_chans: int = 1) -> SegmentationData:
@@ -325,6 +336,7 @@ def resolve_eval_data(cfg: dict[str, Any]) -> dict[str, Any]:
     return resolve(cfg) if resolve is not None else dict(cfg)
 
 
-def load_eval_data(cfg: dict[str, Any], in_chans: int = 1) -> ClassificationData | SegmentationData:
-    """Dispatch on ``cfg['kind']`` (``medmnist``, ``brats``, ``kvasir``, ``mni152_tissue``)."""
+def load_eval_data(cfg: dict[str, Any], in_chans: int | None = 1) -> ClassificationData | SegmentationData:
+    """Dispatch on ``cfg['kind']`` (``medmnist``, ``brats``, ``kvasir``, ``mni152_tissue``);
+    ``in_chans=None`` keeps every channel (channel-adaptive encoders)."""
     return LOADERS[cfg["kind"]](resolve_eval_data(cfg), in_chans)

@@ -1,4 +1,5 @@
-"""Segmentation transfer (``eval=segmentation``): UNETR decoder, ``frozen`` or ``finetune`` encoder.
+"""Segmentation transfer (``eval=segmentation``): UNETR decoder, ``frozen`` or ``finetune`` encoder,
+on all channels or a subset of named sequences (``eval.channels``, ``eval.channel_subsets``).
 
 Training samples random ``roi_size`` crops from the training items (a ``pos_fraction`` of them
 centred on a random foreground voxel), MONAI ``DiceCELoss`` (softmax, one-hot targets), AdamW with a
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from ssl_med.encoder import Encoder
 from ssl_med.evaluators.base import EvalContext, EvalResult, layer_decay_groups
+from ssl_med.evaluators.channels import select_channels, subset_label
 from ssl_med.evaluators.datasets import SegmentationData
 from ssl_med.evaluators.metrics import dice_per_class
 from ssl_med.evaluators.plots import interpolation_plot, overlay_png
@@ -211,7 +213,13 @@ def interpolation_curve(
 def segmentation(
     encoder: Encoder, cfg: dict[str, Any], data: SegmentationData, ctx: EvalContext
 ) -> EvalResult:
-    """Train a UNETR decoder on ``data`` over a copy of ``encoder``; test Dice per class + mean."""
+    """Train a UNETR decoder on ``data`` over a copy of ``encoder``; test Dice per class + mean.
+
+    ``eval.channels``: only these sequences (by name; absent ones zero-filled for fixed-channel
+    encoders, omitted for channel-adaptive ones, :mod:`ssl_med.evaluators.channels`).
+    ``eval.channel_subsets``: one decoder trained and tested per subset; the metrics of subset ``s``
+    are ``<s>/dice_mean`` and ``<s>/dice/<class>``, the headline ``dice_mean`` is the first subset's,
+    and ``details["subsets"]`` is the table (one row per subset)."""
     if not isinstance(data, SegmentationData):
         raise TypeError(
             "segmentation needs a segmentation dataset (eval_data=brats, brats2d, kvasir, mni152_tissue)"
@@ -221,6 +229,26 @@ def segmentation(
     mode = cfg["mode"]
     if mode not in ("frozen", "finetune"):
         raise ValueError(f"eval.mode must be frozen or finetune, got {mode!r}")
+    subsets = cfg.get("channel_subsets")
+    if not subsets:
+        data, encoder = select_channels(data, encoder, cfg.get("channels"))
+        return _segment(encoder, cfg, data, ctx)
+    metrics: dict[str, float] = {}
+    table: list[dict[str, Any]] = []
+    for subset in subsets:
+        sub_data, sub_encoder = select_channels(data, encoder, list(subset))
+        result = _segment(sub_encoder, {**cfg, "overlays": 0}, sub_data, ctx)
+        label = subset_label(subset)
+        table.append({"channels": list(subset), "best_val_dice": result.details["best_val_dice"], **result.metrics})
+        metrics.update({f"{label}/{k}": v for k, v in result.metrics.items()})
+        if len(table) == 1:
+            metrics.update(result.metrics)
+    return EvalResult(metrics=metrics, details={"mode": mode, "subsets": table})
+
+
+def _segment(encoder: Encoder, cfg: dict[str, Any], data: SegmentationData, ctx: EvalContext) -> EvalResult:
+    """One segmentation transfer of ``encoder`` on ``data`` (see :func:`segmentation`)."""
+    mode = cfg["mode"]
     torch.manual_seed(ctx.seed)
     pretrained = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     model = UnetrSegmenter(

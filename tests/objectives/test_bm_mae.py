@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 import ssl_med
 from objectives.bm_mae import BMMAE
+from objectives.bm_mae_synthesis import synthesis_figure, synthesis_scores
 from ssl_med.data.crops import RandomCropDataset
 from ssl_med.registry import BACKBONES, OBJECTIVES
 
@@ -93,6 +94,8 @@ def test_learns_on_the_brats_case(brats_store: str, spatial_dims: int, size: int
             return {k: float(v) for k, v in obj(fixed).terms.items()}
 
     before = fixed_loss()
+    psnr_before = synthesis_scores(obj, fixed, "flair")[0]["psnr"]
+    obj.train()
     opt = torch.optim.AdamW(obj.parameters(), lr=2e-3)
     for step in range(30):
         out = obj(batches[step % len(batches)])
@@ -102,6 +105,8 @@ def test_learns_on_the_brats_case(brats_store: str, spatial_dims: int, size: int
     after = fixed_loss()
     assert after["bm_mae"] < 0.7 * before["bm_mae"], (before, after)
     assert all(after[f"recon_{s}"] < before[f"recon_{s}"] for s in SEQUENCES), (before, after)
+    # FLAIR synthesised from T1, T1ce and T2 alone improves too
+    assert synthesis_scores(obj, fixed, "flair")[0]["psnr"] > psnr_before + 1.0
 
 
 def test_reconstructs_a_held_out_sequence() -> None:
@@ -117,6 +122,21 @@ def test_reconstructs_a_held_out_sequence() -> None:
     torch.testing.assert_close(obj.reconstruct({**batch, "image": x2}, available), out)
     preview = obj.preview(batch)
     assert set(preview) == {"input", "masked", "reconstruction"} and preview["reconstruction"].shape == x.shape
+
+
+def test_synthesis_scores_and_figure(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    obj = tiny(2, 16, 4)
+    batch = {"image": torch.rand(2, 4, 16, 16), "channel_names": ["t1|t1ce|t2|flair"] * 2}
+    scores, synth = synthesis_scores(obj, batch, "FLAIR")
+    mse = ((synth - batch["image"][:, 3:4]) ** 2).flatten(1).mean(dim=1)
+    assert scores["psnr"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-4)
+    assert -1.0 <= scores["ssim"] <= 1.0 and synth.shape == (2, 1, 16, 16)
+    assert synthesis_scores(obj, batch, 3)[0] == scores
+    path = synthesis_figure(batch["image"], synth, SEQUENCES, 3, tmp_path / "synth.png", "flair from t1, t1ce, t2")
+    assert path.stat().st_size > 1000
+    with pytest.raises(ValueError, match="not one of"):
+        synthesis_scores(obj, batch, "dwi")
 
 
 def test_pretrain_exports_the_vocabulary_and_runs_on_a_subset(brats_store: str, tmp_path: Path) -> None:
