@@ -115,8 +115,13 @@ def invert(perm: Tensor) -> Tensor:
 
 
 def _gather_seq(x: Tensor, index: Tensor) -> Tensor:
-    """``x`` ``(B, L, C)`` reordered along L by ``index`` ``(B, L)``."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """``x`` ``(B, L, C)`` reordered along L by ``index`` ``(B, L)``.
+
+    Advanced indexing rather than ``torch.gather``: its backward keeps only the index (a scatter-add
+    into zeros), while gather's keeps its whole input ``x`` alive until the backward.
+    """
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    return x[rows, index]
 
 
 # ---------------------------------------------------------------------------------------------
