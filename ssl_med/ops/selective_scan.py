@@ -123,8 +123,43 @@ def causal_conv1d(
     kernel = _causal_conv1d_kernel() if x.is_cuda else None
     if kernel is not None and 2 <= width <= 4:
         return kernel(x, weight, bias, activation=activation)
-    out = F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=weight.shape[0])
-    return F.silu(out) if activation == "silu" else out
+    if activation == "silu" and torch.is_grad_enabled():
+        return _ConvSilu.apply(x, weight, bias)
+    return _conv_silu(x, weight, bias, activation == "silu")
+
+
+def _conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+    """``[silu](conv1d(left-pad(x)))`` ``(B, D, L)``, laid out in memory as ``x`` is.
+
+    A token-major input (``x.stride(1) == 1``, a transposed ``(B, L, D)`` tensor) gives a token-major
+    output, so the ``x_proj`` that follows in a Mamba branch reads it without a copy.
+    """
+    out = F.conv1d(F.pad(x, (weight.shape[-1] - 1, 0)), weight.unsqueeze(1), bias, groups=weight.shape[0])
+    out = F.silu(out) if silu else out
+    if x.stride(1) == 1 and x.shape[1] > 1:
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
+    return out
+
+
+class _ConvSilu(torch.autograd.Function):
+    """``silu(causal depthwise conv1d(x))`` that saves only its input: the padded copy and the
+    pre-activation, which autograd would keep, are recomputed in the backward (cheap: K MACs each)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight, bias)
+        return _conv_silu(x, weight, bias, silu=True)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        leaves = [None if t is None else t.detach().requires_grad_(need) for t, need in
+                  zip(saved, ctx.needs_input_grad, strict=True)]  # fmt: skip
+        with torch.enable_grad():
+            out = _conv_silu(leaves[0], leaves[1], leaves[2], silu=True)
+        wanted = [t for t, need in zip(leaves, ctx.needs_input_grad, strict=True) if need]
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+        return tuple(next(grads) if need else None for need in ctx.needs_input_grad)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -167,14 +167,16 @@ def scan_fused(
     def vec(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.to(dtype).contiguous()
 
+    # u, delta and z keep their strides (the kernel reads transposed views): the Function saves the
+    # caller's tensors rather than contiguous copies of them
     inputs = (
-        u.to(dtype).contiguous(),
-        delta.to(dtype).contiguous(),
+        u.to(dtype),
+        delta.to(dtype),
         A.to(dtype).contiguous(),
         _layout_bc(B, batch, channels, dtype),
         _layout_bc(C, batch, channels, dtype),
         vec(D),
-        vec(z),
+        None if z is None else z.to(dtype),
         vec(delta_bias),
     )
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)

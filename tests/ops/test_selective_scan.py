@@ -167,6 +167,28 @@ def test_causal_conv1d_matches_padded_conv() -> None:
     torch.testing.assert_close(causal_conv1d(y, w, bias)[..., :6], full[..., :6])
 
 
+def test_causal_conv1d_silu_recomputes_in_backward_with_the_same_gradients() -> None:
+    """The SiLU conv saves only its input; its gradients equal autograd's through pad + conv + silu,
+    and a token-major input (a transposed (B, L, D) tensor) gives a token-major output."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 11, 5, generator=g, dtype=F64)  # (B, L, D)
+    w, bias = torch.randn(5, 4, generator=g, dtype=F64), torch.randn(5, generator=g, dtype=F64)
+    grad = torch.randn(2, 5, 11, generator=g, dtype=F64)
+    results = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (base, w, bias)]
+        x = leaves[0].transpose(1, 2)
+        if fused:
+            out = causal_conv1d(x, leaves[1], leaves[2], activation="silu")
+            assert out.stride(1) == 1  # token-major, as its input
+        else:
+            out = F.silu(F.conv1d(F.pad(x, (3, 0)), leaves[1][:, None], leaves[2], groups=5))
+        results.append((out, torch.autograd.grad(out, leaves, grad)))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_impl_resolution_on_cpu() -> None:
     from ssl_med.ops.selective_scan_fused import fused_available
 

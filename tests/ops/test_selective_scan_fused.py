@@ -145,6 +145,20 @@ def test_no_grad_forward_and_non_contiguous_inputs() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+def test_strided_inputs_match_contiguous_ones() -> None:
+    """u, delta and z as transposed (B, L, D) views (Mamba's layout): same results and gradients."""
+    tensors, extras = inputs(90, 2, 5, 16, "variable", "variable")
+    contiguous = run("fused", tensors, extras)
+
+    def token_major(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+    strided = [token_major(tensors[0]), token_major(tensors[1]), *tensors[2:]]
+    got = run("fused", strided, {**extras, "z": token_major(extras["z"])})
+    assert_same(got, contiguous, rtol=1e-12, atol=1e-12)
+    assert_same(got, run("ref", tensors, extras))
+
+
 def test_auto_picks_the_fused_kernel_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     assert resolve_impl("auto", cpu) == "fused"

@@ -7,8 +7,8 @@
 //     h_t      = exp(delta_t A) * h_{t-1} + delta_t u_t B_t            h_{-1} = 0, h_t in R^N
 //     out_t    = (<h_t, C_t> + D u_t) * silu(z_t)                      (D and z optional)
 //
-// Layout (checked by the Python wrapper, ssl_med/ops/selective_scan_fused.py): u, delta, z, out are
-// contiguous (batch, dim, len); A is (dim, N); B and C are each either constant (dim, N) or
+// Layout (prepared by the Python wrapper, ssl_med/ops/selective_scan_fused.py): u, delta, z are
+// (batch, dim, len) with any strides, out and the gradients contiguous; A is (dim, N); B and C are each either constant (dim, N) or
 // input-dependent (batch, G, len, N) with channel d reading group d / (dim / G); D and delta_bias are
 // (dim,). Everything is float32 or float64 (one dtype).
 //
@@ -120,16 +120,39 @@ void step_sizes(const T* raw, T bias, bool use_softplus, T* out, int64_t len) {
 // ---------------------------------------------------------------------------------------------
 // problem description shared by the row kernels
 // ---------------------------------------------------------------------------------------------
+// A (batch, dim, len) input with any strides (u, delta and z may be transposed views, as Mamba's
+// projections produce them: saving views instead of contiguous copies keeps no second copy alive).
+template <typename T>
+struct Rows {
+  const T* p = nullptr;
+  int64_t sb = 0, sd = 0, st = 0;
+  Rows() = default;
+  explicit Rows(const at::Tensor& t) : p(t.data_ptr<T>()), sb(t.stride(0)), sd(t.stride(1)), st(t.stride(2)) {}
+  explicit operator bool() const { return p != nullptr; }
+  // row (b, d) as a contiguous array: the row itself, or its copy in buf
+  const T* load(int64_t b, int64_t d, int64_t len, T* buf) const {
+    const T* r = p + b * sb + d * sd;
+    if (st == 1) return r;
+    for (int64_t t = 0; t < len; ++t) buf[t] = r[t * st];
+    return buf;
+  }
+};
+
+// Per-thread row buffers for strided inputs (and the step sizes).
+template <typename T>
+struct RowBuffers {
+  std::vector<T> u, raw, z, dt;
+  explicit RowBuffers(int64_t len) : u(len), raw(len), z(len), dt(len) {}
+};
+
 template <typename T>
 struct Scan {
   int64_t batch, dim, len, nstate;
-  const T* u;
-  const T* delta;
+  Rows<T> u, delta, z;  // z optional (empty)
   const T* A;
   const T* Bm;
   const T* Cm;
   const T* Dskip;  // nullable
-  const T* z;      // nullable
   const T* bias;   // nullable
   bool softplus;
   bool b_var, c_var;
@@ -151,7 +174,7 @@ struct Scan {
 // forward: one row (b, d), one pass over its len x N elements
 // ---------------------------------------------------------------------------------------------
 template <typename T, int NC>
-void forward_row(const Scan<T>& s, int64_t b, int64_t d, T* out, T* last, T* states, T* dtbuf) {
+void forward_row(const Scan<T>& s, int64_t b, int64_t d, T* out, T* last, T* states, RowBuffers<T>& w) {
   const int N = NC > 0 ? NC : static_cast<int>(s.nstate);
   T h[NC > 0 ? NC : kMaxState];
   T a_row[NC > 0 ? NC : kMaxState];
@@ -160,12 +183,13 @@ void forward_row(const Scan<T>& s, int64_t b, int64_t d, T* out, T* last, T* sta
     a_row[n] = s.A[d * N + n];
   }
   const int64_t r = s.row(b, d), len = s.len;
-  const T* u = s.u + r;
+  const T* u = s.u.load(b, d, len, w.u.data());
   const T* Bt = s.b_ptr(b, d);
   const T* Ct = s.c_ptr(b, d);
   const int64_t bs = s.b_step(), cs = s.c_step();
   T* o = out + r;
-  step_sizes(s.delta + r, s.bias ? s.bias[d] : T(0), s.softplus, dtbuf, len);
+  T* dtbuf = w.dt.data();
+  step_sizes(s.delta.load(b, d, len, w.raw.data()), s.bias ? s.bias[d] : T(0), s.softplus, dtbuf, len);
   for (int64_t t = 0; t < len; ++t, Bt += bs, Ct += cs) {
     const T dt = dtbuf[t], dtu = dt * u[t];
     T y = T(0);
@@ -182,7 +206,7 @@ void forward_row(const Scan<T>& s, int64_t b, int64_t d, T* out, T* last, T* sta
   std::memcpy(last, h, N * sizeof(T));
   const T skip = s.Dskip ? s.Dskip[d] : T(0);
   if (s.z) {
-    const T* z = s.z + r;
+    const T* z = s.z.load(b, d, len, w.z.data());
 #pragma omp simd
     for (int64_t t = 0; t < len; ++t) o[t] = (o[t] + skip * u[t]) * z[t] * sigmoid(z[t]);
   } else if (s.Dskip) {
@@ -211,8 +235,9 @@ struct RowGrads {
 // Per-thread buffers: a chunk's decays and states, and the row's step sizes and gate.
 template <typename T>
 struct Scratch {
-  std::vector<T> a, h, y, dt, gate;
-  Scratch(int64_t n, int64_t len) : a(kChunk * n), h(kChunk * n), y(kChunk), dt(len), gate(len) {}
+  std::vector<T> a, h, y, gate;
+  RowBuffers<T> rows;
+  Scratch(int64_t n, int64_t len) : a(kChunk * n), h(kChunk * n), y(kChunk), gate(len), rows(len) {}
 };
 
 template <typename T, int NC>
@@ -227,8 +252,9 @@ void backward_row(const Scan<T>& s, int64_t b, int64_t d, const T* states, const
     dA_acc[n] = T(0);
   }
   const int64_t r = s.row(b, d), len = s.len;
-  const T* u = s.u + r;
-  const T* z = s.z ? s.z + r : nullptr;
+  const T* u = s.u.load(b, d, len, w.rows.u.data());
+  const T* raw = s.delta.load(b, d, len, w.rows.raw.data());
+  const T* z = s.z ? s.z.load(b, d, len, w.rows.z.data()) : nullptr;
   const T* go = dout + r;
   const T* B0 = s.b_ptr(b, d);
   const T* C0 = s.c_ptr(b, d);
@@ -236,8 +262,9 @@ void backward_row(const Scan<T>& s, int64_t b, int64_t d, const T* states, const
   const T skip = s.Dskip ? s.Dskip[d] : T(0);
   const T bias = s.bias ? s.bias[d] : T(0);
   T dskip_acc = T(0);
-  T *abuf = w.a.data(), *hbuf = w.h.data(), *ybuf = w.y.data(), *dtbuf = w.dt.data(), *gate = w.gate.data();
-  step_sizes(s.delta + r, bias, s.softplus, dtbuf, len);
+  T *abuf = w.a.data(), *hbuf = w.h.data(), *ybuf = w.y.data(), *dtbuf = w.rows.dt.data();
+  T* gate = w.gate.data();
+  step_sizes(raw, bias, s.softplus, dtbuf, len);
   if (z) {
 #pragma omp simd
     for (int64_t t = 0; t < len; ++t) gate[t] = sigmoid(z[t]);
@@ -301,7 +328,6 @@ void backward_row(const Scan<T>& s, int64_t b, int64_t d, const T* states, const
       g.ddelta[t] = gda + gb * ut;  // dL/d(step size); through the softplus below
     }
   }
-  const T* raw = s.delta + r;
   T dbias_acc = T(0);
   if (s.softplus) {
 #pragma omp simd reduction(+ : dbias_acc)
@@ -343,8 +369,7 @@ Scan<T> describe(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
                  const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                  const std::optional<at::Tensor>& bias, bool softplus) {
   TORCH_CHECK(u.device().is_cpu(), "the fused selective scan runs on the CPU");
-  TORCH_CHECK(u.dim() == 3 && u.is_contiguous() && delta.sizes() == u.sizes() && delta.is_contiguous(),
-              "u and delta must be contiguous (batch, dim, len)");
+  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "u and delta must be (batch, dim, len)");
   TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1) && A.is_contiguous(), "A must be contiguous (dim, N)");
   const int64_t nstate = A.size(1);
   TORCH_CHECK(nstate >= 1 && nstate <= kMaxState, "N must be in [1, ", kMaxState, "]");
@@ -356,21 +381,21 @@ Scan<T> describe(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
   check_row_vector(D, u, "D");
   check_row_vector(bias, u, "delta_bias");
   if (z) {
-    TORCH_CHECK(z->sizes() == u.sizes() && z->is_contiguous() && z->scalar_type() == u.scalar_type(),
-                "z must be contiguous (batch, dim, len) with u's dtype");
+    TORCH_CHECK(z->sizes() == u.sizes() && z->scalar_type() == u.scalar_type(),
+                "z must be (batch, dim, len) with u's dtype");
   }
   Scan<T> s;
   s.batch = u.size(0);
   s.dim = u.size(1);
   s.len = u.size(2);
   s.nstate = nstate;
-  s.u = u.data_ptr<T>();
-  s.delta = delta.data_ptr<T>();
+  s.u = Rows<T>(u);
+  s.delta = Rows<T>(delta);
   s.A = A.data_ptr<T>();
   s.Bm = B.data_ptr<T>();
   s.Cm = C.data_ptr<T>();
   s.Dskip = D ? D->data_ptr<T>() : nullptr;
-  s.z = z ? z->data_ptr<T>() : nullptr;
+  s.z = z ? Rows<T>(*z) : Rows<T>();
   s.bias = bias ? bias->data_ptr<T>() : nullptr;
   s.softplus = softplus;
   s.b_var = B.dim() == 4;
@@ -387,10 +412,10 @@ template <typename T, int NC>
 void forward_all(const Scan<T>& s, T* out, T* last, T* states) {
   const int64_t chunks = (s.len + kChunk - 1) / kChunk;
   at::parallel_for(0, s.batch * s.dim, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> dtbuf(s.len);
+    RowBuffers<T> rows(s.len);
     for (int64_t r = begin; r < end; ++r) {
       T* st = states ? states + r * chunks * s.nstate : nullptr;
-      forward_row<T, NC>(s, r / s.dim, r % s.dim, out, last + r * s.nstate, st, dtbuf.data());
+      forward_row<T, NC>(s, r / s.dim, r % s.dim, out, last + r * s.nstate, st, rows);
     }
   });
 }
