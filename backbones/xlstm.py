@@ -390,6 +390,8 @@ class VisionLSTM(TokenEncoder):
         pos_embed: ``learned`` (reference) or ``sincos``.
     """
 
+    block_classes = (ViLBlock,)  # FSDP's per-block unit (Encoder.block_classes)
+
     def __init__(
         self,
         spatial_dims: int = 2,
