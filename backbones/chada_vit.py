@@ -85,6 +85,7 @@ from torch import Tensor, nn
 from backbones.vit import VIT_SIZES, build_blocks, init_weights, load_pretrained_weights
 from ssl_med.encoder import EncoderOutput, TokenEncoder, size_preset
 from ssl_med.layers.attention import AttnImpl, pack_padded, resolve_attn_impl, unpack_padded
+from ssl_med.layers.transformer import Block
 from ssl_med.registry import BACKBONES
 
 ChannelNames = Sequence[Sequence[str | None] | None]
@@ -116,6 +117,8 @@ class ChAdaViT(TokenEncoder):
 
     Shapes: ``x`` ``(B, C, *S)`` -> ``pooled (B, D)``, ``patch_tokens (B, N, D)``, ``N = prod(S_i/p_i)``.
     """
+
+    block_classes = (Block,)  # FSDP's per-block unit (Encoder.block_classes)
 
     def __init__(
         self,

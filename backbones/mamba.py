@@ -293,6 +293,8 @@ class VisionMamba(TokenEncoder):
         scan_impl: ``auto|cuda|torch|ref``.
     """
 
+    block_classes = (MambaBlock,)  # FSDP's per-block unit (Encoder.block_classes)
+
     def __init__(
         self,
         spatial_dims: int = 2,

@@ -91,6 +91,8 @@ class VisionTransformer(TokenEncoder):
     ``patch_tokens (B, N, D)``, ``N = prod(S_i / p_i)``.
     """
 
+    block_classes = (Block,)  # FSDP's per-block unit (Encoder.block_classes)
+
     def __init__(
         self,
         spatial_dims: int = 2,

@@ -26,7 +26,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -88,8 +88,13 @@ class Encoder(nn.Module, ABC):
         embed_dim: token width D.
         depth: number of blocks (valid ``return_layers`` are ``-depth .. depth-1``).
         in_chans: input channels, or ``None`` for channel-adaptive backbones.
+        block_classes: the classes of the encoder's repeated blocks, declared by each backbone: the
+            unit FSDP shards (one all-gather per block, :mod:`ssl_med.train.sharding`), as Lightning's
+            ``auto_wrap_policy={Block}`` and Hugging Face's ``_no_split_modules``. Empty: no
+            per-block sharding (the encoder is sharded as one unit).
     """
 
+    block_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
     spatial_dims: int
     patch_size: tuple[int, ...]
     embed_dim: int

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ssl_med.lifetimes import Interrupted, StopSignals
 from ssl_med.train.checkpoints import PARTIAL_SAVE
+from ssl_med.train.sharding import full_encoder, is_sharded
 
 
 def _keep_storage(storage: Any, location: str) -> Any:
@@ -138,13 +139,22 @@ class PreviewImages(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if self.every_n_steps <= 0 or step % self.every_n_steps or not trainer.is_global_zero:
+        if self.every_n_steps <= 0 or step % self.every_n_steps:
             return
-        experiment = getattr(trainer.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_image"):
+        experiment = getattr(trainer.logger, "experiment", None) if trainer.is_global_zero else None
+        wanted = hasattr(experiment, "add_image")
+        objective = pl_module.objective
+        if is_sharded(objective):  # every rank joins the forward's all-gathers; rank 0 logs
+            if not trainer.strategy.broadcast(wanted):
+                return
+            objective.unshard()
+            images = objective.preview(batch)
+            objective.reshard()
+        elif wanted:
+            images = objective.preview(batch)
+        else:
             return
-        images = pl_module.objective.preview(batch)
-        if images:
+        if images and wanted:
             experiment.add_image("preview/" + "|".join(images), _preview_grid(images), step)
 
 
@@ -158,14 +168,15 @@ def weight_checksum(module: torch.nn.Module) -> Tensor:
 
 class ExportEncoder(L.Callback):
     """Writes the trained encoder (safetensors + config) into the run folder when training ends, after
-    checking that every process holds the same weights (their checksums go to ``rank_checksums.json``)."""
+    checking that every process holds the same weights (their checksums go to ``rank_checksums.json``).
+    A sharded (FSDP) encoder is gathered into an ordinary one first."""
 
     def __init__(self, out_dir: Path, config: dict[str, Any]) -> None:
         self.out_dir = out_dir
         self.config = config
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        encoder = pl_module.objective.encoder
+        encoder = full_encoder(pl_module.objective.encoder, self.config["backbone"])  # FSDP: gathered
         checksums = trainer.strategy.all_gather(weight_checksum(encoder)).reshape(-1).tolist()
         if trainer.is_global_zero:
             from ssl_med.export import save_encoder

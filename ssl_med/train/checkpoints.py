@@ -7,6 +7,11 @@ run, ``resume=auto`` then warns and continues from the newest step checkpoint th
 the run repeats the steps since that checkpoint and ends exactly where it would have. The damaged
 files are renamed ``*.damaged`` (kept for inspection, no longer candidates, and out of the way of
 Lightning, which would otherwise write ``last-v1.ckpt`` beside an existing ``last.ckpt``).
+
+Under ``trainer=fsdp`` a checkpoint is a folder of shards (:mod:`ssl_med.train.sharding`): it is
+readable when ``torch.distributed.checkpoint``'s index (``.metadata``, written after every shard) and
+Lightning's ``meta.pt`` (step, loops, callbacks) are there and ``meta.pt`` reads cleanly;
+:func:`consolidate_checkpoint` makes an ordinary single-file checkpoint of one.
 """
 
 from __future__ import annotations
@@ -17,11 +22,15 @@ import re
 import zipfile
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger(__name__)
 
 _STEP = re.compile(r"step(\d+)")
 #: infix of the temporary file a checkpoint is written to before it is renamed into place
 PARTIAL_SAVE = ".tmp"
+#: in a sharded checkpoint folder: torch.distributed.checkpoint's index, and Lightning's non-tensor state
+SHARD_INDEX, SHARDED_META = ".metadata", "meta.pt"
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -29,8 +38,14 @@ def checkpoint_problem(path: Path) -> str | None:
 
     Checks what ``torch.save`` writes, a zip archive, member by member against their CRC-32s
     (reads the whole file once, keeps nothing in memory); whether its contents are a valid Lightning
-    checkpoint is left to the load itself.
+    checkpoint is left to the load itself. A sharded checkpoint (a folder) needs its index and a clean
+    ``meta.pt``; the shards themselves are checked by the load.
     """
+    if path.is_dir():
+        missing = [name for name in (SHARD_INDEX, SHARDED_META) if not (path / name).is_file()]
+        if missing:
+            return f"incomplete sharded checkpoint (no {' or '.join(missing)})"
+        return checkpoint_problem(path / SHARDED_META)
     try:
         if path.stat().st_size == 0:
             return "empty file"
@@ -54,7 +69,7 @@ def step_checkpoints(directory: Path) -> list[Path]:
 def newest_good_checkpoint(directory: Path, last: str = "last.ckpt") -> Path | None:
     """``directory/last`` if it reads cleanly, else the newest clean step checkpoint (with a warning);
     ``None`` when there are no checkpoints. Raises ``ValueError`` when there are some but none is usable."""
-    candidates = [p for p in [directory / last] if p.is_file()] + step_checkpoints(directory)
+    candidates = [p for p in [directory / last] if p.exists()] + step_checkpoints(directory)
     rejected: dict[Path, str] = {}
     for path in candidates:
         problem = checkpoint_problem(path)
@@ -92,3 +107,20 @@ def _move_aside(path: Path) -> None:
     """Rename ``path`` to ``path.damaged`` (another process of the job may have done it already)."""
     with contextlib.suppress(FileNotFoundError):
         path.replace(path.with_name(path.name + ".damaged"))
+
+
+def consolidate_checkpoint(folder: Path, out: Path) -> Path:
+    """Write the sharded checkpoint ``folder`` as one ordinary checkpoint file ``out`` (full tensors,
+    read without a process group; the whole state must fit in CPU memory), as Lightning's
+    ``python -m lightning.fabric.utilities.consolidate_checkpoint`` does. ``ssl_med export`` reads the
+    result like any ``.ckpt``. Returns ``out``."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    problem = checkpoint_problem(folder)
+    if not folder.is_dir() or problem:
+        raise ValueError(f"{folder}: not a readable sharded checkpoint ({problem or 'not a folder'})")
+    state = _load_distributed_checkpoint(folder)
+    tmp = out.with_name(f".{out.name}{PARTIAL_SAVE}")
+    torch.save(state, tmp)
+    tmp.replace(out)
+    return out

@@ -15,7 +15,9 @@ from ssl_med.data.crops import normalise_batch
 from ssl_med.data.faults import SKIPPED_KEY
 from ssl_med.objective import Objective
 from ssl_med.optim import build_optimizer, param_groups
+from ssl_med.train.compile import CompileGuard, CompileSettings, compile_children
 from ssl_med.train.schedules import steps_of, warmup_cosine
+from ssl_med.train.sharding import full_tensor, mixed_precision, shard_objective
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +67,24 @@ class PretrainModule(L.LightningModule):
         objective: the objective, holding ``objective.encoder``.
         optim: optimiser settings (peak LR, warmup, cosine decay, weight-decay schedule).
         max_steps: total optimiser steps (for the schedules).
+        compile: compile the encoder and heads (``trainer.compile``, :mod:`ssl_med.train.compile`);
+            ``None``: eager.
+        backbone: the backbone's registered name, for messages (default: the encoder's class name).
     """
 
-    def __init__(self, objective: Objective, optim: OptimConfig, max_steps: int) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        optim: OptimConfig,
+        max_steps: int,
+        compile: CompileSettings | None = None,
+        backbone: str | None = None,
+    ) -> None:
         super().__init__()
         self.objective = objective
+        self.compile_settings = compile
+        self.compile_guard = CompileGuard(backbone or type(objective.encoder).__name__) if compile else None
+        self._model_configured = False
         self.optim = optim
         self.max_steps = max_steps
         self.warmup_steps = steps_of(optim.warmup_steps, max_steps)
@@ -83,6 +98,27 @@ class PretrainModule(L.LightningModule):
     @property
     def encoder(self) -> torch.nn.Module:
         return self.objective.encoder
+
+    def configure_model(self) -> None:
+        """Lightning's set-up hook, once the strategy is known (once; it may run again for later
+        stages): under ``trainer=fsdp`` shard the objective per encoder block
+        (:mod:`ssl_med.train.sharding`), then compile the encoder and the objective's heads in place
+        when ``trainer.compile`` is on."""
+        if self._model_configured:
+            return
+        self._model_configured = True
+        if self.device_mesh is not None:  # set by Lightning's ModelParallelStrategy (trainer=fsdp)
+            blocks = shard_objective(self.objective, self.device_mesh["data_parallel"], mixed_precision(self.trainer.precision))
+            log.info("FSDP: %d encoder/decoder blocks sharded over %d processes", blocks, self.device_mesh.size())
+        if self.compile_settings is not None:
+            names = compile_children(self.objective, self.compile_settings)
+            log.info("torch.compile (mode %s) on %s", self.compile_settings.mode, ", ".join(names))
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        if self.compile_guard is None:
+            super().backward(loss, *args, **kwargs)
+        else:  # the compiled backward is built at its first call
+            self.compile_guard.backward(lambda: super(PretrainModule, self).backward(loss, *args, **kwargs))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """``optim.name`` (AdamW by default; timm's factory, so also ``lamb``, ``lars``, ``sgd``) over the
@@ -115,7 +151,7 @@ class PretrainModule(L.LightningModule):
     ) -> None:
         if self.optim.grad_clip:
             for name, norm in self.objective.clip_gradients(self.optim.grad_clip).items():
-                self.log(f"grad_norm/{name}", norm)
+                self.log(f"grad_norm/{name}", full_tensor(norm))  # FSDP: a DTensor
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Take ``data.on_error=skip``'s per-sample counts off the batch while it is on the host (the
@@ -134,7 +170,7 @@ class PretrainModule(L.LightningModule):
         if self._pending_skips is not None:
             self.log_skips(self._pending_skips)
             self._pending_skips = None
-        out = self.objective(batch)
+        out = self.objective(batch) if self.compile_guard is None else self.compile_guard.forward(lambda: self.objective(batch))
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"non-finite loss {out.loss.item()} at step {self.global_step}; lower optim.lr, enable "

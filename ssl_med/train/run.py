@@ -43,10 +43,12 @@ from ssl_med.train.callbacks import (
     StopOnSignal,
 )
 from ssl_med.train.checkpoints import checkpoint_problem, newest_good_checkpoint, remove_partial_saves
+from ssl_med.train.compile import compile_settings
 from ssl_med.train.launch import relaunch_this_job
 from ssl_med.train.loggers import ForwardOnlineMetrics, build_loggers
 from ssl_med.train.module import PretrainModule
 from ssl_med.train.online_eval import build_online_eval
+from ssl_med.train.sharding import SHARDED_STRATEGIES, build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,8 @@ def resume_checkpoint(resume: str, checkpoint_dir: Path) -> str | None:
         except ValueError as err:
             raise ConfigError(f"resume=auto: {err}; resume=never starts afresh") from err
         return None if found is None else str(found)
-    if not Path(resume).is_file():
-        raise ConfigError(f"resume={resume!r}: not 'auto', 'never' or an existing checkpoint file")
+    if not Path(resume).exists():
+        raise ConfigError(f"resume={resume!r}: not 'auto', 'never' or an existing checkpoint (file, or folder of shards)")
     problem = checkpoint_problem(Path(resume))
     if problem:
         raise ConfigError(f"resume={resume!r}: {problem}")
@@ -104,7 +106,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     objective = build_objective(cfg.objective, encoder)
     if cfg.trainer.activation_checkpointing:
         encoder.set_grad_checkpointing(True)
-    module = PretrainModule(objective, cfg.optim, cfg.trainer.max_steps)
+    module = PretrainModule(
+        objective, cfg.optim, cfg.trainer.max_steps, compile=compile_settings(cfg.trainer), backbone=cfg.backbone["name"]
+    )
     data = CropDataModule(cfg.data, objective.view_transform(), cfg.seed, objective.geometric_views)
 
     checkpoint_dir = run_dir / "checkpoints"
@@ -128,6 +132,11 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         ExportEncoder(export_dir, export_config),
         PlotCurves(run_dir),
     ]
+    if cfg.online_eval.data and t.strategy in SHARDED_STRATEGIES:
+        raise ConfigError(
+            f"online_eval evaluates the encoder on rank 0 alone, which a sharded (trainer.strategy={t.strategy}) "
+            "encoder cannot do; set online_eval.data=null and evaluate the export afterwards"
+        )
     input_size = config_input_size(cfg.backbone) or list(cfg.data.crop_size)
     online = build_online_eval(
         cfg.online_eval, input_size, encoder.in_chans, run_dir / ONLINE_EVAL_FILE, run_dir / "encoder_best", export_config
@@ -145,7 +154,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         max_time=t.max_time,
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        strategy=build_strategy(t.strategy),
         num_nodes=t.num_nodes,
         precision=t.precision,
         logger=loggers,
