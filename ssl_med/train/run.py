@@ -93,6 +93,12 @@ def expect_eval_mode(objective: Objective) -> None:
 
 def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     """Train ``cfg`` into ``run_dir``; returns the folder of the exported encoder."""
+    t = cfg.trainer
+    if cfg.online_eval.data and t.strategy in SHARDED_STRATEGIES:
+        raise ConfigError(
+            f"online_eval evaluates the encoder on rank 0 alone, which a sharded (trainer.strategy={t.strategy}) "
+            "encoder cannot do; set online_eval.data=null and evaluate the export afterwards"
+        )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
@@ -116,7 +122,6 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     ckpt_path = resume_checkpoint(cfg.resume, checkpoint_dir)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
-    t = cfg.trainer
     export_dir = run_dir / "encoder"
     export_config = {"backbone": cfg.backbone, "objective": cfg.objective, "data": asdict(cfg.data)}
     callbacks: list[L.Callback] = [
@@ -132,11 +137,6 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         ExportEncoder(export_dir, export_config),
         PlotCurves(run_dir),
     ]
-    if cfg.online_eval.data and t.strategy in SHARDED_STRATEGIES:
-        raise ConfigError(
-            f"online_eval evaluates the encoder on rank 0 alone, which a sharded (trainer.strategy={t.strategy}) "
-            "encoder cannot do; set online_eval.data=null and evaluate the export afterwards"
-        )
     input_size = config_input_size(cfg.backbone) or list(cfg.data.crop_size)
     online = build_online_eval(
         cfg.online_eval, input_size, encoder.in_chans, run_dir / ONLINE_EVAL_FILE, run_dir / "encoder_best", export_config

@@ -21,11 +21,13 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 import ssl_med as ssl_med_package
+from ssl_med.config import ConfigError, parse_pretrain_config
 from ssl_med.data.crops import RandomCropDataset
 from ssl_med.data.datamodule import resolve_store
 from ssl_med.encoder import Encoder
 from ssl_med.objective import Objective
 from ssl_med.registry import BACKBONES
+from ssl_med.train import run as run_module
 from ssl_med.train.checkpoints import checkpoint_problem, consolidate_checkpoint
 from ssl_med.train.geometry import prepare_pretrain_config
 from ssl_med.train.run import build_encoder, build_objective
@@ -181,3 +183,11 @@ def test_two_process_fsdp_on_cpu_resumes_exactly_and_exports(tmp_path: Path) -> 
     for name, value in b.items():
         assert torch.equal(full["state_dict"][f"objective.encoder.{name}"], value), name
     assert isinstance(ssl_med_package.load_pretrained(straight / "encoder"), Encoder)  # an ordinary export
+
+
+def test_online_eval_is_refused_with_a_sharded_strategy_before_any_work(tmp_path: Path) -> None:
+    with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
+        cfg = parse_pretrain_config(compose(config_name="pretrain", overrides=["trainer=fsdp", "online_eval.data=breastmnist"]))
+    with pytest.raises(ConfigError, match=r"online_eval\.data=null"):
+        run_module.pretrain(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
