@@ -4,6 +4,7 @@ CPU over gloo whose sharded checkpoint resumes exactly and exports an ordinary e
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -106,6 +107,24 @@ def test_sharded_mae_trains_in_bf16_and_exports_a_full_encoder(mesh: DeviceMesh)
     assert not any(isinstance(p, DTensor) for p in exported.parameters())
     for name, value in exported.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES.names())
+def test_every_backbone_sharded_gives_the_unsharded_loss_and_gradients(backbone: str, mesh: DeviceMesh) -> None:
+    _, obj, batch = build(backbone, "mae", "objective.decoder_depth=1", "objective.decoder_dim=32", "objective.decoder_heads=2")
+    reference = copy.deepcopy(obj)
+    torch.manual_seed(1)
+    expected = reference(batch).loss
+    expected.backward()
+    shard_objective(obj, mesh, mixed_precision("32-true"))
+    torch.manual_seed(1)
+    loss = obj(batch).loss
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    for name, p in obj.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p.grad.full_tensor(), grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_sharded_dino_updates_its_sharded_teacher(mesh: DeviceMesh) -> None:
