@@ -290,7 +290,7 @@ class VisionMamba(TokenEncoder):
         class_token: use a CLS token (pooled embedding); else mean pooling.
         cls_position: ``middle`` (Vim) or ``first``.
         pos_embed: ``learned`` or ``sincos``.
-        scan_impl: ``auto|cuda|torch|ref``.
+        scan_impl: ``auto|cuda|fused|torch|ref`` (:func:`ssl_med.ops.selective_scan.selective_scan`).
     """
 
     block_classes = (MambaBlock,)  # FSDP's per-block unit (Encoder.block_classes)

@@ -123,7 +123,7 @@ def causal_conv1d(
     kernel = _causal_conv1d_kernel() if x.is_cuda else None
     if kernel is not None and 2 <= width <= 4:
         return kernel(x, weight, bias, activation=activation)
-    if activation == "silu" and torch.is_grad_enabled():
+    if activation == "silu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         return _ConvSilu.apply(x, weight, bias)
     return _conv_silu(x, weight, bias, activation == "silu")
 
