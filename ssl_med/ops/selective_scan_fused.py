@@ -5,20 +5,23 @@ forward and, as mamba-ssm's CUDA kernel does, recomputes the states in the backw
 every 64 steps instead of storing them: memory between forward and backward is the inputs plus
 ``(B, D, ceil(L / 64), N)``. Rows ``(b, d)`` run in parallel on torch's intra-op threads, the ``N``
 states of a row are one SIMD vector. Softplus, ``delta_bias``, ``D`` and the ``silu(z)`` gate are
-applied inside the kernel, so no ``(B, D, L)`` intermediate is written either.
+applied inside the kernel, so no ``(B, D, L)`` intermediate is written either, and ``u``, ``delta``
+and ``z`` are read with their strides (Mamba's transposed projections), so what the backward keeps
+are the caller's tensors, not copies of them.
 
 It is compiled with ``torch.utils.cpp_extension.load`` the first time a CPU scan asks for it (about
 20 s with g++ on 2 cores; later processes load the build cached under ``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``). The build is named after the CPU's vector instruction set, so
-machines sharing a home directory do not load each other's binaries. When no compiler or ninja is
-found, or the build fails, :func:`fused_status` says why and the dispatcher in
-:mod:`ssl_med.ops.selective_scan` falls back to the torch scan, logging one line.
+``~/.cache/torch_extensions``). The build is named after the CPU's vector instruction set and the
+torch release, so machines sharing a home directory, or a later torch, never load a binary built for
+another. When no compiler or ninja is found, or the build fails, :func:`fused_status` says why and
+the dispatcher in :mod:`ssl_med.ops.selective_scan` falls back to the torch scan, logging one line.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -59,7 +62,8 @@ def _load() -> tuple[Any | None, str]:
     if not cpp_extension.is_ninja_available():
         return None, "ninja is not installed (pip install ninja)"
     capability = torch.backends.cpu.get_cpu_capability()
-    name = f"ssl_med_selective_scan_{capability.lower()}"
+    # one build per instruction set and torch release: a cached binary never meets another ABI
+    name = re.sub(r"\W", "_", f"ssl_med_selective_scan_{capability}_torch{torch.__version__}").lower()
     start = time.perf_counter()
     try:
         cpp_extension.load(
