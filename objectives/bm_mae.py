@@ -19,7 +19,8 @@ modalities and later used on any subset without architectural change:
   mask token for every other (modality, patch), so it reconstructs all modalities, including one
   that was absent (dropped by ``data.channel_dropout``, whose ground truth the data keeps for this
   objective); one linear pixel head per modality;
-* **loss**: per modality the MSE over its masked patches, summed over modalities (``bmmae/loops.py``);
+* **loss**: per modality the MSE over its masked patches, summed over modalities (``bmmae/loops.py``),
+  leaving out sequences a case lacks in the store (``channel_available``, ``data.channels``);
   each term is logged (``recon_<name>``, the store's channel name, else ``recon_c<i>``).
 
 Deviations from the reference, on purpose:
@@ -52,6 +53,7 @@ from objectives.mae import MAEDecoder, masked_patch_loss
 from objectives.multimodal_masking import dirichlet_split, multimodal_masking, visible_budget
 from objectives.views import RandFlips
 from ssl_med.data.channels import (
+    AVAILABLE_KEY,
     batch_channel_names,
     encoder_channel_kwargs,
     is_placeholder,
@@ -190,6 +192,9 @@ class BMMAE(Objective):
         keep_idx, mask = self.draw_masks(present_channels(batch, images), grid)
         pred, embeddings = self.predict(batch, keep_idx, grid)
         target = modality_patches(images, self.encoder.patch_size)
+        truth = batch.get(AVAILABLE_KEY)  # sequences a case lacks have no ground truth: not scored
+        if truth is not None:
+            mask = mask & truth.to(device=mask.device, dtype=torch.bool)[:, :, None]
         per_modality = [
             masked_patch_loss(pred[:, i], target[:, i], mask[:, i], self.norm_pix_loss) for i in range(self.in_chans)
         ]

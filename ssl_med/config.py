@@ -35,6 +35,7 @@ class DataConfig:
     min_foreground: float = 0.0
     normalise: str = "auto"
     channel_dropout: float = 0.0  # modality dropout: per-channel drop probability (ssl_med/data/channels.py)
+    channels: list[str] | None = None  # lay crops out by these channel names; a case's missing ones are zeros
     samples_per_epoch: int = 2048
     batch_size: int = 32
     num_workers: int = 2

@@ -11,10 +11,18 @@ What travels with a crop (:class:`~ssl_med.data.crops.RandomCropDataset`) and it
 * ``"channel_mask"``: ``(C,)`` bool, True where the channel is present (collated to ``(B, C)``),
   added when modality dropout is on (``data.channel_dropout > 0``).
 
+Sequences missing from a case (``data.channels = [t1, t1ce, t2, flair]``): every crop is laid out in
+that order by name (case-insensitive), whatever the order and number of the case's own channels
+(ingest stacks a case folder's sequences in the order it finds: a case without T1ce has 3 channels);
+a sequence the case lacks is a zero channel, marked absent in ``"channel_mask"`` and in
+``"channel_available"`` ``(C,)`` (False: no ground truth either, so BM-MAE does not score its
+reconstruction). Images with none of the sequences are left out. ``"channel_names"`` is then the
+``data.channels`` list for every sample.
+
 Modality dropout (``data.channel_dropout = p``): each channel of a sample is dropped independently
 with probability ``p``, deterministically from ``(seed, index)``; when every channel would go, one
 of them, drawn uniformly, is kept, so a sample never loses all its channels
-(:func:`draw_channel_keep`). Dropped channels are **zero-filled** in the image (they normalise to 0,
+(:func:`draw_channel_keep`; only sequences the case has are kept). Dropped channels are **zero-filled** in the image (they normalise to 0,
 also for raw ``data.normalise=batch`` crops), which is all a fixed-channel encoder (ViT, Mamba,
 xLSTM) sees of the dropout: a missing sequence is a black channel, as in the zero-filling baselines
 of missing-modality MRI work. Channel-adaptive encoders (ChAda-ViT) also get the mask and leave the
@@ -41,10 +49,11 @@ log = logging.getLogger(__name__)
 
 NAMES_KEY = "channel_names"
 MASK_KEY = "channel_mask"
+AVAILABLE_KEY = "channel_available"
 #: separator of the names in one sample's ``channel_names`` string
 SEPARATOR = "|"
 #: keys the view transforms carry from the crop to their views (views of one sample share its channels)
-CHANNEL_KEYS = (NAMES_KEY, MASK_KEY)
+CHANNEL_KEYS = (NAMES_KEY, MASK_KEY, AVAILABLE_KEY)
 _PLACEHOLDER = re.compile(r"^ch\d+$")
 _warned: set[str] = set()
 
@@ -69,17 +78,23 @@ def batch_channel_names(batch: Mapping[str, Any]) -> list[list[str]] | None:
     return [str(v).split(SEPARATOR) if v else [] for v in value]
 
 
-def draw_channel_keep(rng: np.random.Generator, channels: int, p: float) -> np.ndarray:
+def draw_channel_keep(
+    rng: np.random.Generator, channels: int, p: float, available: np.ndarray | None = None
+) -> np.ndarray:
     """``(C,)`` bool: the channels a sample keeps under modality dropout with probability ``p``.
 
     Each channel is dropped independently with probability ``p``; if all would be dropped, one
-    channel drawn uniformly is kept (a sample never loses every channel).
+    channel drawn uniformly is kept (a sample never loses every channel). With ``available`` ``(C,)``
+    (the sequences the image has), only those can be kept, and one of them always is.
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"data.channel_dropout must be in [0, 1), got {p}")
-    keep = rng.random(channels) >= p
+    avail = np.ones(channels, dtype=bool) if available is None else np.asarray(available, dtype=bool)
+    if not avail.any():
+        raise ValueError("an image without any of the wanted channels")
+    keep = (rng.random(channels) >= p) & avail
     if not keep.any():
-        keep[int(rng.integers(channels))] = True
+        keep[int(rng.choice(np.flatnonzero(avail)))] = True
     return keep
 
 
@@ -90,6 +105,31 @@ def zero_fill(crop: np.ndarray, keep: np.ndarray, fill: np.ndarray | None = None
     for c in np.flatnonzero(~keep):
         out[c] = 0 if fill is None else fill[c]
     return out
+
+
+def channel_positions(names: Sequence[str], wanted: Sequence[str]) -> list[int | None]:
+    """For each of ``wanted`` (case-insensitive), its index in an image's channel ``names``, or ``None``
+    when the image lacks it (a sequence missing from that case's protocol)."""
+    lower = [str(n).strip().lower() for n in names]
+    return [lower.index(w.strip().lower()) if w.strip().lower() in lower else None for w in wanted]
+
+
+def align_channels(
+    crop: np.ndarray, positions: Sequence[int | None], window: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """An image's crop ``(C_img, *S)`` in the order of ``data.channels``: ``(len(positions), *S)``, a
+    channel the image lacks zero-filled (raw crops: given the window ``[1, 2]`` and the value 0, which
+    normalise to 0). Returns the crop, the window ``(C, 2)`` (``None`` for normalised crops) and
+    ``available`` ``(C,)`` bool (the image has that sequence)."""
+    available = np.array([p is not None for p in positions])
+    out = np.zeros((len(positions), *crop.shape[1:]), dtype=crop.dtype)
+    out_window = None if window is None else np.tile(np.array([1.0, 2.0], dtype=window.dtype), (len(positions), 1))
+    for c, p in enumerate(positions):
+        if p is not None:
+            out[c] = crop[p]
+            if out_window is not None:
+                out_window[c] = window[p]
+    return out, out_window, available
 
 
 def carry_channel_keys(sample: Mapping[str, Any], views: dict[str, Any]) -> dict[str, Any]:

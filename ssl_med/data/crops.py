@@ -40,7 +40,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
-from ssl_med.data.channels import MASK_KEY, NAMES_KEY, draw_channel_keep, encode_names, zero_fill
+from ssl_med.data.channels import (
+    AVAILABLE_KEY,
+    MASK_KEY,
+    NAMES_KEY,
+    align_channels,
+    channel_positions,
+    draw_channel_keep,
+    encode_names,
+    zero_fill,
+)
 from ssl_med.data.faults import FaultPolicy
 from ssl_med.data.store import ImageMeta, ImageStore
 
@@ -144,6 +153,10 @@ class RandomCropDataset(Dataset):
         channel_dropout: modality dropout, the probability of dropping each channel of a sample
             (never all of them); dropped channels are zero-filled and ``"channel_mask"`` ``(C,)``
             (True = present) is added (:mod:`ssl_med.data.channels`).
+        channels: channel names to lay every crop out by (``[t1, t1ce, t2, flair]``): a case that lacks
+            one gets a zero channel there, with ``"channel_mask"`` and ``"channel_available"`` False
+            (:func:`ssl_med.data.channels.align_channels`); images with none of them are left out.
+            ``num_channels`` must then be ``None`` or ``len(channels)``.
         engine: store read engine (``"auto"``, ``"direct"``, ``"zarr"``; see :class:`ImageStore`).
         normalise: ``"worker"`` (float32 ``[0, 1]`` crops) or ``"batch"`` (stored values plus
             ``"intensity_window"`` ``(C, 2)``; finish with :func:`normalise_batch`; the transform must
@@ -173,6 +186,7 @@ class RandomCropDataset(Dataset):
         max_tries: int = 10,
         return_channel_names: bool = False,
         channel_dropout: float = 0.0,
+        channels: Sequence[str] | None = None,
         engine: str = "auto",
         normalise: Literal["auto", "worker", "batch"] = "worker",
         on_error: str = "raise",
@@ -215,6 +229,21 @@ class RandomCropDataset(Dataset):
                 + (f" in split {split!r}" if split else "")
             )
         self.metas = [manifest[n] for n in self.names]
+        self.channels = [str(c) for c in channels] if channels else None
+        if self.channels is not None:
+            if num_channels not in (None, len(self.channels)):
+                raise ValueError(
+                    f"data.channels lists {len(self.channels)} sequences {self.channels}: set data.num_channels "
+                    f"to {len(self.channels)} (or null), not {num_channels}"
+                )
+            self.num_channels = len(self.channels)
+            usable = [any(p is not None for p in channel_positions(m.channel_names, self.channels)) for m in self.metas]
+            if not any(usable):
+                raise ValueError(f"no image of {self.store_path} has any of the channels {self.channels} (data.channels)")
+            if not all(usable):
+                log.warning("%d images have none of the channels %s: left out", usable.count(False), self.channels)
+            self.names = [n for n, u in zip(self.names, usable) if u]
+            self.metas = [m for m, u in zip(self.metas, usable) if u]
         averaged = num_channels == 1 and any(m.shape[0] > 1 for m in self.metas)
         if normalise == "auto":
             normalise = "worker" if averaged else "batch"
@@ -354,21 +383,11 @@ class RandomCropDataset(Dataset):
                 if fraction > best_fraction:
                     best, best_fraction = (crop, meta), fraction
             crop, meta = best
-        own_channels = self.num_channels is None or crop.shape[0] == self.num_channels
-        crop = match_channels(crop, self.num_channels)
-        window = match_channels(intensity_window(meta), self.num_channels) if self.normalise == "batch" else None
-        keep = None
-        if self.channel_dropout > 0:
-            keep = draw_channel_keep(np.random.default_rng([self.seed, index, redraw, 2]), crop.shape[0], self.channel_dropout)
-            if not getattr(self.transform, "keeps_dropped_channels", False):
-                crop = zero_fill(crop, keep, None if window is None else below_window(window, crop.dtype))
+        crop, window, channel_keys = self._channel_layout(crop, meta, index, redraw)
         sample: dict[str, Any] = {"image": torch.from_numpy(self._padded(crop, window))}
         if window is not None:
             sample["intensity_window"] = torch.from_numpy(window)
-        if self.return_channel_names:  # every sample has the key (collation), "" when its names do not apply
-            sample[NAMES_KEY] = encode_names(meta.channel_names) if own_channels else ""
-        if keep is not None:
-            sample[MASK_KEY] = torch.from_numpy(keep)
+        sample.update(channel_keys)
         if self.transform is None:
             return sample
         from monai.data import MetaTensor  # here, not at import: keeps DataLoader worker start-up short
@@ -381,6 +400,35 @@ class RandomCropDataset(Dataset):
         return {
             k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in self.transform(sample).items()
         }
+
+    def _channel_layout(
+        self, crop: np.ndarray, meta: ImageMeta, index: int, redraw: int
+    ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+        """The crop's channels as the model sees them (aligned by name to ``channels``, else matched to
+        ``num_channels``), after modality dropout, with the raw crop's window (``None`` when
+        normalised) and the sample's channel keys (:mod:`ssl_med.data.channels`)."""
+        window = intensity_window(meta) if self.normalise == "batch" else None
+        available = None
+        if self.channels is not None:
+            crop, window, available = align_channels(crop, channel_positions(meta.channel_names, self.channels), window)
+            names = encode_names(self.channels)
+        else:
+            own = self.num_channels is None or crop.shape[0] == self.num_channels
+            crop = match_channels(crop, self.num_channels)
+            window = None if window is None else match_channels(window, self.num_channels)
+            names = encode_names(meta.channel_names) if own else ""  # "": the names do not apply
+        keep = available
+        if self.channel_dropout > 0:
+            rng = np.random.default_rng([self.seed, index, redraw, 2])
+            keep = draw_channel_keep(rng, crop.shape[0], self.channel_dropout, available)
+            if not getattr(self.transform, "keeps_dropped_channels", False):
+                crop = zero_fill(crop, keep, None if window is None else below_window(window, crop.dtype))
+        keys: dict[str, Any] = {NAMES_KEY: names} if self.return_channel_names else {}  # every sample: collation
+        if keep is not None:
+            keys[MASK_KEY] = torch.from_numpy(keep)
+        if available is not None:
+            keys[AVAILABLE_KEY] = torch.from_numpy(available)
+        return crop, window, keys
 
     def _padded(self, crop: np.ndarray, window: np.ndarray | None) -> np.ndarray:
         """``crop`` padded at the end of each axis to ``crop_size`` with what normalises to 0 (0 for

@@ -87,6 +87,7 @@ class CropDataModule(L.LightningDataModule):
                 small_images=self.cfg.small_images,
                 return_channel_names=True,
                 channel_dropout=self.cfg.channel_dropout,
+                channels=self.cfg.channels,
             )
             held_out = sorted({m.split for m in self.dataset.metas} & {"val", "test"})
             if held_out:

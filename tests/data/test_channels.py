@@ -126,3 +126,51 @@ def test_channel_adaptive_encoder_leaves_dropped_channels_out(named_store: str) 
     alone = enc(batch["image"][b : b + 1, keep], channel_names=[[n for n, k in zip(names, keep) if k]])
     assert torch.allclose(whole.pooled, alone.pooled, atol=1e-5)
     assert encode_names(["a|b", "c"]) == "a/b|c"
+
+
+@pytest.fixture()
+def incomplete_store(tmp_path) -> str:
+    """Cases with incomplete protocols: one without T1ce (3 channels), one in another order, one
+    with only a DWI (none of the wanted sequences)."""
+    store = ImageStore(tmp_path / "inc.zarr", mode="a")
+    base = 1000 * np.arange(1, 5)[:, None, None, None] + np.zeros((4, 12, 16, 16))
+    store.add("no_t1ce", base[[0, 2, 3]].astype(np.int16), (1.0,) * 3, channel_names=("t1", "t2", "flair"))
+    store.add("shuffled", base[[3, 1, 0, 2]].astype(np.int16) + 1, (1.0,) * 3, channel_names=("FLAIR", "T1ce", "t1", "t2"))
+    store.add("dwi_only", base[:1].astype(np.int16), (1.0,) * 3, channel_names=("dwi",))
+    return str(store.path)
+
+
+@pytest.mark.parametrize("normalise", ["worker", "batch"])
+def test_cases_missing_sequences_are_aligned_by_name(incomplete_store: str, normalise: str) -> None:
+    ds = RandomCropDataset(incomplete_store, (8, 8, 8), num_channels=None, length=30, channels=list(SEQUENCES),
+                           return_channel_names=True, normalise=normalise)  # fmt: skip
+    assert sorted(ds.names) == ["no_t1ce", "shuffled"]  # dwi_only has none of them: left out
+    raw = next(iter(DataLoader(ds, batch_size=30)))
+    if normalise == "batch":  # stored values, in the wanted order whatever the case's own order
+        means = raw["image"].float().mean(dim=(2, 3, 4))
+        present = raw["channel_available"]
+        expected = torch.tensor([1000.0, 2000.0, 3000.0, 4000.0]).expand_as(means)
+        assert ((means - expected).abs() <= 1)[present].all() and (means[~present] == 0).all()
+    batch = normalise_batch(raw)
+    assert batch["image"].shape == (30, 4, 8, 8, 8)
+    assert set(batch["channel_names"]) == {"t1|t1ce|t2|flair"}
+    available = batch["channel_available"]
+    assert torch.equal(batch["channel_mask"], available)
+    lacking = ~available[:, 1]
+    assert lacking.any() and (~lacking).any() and available[:, [0, 2, 3]].all()
+    assert (batch["image"][lacking, 1] == 0).all()
+    with pytest.raises(ValueError, match="num_channels"):
+        RandomCropDataset(incomplete_store, (8, 8, 8), num_channels=1, channels=list(SEQUENCES))
+
+
+def test_dropout_keeps_only_sequences_a_case_has(incomplete_store: str) -> None:
+    ds = RandomCropDataset(incomplete_store, (8, 8, 8), num_channels=4, length=60, channels=list(SEQUENCES),
+                           channel_dropout=0.7)  # fmt: skip
+    batch = next(iter(DataLoader(ds, batch_size=60)))
+    keep, available = batch["channel_mask"], batch["channel_available"]
+    assert (keep <= available).all() and keep.any(dim=1).all() and (keep != available).any()
+    rng = np.random.default_rng(0)
+    avail = np.array([True, False, False, True])
+    for _ in range(500):
+        k = draw_channel_keep(rng, 4, 0.95, avail)
+        assert k.any() and not (k & ~avail).any()

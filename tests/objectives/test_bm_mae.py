@@ -64,6 +64,17 @@ def test_loss_is_the_sum_of_per_modality_masked_mse() -> None:
     assert keep.shape[1] == int(2 * n * 0.25)  # budget of the image with the fewest modalities
 
 
+def test_sequences_a_case_lacks_are_not_scored() -> None:
+    """``channel_available`` False (missing from the store, data.channels): never visible, not a target."""
+    torch.manual_seed(0)
+    obj = tiny(2, 16, 4)
+    available = torch.tensor([[1, 0, 1, 1], [1, 0, 1, 0]], dtype=torch.bool)
+    batch = {"image": torch.rand(2, 4, 16, 16), "channel_mask": available, "channel_available": available}
+    out = obj(batch)
+    assert float(out.terms["recon_c1"]) == 0.0 and float(out.terms["recon_c3"]) > 0.0
+    assert float(out.loss) == pytest.approx(sum(float(out.terms[f"recon_c{i}"]) for i in range(4)), rel=1e-5)
+
+
 def test_pairs_only_with_channel_adaptive_encoders() -> None:
     vit = BACKBONES.build("vit", spatial_dims=2, in_chans=4, img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=3)
     with pytest.raises(ValueError, match="channel-adaptive"):
