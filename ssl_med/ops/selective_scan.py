@@ -148,6 +148,8 @@ class _ConvSilu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, weight, bias)
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return _conv_silu(x, weight, bias, silu=True)
 
     @staticmethod
@@ -155,7 +157,8 @@ class _ConvSilu(torch.autograd.Function):
         saved = ctx.saved_tensors
         leaves = [None if t is None else t.detach().requires_grad_(need) for t, need in
                   zip(saved, ctx.needs_input_grad, strict=True)]  # fmt: skip
-        with torch.enable_grad():
+        device, enabled, dtype = ctx.autocast  # recompute under the forward's autocast state
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             out = _conv_silu(leaves[0], leaves[1], leaves[2], silu=True)
         wanted = [t for t, need in zip(leaves, ctx.needs_input_grad, strict=True) if need]
         grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())

@@ -189,6 +189,21 @@ def test_causal_conv1d_silu_recomputes_in_backward_with_the_same_gradients() -> 
         torch.testing.assert_close(a, b)
 
 
+def test_causal_conv1d_silu_backward_under_bf16_autocast() -> None:
+    """The recompute in the backward runs under the forward's autocast state (bf16 conv, float32 weights)."""
+    x = torch.randn(2, 11, 6).transpose(1, 2).requires_grad_()
+    w, bias = torch.randn(6, 4, requires_grad=True), torch.randn(6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = causal_conv1d(x, w, bias, activation="silu")
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = F.silu(F.conv1d(F.pad(x, (3, 0)), w[:, None], bias, groups=6))
+    expected = torch.autograd.grad(plain.float().square().sum(), (x, w, bias))
+    for got, want in zip((x.grad, w.grad, bias.grad), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_impl_resolution_on_cpu() -> None:
     from ssl_med.ops.selective_scan_fused import fused_available
 
