@@ -1,6 +1,6 @@
 """Fused CPU selective scan: a C++/OpenMP kernel built on first use, wrapped as an autograd Function.
 
-The kernel (``csrc/selective_scan_cpu.cpp``) makes one pass over the ``(B, D, L, N)`` elements in the
+The kernel (``csrc/selective_scan_cpu.cpp`` and its header) makes one pass over the ``(B, D, L, N)`` elements in the
 forward and, as mamba-ssm's CUDA kernel does, recomputes the states in the backward from the state saved
 every 64 steps instead of storing them: memory between forward and backward is the inputs plus
 ``(B, D, ceil(L / 64), N)``. Rows ``(b, d)`` run in parallel on torch's intra-op threads, the ``N``
@@ -20,6 +20,7 @@ the dispatcher in :mod:`ssl_med.ops.selective_scan` falls back to the torch scan
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
 import shutil
@@ -33,6 +34,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
+HEADER = SOURCE.with_suffix(".h")
 #: Largest state size N the kernel accepts (kMaxState in the C++ source).
 MAX_STATE = 256
 #: Compiler flags per ``torch.backends.cpu.get_cpu_capability()``; the loops over N vectorise with them.
@@ -45,8 +47,8 @@ ARCH_FLAGS = {
 @functools.cache
 def _load() -> tuple[Any | None, str]:
     """Build (or load the cached build of) the extension: ``(torch.ops namespace or None, why)``."""
-    if not SOURCE.is_file():
-        return None, f"source {SOURCE} is missing from this installation"
+    if not (SOURCE.is_file() and HEADER.is_file()):
+        return None, f"the sources in {SOURCE.parent} are missing from this installation"
     torch_logger = logging.getLogger("torch.utils.cpp_extension")
     level = torch_logger.level
     torch_logger.setLevel(logging.ERROR)  # its import warns about CUDA_HOME on CPU-only machines
@@ -69,8 +71,15 @@ def _load() -> tuple[Any | None, str]:
         cpp_extension.load(
             name=name,
             sources=[str(SOURCE)],
-            # -fno-trapping-math lets g++ turn the clamps of the exponential into vector min/max
-            extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", *ARCH_FLAGS.get(capability, [])],
+            # -fno-trapping-math lets g++ turn the clamps of the exponential into vector min/max;
+            # the header's hash is a flag because torch keys its build cache on sources and flags
+            extra_cflags=[
+                "-O3",
+                "-fopenmp",
+                "-fno-trapping-math",
+                *ARCH_FLAGS.get(capability, []),
+                f"-DSSL_MED_SCAN_HEADER_{_digest(HEADER)}",
+            ],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
@@ -82,6 +91,10 @@ def _load() -> tuple[Any | None, str]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return None, f"building {name} failed ({first})"
     return ops, f"{name}, built or loaded in {time.perf_counter() - start:.1f} s"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
 
 
 def fused_available() -> bool:

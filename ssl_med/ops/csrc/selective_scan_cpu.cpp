@@ -8,9 +8,9 @@
 //     out_t    = (<h_t, C_t> + D u_t) * silu(z_t)                      (D and z optional)
 //
 // Layout (prepared by the Python wrapper, ssl_med/ops/selective_scan_fused.py): u, delta, z are
-// (batch, dim, len) with any strides, out and the gradients contiguous; A is (dim, N); B and C are each either constant (dim, N) or
-// input-dependent (batch, G, len, N) with channel d reading group d / (dim / G); D and delta_bias are
-// (dim,). Everything is float32 or float64 (one dtype).
+// (batch, dim, len) with any strides, out and the gradients contiguous; A is (dim, N); B and C are
+// each either constant (dim, N) or input-dependent (batch, G, len, N) with channel d reading group
+// d / (dim / G); D and delta_bias are (dim,). Everything is float32 or float64 (one dtype).
 //
 // Work split: every (batch, channel) row is an independent recurrence, so rows run in parallel
 // (at::parallel_for, OpenMP in torch's CPU builds) and the N states of a row are one short vector
@@ -24,6 +24,8 @@
 // input-dependent B and C are sums over the channels of a group; each parallel work item owns a
 // block of channels inside one group and a private partial sum, reduced after the parallel loop,
 // so there are no atomics and the result does not depend on scheduling.
+
+#include "selective_scan_cpu.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -41,134 +43,7 @@
 
 namespace {
 
-constexpr int64_t kChunk = 64;   // steps per recomputed chunk in the backward
-constexpr int kMaxState = 256;   // largest N of the generic (runtime-N) path
-
-// ---------------------------------------------------------------------------------------------
-// scalar helpers
-// ---------------------------------------------------------------------------------------------
-
-// exp(x) for float32 without branches, so a loop over N vectorises: x = k ln2 + r with k an integer
-// and |r| <= ln2 / 2, exp(r) from its degree-7 Taylor polynomial (truncation ~5e-9 relative, below
-// float32 rounding), 2^k written into the exponent bits. Inputs are clamped to [-88, 88]: below,
-// the result is 0 (the true value is under 2^-126); above, float32 overflows anyway.
-__attribute__((always_inline)) inline float exp_vec(float x) {
-  x = std::max(x, -88.0f);
-  x = std::min(x, 88.0f);
-  float k = x * 1.44269504088896341f;
-  k = (k + 12582912.0f) - 12582912.0f;  // round to nearest integer (1.5 * 2^23 trick)
-  // ln2 split into a short high part (exact product with k) and the remainder
-  float r = x - k * 0.693359375f;
-  r = r + k * 2.12194440054690583e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-// float64 keeps the library functions: it is the dtype of the parity tests, not of training.
-__attribute__((always_inline)) inline double exp_vec(double x) { return std::exp(x); }
-
-// log(1 + e) for e in [0, 1] without branches: 2 atanh(s) with s = e / (2 + e) <= 1/3, summed to the
-// s^15 term (truncation below 2e-9 relative), accurate for tiny e where 1 + e would round.
-__attribute__((always_inline)) inline float log1p_unit(float e) {
-  const float s = e / (2.0f + e), s2 = s * s;
-  float p = 1.0f / 15.0f;
-  p = p * s2 + 1.0f / 13.0f;
-  p = p * s2 + 1.0f / 11.0f;
-  p = p * s2 + 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
-  return 2.0f * s * p;
-}
-
-// torch's softplus (beta 1, threshold 20) and its derivative (the logistic function), so results
-// match F.softplus; the float32 forms are branch-free (softplus(x) = max(x, 0) + log1p(exp(-|x|))).
-__attribute__((always_inline)) inline float softplus(float x) {
-  return std::max(x, 0.0f) + log1p_unit(exp_vec(-std::abs(x)));
-}
-__attribute__((always_inline)) inline double softplus(double x) {
-  return x > 20.0 ? x : std::log1p(std::exp(x));
-}
-__attribute__((always_inline)) inline float sigmoid(float x) { return 1.0f / (1.0f + exp_vec(-x)); }
-__attribute__((always_inline)) inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
-__attribute__((always_inline)) inline float softplus_grad(float x) { return sigmoid(x); }
-__attribute__((always_inline)) inline double softplus_grad(double x) { return x > 20.0 ? 1.0 : sigmoid(x); }
-
-// Step sizes of one row: out[t] = softplus(raw[t] + bias) (or without the softplus).
-template <typename T>
-void step_sizes(const T* raw, T bias, bool use_softplus, T* out, int64_t len) {
-  if (use_softplus) {
-#pragma omp simd
-    for (int64_t t = 0; t < len; ++t) out[t] = softplus(raw[t] + bias);
-  } else {
-#pragma omp simd
-    for (int64_t t = 0; t < len; ++t) out[t] = raw[t] + bias;
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// problem description shared by the row kernels
-// ---------------------------------------------------------------------------------------------
-// A (batch, dim, len) input with any strides (u, delta and z may be transposed views, as Mamba's
-// projections produce them: saving views instead of contiguous copies keeps no second copy alive).
-template <typename T>
-struct Rows {
-  const T* p = nullptr;
-  int64_t sb = 0, sd = 0, st = 0;
-  Rows() = default;
-  explicit Rows(const at::Tensor& t) : p(t.data_ptr<T>()), sb(t.stride(0)), sd(t.stride(1)), st(t.stride(2)) {}
-  explicit operator bool() const { return p != nullptr; }
-  // row (b, d) as a contiguous array: the row itself, or its copy in buf
-  const T* load(int64_t b, int64_t d, int64_t len, T* buf) const {
-    const T* r = p + b * sb + d * sd;
-    if (st == 1) return r;
-    for (int64_t t = 0; t < len; ++t) buf[t] = r[t * st];
-    return buf;
-  }
-};
-
-// Per-thread row buffers for strided inputs (and the step sizes).
-template <typename T>
-struct RowBuffers {
-  std::vector<T> u, raw, z, dt;
-  explicit RowBuffers(int64_t len) : u(len), raw(len), z(len), dt(len) {}
-};
-
-template <typename T>
-struct Scan {
-  int64_t batch, dim, len, nstate;
-  Rows<T> u, delta, z;  // z optional (empty)
-  const T* A;
-  const T* Bm;
-  const T* Cm;
-  const T* Dskip;  // nullable
-  const T* bias;   // nullable
-  bool softplus;
-  bool b_var, c_var;
-  int64_t b_groups, c_groups;
-
-  int64_t row(int64_t b, int64_t d) const { return (b * dim + d) * len; }
-  // first element of B (or C) for row (b, d), and its stride between time steps
-  const T* b_ptr(int64_t b, int64_t d) const {
-    return b_var ? Bm + (b * b_groups + d / (dim / b_groups)) * len * nstate : Bm + d * nstate;
-  }
-  const T* c_ptr(int64_t b, int64_t d) const {
-    return c_var ? Cm + (b * c_groups + d / (dim / c_groups)) * len * nstate : Cm + d * nstate;
-  }
-  int64_t b_step() const { return b_var ? nstate : 0; }
-  int64_t c_step() const { return c_var ? nstate : 0; }
-};
+using namespace ssl_med_scan;
 
 // ---------------------------------------------------------------------------------------------
 // forward: one row (b, d), one pass over its len x N elements
