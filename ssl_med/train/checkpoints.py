@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -91,11 +92,14 @@ def newest_good_checkpoint(directory: Path, last: str = "last.ckpt") -> Path | N
 
 def remove_partial_saves(directory: Path) -> list[Path]:
     """Delete the temporary files of checkpoint saves that were killed before their rename
-    (``.last.ckpt.tmp<pid>``); returns them. Call before training starts, when nothing is being saved."""
+    (``.last.ckpt.tmp<pid>``, or a sharded save's ``.last.ckpt.tmp`` folder); returns them. Call before training starts, when nothing is being saved."""
     removed = []
     for path in directory.glob(f".*.ckpt{PARTIAL_SAVE}*"):
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            if path.is_dir():  # a sharded save's folder
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed.append(path)
     if removed:
         log.info("removed %d partial checkpoint file(s) of an interrupted save: %s", len(removed),

@@ -22,14 +22,17 @@ with one data-parallel mesh dimension over every process (no tensor parallelism)
   inside the sharded blocks: the recomputation all-gathers the block again.
 * **checkpoints** are sharded (``save_distributed_checkpoint=True``): ``last.ckpt`` is a folder with
   one file per rank written by ``torch.distributed.checkpoint`` plus Lightning's ``meta.pt``, and
-  resumes on any number of processes; :func:`ssl_med.train.checkpoints.consolidate_checkpoint`
+  resumes on any number of processes; it is written to a temporary folder and renamed into place,
+  as single-file checkpoints are; :func:`ssl_med.train.checkpoints.consolidate_checkpoint`
   turns one into an ordinary single-file checkpoint, and the run's ``encoder/`` export is an
   ordinary single-file encoder (:func:`full_encoder`).
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +44,7 @@ from torch.distributed.tensor import DTensor
 
 from ssl_med.build import build_encoder
 from ssl_med.encoder import Encoder
+from ssl_med.train.checkpoints import PARTIAL_SAVE
 
 #: ``trainer.precision`` -> FSDP2's mixed-precision policy (parameters all-gathered / gradients reduced in)
 MIXED_PRECISION: dict[str, MixedPrecisionPolicy] = {
@@ -61,6 +65,26 @@ class ShardedStrategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Write the sharded checkpoint into a temporary folder beside ``filepath`` and move it into
+        place once every rank has written its shard: a run killed mid-save leaves the previous
+        checkpoint or none (then ``resume=auto`` takes the newest step checkpoint), never a folder of
+        mixed shards; the next start removes the partial folder (:func:`remove_partial_saves`)."""
+        path = Path(self.broadcast(str(filepath)))
+        tmp = path.with_name(f".{path.name}{PARTIAL_SAVE}")
+        if self.global_rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+        self.barrier()
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier()
+        if self.global_rank == 0:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            tmp.rename(path)
+        self.barrier()
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The sharded optimiser state, with an entry for every trainable parameter (see

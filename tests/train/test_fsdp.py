@@ -29,7 +29,7 @@ from ssl_med.encoder import Encoder
 from ssl_med.objective import Objective
 from ssl_med.registry import BACKBONES
 from ssl_med.train import run as run_module
-from ssl_med.train.checkpoints import checkpoint_problem, consolidate_checkpoint
+from ssl_med.train.checkpoints import checkpoint_problem, consolidate_checkpoint, remove_partial_saves
 from ssl_med.train.geometry import prepare_pretrain_config
 from ssl_med.train.run import build_encoder, build_objective
 from ssl_med.train.sharding import (
@@ -165,6 +165,9 @@ def test_sharded_checkpoint_folders_are_checked(tmp_path: Path) -> None:
     (folder / ".metadata").write_bytes(b"x")
     torch.save({"global_step": 2}, folder / "meta.pt")
     assert checkpoint_problem(folder) is None
+    partial = tmp_path / ".step0000004.ckpt.tmp"  # a sharded save killed before its rename
+    (partial / "sub").mkdir(parents=True)
+    assert remove_partial_saves(tmp_path) == [partial] and not partial.exists() and folder.is_dir()
 
 
 #: constant learning rate and weight decay, so that a 2-step run resumed to 4 steps follows the same
@@ -189,6 +192,7 @@ def test_two_process_fsdp_on_cpu_resumes_exactly_and_exports(tmp_path: Path) -> 
     ssl_med("pretrain", *TWO_RANKS, "trainer.max_steps=2", f"hydra.run.dir={resumed}", cwd=tmp_path)
     last = resumed / "checkpoints" / "last.ckpt"
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # one shard file per rank
+    assert not list(last.parent.glob(".*"))  # written to temporary folders, renamed into place
     ssl_med(  # continues from the sharded step-2 checkpoint, now with activation checkpointing
         "pretrain", *TWO_RANKS, "trainer.max_steps=4", "trainer.activation_checkpointing=true", f"hydra.run.dir={resumed}", cwd=tmp_path
     )
