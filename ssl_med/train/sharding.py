@@ -101,7 +101,10 @@ def complete_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     builds for *every* parameter (``torch.distributed.checkpoint.state_dict``); a saved state that
     lacks a parameter then fails with "Missing key in checkpoint state_dict". The missing entries are
     made the way torch makes them: one step with zero gradients at learning rate 0, for those
-    parameters alone (the others' gradients are set aside meanwhile, so they do not step).
+    parameters alone (the others' gradients are set aside meanwhile, so they do not step). A
+    parameter whose first gradient comes after such a save (DINO's last layer, frozen for its first
+    steps) then counts one more AdamW step than without sharding: its bias correction starts one
+    step further on.
     """
     groups = optimizer.param_groups
     missing = {p for g in groups for p in g["params"] if p.requires_grad and p not in optimizer.state}
