@@ -284,8 +284,8 @@ def goal_lines(rows: list[dict], fused: bool) -> list[str]:
         "D·L·N tensors (the sequential reference and the torch scan are bound by the same memory traffic), "
         "while the fused kernel keeps a row's N = 16 states in two vector registers and touches each "
         "element once, so it runs *below* the floor: it is bound by arithmetic (one vectorised exponential "
-        "per element). The torch scan remains the path for devices without the kernel and under "
-        "`torch.compile`; its cost is a small multiple of the floor (one pass over the states per scan "
+        "per element). The torch scan remains the path for devices without the kernel; "
+        "its cost is a small multiple of the floor (one pass over the states per scan "
         "level). The backward recomputes each 64-step chunk's states from the state saved at its start "
         "(as mamba-ssm's CUDA kernel does) and walks it in reverse, so it costs about two forwards.",
     ]

@@ -32,7 +32,8 @@ Implementations (``impl=``):
 * ``"ref"`` — a plain sequential loop (autograd through it), for tests only.
 * ``"auto"`` — CUDA tensors: ``"cuda"`` when mamba-ssm imports, else ``"torch"``; CPU tensors:
   ``"fused"`` when the extension builds (or is cached), else ``"torch"`` (the reason is logged once),
-  and ``"torch"`` while ``torch.compile`` traces; other devices: ``"torch"``. The environment
+  also while ``torch.compile`` traces once an eager call has loaded it (an opaque op with fake
+  shapes), else ``"torch"``; other devices: ``"torch"``. The environment
   variable ``SSL_MED_SCAN_IMPL`` (``cuda | fused | torch | ref``) replaces ``"auto"`` in every call,
   so a whole model can be run on one path (benchmarks, debugging).
 
@@ -407,13 +408,15 @@ def resolve_impl(impl: ScanImpl, device: torch.device) -> str:
 
 def _pick_impl(impl: ScanImpl, u: Tensor, A: Tensor) -> str:
     """:func:`resolve_impl` for one call: ``auto`` keeps to the torch scan where the fused kernel does not
-    apply (``torch.compile`` tracing, complex ``A``, more than ``MAX_STATE`` states)."""
-    from ssl_med.ops.selective_scan_fused import MAX_STATE
+    apply (complex ``A``, more than ``MAX_STATE`` states, a ``torch.compile`` trace before it is loaded)."""
+    from ssl_med.ops import selective_scan_fused
 
     if impl == "auto" and u.device.type == "cpu" and torch.compiler.is_compiling():
-        return "torch"
+        # while tracing, use the kernel only if an eager call has loaded it (no build inside a trace)
+        fits = selective_scan_fused.LOADED and not A.is_complex() and A.shape[-1] <= selective_scan_fused.MAX_STATE
+        return "fused" if fits and os.environ.get(IMPL_ENV, "auto") in ("auto", "fused") else "torch"
     which = resolve_impl(impl, u.device)
-    if which == "fused" and impl == "auto" and (A.is_complex() or A.shape[-1] > MAX_STATE):
+    if which == "fused" and impl == "auto" and (A.is_complex() or A.shape[-1] > selective_scan_fused.MAX_STATE):
         return "torch"
     return which
 

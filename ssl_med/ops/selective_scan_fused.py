@@ -86,11 +86,45 @@ def _load() -> tuple[Any | None, str]:
         )
         ops = torch.ops.ssl_med_scan
         ops.fwd, ops.bwd  # noqa: B018 - resolve both ops now so a broken build fails here
+        _register_fakes()
     except Exception as err:
         logger.debug("building %s failed", name, exc_info=True)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return None, f"building {name} failed ({first})"
     return ops, f"{name}, built or loaded in {time.perf_counter() - start:.1f} s"
+
+
+#: Whether the extension is loaded with its fake kernels; read while ``torch.compile`` traces (where
+#: :func:`_load` is not called).
+LOADED = False
+
+
+def _register_fakes() -> None:
+    """Shape functions of the two ops, so ``torch.compile`` can trace through the kernel as an opaque
+    call; without them (an older torch) compiled code keeps to the torch scan."""
+    global LOADED
+    try:
+        _define_fakes()
+    except Exception:
+        logger.debug("no fake kernels for the fused scan: torch.compile uses the torch scan", exc_info=True)
+        return
+    LOADED = True
+
+
+def _define_fakes() -> None:
+    @torch.library.register_fake("ssl_med_scan::fwd")
+    def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, save_states):
+        batch, dim, length = u.shape
+        n, chunks = A.shape[1], -(-length // 64)
+        states = u.new_empty(batch if save_states else 0, dim, chunks, n)
+        return [u.new_empty(u.shape), u.new_empty(batch, dim, n), states]
+
+    @torch.library.register_fake("ssl_med_scan::bwd")
+    def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, states, dout, dlast):
+        dim = u.shape[1]
+        return [u.new_empty(u.shape), u.new_empty(u.shape), A.new_empty(A.shape), B.new_empty(B.shape),
+                C.new_empty(C.shape), u.new_empty(dim), u.new_empty(u.shape if z is not None else (0,)),
+                u.new_empty(dim)]  # fmt: skip
 
 
 def _digest(path: Path) -> str:
@@ -108,6 +142,8 @@ def fused_status() -> str:
 
 
 def _ops() -> Any:
+    if LOADED:
+        return torch.ops.ssl_med_scan
     ops, why = _load()
     if ops is None:
         raise RuntimeError(f"impl='fused' is unavailable: {why}; use impl='torch' or 'auto'")
@@ -177,6 +213,7 @@ def scan_fused(
         raise RuntimeError(f"impl='fused' runs on the CPU, got {u.device.type} tensors; use impl='auto'")
     if u.ndim != 3 or delta.shape != u.shape:
         raise ValueError(f"u and delta must both be (B, D, L), got {tuple(u.shape)} and {tuple(delta.shape)}")
+    _ops()  # raises, with the reason, when the kernel is unavailable
     dtype_in = u.dtype
     dtype = torch.promote_types(u.dtype, torch.float32)
     batch, channels, _ = u.shape

@@ -171,17 +171,39 @@ def test_auto_picks_the_fused_kernel_on_the_cpu(monkeypatch: pytest.MonkeyPatch)
         resolve_impl("auto", cpu)
 
 
-def test_auto_keeps_the_torch_scan_while_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_under_torch_compile_uses_the_loaded_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     (u, _, A, _, _), _ = inputs(4, 1, 2, 16, "variable", "variable")
-    assert scan_ops._pick_impl("auto", u, A) == "fused"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert scan_ops._pick_impl("auto", u, A) == "fused"
+    monkeypatch.setattr(fused_ops, "LOADED", False)  # never built in this process: no build inside a trace
     assert scan_ops._pick_impl("auto", u, A) == "torch"
+
+
+def test_torch_compile_traces_the_kernel_as_one_graph() -> None:
+    """aot_eager (dynamo + autograd tracing, no code generation): the kernel is an opaque op with fake
+    shapes, forward and backward, without a graph break; results equal the eager call's."""
+    tensors, extras = inputs(70, 2, 4, 16, "variable", "grouped", dtype=torch.float32)
+
+    def loss(*args: torch.Tensor) -> torch.Tensor:
+        return selective_scan(*args[:5], *args[5:], delta_softplus=True).square().sum()
+
+    flat = [*tensors, extras["D"], extras["z"], extras["delta_bias"]]
+    results = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in flat]
+        value = fn(*leaves)
+        results.append((value, torch.autograd.grad(value, leaves)))
+    torch._dynamo.reset()
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for a, b in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.fixture
 def no_compiler(monkeypatch: pytest.MonkeyPatch):
     """The extension 'fails to build' for one test; the dispatcher's cached choice is reset around it."""
     monkeypatch.setattr(fused_ops, "_load", lambda: (None, "no C++ compiler ('c++' not on PATH; set CXX)"))
+    monkeypatch.setattr(fused_ops, "LOADED", False)
     scan_ops._cpu_fused_ready.cache_clear()
     yield
     scan_ops._cpu_fused_ready.cache_clear()

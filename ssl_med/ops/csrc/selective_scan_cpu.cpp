@@ -422,9 +422,13 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
 
 TORCH_LIBRARY(ssl_med_scan, m) {
   m.def("fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-        "bool softplus, bool save_states) -> Tensor[]",
-        &scan_fwd);
+        "bool softplus, bool save_states) -> Tensor[]");
   m.def("bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-        "bool softplus, Tensor states, Tensor dout, Tensor? dlast) -> Tensor[]",
-        &scan_bwd);
+        "bool softplus, Tensor states, Tensor dout, Tensor? dlast) -> Tensor[]");
+}
+
+// CPU kernels only: torch.compile gets the shapes from the fake kernels registered in Python.
+TORCH_LIBRARY_IMPL(ssl_med_scan, CPU, m) {
+  m.impl("fwd", &scan_fwd);
+  m.impl("bwd", &scan_bwd);
 }
