@@ -406,13 +406,21 @@ def resolve_impl(impl: ScanImpl, device: torch.device) -> str:
     return impl
 
 
+@torch.compiler.disable
+def _load_outside_the_trace() -> None:
+    """Build or load the fused kernel eagerly when the first CPU scan of a process is being traced:
+    dynamo runs this call outside the graph, and the retrace that follows sees the kernel loaded."""
+    _cpu_fused_ready()
+
+
 def _pick_impl(impl: ScanImpl, u: Tensor, A: Tensor) -> str:
     """:func:`resolve_impl` for one call: ``auto`` keeps to the torch scan where the fused kernel does not
     apply (complex ``A``, more than ``MAX_STATE`` states, a ``torch.compile`` trace before it is loaded)."""
     from ssl_med.ops import selective_scan_fused
 
     if impl == "auto" and u.device.type == "cpu" and torch.compiler.is_compiling():
-        # while tracing, use the kernel only if an eager call has loaded it (no build inside a trace)
+        if not selective_scan_fused.ATTEMPTED:
+            _load_outside_the_trace()  # one graph break, the first time only
         fits = selective_scan_fused.LOADED and not A.is_complex() and A.shape[-1] <= selective_scan_fused.MAX_STATE
         return "fused" if fits and os.environ.get(IMPL_ENV, "auto") in ("auto", "fused") else "torch"
     which = resolve_impl(impl, u.device)

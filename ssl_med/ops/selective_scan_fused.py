@@ -43,10 +43,17 @@ ARCH_FLAGS = {
     "AVX2": ["-mavx2", "-mfma"],
 }
 
+#: Whether the extension is loaded with its fake kernels, and whether loading was tried; read while
+#: ``torch.compile`` traces (where :func:`_load` is not called).
+LOADED = False
+ATTEMPTED = False
+
 
 @functools.cache
 def _load() -> tuple[Any | None, str]:
     """Build (or load the cached build of) the extension: ``(torch.ops namespace or None, why)``."""
+    global ATTEMPTED
+    ATTEMPTED = True
     if not (SOURCE.is_file() and HEADER.is_file()):
         return None, f"the sources in {SOURCE.parent} are missing from this installation"
     torch_logger = logging.getLogger("torch.utils.cpp_extension")
@@ -94,9 +101,6 @@ def _load() -> tuple[Any | None, str]:
     return ops, f"{name}, built or loaded in {time.perf_counter() - start:.1f} s"
 
 
-#: Whether the extension is loaded with its fake kernels; read while ``torch.compile`` traces (where
-#: :func:`_load` is not called).
-LOADED = False
 
 
 def _register_fakes() -> None:

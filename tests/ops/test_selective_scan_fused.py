@@ -7,6 +7,10 @@ fixture builds it once per session (later sessions load the cached build).
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,6 +201,27 @@ def test_torch_compile_traces_the_kernel_as_one_graph() -> None:
     torch.testing.assert_close(results[1][0], results[0][0])
     for a, b in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(a, b)
+
+
+FIRST_CALL_COMPILED = """
+import torch
+from ssl_med.ops import selective_scan_fused
+from ssl_med.ops.selective_scan import selective_scan
+
+args = [torch.randn(1, 4, 30), torch.randn(1, 4, 30), -torch.rand(4, 16) - 0.5, torch.randn(1, 16, 30),
+        torch.randn(1, 16, 30)]
+compiled = torch.compile(lambda *a: selective_scan(*a, delta_softplus=True), backend="aot_eager")
+out = compiled(*args)
+assert selective_scan_fused.LOADED
+torch.testing.assert_close(out, selective_scan(*args, delta_softplus=True, impl="fused"), rtol=0, atol=0)
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter (about 15 s)
+def test_a_process_whose_first_scan_is_compiled_loads_the_kernel() -> None:
+    """The first CPU scan of a process inside torch.compile loads the kernel outside the trace and uses it."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    subprocess.run([sys.executable, "-c", FIRST_CALL_COMPILED], check=True, env=env, timeout=300)
 
 
 @pytest.fixture
