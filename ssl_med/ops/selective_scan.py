@@ -31,15 +31,15 @@ Implementations (``impl=``):
   Runs on any device and under ``torch.compile``.
 * ``"ref"`` — a plain sequential loop (autograd through it), for tests only.
 * ``"auto"`` — CUDA tensors: ``"cuda"`` when mamba-ssm imports, else ``"torch"``; CPU tensors:
-  ``"fused"`` when the extension builds (or is cached), else ``"torch"`` (the reason is logged once),
-  also while ``torch.compile`` traces once an eager call has loaded it (an opaque op with fake
-  shapes), else ``"torch"``; other devices: ``"torch"``. The environment
-  variable ``SSL_MED_SCAN_IMPL`` (``cuda | fused | torch | ref``) replaces ``"auto"`` in every call,
-  so a whole model can be run on one path (benchmarks, debugging).
+  ``"fused"`` when the extension builds (or is cached), else ``"torch"`` (the reason is logged once);
+  under ``torch.compile`` the kernel is an opaque op with fake shapes (a first call inside a trace
+  loads it outside the graph); other devices: ``"torch"``. The environment variable
+  ``SSL_MED_SCAN_IMPL`` (``cuda | fused | torch | ref``) replaces ``"auto"`` in every call, so a
+  whole model can be run on one path (benchmarks, debugging).
 
 Differences from mamba-ssm: its kernel's backward ignores the gradient of the returned last state
-(inference only); ``"fused"``, ``"torch"`` and ``"ref"`` propagate it (checked on an H200: docs/benchmarks/gpu.md).
-Its reference upcasts to float32 with ``.float()``, which
+(inference only); ``"fused"``, ``"torch"`` and ``"ref"`` propagate it (checked on an H200:
+docs/benchmarks/gpu.md). Its reference upcasts to float32 with ``.float()``, which
 *downcasts* float64; here the compute dtype is ``promote(u.dtype, float32)`` so float64 stays float64.
 Complex ``A`` is not supported.
 """
