@@ -159,10 +159,12 @@ class PreviewImages(L.Callback):
 
 
 def weight_checksum(module: torch.nn.Module) -> Tensor:
-    """A float64 fingerprint of all parameters (sum of ``w * (1 + position)``), equal across equal copies."""
+    """A float64 fingerprint of all parameters (sum of ``w * (1 + position)``), equal across equal copies;
+    a 0-d tensor on the CPU."""
     total = torch.zeros((), dtype=torch.float64)
     for i, p in enumerate(module.parameters()):
-        total += (p.detach().double().flatten() * torch.linspace(1, 2, p.numel(), dtype=torch.float64)).sum() * (i + 1)
+        weights = torch.linspace(1, 2, p.numel(), dtype=torch.float64, device=p.device)
+        total += (p.detach().double().flatten() * weights).sum().cpu() * (i + 1)
     return total
 
 
@@ -177,7 +179,8 @@ class ExportEncoder(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         encoder = full_encoder(pl_module.objective.encoder, self.config["backbone"])  # FSDP: gathered
-        checksums = trainer.strategy.all_gather(weight_checksum(encoder)).reshape(-1).tolist()
+        checksum = weight_checksum(encoder).to(pl_module.device)  # NCCL gathers device tensors only
+        checksums = trainer.strategy.all_gather(checksum).reshape(-1).tolist()
         if trainer.is_global_zero:
             from ssl_med.export import save_encoder
 
