@@ -1,1 +1,1 @@
-"""Sequence-mixing operators in plain PyTorch (mLSTM, selective scan)."""
+"""Sequence-mixing operators: mLSTM and the selective scan (PyTorch, plus a fused C++ CPU kernel built on first use)."""
