@@ -122,6 +122,8 @@ def one_run(
         results = json.loads((eval_dir / "results.json").read_text())
         for r in results["rows"]:
             row[f"{evaluator}/{r['encoder']}"] = r["metrics"]
+            if evaluator == "linear_probe":
+                row[f"readout/{r['encoder']}"] = r["details"].get("features")
     best_dir = run_dir / "encoder_best"
     if best_dir.is_dir():  # the encoder selected on the online val curve (online_eval.keep_best)
         eval_dir = folder / "eval-linear_probe-best"
@@ -138,26 +140,31 @@ def one_run(
 
 
 def pixel_probe(out: Path, name: str, image_size: int) -> dict:
-    """The linear probe of ``conf/eval/linear_probe.yaml`` on raw pixels (no encoder) at the encoders'
-    input size: what a linear read-out of the images alone reaches; cached in ``<out>/pixels-<name>.json``."""
-    cache = out / f"pixels-{name}-{image_size}.json"
+    """The linear probe of ``conf/eval/linear_probe.yaml`` (its C grid and ``select_on``) on raw pixels
+    (no encoder) at the encoders' input size: what a linear read-out of the images alone reaches; cached
+    in ``<out>/pixels-<name>-<size>-<select_on>.json``."""
+    probe = OmegaConf.load(REPO / "conf" / "eval" / "linear_probe.yaml")
+    cache = out / f"pixels-{name}-{image_size}-{probe.select_on}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     from ssl_med.evaluators.datasets import eval_data_config, load_eval_data, resolve_eval_data
-    from ssl_med.evaluators.linear_probe import probe_sweep
+    from ssl_med.evaluators.linear_probe import fit_logistic
+    from ssl_med.evaluators.readout import select_readout
 
-    probe = OmegaConf.load(REPO / "conf" / "eval" / "linear_probe.yaml")
     cfg = resolve_eval_data({**eval_data_config(DATASETS[name].eval_data, []), "image_size": image_size})
     data = load_eval_data(cfg)
-    feats = {split: x.flatten(1).numpy() for split, x in data.images.items()}
-    result = probe_sweep(feats, data.labels, data.task, list(probe.C), probe.select_metric)
-    row = {"dataset": name, "image_size": image_size, "C": result["C"], **result["test"]}
+    feats = {"pixels": {split: x.flatten(1).numpy() for split, x in data.images.items()}}
+    choice = select_readout(
+        feats, data.labels, data.task, list(probe.C), probe.select_metric,
+        lambda x, y, c: fit_logistic(x, y, c, data.task, probe.max_iter), probe.select_on, probe.cv_folds,
+    )
+    row = {"dataset": name, "image_size": image_size, "C": choice.C, "select_on": probe.select_on, **choice.test}
     cache.write_text(json.dumps(row, indent=1))
     return row
 
 
 def pixel_table(rows: list[dict]) -> str:
-    lines = ["| data | input | probe C (chosen on val) | probe AUROC | probe ACC |", "|---|---|---|---|---|"]
+    lines = ["| data | input | probe C (chosen without test) | probe AUROC | probe ACC |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['dataset']} | raw pixels at {r['image_size']} px | {r['C']:g} | {r['auroc']:.3f} | {r['accuracy']:.3f} |")
     return "\n".join(lines)
@@ -169,12 +176,23 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+SHORT = {"pooled": "cls", "mean_patch": "mp", "pooled+mean_patch": "cls+mp", "patch_tokens": "tok"}
+
+
+def readouts(rows: list[dict]) -> str:
+    """The read-out each linear probe chose per seed, e.g. ``mp,mp,cls; cls+mp,mp,mp`` (``-``: not recorded)."""
+    def chosen(key: str) -> str:
+        return ",".join(SHORT.get(r.get(f"readout/{key}", ""), "-") for r in rows)
+    return f"{chosen('pretrained')}; {chosen('random-init')}"
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: one line per (dataset, backbone, objective) and one random-init line per dataset."""
     lines = [
         "| data | encoder/patch | seeds | steps | pretrain min | probe AUROC (last step) | random-init probe AUROC | gap "
-        "| probe AUROC, encoder selected on val (step) | its gap | kNN ACC | random-init kNN ACC | kNN gap |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| probe AUROC, encoder selected on val (step) | its gap | kNN ACC | random-init kNN ACC | kNN gap "
+        "| read-outs chosen (pretrained; random-init) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -193,7 +211,7 @@ def table(rows: list[dict]) -> str:
             f"| {data} | {backbone}-tiny/{patch} {objective} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} | "
             f"{statistics.mean(r['pretrain_s'] for r in rs) / 60:.1f} | {mean_std(auc)} | {mean_std(auc0)} | "
             f"**{mean_std(gaps)}** | {best_cell} | {mean_std(knn)} | {mean_std(knn0)} | "
-            f"{mean_std([a - b for a, b in zip(knn, knn0)])} |"
+            f"{mean_std([a - b for a, b in zip(knn, knn0)])} | {readouts(rs)} |"
         )
     return "\n".join(lines)
 

@@ -76,16 +76,20 @@ def published_rows(data_cfg: dict[str, Any]) -> dict[str, dict[str, float]]:
 def match_encoder(
     eval_cfg: dict[str, Any], data_cfg: dict[str, Any], encoder_config: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fill the settings left to the encoder: ``eval.features=auto`` -> the pretraining objective's
-    :attr:`~ssl_med.objective.Objective.eval_features` (``mean_patch`` for MAE-family encoders, whose
-    CLS token no loss trains; ``pooled`` otherwise), and ``eval_data.image_size=null`` on classification
+    """Fill the settings left to the encoder: ``eval.features=auto`` (alone or in a read-out list) -> the
+    pretraining objective's :attr:`~ssl_med.objective.Objective.eval_features` (``mean_patch`` for
+    MAE-family encoders, whose CLS token no loss trains; ``pooled`` otherwise), and ``eval_data.image_size=null`` on classification
     files -> the encoder's input size, so that evaluation sees the pretraining geometry."""
     from ssl_med.encoder import config_input_size
 
     eval_cfg, data_cfg = dict(eval_cfg), dict(data_cfg)
-    if eval_cfg.get("features") == "auto":
-        objective = (encoder_config.get("objective") or {}).get("name")
-        eval_cfg["features"] = OBJECTIVES.get(objective).eval_features if objective in OBJECTIVES else "pooled"
+    objective = (encoder_config.get("objective") or {}).get("name")
+    own = OBJECTIVES.get(objective).eval_features if objective in OBJECTIVES else "pooled"
+    features = eval_cfg.get("features")
+    if features == "auto":
+        eval_cfg["features"] = own
+    elif isinstance(features, (list, tuple)):  # a read-out grid (linear probe): auto -> the objective's, deduplicated
+        eval_cfg["features"] = list(dict.fromkeys(own if f == "auto" else f for f in features))
     size = config_input_size(encoder_config.get("backbone") or {})
     if data_cfg.get("image_size") is None and data_cfg.get("kind") == "medmnist" and size and len(set(size)) == 1:
         data_cfg["image_size"] = size[0]

@@ -1,9 +1,12 @@
 """Linear probe (``eval=linear_probe``): logistic regression on cached frozen features.
 
 Protocol (DINOv2's and MedMNIST's linear evaluation): features standardised on the training split; L-BFGS
-logistic regression (one-vs-rest for multi-label) for each ``C`` in ``cfg['C']``; the ``C`` with the
-best validation ``select_metric`` is scored once on test. Label efficiency: the same sweep on
-stratified, seeded ``label_fractions`` of the training labels, mean ± std over ``seeds``.
+logistic regression (one-vs-rest for multi-label) for each read-out in ``cfg['features']`` (one mode or a
+list, as DINOv2 sweeps its read-outs) and each ``C`` in ``cfg['C']``; the candidate with the best
+``select_metric`` on val (``select_on: val``) or in ``cv_folds``-fold cross-validation over train ∪ val
+(``select_on: cv``, :mod:`ssl_med.evaluators.readout`) is scored once on test. Label efficiency: the
+``C`` sweep on the chosen read-out, on stratified, seeded ``label_fractions`` of the training labels,
+mean ± std over ``seeds``.
 
 Two diagnostics are reported once per probe run (one log line each, also kept in ``details``):
 a chosen ``C`` at the smallest or largest grid value (the optimum may lie outside the grid), and the
@@ -26,9 +29,10 @@ from sklearn.preprocessing import StandardScaler
 from ssl_med.encoder import Encoder
 from ssl_med.evaluators.base import EvalContext, EvalResult
 from ssl_med.evaluators.datasets import ClassificationData
-from ssl_med.evaluators.features import cached_features
+from ssl_med.evaluators.features import FEATURE_MODES, cached_readouts
 from ssl_med.evaluators.label_efficiency import stratified_subset
 from ssl_med.evaluators.metrics import classification_metrics
+from ssl_med.evaluators.readout import select_readout
 from ssl_med.registry import EVALUATORS
 
 log = logging.getLogger(__name__)
@@ -189,15 +193,30 @@ def linear_probe(
         raise TypeError(
             "linear_probe needs a classification dataset (eval_data=breastmnist, vesselmnist3d, ...)"
         )
-    feats = cached_features(
-        encoder, data.images, ctx.dataset_key, cfg["features"], ctx.cache_dir, cfg["batch_size"], ctx.device
-    )
+    modes = [cfg["features"]] if isinstance(cfg["features"], str) else list(cfg["features"])
+    unknown = [m for m in modes if m not in FEATURE_MODES]
+    if unknown or not modes:
+        raise ValueError(f"eval.features: unknown read-out(s) {unknown or modes}; choose from {FEATURE_MODES}")
+    feats = cached_readouts(encoder, data.images, ctx.dataset_key, modes, ctx.cache_dir, cfg["batch_size"], ctx.device)
     fit_log = FitLog(max_iter=int(cfg.get("max_iter", 2000)))
-    full = probe_sweep(feats, data.labels, data.task, cfg["C"], cfg["select_metric"], fit_log=fit_log)
+    choice = select_readout(
+        feats,
+        data.labels,
+        data.task,
+        cfg["C"],
+        cfg["select_metric"],
+        lambda x, y, c: fit_logistic(x, y, c, data.task, fit_log.max_iter, fit_log),
+        cfg.get("select_on", "val"),
+        int(cfg.get("cv_folds", 5)),
+        ctx.seed,
+    )
+    full = {"C": choice.C, "val": choice.scores[choice.features], "test": choice.test}
     details: dict[str, Any] = {
         "C": full["C"],
         "val_sweep": full["val"],
-        "feature_dim": int(feats["train"].shape[1]),
+        "features": choice.features,
+        "readout": choice.as_dict(),
+        "feature_dim": int(feats[choice.features]["train"].shape[1]),
     }
     edge = grid_edge(full["C"], cfg["C"])
     if edge is not None:
@@ -207,7 +226,7 @@ def linear_probe(
         )
         log.warning("linear_probe [%s]: %s", ctx.encoder_label, details["C_at_grid_edge"])
     if cfg.get("label_fractions"):
-        details["label_efficiency"] = label_efficiency(feats, data, cfg, ctx.seed, fit_log)
+        details["label_efficiency"] = label_efficiency(feats[choice.features], data, cfg, ctx.seed, fit_log)
     details["convergence"] = fit_log.as_dict()
     if fit_log.summary():
         log.warning("linear_probe [%s]: %s", ctx.encoder_label, fit_log.summary())

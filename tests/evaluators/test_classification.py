@@ -16,7 +16,12 @@ from sklearn.preprocessing import StandardScaler
 
 from ssl_med.evaluators import features as features_module
 from ssl_med.evaluators.datasets import ClassificationData, load_eval_data
-from ssl_med.evaluators.features import cached_features, encoder_fingerprint, extract_features
+from ssl_med.evaluators.features import (
+    cached_features,
+    cached_readouts,
+    encoder_fingerprint,
+    extract_features,
+)
 from ssl_med.evaluators.knn import knn_scores
 from ssl_med.evaluators.label_efficiency import stratified_subset
 from ssl_med.evaluators.linear_probe import probe_sweep
@@ -60,10 +65,15 @@ def test_features_match_encoder_pooled_and_cache_roundtrip(
 
     first = cached_features(encoder, {"val": x}, "breast", "pooled", tmp_path)
     assert (tmp_path / encoder_fingerprint(encoder) / "breast-pooled.npz").is_file()
-    monkeypatch.setattr(features_module, "extract_features", lambda *a, **k: pytest.fail("cache not used"))
+    # several read-outs at once: the cached one is read back, the others come from one extra pass
+    both_modes = cached_readouts(encoder, {"val": x}, "breast", ["pooled", "mean_patch"], tmp_path)
+    np.testing.assert_array_equal(both_modes["pooled"]["val"], first["val"])
+    np.testing.assert_allclose(both_modes["mean_patch"]["val"], out.patch_tokens.mean(1).numpy(), atol=1e-5)
+    monkeypatch.setattr(features_module, "extract_readouts", lambda *a, **k: pytest.fail("cache not used"))
     np.testing.assert_array_equal(
         cached_features(encoder, {"val": x}, "breast", "pooled", tmp_path)["val"], first["val"]
     )
+    cached_readouts(encoder, {"val": x}, "breast", ["mean_patch", "pooled"], tmp_path)
     assert encoder_fingerprint(tiny_vit(seed=1)) != encoder_fingerprint(encoder)
 
 

@@ -58,9 +58,9 @@ def test_evaluate_cli_knn_and_probe_then_report(encoder_run: Path, shared_data: 
     assert "random-init" in md and "published" in md and "Label efficiency" in md
     assert (sweep / "probe" / "label_efficiency_accuracy.png").stat().st_size > 0
     assert list((sweep / "probe" / "tensorboard").glob("events.out.tfevents.*"))
-    assert (
-        len(list((tmp_path / "cache").rglob("*.npz"))) == 2
-    )  # pretrained + random-init, shared by knn and probe
+    # pretrained + random-init x the probe's 3 read-outs (mean_patch, shared with knn; pooled; pooled+mean_patch)
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 6
+    assert {r["details"]["features"] for r in results["rows"]} <= {"mean_patch", "pooled", "pooled+mean_patch"}
 
     assert main(["report", str(sweep)]) == 0
     summary = (sweep / "summary.md").read_text()

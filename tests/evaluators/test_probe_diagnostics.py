@@ -45,7 +45,7 @@ def run_probe(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data: ClassificationData, feats: dict, **cfg: Any
 ) -> dict[str, Any]:
     """The ``linear_probe`` evaluator on given features (feature extraction replaced)."""
-    monkeypatch.setattr(probe_module, "cached_features", lambda *a, **k: feats)
+    monkeypatch.setattr(probe_module, "cached_readouts", lambda enc, images, key, modes, *a, **k: dict.fromkeys(modes, feats))
     full = {
         "features": "pooled",
         "select_metric": "auroc",
