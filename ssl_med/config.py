@@ -70,6 +70,8 @@ class TrainerConfig:
     preview_every_n_steps: int = 100
     progress_bar: bool = True
     activation_checkpointing: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
 
 
 @dataclass
