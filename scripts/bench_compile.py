@@ -37,18 +37,13 @@ if "--warm-cache" not in sys.argv:
     os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # before torch is imported
 
 import torch
-from hydra import compose, initialize_config_module
-from torch.utils.data import DataLoader
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ssl_med.data.crops import RandomCropDataset  # noqa: E402
-from ssl_med.data.datamodule import resolve_store  # noqa: E402
 from ssl_med.objective import Objective  # noqa: E402
+from ssl_med.train.batches import objective_and_batches  # noqa: E402
 from ssl_med.train.compile import CompileSettings, compile_children  # noqa: E402
-from ssl_med.train.geometry import prepare_pretrain_config  # noqa: E402
-from ssl_med.train.run import build_encoder, build_objective  # noqa: E402
 
 #: case name -> (objective, data group, default batch)
 CASES: dict[str, tuple[str, str, int]] = {
@@ -72,18 +67,11 @@ class Result:
 
 def build(objective: str, data: str, batch: int, n_batches: int) -> tuple[Objective, list[dict], str]:
     """The objective (ViT-tiny, defaults), ``n_batches`` batches of real demo crops, and the geometry."""
-    overrides = [f"objective={objective}", f"data={data}", f"data.batch_size={batch}"]
-    with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
-        cfg = prepare_pretrain_config(compose(config_name="pretrain", overrides=overrides), overrides)
-    torch.manual_seed(0)
-    obj = build_objective(cfg.objective, build_encoder(cfg.backbone))
-    ds = RandomCropDataset(
-        resolve_store(cfg.data), cfg.data.crop_size, cfg.data.num_channels, length=batch * n_batches,
-        transform=obj.view_transform(),
-    )  # fmt: skip
+    cfg, obj, batches = objective_and_batches(
+        [f"objective={objective}", f"data={data}", f"data.batch_size={batch}"], n_batches
+    )
     size = "x".join(map(str, cfg.backbone["img_size"]))
-    geometry = f"{cfg.data.spatial_dims}D {size}/p{cfg.backbone['patch_size']}"
-    return obj, list(DataLoader(ds, batch_size=batch)), geometry
+    return obj, batches, f"{cfg.data.spatial_dims}D {size}/p{cfg.backbone['patch_size']}"
 
 
 class Stepper:

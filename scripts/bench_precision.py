@@ -25,31 +25,18 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
-from torch.utils.data import DataLoader
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ssl_med.data.crops import RandomCropDataset  # noqa: E402
-from ssl_med.data.datamodule import resolve_store  # noqa: E402
 from ssl_med.objective import Objective  # noqa: E402
-from ssl_med.train.geometry import prepare_pretrain_config  # noqa: E402
-from ssl_med.train.run import build_encoder, build_objective  # noqa: E402
+from ssl_med.train.batches import objective_and_batches  # noqa: E402
 
 
 def build(objective: str, batch: int, steps: int) -> tuple[Objective, list[dict]]:
     """The objective (ViT-tiny, default options) and ``steps`` batches of real demo crops."""
-    overrides = [f"objective={objective}", f"data.batch_size={batch}"]
-    with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
-        cfg = prepare_pretrain_config(compose(config_name="pretrain", overrides=overrides), overrides)
-    torch.manual_seed(0)
-    obj = build_objective(cfg.objective, build_encoder(cfg.backbone))
-    ds = RandomCropDataset(
-        resolve_store(cfg.data), cfg.data.crop_size, cfg.data.num_channels, length=batch * steps,
-        transform=obj.view_transform(),
-    )  # fmt: skip
-    return obj, list(DataLoader(ds, batch_size=batch))
+    _, obj, batches = objective_and_batches([f"objective={objective}", f"data.batch_size={batch}"], steps)
+    return obj, batches
 
 
 def train(obj: Objective, batches: list[dict], bf16: bool) -> tuple[list[float], list[float]]:
