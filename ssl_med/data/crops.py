@@ -94,9 +94,13 @@ def normalise_batch(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-def below_window(window: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``(C,)`` stored values that normalise to exactly 0 with ``window`` ``(C, 2)``: one below the
-    window's low end (clipped to 0, exactly, by :func:`normalise_batch`), within ``dtype``'s range."""
+def zero_value(window: np.ndarray | None, dtype: np.dtype, channels: int) -> np.ndarray:
+    """``(C,)`` stored values that normalise to exactly 0: 0 for normalised crops (``window`` ``None``);
+    for raw crops with ``window`` ``(C, 2)`` one below the floor of the window's low end (clipped to
+    exactly 0 by :func:`normalise_batch`, whatever the float rounding at the low end), within ``dtype``'s
+    range. Used for padding and for dropped channels."""
+    if window is None:
+        return np.zeros(channels)
     value = np.floor(window[:, 0]) - 1
     if np.dtype(dtype).kind in "iu":
         info = np.iinfo(dtype)
@@ -422,7 +426,7 @@ class RandomCropDataset(Dataset):
             rng = np.random.default_rng([self.seed, index, redraw, 2])
             keep = draw_channel_keep(rng, crop.shape[0], self.channel_dropout, available)
             if not getattr(self.transform, "keeps_dropped_channels", False):
-                crop = zero_fill(crop, keep, None if window is None else below_window(window, crop.dtype))
+                crop = zero_fill(crop, keep, zero_value(window, crop.dtype, len(crop)))
         keys: dict[str, Any] = {NAMES_KEY: names} if self.return_channel_names else {}  # every sample: collation
         if keep is not None:
             keys[MASK_KEY] = torch.from_numpy(keep)
@@ -431,11 +435,11 @@ class RandomCropDataset(Dataset):
         return crop, window, keys
 
     def _padded(self, crop: np.ndarray, window: np.ndarray | None) -> np.ndarray:
-        """``crop`` padded at the end of each axis to ``crop_size`` with what normalises to 0 (0 for
-        normalised crops; for raw crops the floor of the window's low end, which clips to 0)."""
+        """``crop`` padded at the end of each axis to ``crop_size`` with what normalises to 0
+        (:func:`zero_value`)."""
         if tuple(crop.shape[1:]) == self.crop_size:
             return np.ascontiguousarray(crop)
-        fill = np.zeros(len(crop)) if window is None else np.floor(window[:, 0])
+        fill = zero_value(window, crop.dtype, len(crop))
         out = np.empty((len(crop), *self.crop_size), dtype=crop.dtype)
         out[...] = fill.reshape(-1, *([1] * self.spatial_dims)).astype(crop.dtype)
         out[(slice(None), *(slice(0, s) for s in crop.shape[1:]))] = crop
