@@ -8,7 +8,9 @@ user runs (nothing is called behind their back):
    on the **train** split only (``data.split=auto``) with the online kNN / ridge-probe curve on **val**;
 3. ``ssl_med evaluate eval=linear_probe`` and ``eval=knn`` with ``seed=<s>`` — the pretrained encoder
    (the last step's) and a random-init encoder of the same seed, probe C chosen on val, scored once on
-   test; plus the linear probe of ``encoder_best/``, the encoder the online val curve selected.
+   test; plus the linear probe of ``encoder_best/``, the encoder the online val curve selected;
+4. with ``--finetune``, ``ssl_med evaluate eval=finetune`` on the last step's encoder and its random-init
+   twin (each fine-tuned over the same (LR, layer decay) grid, the best on val scored once on test).
 
 The table (mean ± std over seeds, gap = pretrained − random init per seed) and the online curves are
 written to ``--doc`` between ``<!-- in-domain:begin -->`` and ``<!-- in-domain:end -->``, and to
@@ -79,7 +81,7 @@ def with_geometry(row: dict, run_dir: Path) -> dict:
 
 def one_run(
     out: Path, name: str, objective: str, backbone: str, seed: int, steps: int, overrides: list[str],
-    cached_only: bool = False, re_evaluate: bool = False,
+    cached_only: bool = False, re_evaluate: bool = False, with_finetune: bool = False,
 ) -> dict | None:
     """Pretrain + evaluate one (dataset, objective, backbone, seed); cached in ``<out>/<key>/row.json``
     (a finished pretraining in ``pretrain.json``, so ``re_evaluate`` redoes only the evaluations)."""
@@ -92,7 +94,11 @@ def one_run(
         old = json.loads(row_file.read_text())
         done_file.write_text(json.dumps({k: old[k] for k in ("pretrain_s", "command")}))
     if row_file.is_file() and not re_evaluate:
-        return with_geometry(json.loads(row_file.read_text()), folder / "run")
+        row = json.loads(row_file.read_text())
+        if with_finetune and "finetune/pretrained" not in row and not cached_only:
+            row.update(finetune_rows(folder, spec.eval_data, seed))
+            row_file.write_text(json.dumps(row, indent=1))
+        return with_geometry(row, folder / "run")
     if cached_only:
         print(f"  not run yet: {key} (--cached-only)", flush=True)
         return None
@@ -134,9 +140,25 @@ def one_run(
         row["best_step"] = json.loads((best_dir / "config.json").read_text())["selected_on"]["step"]
     for tag in ("online/knn_auroc", "online/linear_auroc"):
         row[tag] = online_curve(run_dir, tag)
+    if with_finetune:
+        row.update(finetune_rows(folder, spec.eval_data, seed))
     row = with_geometry(row, run_dir)
     row_file.write_text(json.dumps(row, indent=1))
     return row
+
+
+def finetune_rows(folder: Path, eval_data: str, seed: int) -> dict:
+    """``ssl_med evaluate eval=finetune`` of ``<folder>/run`` (last step) and its random-init twin:
+    ``{finetune/<encoder>: test metrics, finetune_choice/<encoder>: the (lr, layer_decay) chosen on val}``."""
+    eval_dir = folder / "eval-finetune"
+    run(["ssl_med", "evaluate", "eval=finetune", f"checkpoint={folder / 'run'}", f"eval_data={eval_data}",
+         f"seed={seed}", f"hydra.run.dir={eval_dir}"], folder / "finetune.log")
+    results = json.loads((eval_dir / "results.json").read_text())
+    out = {}
+    for r in results["rows"]:
+        out[f"finetune/{r['encoder']}"] = r["metrics"]
+        out[f"finetune_choice/{r['encoder']}"] = r["details"]["chosen"]
+    return out
 
 
 def pixel_probe(out: Path, name: str, image_size: int) -> dict:
@@ -216,6 +238,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def finetune_table(rows: list[dict]) -> str:
+    """Markdown: fine-tune test AUROC of the last-step encoders and their random-init twins, per group."""
+    lines = [
+        "| data | encoder/patch | seeds | fine-tune AUROC | random-init fine-tune AUROC | gap | layer decay chosen on val (pretrained; random-init) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "finetune/pretrained" in r:
+            groups.setdefault((r["dataset"], r["backbone"], r["objective"], r.get("patch_size", "?")), []).append(r)
+    for (data, backbone, objective, patch), rs in sorted(groups.items()):
+        auc = [r["finetune/pretrained"]["auroc"] for r in rs]
+        auc0 = [r["finetune/random-init"]["auroc"] for r in rs]
+        decay = "; ".join(",".join(f"{r[f'finetune_choice/{e}']['layer_decay']:g}" for r in rs) for e in ("pretrained", "random-init"))
+        lines.append(
+            f"| {data} | {backbone}-tiny/{patch} {objective} | {','.join(str(r['seed']) for r in rs)} | {mean_std(auc)} | "
+            f"{mean_std(auc0)} | **{mean_std([a - b for a, b in zip(auc, auc0)])}** | {decay} |"
+        )
+    return "\n".join(lines) if groups else ""
+
+
 def plot_curves(rows: list[dict], path: Path) -> None:
     """Online val kNN AUROC and ridge-probe AUROC vs step, one column per dataset, one line per run
     (step 0 = the run's random init)."""
@@ -265,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md", help="markdown file to update")
     parser.add_argument("--cached-only", action="store_true", help="build the table from finished runs only")
     parser.add_argument("--re-evaluate", action="store_true", help="redo the evaluations of finished pretraining runs")
+    parser.add_argument("--finetune", action="store_true", help="also fine-tune every last-step encoder and its random-init twin")
     parser.add_argument("overrides", nargs="*", help="extra ssl_med pretrain overrides for every run")
     args = parser.parse_args(argv)
     if not SHARED.is_dir():
@@ -275,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         for objective in args.objectives:
             for seed in args.seeds:
                 print(f"[{name} / {objective} / seed {seed}]", flush=True)
-                row = one_run(args.out, name, objective, args.backbone, seed, args.steps, args.overrides, args.cached_only, args.re_evaluate)
+                row = one_run(args.out, name, objective, args.backbone, seed, args.steps, args.overrides, args.cached_only, args.re_evaluate, args.finetune)
                 if row is not None:
                     rows.append(row)
     pixels = []
@@ -284,8 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         pixels += [pixel_probe(args.out, name, size) for size in sizes]
     curves = args.doc.parent / "benchmarks" / "online_curves.png"
     plot_curves(rows, curves)
+    finetuned = finetune_table(rows)
     body = (
-        f"{table(rows)}\n\nThe same probe on the raw pixels (no encoder), for scale:\n\n{pixel_table(pixels)}\n\nOnline curves (val split, step 0 = random init; the ridge-probe curve selects "
+        f"{table(rows)}\n\n"
+        + (f"Fine-tuned end to end (`eval=finetune`, the last step's encoders):\n\n{finetuned}\n\n" if finetuned else "")
+        + f"The same probe on the raw pixels (no encoder), for scale:\n\n{pixel_table(pixels)}\n\nOnline curves (val split, step 0 = random init; the ridge-probe curve selects "
         f"`encoder_best/`): "
         f"![online curves]({curves.relative_to(args.doc.parent).as_posix()})\n\n"
         f"Command: `python scripts/bench_representation.py --datasets {' '.join(args.datasets)} "
