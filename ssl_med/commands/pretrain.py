@@ -13,6 +13,7 @@ from ssl_med.lifetimes import Interrupted
 
 def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from lightning.pytorch.utilities import rank_zero_only
 
     from ssl_med.train.geometry import prepare_pretrain_config
     from ssl_med.train.run import pretrain
@@ -26,7 +27,8 @@ def _task(cfg: DictConfig) -> None:
     except Interrupted as stop:  # SIGINT / SIGTERM: last.ckpt saved after the current step
         print(f"ssl_med pretrain: {stop}", file=sys.stderr)
         raise Stopped(stop.exit_code) from None
-    print(f"encoder written to {out}")
+    if rank_zero_only.rank == 0:  # every process of a DDP/FSDP job returns here; the job reports once
+        print(f"encoder written to {out}")
 
 
 class Stopped(SystemExit):
