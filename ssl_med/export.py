@@ -47,11 +47,13 @@ from ssl_med.weights import (  # noqa: F401  (re-exported: the names ssl_med.exp
     CHECKPOINT_PREFIXES,
     CONFIG_NAME,
     PICKLE_SUFFIXES,
+    SHARD_INDEX,
     WEIGHTS_NAME,
     ExportError,
     IntegrityError,
     UnsafeWeightsError,
     check_state_dict,
+    is_sharded_checkpoint,
     load_pickle_weights,
     load_weights_into,
     read_checkpoint_state,
@@ -276,8 +278,9 @@ def load_pretrained(
         path: an export folder, its ``model.safetensors``, or ``"hf-hub:ORG/NAME[@revision]"`` (downloaded
             with huggingface_hub; ``HF_HUB_OFFLINE=1`` uses the local cache only).
         trust_pickle: allow pickle files (``.pt``/``.pth``/``.ckpt``/``.bin``): a Lightning pretraining
-            checkpoint (config from its run folder) or a folder with ``pytorch_model.bin``. Unpickling can
-            run arbitrary code; without this flag such files are refused.
+            checkpoint (config from its run folder; a file, or the folder of a sharded run's checkpoint) or
+            a folder with ``pytorch_model.bin``. Unpickling can run arbitrary code; without this flag such
+            files are refused.
         verify: check the weights' sha256 against ``config.json`` (shapes and keys are always checked).
         revision, cache_dir: for hub repositories.
 
@@ -289,10 +292,11 @@ def load_pretrained(
         ExportError, FileNotFoundError, HubError: missing or malformed files, unreachable hub.
     """
     source = _resolve(path, revision, cache_dir, trust_pickle)
-    if source.is_file() and source.suffix in PICKLE_SUFFIXES:
+    sharded = is_sharded_checkpoint(source)
+    if sharded or (source.is_file() and source.suffix in PICKLE_SUFFIXES):
         if not trust_pickle:
             raise refuse_pickle(source)
-        if source.suffix == ".ckpt":  # a Lightning pretraining checkpoint: config from its run folder
+        if sharded or source.suffix == ".ckpt":  # a Lightning pretraining checkpoint: config from its run folder
             encoder, config, _ = load_source(source, trust_pickle=True)
             encoder.pretrained_config = config  # type: ignore[assignment]
             return encoder.eval()
@@ -348,28 +352,38 @@ def load_source(
 ) -> tuple[Encoder, dict[str, Any], Path | None]:
     """Encoder, its (training) config and run folder from a run folder, a ``.ckpt`` or an export folder.
 
-    A run folder exports ``checkpoints/last.ckpt`` (the latest state, even for an interrupted run) and
-    falls back to its ``encoder/`` folder.
+    A ``.ckpt`` is a file, or under ``trainer=fsdp`` a folder of shards, read on this process alone and
+    only with ``trust_pickle=True`` (:func:`ssl_med.weights.read_checkpoint_state`). A run folder exports
+    ``checkpoints/last.ckpt`` (the latest state, even for an interrupted run) and falls back to its
+    ``encoder/`` folder, also for the student of a sharded ``last.ckpt`` that is not trusted (with a warning).
     """
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint={path}: no such file or folder (a run folder, a .ckpt or an export folder)")
-    if path.is_dir():
+    if path.is_dir() and not (is_sharded_checkpoint(path) or path.suffix == ".ckpt"):
         if (path / CONFIG_NAME).is_file():
             if weights != "student":
                 raise ExportError(f"{path} is an export folder (student weights only); export the run's .ckpt for {weights}")
             encoder = load_pretrained(path, trust_pickle=trust_pickle)
             config = {k: v for k, v in encoder.pretrained_config.items() if k in ("backbone", "objective", "data")}  # type: ignore[union-attr]
             return encoder, config, find_run_dir(path.parent)
-        if (path / "checkpoints" / "last.ckpt").is_file():
-            path = path / "checkpoints" / "last.ckpt"
-        elif (path / "encoder" / CONFIG_NAME).is_file():
-            return load_source(path / "encoder", weights=weights, trust_pickle=trust_pickle)
+        last, export_dir = path / "checkpoints" / "last.ckpt", path / "encoder"
+        untrusted_shards = last.is_dir() and not trust_pickle
+        if last.exists() and not (untrusted_shards and weights == "student" and (export_dir / CONFIG_NAME).is_file()):
+            path = last  # a file, or a sharded checkpoint's folder (refused below unless trusted)
+        elif (export_dir / CONFIG_NAME).is_file():
+            if untrusted_shards:
+                log.warning("%s is a sharded checkpoint, read only with trust_pickle=True; exporting %s (the encoder "
+                            "at the end of the run's last pretraining) instead", last, export_dir)  # fmt: skip
+            return load_source(export_dir, weights=weights, trust_pickle=trust_pickle)
         else:
-            raise ExportError(f"{path} is neither a pretraining run folder (checkpoints/last.ckpt) nor an export folder")
+            raise ExportError(
+                f"{path} is neither a pretraining run folder (checkpoints/last.ckpt), a sharded checkpoint "
+                f"folder (with the {SHARD_INDEX} index of torch.distributed.checkpoint) nor an export folder"
+            )
     if path.suffix == ".safetensors":
         return load_source(path.parent, weights=weights, trust_pickle=trust_pickle)
-    if path.suffix not in (".ckpt", ".pt", ".pth"):
+    if path.is_file() and path.suffix not in (".ckpt", ".pt", ".pth"):
         raise ExportError(f"{path}: expected a Lightning .ckpt, a run folder or an export folder")
     run_dir = find_run_dir(path.parent)
     if run_dir is None:

@@ -9,7 +9,9 @@ serves them to timm), so that neither imports the other for it:
 * :func:`check_state_dict`: keys and shapes against the encoder the config describes;
 * pickle files (``.pt``/``.pth``/``.ckpt``/``.bin``) are refused unless the caller trusts them
   (:class:`UnsafeWeightsError`); :func:`read_checkpoint_state` reads Lightning checkpoints with the
-  weights-only unpickler.
+  weights-only unpickler: a ``.ckpt`` file, or the folder of shards a sharded run (``trainer=fsdp``)
+  writes (:func:`is_sharded_checkpoint`), of which only the encoder's tensors are read; the index of
+  such a folder is a plain pickle, so it is read only when the caller trusts it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import pickle
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +36,10 @@ CONFIG_NAME = "config.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 #: Lightning module keys of the encoder, per choice of ``weights``
 CHECKPOINT_PREFIXES = {"student": "objective.encoder.", "teacher": "objective.teacher.encoder."}
+#: in a sharded checkpoint folder: the index ``torch.distributed.checkpoint`` writes after every shard
+SHARD_INDEX = ".metadata"
+#: in a sharded checkpoint: the entry holding the Lightning module's state dict (the others are optimisers)
+SHARDED_MODEL_KEY = "state_dict"
 
 
 class ExportError(ValueError):
@@ -151,16 +158,40 @@ def load_weights_into(encoder: nn.Module, source: str | Path, *, verify: bool = 
     return encoder
 
 
+def is_sharded_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a sharded checkpoint: a folder of ``torch.distributed.checkpoint`` shards with
+    their index, as Lightning's ``ModelParallelStrategy`` writes for ``trainer=fsdp``."""
+    return path.is_dir() and (path / SHARD_INDEX).is_file()
+
+
 def read_checkpoint_state(
     path: Path, *, weights: Literal["student", "teacher"] = "student", trust_pickle: bool = False
 ) -> dict[str, Tensor]:
     """The encoder's state dict from a Lightning pretraining checkpoint.
 
-    The checkpoint is read with ``torch.load(weights_only=True)`` (tensors and plain containers only, no
-    code); ``trust_pickle=True`` allows a full unpickle for checkpoints that need it.
+    A checkpoint file is read with ``torch.load(weights_only=True)`` (tensors and plain containers only,
+    no code); ``trust_pickle=True`` allows a full unpickle for checkpoints that need it. A checkpoint
+    folder must be a sharded checkpoint (:func:`is_sharded_checkpoint`), read on this one process by
+    :func:`read_sharded_tensors` (no process group needed). Its tensors are read with the weights-only
+    unpickler but ``torch.distributed.checkpoint`` reads its index with a full one, so a folder needs
+    ``trust_pickle=True`` (:class:`UnsafeWeightsError` otherwise).
     """
     if weights not in CHECKPOINT_PREFIXES:
         raise ExportError(f"weights must be one of {sorted(CHECKPOINT_PREFIXES)}, got {weights!r}")
+    path = Path(path)
+    if path.is_dir():
+        if not trust_pickle:
+            raise refuse_sharded_pickle(path)
+        names = _encoder_names(sharded_model_keys(path), path, weights)
+        state = read_sharded_tensors(path, names)
+    else:
+        state = _checkpoint_file_state(path, trust_pickle)
+        names = _encoder_names(state, path, weights)
+    return {name: state[key] for key, name in names.items()}
+
+
+def _checkpoint_file_state(path: Path, trust_pickle: bool) -> dict[str, Any]:
+    """The module state dict of a single-file Lightning checkpoint (or a bare state dict)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -173,14 +204,78 @@ def read_checkpoint_state(
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ExportError(f"{path} holds no state_dict: not an ssl_med pretraining checkpoint")
+    return state
+
+
+def _encoder_names(keys: Iterable[str], path: Path, weights: str) -> dict[str, str]:
+    """Checkpoint key -> encoder parameter name, for the keys of the ``weights`` encoder (``module.``
+    removed); :class:`ExportError` naming what the checkpoint holds when there are none."""
     prefix = CHECKPOINT_PREFIXES[weights]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    out = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    if not out:
-        roots = sorted({".".join(k.split(".")[:2]) for k in state})
+    stripped = {key: key.removeprefix("module.") for key in keys}
+    names = {key: name.removeprefix(prefix) for key, name in stripped.items() if name.startswith(prefix)}
+    if not names:
+        roots = sorted({".".join(name.split(".")[:2]) for name in stripped.values()})
         other = "" if weights == "student" else " (only DINO-style objectives keep a teacher)"
         raise ExportError(f"{path} has no {weights} encoder weights under {prefix!r}{other}; it holds {roots[:8]}")
-    return out
+    return names
+
+
+def refuse_sharded_pickle(folder: Path) -> UnsafeWeightsError:
+    """The error raised for a sharded checkpoint folder offered without ``trust_pickle=True``."""
+    return UnsafeWeightsError(
+        f"refusing to read the sharded checkpoint {folder} without trust_pickle=True: torch.distributed.checkpoint "
+        f"unpickles its index ({SHARD_INDEX}) in full, which can run arbitrary code. Pass trust_pickle=True "
+        "(ssl_med export ... trust_pickle=true) if you trust where it came from, e.g. a run of your own"
+    )
+
+
+def sharded_model_keys(folder: Path) -> list[str]:
+    """The Lightning module's state-dict keys whose tensors the sharded checkpoint ``folder`` holds
+    (read from its index, a full unpickle: trusted folders only; no shard is opened). :class:`ExportError`
+    naming ``folder`` when it is not a sharded checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not is_sharded_checkpoint(folder):
+        raise ExportError(
+            f"{folder} is a folder but not a sharded checkpoint: it has no {SHARD_INDEX} (the index "
+            "torch.distributed.checkpoint writes once every shard is saved); expected a .ckpt file, a sharded "
+            "checkpoint folder (trainer=fsdp), a run folder or an export folder"
+        )
+    try:
+        metadata = FileSystemReader(folder).read_metadata()
+    except (pickle.UnpicklingError, EOFError, OSError, AttributeError) as err:
+        raise IntegrityError(f"{folder / SHARD_INDEX} is not a readable checkpoint index: {err!r}") from err
+    keys = [
+        str(fqn[1])
+        for flat, fqn in (metadata.planner_data or {}).items()
+        if len(fqn) == 2 and fqn[0] == SHARDED_MODEL_KEY
+        and isinstance(metadata.state_dict_metadata.get(flat), TensorStorageMetadata)
+    ]  # fmt: skip
+    if not keys:
+        raise ExportError(f"{folder} holds no {SHARDED_MODEL_KEY!r} tensors: not a Lightning pretraining checkpoint")
+    return keys
+
+
+def read_sharded_tensors(folder: Path, keys: Iterable[str]) -> dict[str, Tensor]:
+    """The full tensors of the module state-dict ``keys`` of the sharded checkpoint ``folder``, read on
+    this process alone (as ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` and
+    Lightning's consolidation do, but only these keys: not the optimiser state); the tensors are read with
+    the weights-only unpickler, the index with a full one (trusted folders only). An unreadable shard is an
+    :class:`IntegrityError`."""
+    from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    wanted = {f"{SHARDED_MODEL_KEY}.{key}" for key in keys}  # the index's flattened names
+    loaded: dict[str, Any] = {}
+    try:
+        _load_state_dict(
+            loaded, storage_reader=FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(keys=wanted), no_dist=True
+        )
+    except (CheckpointException, OSError, RuntimeError) as err:
+        raise IntegrityError(f"{folder}: cannot read the sharded checkpoint: {err}") from err
+    return dict(loaded.get(SHARDED_MODEL_KEY, {}))
 
 
 def load_pickle_weights(path: Path) -> dict[str, Tensor]:

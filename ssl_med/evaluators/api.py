@@ -25,15 +25,25 @@ from ssl_med.evaluators.datasets import ClassificationData, load_eval_data, reso
 from ssl_med.evaluators.plots import label_efficiency_plot
 from ssl_med.evaluators.report import write_results
 from ssl_med.registry import EVALUATORS, OBJECTIVES
-from ssl_med.weights import CONFIG_NAME
+from ssl_med.weights import CONFIG_NAME, is_sharded_checkpoint
 
 
 def resolve_encoder_dir(checkpoint: str | Path) -> Path:
-    """An export folder (``config.json`` + ``model.safetensors``) or a run folder holding ``encoder/``."""
+    """An export folder (``config.json`` + ``model.safetensors``) or a run folder holding ``encoder/``.
+
+    A checkpoint (a ``.ckpt`` file, a sharded run's checkpoint folder, or a run folder with checkpoints
+    but no ``encoder/`` yet, as an interrupted run leaves it) is refused with the ``ssl_med export``
+    command that turns it into an export folder.
+    """
     path = Path(checkpoint)
     for candidate in (path, path / "encoder"):
         if (candidate / CONFIG_NAME).is_file():
             return candidate
+    if path.suffix == ".ckpt" or is_sharded_checkpoint(path) or (path / "checkpoints" / "last.ckpt").exists():
+        raise FileNotFoundError(
+            f"{path} is a pretraining checkpoint, not an encoder export: write one with "
+            f"`ssl_med export checkpoint={path} out=DIR` and evaluate DIR"
+        )
     raise FileNotFoundError(f"{path} is neither an encoder export folder nor a run folder with encoder/")
 
 

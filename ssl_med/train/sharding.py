@@ -24,8 +24,9 @@ with one data-parallel mesh dimension over every process (no tensor parallelism)
   one file per rank written by ``torch.distributed.checkpoint`` plus Lightning's ``meta.pt``, and
   resumes on any number of processes; it is written to a temporary folder and renamed into place,
   as single-file checkpoints are; :func:`ssl_med.train.checkpoints.consolidate_checkpoint`
-  turns one into an ordinary single-file checkpoint, and the run's ``encoder/`` export is an
-  ordinary single-file encoder (:func:`full_encoder`).
+  turns one into an ordinary single-file checkpoint, ``ssl_med export checkpoint=<folder>
+  trust_pickle=true`` exports its encoder on one process (:func:`ssl_med.weights.read_checkpoint_state`),
+  and the run's ``encoder/`` export is an ordinary single-file encoder (:func:`full_encoder`).
 """
 
 from __future__ import annotations

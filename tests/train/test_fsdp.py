@@ -1,6 +1,7 @@
 """``trainer=fsdp``: the per-block wrap policy every backbone declares, FSDP2 sharding in one process
 (mixed-precision policy, DINO's EMA teacher, the gathered export), and a real 2-process run on the
-CPU over gloo whose sharded checkpoint resumes exactly and exports an ordinary encoder."""
+CPU over gloo whose sharded checkpoint resumes exactly, exports an ordinary encoder and is itself
+exported on one process; the job reports its encoder once."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ssl_med.config import ConfigError, parse_pretrain_config
 from ssl_med.data.crops import RandomCropDataset
 from ssl_med.data.datamodule import resolve_store
 from ssl_med.encoder import Encoder
+from ssl_med.export import export_encoder
 from ssl_med.objective import Objective
 from ssl_med.registry import BACKBONES
 from ssl_med.train import run as run_module
@@ -181,14 +183,17 @@ TWO_RANKS = [
 ]  # fmt: skip
 
 
-def ssl_med(*args: str, cwd: Path) -> None:
+def ssl_med(*args: str, cwd: Path) -> str:
+    """Run ``ssl_med *args`` (every process of the job writes to the same pipes); returns its stdout."""
     result = subprocess.run([sys.executable, "-m", "ssl_med", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 def test_two_process_fsdp_on_cpu_resumes_exactly_and_exports(tmp_path: Path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    ssl_med("pretrain", *TWO_RANKS, "trainer.max_steps=4", f"hydra.run.dir={straight}", cwd=tmp_path)
+    stdout = ssl_med("pretrain", *TWO_RANKS, "trainer.max_steps=4", f"hydra.run.dir={straight}", cwd=tmp_path)
+    assert stdout.count("encoder written to") == 1  # by global rank 0 alone
     ssl_med("pretrain", *TWO_RANKS, "trainer.max_steps=2", f"hydra.run.dir={resumed}", cwd=tmp_path)
     last = resumed / "checkpoints" / "last.ckpt"
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # one shard file per rank
@@ -206,6 +211,8 @@ def test_two_process_fsdp_on_cpu_resumes_exactly_and_exports(tmp_path: Path) -> 
     for name, value in b.items():
         assert torch.equal(full["state_dict"][f"objective.encoder.{name}"], value), name
     assert isinstance(ssl_med_package.load_pretrained(straight / "encoder"), Encoder)  # an ordinary export
+    exported = load_file(export_encoder(last, tmp_path / "from-shards", trust_pickle=True) / "model.safetensors")  # one process
+    assert exported.keys() == b.keys() and all(torch.equal(exported[name], b[name]) for name in b)
 
 
 def test_online_eval_is_refused_with_a_sharded_strategy_before_any_work(tmp_path: Path) -> None:
