@@ -60,6 +60,7 @@ from ssl_med.weights import (  # noqa: F401  (re-exported: the names ssl_med.exp
     read_config,
     read_safetensors,
     refuse_pickle,
+    refuse_sharded_pickle,
     sha256_file,
     verified_weights,
 )
@@ -295,7 +296,7 @@ def load_pretrained(
     sharded = is_sharded_checkpoint(source)
     if sharded or (source.is_file() and source.suffix in PICKLE_SUFFIXES):
         if not trust_pickle:
-            raise refuse_pickle(source)
+            raise refuse_sharded_pickle(source) if sharded else refuse_pickle(source)
         if sharded or source.suffix == ".ckpt":  # a Lightning pretraining checkpoint: config from its run folder
             encoder, config, _ = load_source(source, trust_pickle=True)
             encoder.pretrained_config = config  # type: ignore[assignment]
