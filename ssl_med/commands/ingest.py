@@ -24,9 +24,19 @@ inputs (files or folders, searched recursively):
 Volumes are reoriented to RAS (the original affine is kept) and written as OME-Zarr 0.5 images.
 Bad inputs are skipped with their reason; re-running resumes without duplicating images.
 
+channel names (what data.channels=[...] and ChAda-ViT's channel vocabulary select by):
+  Names found in the files win: BraTS-style suffixes (_t1 _t1ce _t2 _flair), R/G/B of colour images
+  and gray. Inputs whose channels carry no name (a 4D NIfTI with the sequences on its 4th axis, a TIFF
+  with a C axis, a (C,Z,Y,X) .npy) are stored as ch0, ch1, ... (= unnamed) unless --channel-names
+  names them, in channel order. Every unnamed multi-channel input must then have exactly that many
+  channels: otherwise the ingest stops before reading or writing anything and lists the files.
+  Single-channel inputs keep their name (unless one name is given). Images already in the store
+  keep theirs.
+
 examples:
   ssl_med ingest ../shared/data/brats2020_sample --out brats.zarr
   ssl_med ingest /data/ct --out ct.zarr --workers 8 --spacing 1.5 1 1 --hu-clip -1024 3071 --modality CT
+  ssl_med ingest /data/Task01_BrainTumour/imagesTr --out brain.zarr --channel-names FLAIR,T1,T1ce,T2
   ssl_med ingest --verify --out ct.zarr
   ssl_med ingest --verify --repair --out ct.zarr
   ssl_med pretrain data=store data.store=ct.zarr data.spatial_dims=3 data.crop_size=[96,96,96]
@@ -60,6 +70,14 @@ def parser() -> argparse.ArgumentParser:
         "--hu-clip", type=float, nargs=2, metavar=("LOW", "HIGH"), help="clip CT images to this HU window"
     )
     p.add_argument("--modality", default="", help="modality for inputs that do not record one (e.g. CT, MR)")
+    p.add_argument(
+        "--channel-names",
+        type=_channel_names,
+        default=(),
+        metavar="NAME,NAME,...",
+        help="names of the channels of multi-channel inputs whose files name none (e.g. T1,T1ce,T2,FLAIR for "
+        "a 4-channel NIfTI), in channel order; names found in files win (see 'channel names' below)",
+    )
     p.add_argument("--split", default="", help="split recorded for the images (MedMNIST keeps its own)")
     p.add_argument(
         "--chunk", type=int, default=None, help="chunk edge for volumes (default from the benchmark: 64)"
@@ -82,10 +100,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _channel_names(text: str) -> tuple[str, ...]:
+    from ssl_med.data.ingest_channels import ChannelNamesError, parse_channel_names
+
+    try:
+        return parse_channel_names(text)
+    except ChannelNamesError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def run(args: list[str]) -> int:
     from dataclasses import replace
 
     from ssl_med.data.ingest import IngestOptions, ingest
+    from ssl_med.data.ingest_channels import ChannelNamesError
     from ssl_med.data.layout import DEFAULT_LAYOUT
     from ssl_med.data.verify import verify
     from ssl_med.lifetimes import Interrupted
@@ -113,8 +141,12 @@ def run(args: list[str]) -> int:
         )
         try:
             report = ingest(
-                ns.inputs, ns.out, options, workers=ns.workers, progress=not ns.no_progress, log=lambda _: None
-            )
+                ns.inputs, ns.out, options, workers=ns.workers, progress=not ns.no_progress, log=lambda _: None,
+                channel_names=ns.channel_names,
+            )  # fmt: skip
+        except ChannelNamesError as err:  # raised before the store is opened: nothing was written
+            print(f"ssl_med ingest: error: {err}", file=sys.stderr)
+            return 2
         except Interrupted as stop:  # SIGINT / SIGTERM: what was written is listed, the rest is not
             print(f"ssl_med ingest: {stop}", file=sys.stderr)
             return stop.exit_code

@@ -3,7 +3,7 @@
 What travels with a crop (:class:`~ssl_med.data.crops.RandomCropDataset`) and its batch:
 
 * ``"channel_names"``: the store's per-channel names of the crop's image (ingest writes them: BraTS
-  ``_t1 _t1ce _t2 _flair``, DICOM series descriptions, ``--channel-names``), **one string per sample**
+  ``_t1 _t1ce _t2 _flair`` suffixes, ``--channel-names`` for files that name none), **one string per sample**
   joined with ``|`` (``"t1|t1ce|t2|flair"``), so that any ``DataLoader`` collates it to a list of
   ``B`` strings (a list of names would be transposed by torch's default collate); read it back with
   :func:`batch_channel_names`. Absent when the crop's channels are not the image's (averaged to grey

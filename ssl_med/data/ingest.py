@@ -9,7 +9,8 @@ an input the store already holds is skipped whatever root it is found under (``i
 ``ingest siteA siteB``), as is a second copy of one file within a run; it is counted as "already in
 the store". A new input whose name is taken gets a fresh one. A source that fails (corrupt,
 unreadable, NaN-only, zero-size, inconsistent series) is reported with its reason and never stops the
-others.
+others. ``channel_names`` (``--channel-names``) name the channels of images whose files name none,
+checked against every input's header before anything is written (:mod:`ssl_med.data.ingest_channels`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ssl_med.data.identity import free_name, known_digests, legacy_names, source_digest
+from ssl_med.data.ingest_channels import check_channel_names, name_channels, parse_channel_names
 from ssl_med.data.layout import DEFAULT_LAYOUT, Layout
 from ssl_med.data.readers import ReadError, Record, Source, StackRecord, read_source
 from ssl_med.data.readers.discover import discover
@@ -160,6 +162,7 @@ def ingest_source(
     options: IngestOptions,
     existing: frozenset[str],
     known: Mapping[str, int] | None = None,
+    channel_names: tuple[str, ...] = (),
 ) -> SourceResult:
     """Read, check, preprocess and write one source (runs in a worker); never raises, except
     ``SystemExit`` in a worker told to abandon it (:func:`~ssl_med.lifetimes.stop_workers`).
@@ -168,13 +171,20 @@ def ingest_source(
         existing: names listed without a content digest (older stores): records of these are present.
         known: ``{digest: number of images}`` the store holds; a source with a known digest is present
             without being read.
+        channel_names: names for the channels of records whose reader names none
+            (:func:`~ssl_med.data.ingest_channels.name_channels`).
     """
     with abandonable():  # the parent may ask a running worker to give this source up (SIGINT / SIGTERM)
-        return _ingest_source(store_path, source, options, existing, known)
+        return _ingest_source(store_path, source, options, existing, known, channel_names)
 
 
 def _ingest_source(
-    store_path: str, source: Source, options: IngestOptions, existing: frozenset[str], known: Mapping[str, int] | None
+    store_path: str,
+    source: Source,
+    options: IngestOptions,
+    existing: frozenset[str],
+    known: Mapping[str, int] | None,
+    channel_names: tuple[str, ...],
 ) -> SourceResult:
     result = SourceResult(source)
     store = _store(store_path)
@@ -184,6 +194,8 @@ def _ingest_source(
             result.present = known[digest]
             return result
         for record in read_source(source):
+            if channel_names:
+                record = name_channels(record, channel_names)
             names = record.names if isinstance(record, StackRecord) else [record.name]
             if set(names) <= existing:
                 result.present += len(names)
@@ -212,6 +224,7 @@ def ingest(
     workers: int = 1,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    channel_names: str | Sequence[str] = (),
 ) -> IngestReport:
     """Ingest ``inputs`` (files/folders) into the store at ``out`` (created if missing); resumable.
 
@@ -219,10 +232,20 @@ def ingest(
         workers: worker processes (``<= 1``: in this process).
         progress: show a tqdm progress bar over sources.
         log: where per-source skip messages go as they happen.
+        channel_names: ``--channel-names``: names (or ``"T1,T1ce,..."``) for the channels of images
+            whose files name none; names read from files win (:mod:`ssl_med.data.ingest_channels`).
+            Not an :class:`IngestOptions` field: they name images, they do not change their data.
+
+    Raises:
+        ChannelNamesError: ``channel_names`` are malformed or do not fit the unnamed channels of some
+            inputs (checked from their headers before the store is opened: nothing is written).
     """
     start = time.perf_counter()
     report = IngestReport()
     sources, problems = discover(list(inputs))
+    given_names = parse_channel_names(channel_names) if channel_names else ()
+    if given_names:
+        check_channel_names(sources, given_names)
     report.skipped += problems
     store = ImageStore(out, mode="a")
     hashes = {name: meta.content_hash for name, meta in store.manifest.items()}
@@ -257,7 +280,7 @@ def ingest(
         last_flush = time.perf_counter()
 
     # picklable for the pool; in this process it sees ``known`` grow, so a second copy is not even read
-    work = partial(ingest_source, store.path, options=options, existing=existing, known=known)
+    work = partial(ingest_source, store.path, options=options, existing=existing, known=known, channel_names=given_names)
     def failed(source: Source, exc: BaseException) -> None:  # a worker died (e.g. out of memory)
         report.skipped.append((source.describe(), f"worker failed ({exc!r})"))
 
