@@ -47,6 +47,11 @@ dropped in all channels. Per-(channel, patch) selection is ``token_keep_idx`` ``
 multimodal masking), and ``patch_tokens`` / ``hidden_states`` are then the ``K`` kept tokens
 themselves, ``(B, K, D)`` in the order of ``token_keep_idx``, not a channel mean.
 
+The sequence of one token per (channel, patch) and the handling of missing channels are
+:class:`backbones.channel_tokens.ChannelTokenEncoder`'s, shared with the ViT's per-modality tokens
+(``backbone=vit backbone.channel_tokens=per_modality``); this module adds the shared single-channel
+patch embedding and the channel embedding by name.
+
 Missing channels are excluded with a key-padding mask (every attention kernel), or, when
 ``packing="pack"`` or ``packing="auto"`` with the xformers kernel (CUDA), the valid tokens of all
 images are packed into one sequence and attention is block-diagonal (xformers ``BlockDiagonalMask``),
@@ -82,9 +87,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from backbones.channel_tokens import ChannelTokenEncoder, missing_slots
 from backbones.vit import VIT_SIZES, build_blocks, init_weights, load_pretrained_weights
-from ssl_med.encoder import EncoderOutput, TokenEncoder, size_preset
-from ssl_med.layers.attention import AttnImpl, pack_padded, resolve_attn_impl, unpack_padded
+from ssl_med.encoder import EncoderOutput, size_preset
+from ssl_med.layers.attention import AttnImpl
 from ssl_med.layers.transformer import Block
 from ssl_med.registry import BACKBONES
 
@@ -92,7 +98,7 @@ ChannelNames = Sequence[Sequence[str | None] | None]
 
 
 @BACKBONES.register("chada_vit")
-class ChAdaViT(TokenEncoder):
+class ChAdaViT(ChannelTokenEncoder):
     """Channel-adaptive ViT encoder, 2D or 3D; see the module docstring for inputs and outputs.
 
     Args:
@@ -232,17 +238,7 @@ class ChAdaViT(TokenEncoder):
                     raise ValueError(
                         f"unknown channel name {names[c]!r}; channel_vocab is {sorted(self.channel_vocab) or 'empty'}"
                     )
-        if channel_padding_mask is not None:
-            if channel_padding_mask.shape != (batch, channels) or channel_padding_mask.dtype != torch.bool:
-                raise ValueError(
-                    f"channel_padding_mask must be a (B, C) = {(batch, channels)} bool tensor, "
-                    f"got {tuple(channel_padding_mask.shape)} {channel_padding_mask.dtype}"
-                )
-            missing |= channel_padding_mask.cpu()
-        empty = missing.all(dim=1)
-        if empty.any():
-            raise ValueError(f"images {empty.nonzero().flatten().tolist()} have no channel left")
-        return missing.to(device), ids.to(device)
+        return missing_slots(missing, channel_padding_mask).to(device), ids.to(device)
 
     def channel_row(self, name: str | None) -> int | None:
         """The vocabulary row of channel ``name`` (case-insensitive, aliases resolved), ``None`` if unknown."""
@@ -262,11 +258,6 @@ class ChAdaViT(TokenEncoder):
             return self.channel_pos_embed
         return torch.cat([self.channel_embed, self.channel_pos_embed], dim=0)
 
-    def use_packing(self, device: torch.device) -> bool:
-        if self.packing == "auto":
-            return resolve_attn_impl(self.attn_impl, device) == "xformers"
-        return self.packing == "pack"
-
     # -- forward -------------------------------------------------------------------------------
     def forward(
         self,
@@ -280,149 +271,27 @@ class ChAdaViT(TokenEncoder):
         token_keep_idx: Tensor | None = None,
     ) -> EncoderOutput:
         """Encode ``x`` ``(B, C, *S)``; see the module docstring for the channel arguments and
-        ``token_keep_idx`` ``(B, K)`` (per-(channel, patch) token selection, :meth:`forward_tokens`).
-
-        Not :meth:`TokenEncoder.forward` with hooks: here the sequence is one token per (channel,
-        patch), ``(B, 1 + C*K, D)``, with channel embeddings per channel, a key-padding mask (or
-        packed sequences) for missing channels that every block receives, and patch outputs averaged
-        over the present channels. The skeleton's hooks assume one token per patch and blocks called
-        as ``block(x)``; widening them for this one backbone would complicate the three others.
-        The parameter metadata (stem, blocks, norm) is still the skeleton's."""
+        ``token_keep_idx`` ``(B, K)`` (per-(channel, patch) token selection). The sequence of one token
+        per (channel, patch) is :meth:`~backbones.channel_tokens.ChannelTokenEncoder.encode_channels`'."""
         if x.ndim != self.spatial_dims + 2:
             raise ValueError(
                 f"expected a (B, C, {'D, ' if self.spatial_dims == 3 else ''}H, W) tensor for "
                 f"spatial_dims={self.spatial_dims}, got shape {tuple(x.shape)}"
             )
-        b = x.shape[0]
-        missing, ids = self.channel_layout(b, x.shape[1], channel_names, channel_padding_mask, x.device)
-        if token_keep_idx is not None:
-            if mask is not None or keep_idx is not None:
-                raise ValueError("token_keep_idx replaces mask and keep_idx; pass only one of them")
-            return self.forward_tokens(x, ~missing, ids, token_keep_idx, return_layers)
-        used = ~missing.all(dim=0)
-        if not bool(used.all()):  # slots missing in every image
-            x, missing, ids = x[:, used], missing[:, used], ids[:, used]
-        c = x.shape[1]
-        present = ~missing
-        seq, grid = self._channel_tokens(x, present, ids, mask, keep_idx)  # (B, 1 + C*K, D)
-        length = seq.shape[1]
-        k = (length - 1) // c
-
-        key_padding = None
-        if not bool(present.all()):
-            key_padding = torch.cat(
-                [missing.new_zeros(b, 1), missing[:, :, None].expand(-1, -1, k).reshape(b, c * k)], dim=1
-            )
-        packed = key_padding is not None and self.use_packing(x.device)
-        seqlens: list[int] | None = None
-        if packed:
-            seq, seqlens, pack_index = pack_padded(seq, key_padding)
-
-        def unpack(t: Tensor) -> Tensor:
-            return unpack_padded(t, pack_index, b, length) if packed else t
-
-        wanted = self._normalise_layers(return_layers)
-        hidden: dict[int, Tensor] = {}
-        for i in range(self.depth):
-            if packed:
-                seq = self.call_block(self.blocks[i], seq, seqlens=seqlens)
-            else:
-                seq = self.call_block(self.blocks[i], seq, key_padding_mask=key_padding)
-            if i in wanted:
-                hidden[i] = self._channel_mean(unpack(seq)[:, 1:], present, k)
-        seq = unpack(self.norm(seq))
-        prefix = seq[:, :1]
-        return EncoderOutput(
-            pooled=prefix[:, 0],
-            patch_tokens=self._channel_mean(seq[:, 1:], present, k),
-            grid=grid,
-            hidden_states=[hidden[i] for i in wanted],
-            prefix_tokens=prefix,
+        missing, ids = self.channel_layout(x.shape[0], x.shape[1], channel_names, channel_padding_mask, x.device)
+        return self.encode_channels(
+            x, missing, ids, mask=mask, keep_idx=keep_idx, return_layers=return_layers, token_keep_idx=token_keep_idx
         )
 
-    def forward_tokens(
-        self, x: Tensor, present: Tensor, ids: Tensor, token_keep_idx: Tensor, return_layers: Sequence[int] = ()
-    ) -> EncoderOutput:
-        """Encode only the (channel, patch) tokens ``token_keep_idx`` ``(B, K)`` (``c * N + n``) of ``x``.
-
-        Every kept token must belong to a present channel (``present`` ``(B, C)``), so no key padding is
-        needed: the sequence is ``(B, 1 + K, D)``. Returns ``patch_tokens`` ``(B, K, D)`` (final-normed)
-        and ``hidden_states`` ``(B, K, D)`` per requested block, in the order of ``token_keep_idx``.
-        """
-        b, c = present.shape
-        if token_keep_idx.ndim != 2 or token_keep_idx.shape[0] != b:
-            raise ValueError(f"token_keep_idx must be (B, K) with B={b}, got {tuple(token_keep_idx.shape)}")
-        tokens, grid = self._channel_tokens(x, present, ids, None, None, flat=False)  # (B, C, N, D)
-        n, d = tokens.shape[2], tokens.shape[3]
-        idx = token_keep_idx.to(device=tokens.device, dtype=torch.long)
-        if bool(((idx < 0) | (idx >= c * n)).any()):
-            raise ValueError(f"token_keep_idx must lie in [0, C*N) = [0, {c * n})")
-        if not bool(torch.gather(present, 1, torch.div(idx, n, rounding_mode="floor")).all()):
-            raise ValueError("token_keep_idx selects tokens of a missing channel")
-        kept = torch.gather(tokens.reshape(b, c * n, d), 1, idx[..., None].expand(-1, -1, d))
-        cls = (self.cls_token + self.pos_embed[:, :1]).to(kept.dtype).expand(b, -1, -1)
-        seq = torch.cat([cls, kept], dim=1)
-        wanted = self._normalise_layers(return_layers)
-        hidden: dict[int, Tensor] = {}
-        for i in range(self.depth):
-            seq = self.call_block(self.blocks[i], seq, key_padding_mask=None)
-            if i in wanted:
-                hidden[i] = seq[:, 1:]
-        seq = self.norm(seq)
-        return EncoderOutput(
-            pooled=seq[:, 0],
-            patch_tokens=seq[:, 1:],
-            grid=grid,
-            hidden_states=[hidden[i] for i in wanted],
-            prefix_tokens=seq[:, :1],
-        )
-
-    def _channel_tokens(
-        self, x: Tensor, present: Tensor, ids: Tensor, mask: Tensor | None, keep_idx: Tensor | None, flat: bool = True
-    ) -> tuple[Tensor, tuple[int, ...]]:
-        """The token sequence of ``x`` ``(B, C, *S)``: ``(B, 1 + C*K, D)`` (CLS, then the ``K`` kept
-        patches of each channel in turn) and the patch grid.
-
-        Each present channel (``present`` ``(B, C)`` bool) goes through the shared single-channel
-        patch embedding; missing ones are zeros. ``mask`` ``(B, N)`` replaces patches by the mask
-        token, every token gets its patch position and its channel's embedding (``ids`` ``(B, C)``
-        rows of :meth:`channel_table`), and ``keep_idx`` ``(B, K)`` keeps those patches of every channel.
-        """
+    def embed_channels(self, x: Tensor, present: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """Each present channel (``present`` ``(B, C)``) of ``x`` ``(B, C, *S)`` through the shared
+        single-channel patch embedding: ``(B, C, N, D)``, zeros for missing channels (never embedded)."""
         b, c = present.shape
         emb, grid = self.patch_embed(x[present].unsqueeze(1))  # (sum_b C_b, N, D)
         n, d = emb.shape[1], emb.shape[2]
         if bool(present.all()):
-            tokens = emb.reshape(b, c, n, d)
-        else:
-            tokens = emb.new_zeros(b, c, n, d).index_put((present,), emb)
-        if mask is not None:
-            if mask.shape != (b, n):
-                raise ValueError(f"mask must be (B, N) = {(b, n)}, got {tuple(mask.shape)}")
-            tokens = torch.where(mask[:, None, :, None], self.mask_token.to(tokens.dtype), tokens)
-        chan = self.channel_table()[ids].to(tokens.dtype)  # (B, C, D)
-        tokens = tokens + self.patch_position_embedding(grid)[:, None] + chan[:, :, None]
-        if not flat:
-            return tokens, grid
-        if keep_idx is not None:
-            if keep_idx.ndim != 2 or keep_idx.shape[0] != b:
-                raise ValueError(f"keep_idx must be (B, N_keep) with B={b}, got {tuple(keep_idx.shape)}")
-            index = keep_idx[:, None, :, None].expand(-1, c, -1, d)
-            tokens = torch.gather(tokens, 2, index)
-        k = tokens.shape[2]
-        cls = (self.cls_token + self.pos_embed[:, :1]).to(tokens.dtype).expand(b, -1, -1)
-        return torch.cat([cls, tokens.reshape(b, c * k, d)], dim=1), grid
-
-    @staticmethod
-    def _channel_mean(tokens: Tensor, present: Tensor, k: int) -> Tensor:
-        """``(B, C*K, D)`` channel-major tokens -> ``(B, K, D)`` mean over the present channels."""
-        b, c = present.shape
-        tokens = tokens.reshape(b, c, k, -1)
-        if bool(present.all()):
-            return tokens.mean(dim=1)
-        weight = present.to(tokens.dtype)[:, :, None, None]
-        # where(), not a product: padded tokens are excluded even if they were not finite
-        summed = torch.where(weight > 0, tokens, tokens.new_zeros(())).sum(dim=1)
-        return summed / weight.sum(dim=1)
+            return emb.reshape(b, c, n, d), grid
+        return emb.new_zeros(b, c, n, d).index_put((present,), emb), grid
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"channel_embed", "channel_pos_embed"}

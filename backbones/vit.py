@@ -8,6 +8,19 @@ row, ``blocks.i.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.ga
 unexpected and ssl_med's ``mask_token`` missing) and gives the same outputs:
 ``pooled == timm.forward_features(x)[:, 0]`` and ``patch_tokens == timm.forward_features(x)[:, 1:]``.
 
+**Channel tokens** (``channel_tokens``): ``fused`` (default) is the ViT above, one token per patch
+mixing all input channels in its patch embedding. ``per_modality`` tokenises each input channel
+(MRI sequence) separately, as BM-MAE's encoder (Robinet et al. 2025, Lucas-rbnt/BM-MAE
+``bmmae/tokenizers.py``: one patch tokeniser per modality, the tokens of all modalities concatenated
+for one transformer): one patch kernel per channel (:class:`~backbones.channel_tokens.ModalityPatchEmbed`,
+a grouped convolution) plus a learned embedding per channel (``modality_embed`` ``(C, D)``), and
+attention over all ``P + C x N`` tokens (:class:`~backbones.channel_tokens.ChannelTokenEncoder`, the
+sequence model ChAda-ViT uses too). The channels stay the fixed input slots (``in_chans``, in
+``data.channels`` order); ``channel_padding_mask`` ``(B, C)`` leaves absent ones out of the sequence,
+``token_keep_idx`` selects single (channel, patch) tokens (``objective=bm_mae``), ``patch_tokens`` is
+the mean over the present channels. ``objective=bm_mae`` selects it (``conf/backbone/vit.yaml`` reads
+``objective.channel_tokens``).
+
 Weights from elsewhere are read by :func:`read_state_dict` and converted by :func:`checkpoint_filter_fn`
 (``init_from=`` does both for a file):
 
@@ -26,7 +39,9 @@ Weights from elsewhere are read by :func:`read_state_dict` and converted by :fun
 * **grid / patch size**: learned position tables are resampled to the model's grid (bicubic 2D,
   trilinear 3D), patch kernels of another size with timm's ``resample_patch_embed``;
 * **prefix rows**: timm models with ``no_embed_class=True`` (no position for the CLS token) get a zero
-  CLS position row; position rows of register tokens are folded into ``reg_token`` (both exact).
+  CLS position row; position rows of register tokens are folded into ``reg_token`` (both exact);
+* **per-modality kernels**: a fused kernel is summed to one channel (as for ChAda-ViT) and given to
+  every modality; ``modality_embed`` stays at its init.
 """
 
 from __future__ import annotations
@@ -41,8 +56,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from backbones.channel_tokens import ChannelTokenEncoder, ModalityPatchEmbed, missing_slots
 from backbones.vit_layouts import to_timm_layout
-from ssl_med.encoder import TokenEncoder, size_preset
+from ssl_med.encoder import EncoderOutput, TokenEncoder, size_preset
 from ssl_med.layers.attention import AttnImpl
 from ssl_med.layers.pos_embed import resample_pos_embed
 from ssl_med.layers.transformer import Block
@@ -63,7 +79,7 @@ IGNORED_PREFIXES = ("head.", "head_drop.", "fc_norm.", "attn_pool.")
 
 
 @BACKBONES.register("vit")
-class VisionTransformer(TokenEncoder):
+class VisionTransformer(ChannelTokenEncoder):
     """ViT encoder, 2D or 3D.
 
     Args:
@@ -86,9 +102,12 @@ class VisionTransformer(TokenEncoder):
             ``Dinov2Model`` state dict: ``.pth/.pt/.bin/.ckpt``, ``.safetensors``, or an export
             folder) loaded through :func:`read_state_dict` and :func:`checkpoint_filter_fn`; nothing
             is downloaded.
+        channel_tokens: ``fused`` (one token per patch) or ``per_modality`` (one per channel and
+            patch, see the module docstring).
 
     Shapes: ``(B, in_chans, *S) ->`` :class:`~ssl_med.encoder.EncoderOutput` with ``pooled (B, D)``,
-    ``patch_tokens (B, N, D)``, ``N = prod(S_i / p_i)``.
+    ``patch_tokens (B, N, D)``, ``N = prod(S_i / p_i)``; the sequence has ``P + N`` tokens
+    (``fused``) or ``P + in_chans * N`` (``per_modality``).
     """
 
     block_classes = (Block,)  # FSDP's per-block unit (Encoder.block_classes)
@@ -112,7 +131,10 @@ class VisionTransformer(TokenEncoder):
         num_register_tokens: int = 0,
         attn_impl: AttnImpl = "auto",
         init_from: str | None = None,
+        channel_tokens: Literal["fused", "per_modality"] = "fused",
     ) -> None:
+        if channel_tokens not in ("fused", "per_modality"):
+            raise ValueError(f"channel_tokens must be 'fused' or 'per_modality', got {channel_tokens!r}")
         embed_dim, depth, num_heads = size_preset("ViT", VIT_SIZES, size, embed_dim, depth, num_heads)
         super().__init__(
             spatial_dims=spatial_dims,
@@ -128,12 +150,71 @@ class VisionTransformer(TokenEncoder):
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
         )
         self.num_heads = num_heads
+        self.channel_tokens = channel_tokens
+        self.tokens_per_channel = channel_tokens == "per_modality"
+        self.attn_impl = attn_impl
+        if self.tokens_per_channel:
+            self.patch_embed = ModalityPatchEmbed(spatial_dims, self.patch_size, in_chans, embed_dim)
+            self.modality_embed = nn.Parameter(torch.zeros(in_chans, embed_dim))
+            nn.init.trunc_normal_(self.modality_embed, std=0.02)
         self.blocks = build_blocks(
             embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate, init_values, attn_impl
         )
         self.apply(init_weights)
         if init_from:
-            load_pretrained_weights(self, init_from)
+            load_pretrained_weights(self, init_from, allowed_missing=("modality_embed",))
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: Tensor | None = None,
+        keep_idx: Tensor | None = None,
+        return_layers: Sequence[int] = (),
+        channel_names: Sequence[Sequence[str]] | None = None,
+        channel_padding_mask: Tensor | None = None,
+        token_keep_idx: Tensor | None = None,
+    ) -> EncoderOutput:
+        """Encode ``x`` ``(B, in_chans, *S)``: the skeleton's forward with ``fused`` tokens; with
+        ``per_modality`` tokens also ``channel_padding_mask`` ``(B, C)`` (True = the sequence is absent:
+        its tokens are left out) and ``token_keep_idx`` ``(B, K)`` (indices ``c * N + n``: only those
+        tokens enter the blocks, ``patch_tokens`` is then ``(B, K, D)``)."""
+        if not self.tokens_per_channel:
+            if channel_padding_mask is not None or token_keep_idx is not None:
+                raise ValueError(
+                    "channel_padding_mask and token_keep_idx need one token per (channel, patch): "
+                    "backbone.channel_tokens=per_modality"
+                )
+            return super().forward(x, mask=mask, keep_idx=keep_idx, return_layers=return_layers, channel_names=channel_names)
+        if channel_names is not None:
+            raise ValueError(
+                "a ViT's modalities are its input slots (data.channels order), not names: drop channel_names "
+                "and mark absent sequences with channel_padding_mask"
+            )
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected ({'B, C, D, H, W' if self.spatial_dims == 3 else 'B, C, H, W'}) with "
+                             f"C = in_chans = {self.in_chans}, got shape {tuple(x.shape)}")  # fmt: skip
+        b, c = x.shape[:2]
+        missing = missing_slots(torch.zeros(b, c, dtype=torch.bool, device=x.device), channel_padding_mask)
+        ids = torch.arange(c, device=x.device).expand(b, c)
+        return self.encode_channels(
+            x, missing, ids, mask=mask, keep_idx=keep_idx, return_layers=return_layers, token_keep_idx=token_keep_idx
+        )
+
+    def embed_channels(self, x: Tensor, present: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """Per-modality tokens ``(B, C, N, D)`` of ``x`` ``(B, C, *S)``, zeros where ``present`` ``(B, C)``
+        is False (an absent sequence's content, even non-finite, never reaches the blocks)."""
+        tokens, grid = self.patch_embed(x)
+        if not bool(present.all()):
+            tokens = torch.where(present[:, :, None, None], tokens, tokens.new_zeros(()))
+        return tokens, grid
+
+    def channel_table(self) -> Tensor:
+        """``(C, D)``: the learned embedding of each input slot (modality)."""
+        return self.modality_embed
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | ({"modality_embed"} if self.tokens_per_channel else set())
 
 
 def build_blocks(
@@ -230,6 +311,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: TokenEncoder) 
             continue
         if key == "patch_embed.proj.weight" and key in own:
             value = _convert_patch_kernel(value, own[key], model)
+        elif key == "patch_embed.proj.bias" and key in own:
+            value = _per_modality(value, own[key].shape[0])
         elif key == "pos_embed" and key in own:
             if not model.pos_embed.requires_grad:  # fixed sin-cos table: keep the model's
                 continue
@@ -256,7 +339,15 @@ def _convert_patch_kernel(w: Tensor, target: Tensor, model: TokenEncoder) -> Ten
         w = resample_patch_embed(w, list(target_k), verbose=False)
     if w.ndim == target.ndim and w.shape[1] != target.shape[1]:
         w = adapt_input_channels(w, target.shape[1])
-    return w
+    return _per_modality(w, target.shape[0])
+
+
+def _per_modality(value: Tensor, rows: int) -> Tensor:
+    """A fused kernel ``(D, ...)`` or bias ``(D,)`` repeated for the ``rows / D`` modalities of a
+    :class:`~backbones.channel_tokens.ModalityPatchEmbed` (``(M * D, 1, *p)``); other shapes unchanged."""
+    if value.shape[0] == rows or rows % value.shape[0]:
+        return value
+    return value.repeat(rows // value.shape[0], *[1] * (value.ndim - 1))
 
 
 def _convert_pos_embed(

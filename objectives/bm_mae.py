@@ -6,10 +6,11 @@ Modalities" (Robinet et al., 2025; code Lucas-rbnt/BM-MAE: ``bmmae/model.py``, `
 modalities and later used on any subset without architectural change:
 
 * **tokens per modality**: every modality (channel) is tokenised separately and the tokens of all
-  modalities form one sequence ``(B, M * N)`` (modality-major). Here the tokeniser is the
-  channel-adaptive encoder's own (ChAda-ViT: the shared single-channel patch embedding plus the
-  modality's channel embedding, keyed by the store's channel names), so the exported encoder is the
-  fine-tuning model: give it any subset of sequences by name;
+  modalities form one sequence ``(B, M * N)`` (modality-major). The tokeniser is the encoder's own:
+  ChAda-ViT's shared single-channel patch embedding plus the modality's channel embedding, keyed by
+  the store's channel names (give the exported encoder any subset of sequences by name), or the ViT's
+  per-modality patch kernels and modality embeddings (``channel_tokens=per_modality``, the
+  reference's layout; sequences by input slot, an absent one marked by ``channel_padding_mask``);
 * **multimodal masking** (:mod:`objectives.multimodal_masking`): the visible budget
   ``(1 - mask_ratio) * M * N`` is split across the present modalities by a Dirichlet(``alpha``) draw,
   each modality keeps that many random patches; only the visible tokens enter the shared transformer
@@ -24,9 +25,10 @@ modalities and later used on any subset without architectural change:
   each term is logged (``recon_<name>``, the store's channel name, else ``recon_c<i>``).
 
 Deviations from the reference, on purpose:
-    * the modality tokeniser is ChAda-ViT's shared patch embedding + channel embedding instead of one
-      convolution per modality (what makes the encoder usable on unseen subsets and orders without
-      code), and the decoder's output is one linear head per modality instead of one shared head;
+    * with ChAda-ViT, the modality tokeniser is its shared patch embedding + channel embedding instead
+      of one convolution per modality (what makes the encoder usable on unseen subsets and orders
+      without code); the ViT has the reference's one convolution per modality, plus a learned
+      modality embedding. The decoder's output is one linear head per modality instead of one shared head;
     * images may lack modalities (modality dropout): the Dirichlet split runs over the present ones,
       and the visible budget is that of the image with the fewest (:func:`visible_budget`); absent
       modalities with ground truth are reconstruction targets;
@@ -35,9 +37,11 @@ Deviations from the reference, on purpose:
     * 2D and 3D share the code (the reference is 3D only); ``norm_pix_loss`` is off by default as the
       reference (a held-out sequence has no per-patch statistics to de-normalise with).
 
-Backbones: channel-adaptive encoders with per-(channel, patch) token selection (``chada_vit``), see
-:attr:`BMMAE.backbones`. Fixed-channel encoders fuse the channels in their patch embedding, so a
-per-modality token sequence cannot reach their blocks through the encoder interface.
+Backbones: encoders with one token per (channel, patch) and their selection ``token_keep_idx``
+(``tokens_per_channel``): ``chada_vit``, and ``vit`` with ``channel_tokens=per_modality`` (what
+``backbone=vit objective=bm_mae`` builds: ``conf/backbone/vit.yaml`` reads this objective's
+``channel_tokens``), see :attr:`BMMAE.backbones`. Mamba and xLSTM fuse the channels in their patch
+embedding, so a per-modality token sequence cannot reach their blocks through the encoder interface.
 """
 
 from __future__ import annotations
@@ -110,7 +114,8 @@ class BMMAE(Objective):
     """BM-MAE objective (see the module docstring).
 
     Args:
-        encoder: a channel-adaptive encoder with ``token_keep_idx`` (``backbone=chada_vit``).
+        encoder: an encoder with one token per (channel, patch) and ``token_keep_idx``
+            (``backbone=chada_vit``, or ``backbone=vit`` with ``channel_tokens=per_modality``).
         in_chans: modalities (channels) per image, reconstructed each (``${data.num_channels}``).
         mask_ratio: fraction of the tokens of all modalities that are masked (0.75, as the reference).
         alpha: Dirichlet concentration of the budget split (1.0, as the reference: uniform over splits).
@@ -118,15 +123,19 @@ class BMMAE(Objective):
         decoder_dim, decoder_depth, decoder_heads: decoder size (reference: 384, 3, 12).
         flip_prob: probability of a random flip per spatial axis (all modalities together).
         modality_names: names of the loss terms (``recon_<name>``); default: the batch's channel names.
+        channel_tokens: the token layout this objective asks of a ViT (``per_modality``, the only
+            valid value); ``conf/backbone/vit.yaml`` reads it, so ``backbone=vit objective=bm_mae``
+            builds the per-modality ViT.
     """
 
     geometric_views = True  # flips only
     eval_features = "mean_patch"
     #: the backbones this objective pairs with (the pair matrix skips the others, with the reason below)
-    backbones: ClassVar[tuple[str, ...]] = ("chada_vit",)
+    backbones: ClassVar[tuple[str, ...]] = ("chada_vit", "vit")
     backbone_reason: ClassVar[str] = (
-        "bm_mae needs per-(channel, patch) tokens (encoder(x, token_keep_idx=...)): a channel-adaptive "
-        "encoder (backbone=chada_vit); fixed-channel encoders fuse the modalities in their patch embedding"
+        "bm_mae needs per-(channel, patch) tokens (encoder(x, token_keep_idx=...)): backbone=chada_vit, or "
+        "backbone=vit with backbone.channel_tokens=per_modality; mamba and xlstm fuse the modalities in their "
+        "patch embedding"
     )
 
     def __init__(
@@ -141,9 +150,12 @@ class BMMAE(Objective):
         decoder_heads: int = 4,
         flip_prob: float = 0.5,
         modality_names: list[str] | None = None,
+        channel_tokens: str = "per_modality",
     ) -> None:
         super().__init__(encoder)
-        if encoder.in_chans is not None or not hasattr(encoder, "forward_tokens"):
+        if channel_tokens != "per_modality":
+            raise ValueError(f"bm_mae tokenises each modality: channel_tokens must be per_modality, got {channel_tokens!r}")
+        if not getattr(encoder, "tokens_per_channel", False):
             raise ValueError(f"{self.backbone_reason}; got {type(encoder).__name__}")
         if in_chans is None or in_chans < 1:
             raise ValueError("bm_mae reconstructs every modality: set in_chans (data.num_channels, e.g. 4 for BraTS)")
@@ -151,6 +163,8 @@ class BMMAE(Objective):
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if alpha <= 0:
             raise ValueError(f"alpha (Dirichlet concentration) must be positive, got {alpha}")
+        if encoder.in_chans is not None and encoder.in_chans != in_chans:
+            raise ValueError(f"the encoder has {encoder.in_chans} input modalities, bm_mae was given in_chans={in_chans}")
         if modality_names is not None and len(modality_names) != in_chans:
             raise ValueError(f"modality_names {modality_names} must name the {in_chans} channels")
         self.in_chans = in_chans

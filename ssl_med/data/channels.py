@@ -25,8 +25,8 @@ of them, drawn uniformly, is kept, so a sample never loses all its channels
 (:func:`draw_channel_keep`; only sequences the case has are kept). Dropped channels are **zero-filled** in the image (they normalise to 0,
 also for raw ``data.normalise=batch`` crops), which is all a fixed-channel encoder (ViT, Mamba,
 xLSTM) sees of the dropout: a missing sequence is a black channel, as in the zero-filling baselines
-of missing-modality MRI work. Channel-adaptive encoders (ChAda-ViT) also get the mask and leave the
-dropped channels out altogether (:func:`encoder_channel_kwargs`). A view transform that reconstructs
+of missing-modality MRI work. Channel-adaptive encoders (ChAda-ViT) and the ViT with per-modality
+tokens also get the mask and leave the dropped channels out altogether (:func:`encoder_channel_kwargs`). A view transform that reconstructs
 dropped channels (BM-MAE) sets ``keeps_dropped_channels = True`` and receives them un-zeroed, with
 the mask.
 
@@ -170,14 +170,19 @@ def encoder_channel_kwargs(encoder: Any, batch: Mapping[str, Any], repeat: int =
     """The channel keywords of ``encoder(x, ...)`` for a collated ``batch`` whose images were stacked
     ``repeat`` times view-major (``torch.cat([view_1, view_2])``: DINO's crops, graph matching's pair).
 
-    A fixed-channel encoder (``encoder.in_chans`` set) gets nothing: it sees the zero-filled channels.
-    A channel-adaptive one gets ``channel_names`` (names it knows, see :func:`channel_names_for`) and,
+    A fixed-channel encoder (``encoder.in_chans`` set) gets no names: its channels are its input
+    slots. One that fuses the channels in its patch embedding gets nothing (it sees the zero-filled
+    channels); one with a token per (channel, patch) (``encoder.tokens_per_channel``: the ViT with
+    ``channel_tokens=per_modality``) gets the ``channel_padding_mask`` under modality dropout. A
+    channel-adaptive one gets ``channel_names`` (names it knows, see :func:`channel_names_for`) and,
     with modality dropout, ``channel_padding_mask`` ``(B * repeat, C)`` (True = missing).
     """
-    if getattr(encoder, "in_chans", None) is not None:
-        return {}
-    kwargs: dict[str, Any] = {}
     mask = batch.get(MASK_KEY)
+    if getattr(encoder, "in_chans", None) is not None:
+        if mask is None or not getattr(encoder, "tokens_per_channel", False):
+            return {}
+        return {"channel_padding_mask": (~mask.bool()).repeat(repeat, 1)}
+    kwargs: dict[str, Any] = {}
     size = None if mask is None else int(mask.shape[0])
     names = batch_channel_names(batch)
     if names is not None:

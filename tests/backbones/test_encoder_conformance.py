@@ -15,11 +15,14 @@ from ssl_med.registry import BACKBONES
 
 TINY = {"embed_dim": 48, "depth": 2, "patch_size": 4, "img_size": 16}
 CHANNEL_ADAPTIVE = {"chada_vit"}
+#: backbone options that change the token sequence, tested as backbones of their own: ``name[variant]``
+VARIANTS = {"vit[per_modality]": ("vit", {"channel_tokens": "per_modality"})}
 
 
 def build(name: str, spatial_dims: int) -> Encoder:
     torch.manual_seed(0)
-    kwargs = dict(TINY, spatial_dims=spatial_dims)
+    name, options = VARIANTS.get(name, (name, {}))
+    kwargs = dict(TINY, spatial_dims=spatial_dims, **options)
     if name not in CHANNEL_ADAPTIVE:
         kwargs["in_chans"] = 2
     return BACKBONES.build(name, **kwargs).eval()
@@ -30,7 +33,7 @@ def inputs(spatial_dims: int, size: int = 16, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 2, *([size] * spatial_dims))
 
 
-CASES = [(name, d) for name in BACKBONES.names() for d in (2, 3)]
+CASES = [(name, d) for name in [*BACKBONES.names(), *VARIANTS] for d in (2, 3)]
 
 
 @pytest.mark.parametrize(("name", "spatial_dims"), CASES)

@@ -75,11 +75,13 @@ def test_sequences_a_case_lacks_are_not_scored() -> None:
     assert float(out.loss) == pytest.approx(sum(float(out.terms[f"recon_c{i}"]) for i in range(4)), rel=1e-5)
 
 
-def test_pairs_only_with_channel_adaptive_encoders() -> None:
+def test_pairs_only_with_tokens_per_channel() -> None:
+    """ChAda-ViT and the ViT with per-modality tokens pair; a fused ViT is refused naming the option."""
     vit = BACKBONES.build("vit", spatial_dims=2, in_chans=4, img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=3)
-    with pytest.raises(ValueError, match="channel-adaptive"):
+    with pytest.raises(ValueError, match="channel_tokens=per_modality"):
         OBJECTIVES.build("bm_mae", encoder=vit, in_chans=4)
-    assert BMMAE.pairing_problem("vit") and BMMAE.pairing_problem("chada_vit") is None
+    assert BMMAE.pairing_problem("chada_vit") is None and BMMAE.pairing_problem("vit") is None
+    assert BMMAE.pairing_problem("mamba") and BMMAE.pairing_problem("xlstm")
 
 
 @pytest.mark.parametrize(("spatial_dims", "size", "patch"), [(2, 32, 8), (3, 32, 8)])
