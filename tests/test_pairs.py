@@ -35,7 +35,7 @@ TINY_BACKBONE = {"embed_dim": 48, "depth": 2}
 
 def pair_param(b: str, o: str, d: str) -> Any:
     """The pair as a test parameter, skipped with the objective's reason when it does not pair with the
-    backbone (``Objective.backbones``, e.g. bm_mae needs a channel-adaptive encoder)."""
+    backbone (``Objective.backbones``, e.g. bm_mae needs one token per (channel, patch))."""
     problem = OBJECTIVES.get(o).pairing_problem(b)
     return pytest.param(b, o, d, marks=pytest.mark.skip(reason=problem)) if problem else (b, o, d)
 

@@ -110,3 +110,18 @@ def test_init_from_fused_weights_gives_every_modality_the_kernel(tmp_path: Path)
     torch.save(enc.state_dict(), path)
     again = make(init_from=str(path))
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in enc.state_dict().items())
+
+
+def test_rebuilt_from_its_config_and_weights() -> None:
+    """What an export holds (the constructor config and the state dict) rebuilds the same encoder; a
+    fused ViT refuses per-modality weights."""
+    from ssl_med.build import build_encoder
+
+    config = {"name": "vit", "spatial_dims": 3, "in_chans": 4, "img_size": 16, "patch_size": 8, "embed_dim": 32,
+              "depth": 1, "num_heads": 2, "channel_tokens": "per_modality"}  # fmt: skip
+    enc = build_encoder(config).eval()
+    again = build_encoder(config, weights=enc.state_dict()).eval()
+    x = torch.rand(1, 4, 16, 16, 16)
+    torch.testing.assert_close(again(x).pooled, enc(x).pooled)
+    with pytest.raises(Exception, match=r"modality_embed|shape"):
+        build_encoder({**config, "channel_tokens": "fused"}, weights=enc.state_dict())
