@@ -77,17 +77,25 @@ def test_a_channel_count_mismatch_fails_before_any_work(tmp_path: Path, capsys: 
 
 
 def test_names_found_in_files_win(tmp_path: Path) -> None:
-    """A BraTS-style case folder (suffix names, 2 sequences) with 4 given names: no error, its names kept."""
+    """A BraTS-style case folder (suffix names, 2 sequences) and an RGB TIFF with 4 given names: no
+    error, their names kept; a 4-channel NIfTI and a 4-channel TIFF get the given names."""
     for suffix in ("t1", "flair"):
         write_nifti(tmp_path / "in" / "BraTS_001" / f"BraTS_001_{suffix}.nii.gz", 1)
     write_nifti(tmp_path / "in" / "multi.nii.gz", 4)
     write_nifti(tmp_path / "in" / "single.nii.gz", 1, seed=1)  # single-channel: keeps its own (placeholder) name
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(tmp_path / "in" / "stains.tif", rng.integers(0, 255, (4, 8, 8), dtype=np.uint8), metadata={"axes": "CYX"})
+    tifffile.imwrite(tmp_path / "in" / "photo.tif", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), photometric="rgb")
     store = tmp_path / "s.zarr"
     assert ingest(str(tmp_path / "in"), "--out", str(store), "--channel-names", NAMES) == 0
     manifest = ImageStore(store).manifest
     assert manifest["BraTS_001"].channel_names == ("t1", "flair")
     assert manifest["multi"].channel_names == ("T1", "T1ce", "T2", "FLAIR")
     assert manifest["single"].channel_names == ("ch0",)
+    assert manifest["stains"].channel_names == ("T1", "T1ce", "T2", "FLAIR")  # a TIFF's C axis: unnamed
+    assert manifest["photo"].channel_names == ("R", "G", "B")  # RGB: named by its file
 
 
 def test_malformed_names_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
