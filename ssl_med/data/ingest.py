@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ssl_med.data.channels import is_placeholder
 from ssl_med.data.identity import free_name, known_digests, legacy_names, source_digest
 from ssl_med.data.ingest_channels import check_channel_names, name_channels, parse_channel_names
 from ssl_med.data.layout import DEFAULT_LAYOUT, Layout
@@ -142,10 +143,22 @@ def _write_record(store: ImageStore, record: Record, options: IngestOptions, dig
     array, labels, kwargs = _prepare(record, options)
     spacing = kwargs.pop("spacing")
     return store.write_image(
-        record.name, array, spacing, channel_names=record.channel_names, source=record.source,
+        record.name, array, spacing, channel_names=_channel_names(store, record, digest), source=record.source,
         split=record.split or options.split, label=record.label, labels=labels, layout=options.layout,
         extra=record.extra, content_hash=digest, pyramid=options.pyramid, **kwargs,
     )  # fmt: skip
+
+
+def _channel_names(store: ImageStore, record: Record, digest: str) -> tuple[str, ...]:
+    """The record's channel names; but an image the store lists under this name from the same content
+    (``--repair`` rewrites it) keeps the names listed for it when its files name none: names given at
+    ingest (``--channel-names``) are not in the files."""
+    listed = store.manifest.get(record.name)
+    if listed is None or listed.content_hash != digest or not is_placeholder(record.channel_names):
+        return record.channel_names
+    if len(listed.channel_names) == record.array.shape[0] and not is_placeholder(listed.channel_names):
+        return listed.channel_names
+    return record.channel_names
 
 
 def _write_stack(store: ImageStore, record: StackRecord, options: IngestOptions, digest: str) -> dict[str, ImageMeta]:

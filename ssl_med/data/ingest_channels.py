@@ -19,7 +19,7 @@ single-channel image is left as it is unless exactly one name is given.
 The names are written to the manifest's ``channel_names``, the field the readers fill, so crops,
 batches (``"channel_names"``), ``data.channels`` and ChAda-ViT's channel vocabulary use them as
 they use names found in files. Images already in the store (re-runs) keep the names they were
-written with.
+written with, also when ``--verify --repair`` rewrites them from their files.
 """
 
 from __future__ import annotations

@@ -113,3 +113,18 @@ def test_help_explains_the_flag(capsys: pytest.CaptureFixture) -> None:
         main(["ingest", "--help"])
     text = capsys.readouterr().out
     assert "--channel-names" in text and "names found in files win" in text.lower()
+
+
+def test_repair_keeps_the_given_names(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--verify --repair`` re-reads a damaged image from its file, which names no channels: the names
+    given at ingest stay in the manifest."""
+    write_nifti(tmp_path / "in" / "case1.nii.gz", 4)
+    store = tmp_path / "s.zarr"
+    assert ingest(str(tmp_path / "in"), "--out", str(store), "--channel-names", NAMES, "--chunk", "8") == 0
+    before = ImageStore(store).read("case1")
+    chunks = sorted(p for p in (store / "images" / "case1" / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunks[0].unlink()
+    assert main(["ingest", "--verify", "--repair", "--out", str(store)]) == 0
+    assert "1 images repaired" in capsys.readouterr().out
+    assert ImageStore(store).manifest["case1"].channel_names == ("T1", "T1ce", "T2", "FLAIR")
+    np.testing.assert_array_equal(ImageStore(store).read("case1"), before)
