@@ -271,8 +271,10 @@ class ChAdaViT(ChannelTokenEncoder):
         token_keep_idx: Tensor | None = None,
     ) -> EncoderOutput:
         """Encode ``x`` ``(B, C, *S)``; see the module docstring for the channel arguments and
-        ``token_keep_idx`` ``(B, K)`` (per-(channel, patch) token selection). The sequence of one token
-        per (channel, patch) is :meth:`~backbones.channel_tokens.ChannelTokenEncoder.encode_channels`'."""
+        ``token_keep_idx`` ``(B, K)`` (per-(channel, patch) token selection). The names and the mask
+        give each slot its channel-embedding row and its presence (:meth:`channel_layout`); the
+        sequence of one token per (channel, patch) is built and encoded by
+        :meth:`~backbones.channel_tokens.ChannelTokenEncoder.encode_channels`."""
         if x.ndim != self.spatial_dims + 2:
             raise ValueError(
                 f"expected a (B, C, {'D, ' if self.spatial_dims == 3 else ''}H, W) tensor for "
