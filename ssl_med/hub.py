@@ -170,13 +170,16 @@ def push_to_hub(
 def _timm_native_vit(backbone: Mapping[str, Any], encoder: Encoder) -> tuple[str, dict[str, Any]] | None:
     """timm ``VisionTransformer`` name + ``model_args`` building the same network, or ``None`` if none does.
 
-    ssl_med's ViT uses timm's parameter layout; it matches timm when it is 2D, has a fixed channel count
-    and no register tokens (ssl_med gives registers no position rows, timm either gives them rows or
-    moves the CLS row out).
+    ssl_med's ViT uses timm's parameter layout; it matches timm when it is 2D, has a fixed channel count,
+    fuses the channels in one patch embedding (not ``channel_tokens=per_modality``: one kernel and token
+    per sequence) and has no register tokens (ssl_med gives registers no position rows, timm either gives
+    them rows or moves the CLS row out).
     """
     import timm
 
     if backbone.get("name") != "vit" or encoder.spatial_dims != 2 or encoder.in_chans is None:
+        return None
+    if getattr(encoder, "tokens_per_channel", False):
         return None
     if getattr(encoder, "reg_token", None) is not None:
         return None

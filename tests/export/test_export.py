@@ -144,6 +144,21 @@ def test_every_backbone_round_trips(name: str, spatial_dims: int, tmp_path: Path
             torch.testing.assert_close(model.forward_features(x), torch.cat([out.prefix_tokens, out.patch_tokens], 1))
 
 
+def test_per_modality_vit_exports_as_ssl_med_architecture(tmp_path: Path) -> None:
+    """A ViT with one patch kernel per sequence (``channel_tokens=per_modality``) has no timm counterpart:
+    its export must name ``ssl_med_vit``, and timm must load it with identical outputs."""
+    torch.manual_seed(0)
+    backbone = {"name": "vit", "spatial_dims": 2, **TINY, "in_chans": 2, "channel_tokens": "per_modality"}
+    encoder = BACKBONES.build("vit", **{k: v for k, v in backbone.items() if k != "name"}).eval()
+    save_encoder(encoder, tmp_path, {"backbone": backbone})
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["architecture"] == "ssl_med_vit"
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    x = inputs(2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), encoder(x).pooled, rtol=0, atol=0)
+
+
 # -- timm interoperability ---------------------------------------------------------------------------
 def test_exported_vit_loads_into_timm_with_identical_outputs(tmp_path: Path) -> None:
     encoder, backbone = tiny("vit", 2)
