@@ -1,6 +1,7 @@
 """Segmentation on subsets of the BraTS sequences (eval.channels / eval.channel_subsets, issue #19):
-absent sequences zero-filled for fixed-channel encoders, omitted for channel-adaptive ones; an encoder
-built for the 4 sequences evaluates on any subset."""
+absent sequences zero-filled for fixed-channel encoders, omitted for channel-adaptive ones and left out
+of the sequence (masked) for the per-modality ViT; an encoder built for the 4 sequences evaluates on any
+subset."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from ssl_med.evaluators.base import EvalContext
-from ssl_med.evaluators.channels import ChannelBoundEncoder, select_channels
+from ssl_med.evaluators.channels import ChannelBoundEncoder, ChannelMaskedEncoder, select_channels
 from ssl_med.evaluators.datasets import load_eval_data
 from ssl_med.evaluators.segmentation import segmentation
 from ssl_med.evaluators.unetr import UnetrSegmenter
@@ -37,18 +38,20 @@ def chada() -> Any:
     ).eval()
 
 
-def vit(in_chans: int) -> Any:
+def vit(in_chans: int, channel_tokens: str = "fused") -> Any:
     torch.manual_seed(0)
     return BACKBONES.build(
-        "vit", spatial_dims=3, in_chans=in_chans, img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2
+        "vit", spatial_dims=3, in_chans=in_chans, img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+        channel_tokens=channel_tokens,
     ).eval()
 
 
 def test_fixed_channel_encoders_see_absent_sequences_as_zeros(brats4: dict[str, Any]) -> None:
     data = load_eval_data(brats4, 4)
     assert data.channel_names == SEQUENCES
-    sub, encoder = select_channels(data, vit(4), ["FLAIR", "t1ce"])
-    assert encoder.in_chans == 4
+    fused = vit(4)
+    sub, encoder = select_channels(data, fused, ["FLAIR", "t1ce"])
+    assert encoder is fused and encoder.in_chans == 4  # not masked: it fuses the channels per patch
     for (full, _), (img, _) in zip(data.items["train"], sub.items["train"], strict=True):
         assert img.shape == full.shape
         np.testing.assert_array_equal(img[[1, 3]], full[[1, 3]])
@@ -59,6 +62,37 @@ def test_fixed_channel_encoders_see_absent_sequences_as_zeros(brats4: dict[str, 
     assert averaged.channel_names is None
     with pytest.raises(ValueError, match="one input per sequence"):
         select_channels(averaged, vit(1), ["flair"])
+
+
+def test_per_modality_vit_leaves_absent_sequences_out(brats4: dict[str, Any]) -> None:
+    """The per-modality ViT is handed the subset's channel_padding_mask: the absent sequences' content
+    (here NaN) is never read, and the output is the masked forward's (not the zero-filled one's)."""
+    data = load_eval_data(brats4, 4)
+    raw = vit(4, "per_modality")
+    sub, encoder = select_channels(data, raw, ["FLAIR", "t1ce"])
+    assert isinstance(encoder, ChannelMaskedEncoder) and encoder.encoder is raw and encoder.in_chans == 4
+    img = sub.items["train"][0][0]
+    assert not img[[0, 2]].any()  # still zero-filled for the decoder's convolutional stem
+    x = torch.from_numpy(img[None, :, :16, :16, :16]).clone()
+    poisoned = x.clone()
+    poisoned[:, [0, 2]] = float("nan")
+    out = encoder(poisoned, return_layers=(0,))
+    assert torch.isfinite(out.pooled).all() and torch.isfinite(out.patch_tokens).all()
+    absent = torch.tensor([[True, False, True, False]])
+    masked = raw(x, channel_padding_mask=absent, return_layers=(0,))
+    torch.testing.assert_close(out.pooled, masked.pooled)
+    torch.testing.assert_close(out.patch_tokens, masked.patch_tokens)
+    torch.testing.assert_close(out.hidden_states[0], masked.hidden_states[0])
+    zero_filled = raw(x)
+    assert not torch.allclose(zero_filled.pooled, masked.pooled)
+    # parameters and metadata read through under encoder.
+    assert set(encoder.state_dict()) == {f"encoder.{k}" for k in raw.state_dict()}
+    assert "encoder.modality_embed" in encoder.no_weight_decay()
+    assert encoder.layer_id("encoder.blocks.1.attn.qkv.weight") == raw.layer_id("blocks.1.attn.qkv.weight")
+    model = UnetrSegmenter(encoder, num_classes=4, feature_size=4)
+    assert model(x).shape == (1, 4, 16, 16, 16)
+    same, unwrapped = select_channels(data, raw, None)
+    assert unwrapped is raw and same is data
 
 
 def test_channel_adaptive_encoders_omit_absent_sequences(brats4: dict[str, Any]) -> None:
@@ -102,3 +136,11 @@ def test_subset_table(brats4: dict[str, Any], tmp_path: Path) -> None:
     fixed = segmentation(vit(4), seg_cfg(roi_size=[16, 16, 16], steps=2, eval_every=2, channels=["flair"]),
                          load_eval_data(brats4, 4), ctx)
     assert 0.0 <= fixed.metrics["dice_mean"] <= 1.0
+    per_modality = segmentation(
+        vit(4, "per_modality"),
+        seg_cfg(roi_size=[16, 16, 16], steps=2, eval_every=2, mode="finetune", channel_subsets=[["flair"], ["t1", "t2"]],
+                interpolation={"alphas": []}),
+        load_eval_data(brats4, 4), ctx,
+    )
+    assert 0.0 <= per_modality.metrics["flair/dice_mean"] <= 1.0
+    assert 0.0 <= per_modality.metrics["t1+t2/dice_mean"] <= 1.0
