@@ -215,8 +215,9 @@ def segmentation(
 ) -> EvalResult:
     """Train a UNETR decoder on ``data`` over a copy of ``encoder``; test Dice per class + mean.
 
-    ``eval.channels``: only these sequences (by name; absent ones zero-filled for fixed-channel
-    encoders, omitted for channel-adaptive ones, :mod:`ssl_med.evaluators.channels`).
+    ``eval.channels``: only these sequences (by name; absent ones are zero-filled in the images, left out
+    of the tokens of encoders with one token per (sequence, patch) — ChAda-ViT, the per-modality ViT — and
+    seen as zeros by fused-channel encoders; :mod:`ssl_med.evaluators.channels`).
     ``eval.channel_subsets``: one decoder trained and tested per subset; the metrics of subset ``s``
     are ``<s>/dice_mean`` and ``<s>/dice/<class>``, the headline ``dice_mean`` is the first subset's,
     and ``details["subsets"]`` is the table (one row per subset)."""
