@@ -12,6 +12,12 @@ test. A pretrained encoder is usually fine-tuned with a decayed, small encoder L
 0.65–0.75) and a network trained from scratch with one LR for every layer (layer decay 1.0); giving both
 settings to both rows and choosing on val keeps the random-init row from being judged by a recipe that
 suits only pretrained weights.
+
+``head_init=probe`` starts every fine-tune from a linear probe instead of a near-zero head (LP-FT: Kumar
+et al., "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution", ICLR 2022): a
+logistic regression on the frozen read-out of train (standardised, ``C`` from ``head_probe_C`` chosen on
+val) is folded into the head, so the first gradient steps do not have to undo a random head's pull on
+the encoder.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
 from ssl_med.encoder import Encoder
 from ssl_med.evaluators.base import EvalContext, EvalResult, layer_decay_groups
 from ssl_med.evaluators.datasets import ClassificationData
-from ssl_med.evaluators.features import READOUTS
+from ssl_med.evaluators.features import READOUTS, extract_readouts
+from ssl_med.evaluators.linear_probe import fit_logistic
 from ssl_med.evaluators.metrics import classification_metrics
 from ssl_med.registry import EVALUATORS
 from ssl_med.train.schedules import cosine_schedule
@@ -85,6 +93,48 @@ def predict(model: nn.Module, images: Tensor, task: str, batch_size: int, device
     return torch.cat(out).numpy()
 
 
+def _probe_weights(model: Any, task: str, num_outputs: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fitted sklearn logistic regression -> head weights ``(K, D)`` and bias ``(K,)`` giving the same
+    probabilities under the head's softmax (sigmoid for multi-label)."""
+    if task == "multi-label":
+        coef = np.concatenate([m.coef_ for m in model.estimators_])
+        bias = np.concatenate([m.intercept_ for m in model.estimators_])
+    elif model.coef_.shape[0] == 1:  # two classes: softmax over (0, z) is sigmoid(z)
+        coef = np.concatenate([np.zeros_like(model.coef_), model.coef_])
+        bias = np.concatenate([np.zeros(1), model.intercept_])
+    else:
+        coef, bias = model.coef_, model.intercept_
+    if coef.shape[0] != num_outputs:
+        raise ValueError(f"the probe has {coef.shape[0]} outputs, the head {num_outputs}: a class is missing from train")
+    return coef, bias
+
+
+@torch.no_grad()
+def probe_head(model: Classifier, data: ClassificationData, cfg: dict[str, Any], device: str) -> float:
+    """Set ``model.head`` to a logistic-regression probe of ``model.encoder``'s frozen read-out (LP-FT);
+    the probe is fitted on standardised train features, ``C`` chosen on val among ``cfg['head_probe_C']``,
+    and the standardisation is folded into the weights. Returns the chosen ``C``."""
+    feats = {
+        s: extract_readouts(model.encoder, data.images[s], [model.readout], cfg["eval_batch_size"], device)[model.readout]
+        for s in ("train", "val")
+    }
+    scaler = StandardScaler().fit(feats["train"])
+    best: tuple[float, float, Any] | None = None
+    for c in _as_list(cfg.get("head_probe_C", [1.0])):
+        probe = fit_logistic(scaler.transform(feats["train"]), data.labels["train"], c, data.task, int(cfg.get("head_probe_max_iter", 1000)))
+        val = classification_metrics(probe.predict_proba(scaler.transform(feats["val"])), data.labels["val"], data.task)
+        score = val[cfg["select_metric"]] if math.isfinite(val[cfg["select_metric"]]) else val["accuracy"]
+        if best is None or score > best[0]:
+            best = (score, c, probe)
+    assert best is not None
+    coef, bias = _probe_weights(best[2], data.task, model.head.out_features)
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    weight = coef / scale  # w . (x - mu) / sd + b = (w / sd) . x + (b - (w / sd) . mu)
+    model.head.weight.copy_(torch.as_tensor(weight, dtype=model.head.weight.dtype))
+    model.head.bias.copy_(torch.as_tensor(bias - weight @ scaler.mean_, dtype=model.head.bias.dtype))
+    return best[1]
+
+
 def finetune_once(
     encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx: EvalContext, lr: float, layer_decay: float
 ) -> tuple[float, dict[str, Tensor], list[dict[str, float]]]:
@@ -93,6 +143,11 @@ def finetune_once(
     torch.manual_seed(ctx.seed)
     generator = torch.Generator().manual_seed(ctx.seed)
     model = Classifier(copy.deepcopy(encoder), data.num_classes, cfg.get("features") or "pooled").to(ctx.device)
+    head_init = cfg.get("head_init", "random")
+    if head_init == "probe":
+        probe_head(model, data, cfg, ctx.device)
+    elif head_init != "random":
+        raise ValueError(f"eval.head_init must be 'random' or 'probe', got {head_init!r}")
     groups = layer_decay_groups(model.encoder, lr, layer_decay, cfg["weight_decay"])
     groups.append({"params": list(model.head.parameters()), "lr": cfg["head_lr"], "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups)
