@@ -25,15 +25,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ssl_med.encoder import EncoderOutput, TokenEncoder
 from ssl_med.layers.attention import pack_padded, resolve_attn_impl, unpack_padded
-from ssl_med.layers.patch_embed import grid_shape
-from ssl_med.utils import to_tuple
+from ssl_med.layers.patch_embed import PatchEmbed, grid_shape
 
 
-class ModalityPatchEmbed(nn.Module):
+class ModalityPatchEmbed(PatchEmbed):
     """One patch embedding per input channel (modality): a grouped strided convolution.
 
     Channel ``c`` has its own kernel ``(D, 1, *p)`` and bias, the rows ``c * D .. (c + 1) * D - 1`` of
@@ -44,14 +43,8 @@ class ModalityPatchEmbed(nn.Module):
     """
 
     def __init__(self, spatial_dims: int, patch_size: int | Sequence[int], in_chans: int, embed_dim: int) -> None:
-        super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        self.spatial_dims = spatial_dims
-        self.patch_size = to_tuple(patch_size, spatial_dims)
+        super().__init__(spatial_dims, patch_size, in_chans, embed_dim, groups=in_chans)
         self.in_chans, self.embed_dim = in_chans, embed_dim
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        self.proj = conv(in_chans, in_chans * embed_dim, self.patch_size, stride=self.patch_size, groups=in_chans)
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         if x.shape[1] != self.in_chans:

@@ -20,20 +20,24 @@ class PatchEmbed(nn.Module):
         patch_size: int or one size per spatial axis.
         in_chans: input channels C.
         embed_dim: token width D.
+        groups: 1 (the channels are fused into each token), or ``in_chans`` for one kernel per channel
+            (``groups * embed_dim`` output maps; see ``backbones.channel_tokens.ModalityPatchEmbed``).
 
     Shapes:
         input ``(B, C, *S)`` with every ``S_i`` a multiple of the patch; output tokens ``(B, N, D)``
         in raster order (last axis fastest) and the grid ``S_i / p_i`` with ``N = prod(grid)``.
     """
 
-    def __init__(self, spatial_dims: int, patch_size: int | Sequence[int], in_chans: int, embed_dim: int) -> None:
+    def __init__(
+        self, spatial_dims: int, patch_size: int | Sequence[int], in_chans: int, embed_dim: int, groups: int = 1
+    ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.spatial_dims = spatial_dims
         self.patch_size = to_tuple(patch_size, spatial_dims)
         conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        self.proj = conv(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.proj = conv(in_chans, groups * embed_dim, kernel_size=self.patch_size, stride=self.patch_size, groups=groups)
 
     def grid_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
         """Token grid for an input of ``spatial_shape``; raises if it is not a multiple of the patch."""
