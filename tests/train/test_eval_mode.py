@@ -18,7 +18,10 @@ TINY = {"name": "vit", "spatial_dims": 2, "in_chans": 1, "img_size": 32, "patch_
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES.names()))
 def test_eval_mode_modules_are_the_ones_left_in_eval_mode(name: str) -> None:
-    if OBJECTIVES.get(name).pairing_problem("vit"):  # e.g. bm_mae: a channel-adaptive encoder
+    if name == "bm_mae":  # one token per (sequence, patch): the ViT's per-modality tokens
+        encoder = build_encoder({**TINY, "in_chans": 2, "channel_tokens": "per_modality"})
+        objective = OBJECTIVES.build(name, encoder=encoder, in_chans=2)
+    elif OBJECTIVES.get(name).pairing_problem("vit"):  # an objective for channel-adaptive encoders only
         encoder = build_encoder({**TINY, "name": "chada_vit", "in_chans": None, "num_heads": 2})
         objective = OBJECTIVES.build(name, encoder=encoder, in_chans=2)
     else:
