@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
 from ssl_med.encoder import Encoder
@@ -40,6 +39,7 @@ from ssl_med.evaluators.datasets import ClassificationData
 from ssl_med.evaluators.features import READOUTS, extract_readouts
 from ssl_med.evaluators.linear_probe import fit_logistic
 from ssl_med.evaluators.metrics import classification_metrics
+from ssl_med.evaluators.readout import best_candidate, val_scores
 from ssl_med.registry import EVALUATORS
 from ssl_med.train.schedules import cosine_schedule
 
@@ -118,36 +118,32 @@ def probe_head(model: Classifier, data: ClassificationData, cfg: dict[str, Any],
         s: extract_readouts(model.encoder, data.images[s], [model.readout], cfg["eval_batch_size"], device)[model.readout]
         for s in ("train", "val")
     }
-    scaler = StandardScaler().fit(feats["train"])
-    best: tuple[float, float, Any] | None = None
-    for c in _as_list(cfg.get("head_probe_C", [1.0])):
-        probe = fit_logistic(scaler.transform(feats["train"]), data.labels["train"], c, data.task, int(cfg.get("head_probe_max_iter", 1000)))
-        val = classification_metrics(probe.predict_proba(scaler.transform(feats["val"])), data.labels["val"], data.task)
-        score = val[cfg["select_metric"]] if math.isfinite(val[cfg["select_metric"]]) else val["accuracy"]
-        if best is None or score > best[0]:
-            best = (score, c, probe)
-    assert best is not None
-    coef, bias = _probe_weights(best[2], data.task, model.head.out_features)
+    c_values = _as_list(cfg.get("head_probe_C", [1.0]))
+    max_iter = int(cfg.get("head_probe_max_iter", 1000))
+    scaler, probes, scores = val_scores(
+        feats["train"], data.labels["train"], feats["val"], data.labels["val"], data.task, c_values,
+        cfg["select_metric"], lambda x, y, c: fit_logistic(x, y, c, data.task, max_iter),
+    )
+    _, c = best_candidate({model.readout: scores}, c_values)
+    coef, bias = _probe_weights(probes[c], data.task, model.head.out_features)
     scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
     weight = coef / scale  # w . (x - mu) / sd + b = (w / sd) . x + (b - (w / sd) . mu)
     model.head.weight.copy_(torch.as_tensor(weight, dtype=model.head.weight.dtype))
     model.head.bias.copy_(torch.as_tensor(bias - weight @ scaler.mean_, dtype=model.head.bias.dtype))
-    return best[1]
+    return c
 
 
 def finetune_once(
-    encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx: EvalContext, lr: float, layer_decay: float
+    encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx: EvalContext, lr: float, layer_decay: float,
+    head_state: dict[str, Tensor] | None = None,
 ) -> tuple[float, dict[str, Tensor], list[dict[str, float]]]:
-    """Fine-tune a copy of ``encoder`` at one (``lr``, ``layer_decay``); returns the best val score, the
-    weights that reached it and the val history."""
+    """Fine-tune a copy of ``encoder`` at one (``lr``, ``layer_decay``), from ``head_state`` when given
+    (the LP-FT head); returns the best val score, the weights that reached it and the val history."""
     torch.manual_seed(ctx.seed)
     generator = torch.Generator().manual_seed(ctx.seed)
     model = Classifier(copy.deepcopy(encoder), data.num_classes, cfg.get("features") or "pooled").to(ctx.device)
-    head_init = cfg.get("head_init", "random")
-    if head_init == "probe":
-        probe_head(model, data, cfg, ctx.device)
-    elif head_init != "random":
-        raise ValueError(f"eval.head_init must be 'random' or 'probe', got {head_init!r}")
+    if head_state is not None:
+        model.head.load_state_dict(head_state)
     groups = layer_decay_groups(model.encoder, lr, layer_decay, cfg["weight_decay"])
     groups.append({"params": list(model.head.parameters()), "lr": cfg["head_lr"], "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups)
@@ -189,9 +185,17 @@ def finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ct
     val, score it once on test (``cfg``: features, steps, batch_size, lr, layer_decay, head_lr, ...)."""
     if not isinstance(data, ClassificationData):
         raise TypeError("finetune needs a classification dataset (eval_data=breastmnist, vesselmnist3d, ...)")
+    head_init = cfg.get("head_init", "random")
+    if head_init not in ("random", "probe"):
+        raise ValueError(f"eval.head_init must be 'random' or 'probe', got {head_init!r}")
+    head_state = None
+    if head_init == "probe":  # one probe for the whole grid: it depends on the frozen encoder only
+        start = Classifier(encoder, data.num_classes, cfg.get("features") or "pooled")
+        probe_head(start, data, cfg, ctx.device)
+        head_state = copy.deepcopy(start.head.state_dict())
     runs = []
     for lr, decay in itertools.product(_as_list(cfg["lr"]), _as_list(cfg["layer_decay"])):
-        score, state, history = finetune_once(encoder, cfg, data, ctx, lr, decay)
+        score, state, history = finetune_once(encoder, cfg, data, ctx, lr, decay, head_state)
         runs.append({"lr": lr, "layer_decay": decay, "val_score": score, "history": history, "state": state})
     best = max(runs, key=lambda r: r["val_score"])
     model = Classifier(copy.deepcopy(encoder), data.num_classes, cfg.get("features") or "pooled").to(ctx.device)

@@ -88,6 +88,19 @@ def cv_scores(
     return {c: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for c, v in per_c.items()}
 
 
+def val_scores(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, task: str,
+    c_values: list[float], metric: str, fit: Any,
+) -> tuple[StandardScaler, dict[float, Any], dict[str, float]]:
+    """Standardise on ``x_train`` ``(N, D)``, fit one classifier per ``C``, score each on val: returns the
+    scaler, ``{C: fitted classifier}`` and ``{str(C): val metric}`` (MedMNIST's choose-on-val protocol)."""
+    scaler = StandardScaler().fit(x_train)
+    xt, xv = scaler.transform(x_train), scaler.transform(x_val)
+    models = {float(c): fit(xt, y_train, c) for c in c_values}
+    scores = {str(c): classification_metrics(models[float(c)].predict_proba(xv), y_val, task)[metric] for c in c_values}
+    return scaler, models, scores
+
+
 def best_candidate(scores: dict[str, dict[str, float]], c_values: list[float]) -> tuple[str, float]:
     """The (mode, C) with the highest finite score; ties keep the first mode and the first C in grid
     order. With no finite score: the first mode and the middle of the grid."""
@@ -137,13 +150,8 @@ def select_readout(
         if select_on == "cv":
             scores[mode] = cv_scores(x_fit, y_fit, task, c_values, metric, cv_folds, seed, fit)
             continue
-        scaler = StandardScaler().fit(x_fit)
-        x_train, x_val = scaler.transform(x_fit), scaler.transform(by_split["val"])
-        scores[mode] = {}
-        for c in c_values:
-            fitted[mode, float(c)] = scaler, fit(x_train, y_fit, c)
-            val_scores = fitted[mode, float(c)][1].predict_proba(x_val)
-            scores[mode][str(c)] = classification_metrics(val_scores, labels["val"], task)[metric]
+        scaler, models, scores[mode] = val_scores(x_fit, y_fit, by_split["val"], labels["val"], task, c_values, metric, fit)
+        fitted.update({(mode, c): (scaler, model) for c, model in models.items()})
     mode, c = best_candidate(scores, c_values)
     if (mode, c) in fitted:
         scaler, model = fitted[mode, c]
