@@ -16,7 +16,10 @@ inputs (files or folders, searched recursively):
   NIfTI .nii/.nii.gz             one image; a folder of <case>_<seq>.nii.gz files (BraTS: _t1 _t1ce _t2
                                  _flair) becomes one multi-channel image, its _seg file the label map
   DICOM series (folders)         grouped by SeriesInstanceUID, slices sorted by position, rescale
-                                 slope/intercept applied
+                                 slope/intercept applied; the volume series of one study in a folder
+                                 that share a voxel grid become one multi-channel image, channels named
+                                 by SeriesDescription (t1 t1ce t2 flair); the others stay separate, with
+                                 a note saying why (--no-series-channels: every series separate)
   PNG/JPEG/BMP/TIFF              2D images; multi-page/multi-channel TIFF by its axes (C/S channels, Z pages)
   MedMNIST .npz                  2D or 3D, every split with its labels
   NumPy .npy                     (Y,X), (Y,X,3), (Z,Y,X) or (C,Z,Y,X)
@@ -25,8 +28,8 @@ Volumes are reoriented to RAS (the original affine is kept) and written as OME-Z
 Bad inputs are skipped with their reason; re-running resumes without duplicating images.
 
 channel names (what data.channels=[...] and ChAda-ViT's channel vocabulary select by):
-  Names found in the files win: BraTS-style suffixes (_t1 _t1ce _t2 _flair), R/G/B of colour images
-  and gray. Inputs whose channels carry no name (a 4D NIfTI with the sequences on its 4th axis, a TIFF
+  Names found in the files win: BraTS-style suffixes (_t1 _t1ce _t2 _flair), DICOM series
+  descriptions of stacked series, R/G/B of colour images and gray. Inputs whose channels carry no name (a 4D NIfTI with the sequences on its 4th axis, a TIFF
   with a C axis, a (C,Z,Y,X) .npy) are stored as ch0, ch1, ... (= unnamed) unless --channel-names
   names them, in channel order. Every unnamed multi-channel input must then have exactly that many
   channels: otherwise the ingest stops before reading or writing anything and lists the files.
@@ -77,6 +80,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME,NAME,...",
         help="names of the channels of multi-channel inputs whose files name none (e.g. T1,T1ce,T2,FLAIR for "
         "a 4-channel NIfTI), in channel order; names found in files win (see 'channel names' below)",
+    )
+    p.add_argument(
+        "--series-channels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stack the DICOM volume series of one study in a folder that share a voxel grid as the channels "
+        "of one image, named by SeriesDescription (default); --no-series-channels ingests every series as "
+        "its own image",
     )
     p.add_argument("--split", default="", help="split recorded for the images (MedMNIST keeps its own)")
     p.add_argument(
@@ -142,7 +153,7 @@ def run(args: list[str]) -> int:
         try:
             report = ingest(
                 ns.inputs, ns.out, options, workers=ns.workers, progress=not ns.no_progress, log=lambda _: None,
-                channel_names=ns.channel_names,
+                channel_names=ns.channel_names, series_channels=ns.series_channels,
             )  # fmt: skip
         except ChannelNamesError as err:  # raised before the store is opened: nothing was written
             print(f"ssl_med ingest: error: {err}", file=sys.stderr)

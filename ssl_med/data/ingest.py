@@ -11,6 +11,8 @@ the store". A new input whose name is taken gets a fresh one. A source that fail
 unreadable, NaN-only, zero-size, inconsistent series) is reported with its reason and never stops the
 others. ``channel_names`` (``--channel-names``) name the channels of images whose files name none,
 checked against every input's header before anything is written (:mod:`ssl_med.data.ingest_channels`).
+The DICOM volume series of one study in one folder that share a voxel grid become one image with a
+channel per series, named by ``SeriesDescription`` (:mod:`ssl_med.data.readers.dicom_case`).
 """
 
 from __future__ import annotations
@@ -79,17 +81,21 @@ class SourceResult:
 
 @dataclass
 class IngestReport:
-    """Summary of an ingest run: ``skipped`` lists ``(input, reason)``."""
+    """Summary of an ingest run: ``skipped`` lists ``(input, reason)``; ``notes`` lists ``(folder,
+    text)`` for folders whose DICOM series were ingested as separate images rather than as the channels
+    of one (:func:`~ssl_med.data.readers.dicom_case.plan_folder`): nothing of them was skipped."""
 
     written: int = 0
     present: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f"{self.written} images written, {self.present} already in the store, "
                  f"{len(self.skipped)} skipped ({self.seconds:.1f} s)"]  # fmt: skip
         lines += [f"  skipped {what}: {why}" for what, why in self.skipped]
+        lines += [f"  note {what}: {why}" for what, why in self.notes]
         return "\n".join(lines)
 
 
@@ -238,6 +244,7 @@ def ingest(
     progress: bool = True,
     log: Callable[[str], None] = print,
     channel_names: str | Sequence[str] = (),
+    series_channels: bool = True,
 ) -> IngestReport:
     """Ingest ``inputs`` (files/folders) into the store at ``out`` (created if missing); resumable.
 
@@ -248,6 +255,11 @@ def ingest(
         channel_names: ``--channel-names``: names (or ``"T1,T1ce,..."``) for the channels of images
             whose files name none; names read from files win (:mod:`ssl_med.data.ingest_channels`).
             Not an :class:`IngestOptions` field: they name images, they do not change their data.
+        series_channels: ``--series-channels`` (default): the DICOM volume series of one study that
+            share a folder and a voxel grid become one image, one channel per series named by its
+            ``SeriesDescription`` (:mod:`ssl_med.data.readers.dicom_case`); series that cannot be
+            stacked stay separate images, with a note saying why (``report.notes``, ``log``).
+            ``False``: every series is its own image.
 
     Raises:
         ChannelNamesError: ``channel_names`` are malformed or do not fit the unnamed channels of some
@@ -255,7 +267,9 @@ def ingest(
     """
     start = time.perf_counter()
     report = IngestReport()
-    sources, problems = discover(list(inputs))
+    sources, problems = discover(list(inputs), series_channels=series_channels, notes=report.notes)
+    for what, why in report.notes:
+        log(f"note {what}: {why}")
     given_names = parse_channel_names(channel_names) if channel_names else ()
     if given_names:
         check_channel_names(sources, given_names)

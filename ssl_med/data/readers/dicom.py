@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +25,6 @@ def is_dicom(path: str | Path) -> bool:
         return False
 
 
-def series_key(path: str) -> str:
-    """SeriesInstanceUID of a file (header only); the path itself when the header is unreadable."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        return str(getattr(ds, "SeriesInstanceUID", "")) or f"file:{path}"
-    except Exception:  # an unreadable file is its own (failing) series, reported at read time
-        return f"file:{path}"
-
-
 def _rescaled(ds) -> np.ndarray:
     pixels = ds.pixel_array
     slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
@@ -54,20 +43,30 @@ def _compact(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def read_series(source: Source) -> Iterator[Record]:
-    """One image per series: 2D ``(1, Y, X)`` for a single slice, else a volume with its RAS affine."""
+def read_datasets(paths: Sequence[str]) -> list:
+    """The files of a series, read and their pixels decoded (a truncated file fails here, with its name).
+
+    Raises:
+        ReadError: a zero-size or corrupt file.
+    """
     import pydicom
 
     datasets = []
-    for path in source.paths:
+    for path in paths:
         if Path(path).stat().st_size == 0:
             raise ReadError(f"zero-size file {path}")
         try:
             ds = pydicom.dcmread(path)
-            _ = ds.pixel_array  # decode now: a truncated file fails here, with its name
+            _ = ds.pixel_array
         except Exception as exc:
             raise ReadError(f"corrupt DICOM file {Path(path).name}: {type(exc).__name__}: {exc}") from exc
         datasets.append(ds)
+    return datasets
+
+
+def read_series(source: Source) -> Iterator[Record]:
+    """One image per series: 2D ``(1, Y, X)`` for a single slice, else a volume with its RAS affine."""
+    datasets = read_datasets(source.paths)
     first = datasets[0]
     modality = str(getattr(first, "Modality", ""))
     extra = {"series_uid": str(getattr(first, "SeriesInstanceUID", "")), "n_files": len(datasets)}
@@ -100,6 +99,32 @@ def _volume(source: Source, datasets: list, modality: str, extra: dict) -> Recor
             name=source.name, array=_compact(frames.transpose(2, 1, 0)[None]), affine=affine,
             modality=modality, source=source.paths[0], extra={**extra, "geometry": "multi-frame, no position"},
         )  # fmt: skip
+    volume, affine = series_volume(datasets)
+    return Record(
+        name=source.name, array=volume[None], affine=affine, modality=modality,
+        source=str(Path(source.paths[0]).parent), extra=extra,
+    )  # fmt: skip
+
+
+def series_volume(datasets: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """The volume ``(I, J, K)`` of decoded single-frame slices (rescaled, compacted) and its RAS affine."""
+    order, _shape, affine = slice_geometry(datasets)
+    slices = [_rescaled(datasets[i]) for i in order]
+    volume = np.stack(slices).transpose(2, 1, 0)  # (K, rows=J, cols=I) -> (I, J, K)
+    return _compact(volume), affine
+
+
+def slice_geometry(datasets: Sequence) -> tuple[list[int], tuple[int, int, int], np.ndarray]:
+    """The grid of a series of single-frame slices, from their headers alone (pixels need not be read).
+
+    Returns:
+        ``(order, shape, affine)``: the slice indices in position order along the slice normal, the
+        voxel grid ``(I, J, K)`` = ``(columns, rows, slices)`` and its 4x4 voxel -> world RAS affine.
+
+    Raises:
+        ReadError: slices of different sizes or orientations, a slice without position, two slices at
+            one position, or uneven spacing (missing slices).
+    """
     shapes = {(int(d.Rows), int(d.Columns)) for d in datasets}
     if len(shapes) > 1:
         raise ReadError(f"inconsistent series: slices of sizes {sorted(shapes)}")
@@ -113,7 +138,7 @@ def _volume(source: Source, datasets: list, modality: str, extra: dict) -> Recor
     row_dir, col_dir = orient[0, :3], orient[0, 3:]
     normal = np.cross(row_dir, col_dir)
     along = positions @ normal
-    order = np.argsort(along)
+    order = np.argsort(along, kind="stable")
     gaps = np.diff(along[order])
     if np.any(gaps < 1e-3):
         raise ReadError("inconsistent series: two slices at the same position")
@@ -122,15 +147,11 @@ def _volume(source: Source, datasets: list, modality: str, extra: dict) -> Recor
         raise ReadError(
             f"inconsistent series: uneven slice spacing {gaps.min():.2f}-{gaps.max():.2f} mm (missing slices?)"
         )
-    slices = [_rescaled(datasets[i]) for i in order]
-    volume = np.stack(slices).transpose(2, 1, 0)  # (K, rows=J, cols=I) -> (I, J, K)
-    row_sp, col_sp = (float(s) for s in first.PixelSpacing)
+    row_sp, col_sp = (float(s) for s in datasets[0].PixelSpacing)
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = row_dir * col_sp  # i (columns) runs along the row direction
     affine_lps[:3, 1] = col_dir * row_sp
     affine_lps[:3, 2] = normal * step
     affine_lps[:3, 3] = positions[order[0]]
-    return Record(
-        name=source.name, array=_compact(volume)[None], affine=LPS_TO_RAS @ affine_lps, modality=modality,
-        source=str(Path(source.paths[0]).parent), extra=extra,
-    )  # fmt: skip
+    rows, cols = shapes.pop()
+    return [int(i) for i in order], (cols, rows, len(datasets)), LPS_TO_RAS @ affine_lps

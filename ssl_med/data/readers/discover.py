@@ -8,7 +8,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from ssl_med.data.readers.base import Source
-from ssl_med.data.readers.dicom import is_dicom, series_key
+from ssl_med.data.readers.dicom import is_dicom
+from ssl_med.data.readers.dicom_case import KIND as DICOM_CASE
+from ssl_med.data.readers.dicom_case import plan_folder
 from ssl_med.data.readers.nifti import case_suffixes, nifti_stem
 from ssl_med.data.readers.raster import PIL_SUFFIXES, TIFF_SUFFIXES
 
@@ -39,8 +41,12 @@ def _clean(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
 
 
-def _folder_sources(folder: Path, files: list[Path]) -> list[Source]:
-    """Sources among the files directly inside ``folder``."""
+def _folder_sources(
+    folder: Path, files: list[Path], series_channels: bool = True, notes: list[tuple[str, str]] | None = None
+) -> list[Source]:
+    """Sources among the files directly inside ``folder``; DICOM series of one study and grid become
+    one multi-channel source when ``series_channels`` (:mod:`~ssl_med.data.readers.dicom_case`), and
+    ``notes`` gets ``(folder, text)`` saying which series were kept apart and why."""
     out: list[Source] = []
     by_kind: dict[str, list[Path]] = defaultdict(list)
     for f in sorted(files):
@@ -53,21 +59,33 @@ def _folder_sources(folder: Path, files: list[Path]) -> list[Source]:
     else:
         out += [Source("nifti", (str(f),), _clean(_stem(f))) for f in niftis]
     dicoms = by_kind.pop("dicom", [])
-    series: dict[str, list[str]] = defaultdict(list)
-    for f in dicoms:
-        series[series_key(str(f))].append(str(f))
-    for i, (_, paths) in enumerate(sorted(series.items(), key=lambda kv: kv[1][0])):
-        name = (
-            _stem(Path(paths[0])) if len(paths) == 1 else folder.name + (f"_s{i}" if len(series) > 1 else "")
-        )
-        out.append(Source("dicom", tuple(sorted(paths)), _clean(name)))
+    if dicoms:
+        plan = plan_folder([str(f) for f in dicoms], stack=series_channels)
+        for paths, channels in plan.stacks:
+            name = folder.name if len(plan.stacks) == 1 else f"{folder.name}_{'_'.join(channels)}"
+            out.append(Source(DICOM_CASE, paths, _clean(name)))
+        for i, paths in plan.separate:
+            name = (
+                _stem(Path(paths[0])) if len(paths) == 1 else folder.name + (f"_s{i}" if plan.n_series > 1 else "")
+            )
+            out.append(Source("dicom", paths, _clean(name)))
+        if plan.note and notes is not None:
+            notes.append((str(folder), plan.note))
     for kind, paths in by_kind.items():
         out += [Source(kind, (str(f),), _clean(_stem(f))) for f in paths]
     return out
 
 
-def discover(inputs: list[str]) -> tuple[list[Source], list[tuple[str, str]]]:
+def discover(
+    inputs: list[str], series_channels: bool = True, notes: list[tuple[str, str]] | None = None
+) -> tuple[list[Source], list[tuple[str, str]]]:
     """Sources under ``inputs`` (files or folders, walked recursively), with unique names.
+
+    Args:
+        series_channels: stack the DICOM volume series of one study and grid in a folder as the
+            channels of one image (``--series-channels``); off: every series is its own image.
+        notes: if given, gets ``(folder, text)`` for folders whose DICOM series were not all stacked,
+            with the reasons (the series are ingested as separate images).
 
     Returns ``(sources, problems)`` where ``problems`` lists ``(input, reason)`` for inputs that do
     not exist or hold nothing ingestible.
@@ -85,7 +103,7 @@ def discover(inputs: list[str]) -> tuple[list[Source], list[tuple[str, str]]]:
         elif p.is_dir():
             found = []
             for folder, _dirs, files in sorted((Path(d), ds, fs) for d, ds, fs in os.walk(p)):
-                found += _folder_sources(folder, [folder / f for f in files])
+                found += _folder_sources(folder, [folder / f for f in files], series_channels, notes)
             if not found:
                 problems.append((item, "no images found in folder"))
             sources += found
@@ -106,7 +124,7 @@ def _unique(sources: list[Source]) -> list[Source]:
             parent = Path(s.paths[0]).parent
             name = (
                 _clean(f"{parent.name}_{name}")
-                if s.kind != "case"
+                if s.kind not in ("case", DICOM_CASE)
                 else _clean(f"{parent.parent.name}_{name}")
             )
         base, k = name, 1
