@@ -109,19 +109,51 @@ def sequence_order(order: str, layout: TokenLayout, batch: int, device: torch.de
     return perm.flip(1) if rev else perm
 
 
+def is_sequence_order(order: str, layout: TokenLayout) -> bool:
+    """Whether ``order`` visits the mixed sequence as it is laid out (:func:`sequence_order` would be
+    ``arange(L)``): the raster order, not reversed, over the full grid (no ``keep_idx``), with the
+    prefix tokens in one run (as :func:`sequence_order` places them)."""
+    axes, rev = parse_order(order, len(layout.grid))
+    prefix = layout.prefix_positions
+    one_run = not prefix or tuple(prefix) == tuple(range(prefix[0], prefix[0] + len(prefix)))
+    return axes == AXES[len(layout.grid)] and not rev and layout.keep_idx is None and one_run
+
+
 def invert(perm: Tensor) -> Tensor:
     """Inverse of a ``(B, L)`` permutation: ``x.gather(1, perm).gather(1, invert(perm)) == x``."""
     return torch.argsort(perm, dim=1)
 
 
-def _gather_seq(x: Tensor, index: Tensor) -> Tensor:
-    """``x`` ``(B, L, C)`` reordered along L by ``index`` ``(B, L)``.
+def _take(x: Tensor, index: Tensor) -> Tensor:
+    """``x`` ``(B, L, C)`` -> ``x[b, index[b]]`` ``(B, L, C)``, one ``index_select`` over the B*L rows."""
+    batch, length = index.shape
+    rows = index + length * torch.arange(batch, device=index.device)[:, None]
+    return x.reshape(batch * length, -1).index_select(0, rows.reshape(-1)).view(batch, length, -1)
 
-    Advanced indexing rather than ``torch.gather``: its backward keeps only the index (a scatter-add
-    into zeros), while gather's keeps its whole input ``x`` alive until the backward.
+
+class _Reorder(torch.autograd.Function):
+    """``x[b, perm[b]]`` whose backward is the same row selection by the inverse permutation.
+
+    Autograd's backward of advanced indexing (or of ``torch.gather``) is a scatter-add into zeros
+    (``index_put_`` with accumulation), a serial CPU loop that cost more than the selection itself; a
+    permutation needs no accumulation. Only the index is saved, not ``x``.
     """
-    rows = torch.arange(x.shape[0], device=x.device)[:, None]
-    return x[rows, index]
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return _take(x, perm)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return _take(grad, inverse), None, None
+
+
+def _gather_seq(x: Tensor, perm: Tensor, inverse: Tensor | None = None) -> Tensor:
+    """``x`` ``(B, L, C)`` reordered along L by the permutation ``perm`` ``(B, L)`` (``inverse``: its
+    inverse, computed when not given)."""
+    return _Reorder.apply(x, perm, invert(perm) if inverse is None else inverse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +201,7 @@ class ScanBranch(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
         """``x, z`` ``(B, E, L)`` in scan order -> gated scan output ``(B, E, L)``."""
-        x = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, activation="silu")
+        x = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, activation="silu", impl=self.scan_impl)
         dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
         dt, b, c = torch.split(dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias
@@ -220,15 +252,26 @@ class MultiScanMamba(nn.Module):
         )
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
-    def forward(self, h: Tensor, orders: Sequence[Tensor]) -> Tensor:
-        """``h`` ``(B, L, D)``; ``orders``: one ``(B, L)`` permutation per branch -> ``(B, L, D)``."""
+    def forward(
+        self, h: Tensor, orders: Sequence[Tensor | None], inverses: Sequence[Tensor | None] | None = None
+    ) -> Tensor:
+        """``h`` ``(B, L, D)`` -> ``(B, L, D)``.
+
+        Args:
+            h: ``(B, L, D)`` normed tokens in sequence order.
+            orders: one ``(B, L)`` permutation per branch (``seq[:, orders[k]]`` is branch ``k``'s scan
+                order), or ``None`` for a branch that scans the sequence as it is laid out.
+            inverses: the permutations' inverses (computed when not given).
+        """
         xz = self.in_proj(h)  # (B, L, 2E)
         total = None
-        for branch, perm in zip(self.branches, orders, strict=True):
-            seq = _gather_seq(xz, perm).transpose(1, 2)  # (B, 2E, L) in scan order
-            x, z = seq.chunk(2, dim=1)
+        if inverses is None:
+            inverses = [None if p is None else invert(p) for p in orders]
+        for branch, perm, inv in zip(self.branches, orders, inverses, strict=True):
+            seq = xz if perm is None else _gather_seq(xz, perm, inv)
+            x, z = seq.transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each, in scan order
             y = branch(x, z).transpose(1, 2)  # (B, L, E) in scan order
-            y = _gather_seq(y, invert(perm))  # back to sequence order
+            y = y if perm is None else _gather_seq(y, inv, perm)  # back to sequence order
             total = y if total is None else total + y
         if self.divide_out:
             total = total / len(self.branches)
@@ -255,9 +298,12 @@ class MambaBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.residual_in_fp32 = residual_in_fp32
 
-    def forward(self, x: Tensor, orders: Sequence[Tensor]) -> Tensor:
-        """``x`` ``(B, L, D)`` -> ``(B, L, D)`` (float32 with ``residual_in_fp32``)."""
-        out = self.drop_path(self.mixer(self.norm(x.to(self.norm.weight.dtype)), orders))
+    def forward(
+        self, x: Tensor, orders: Sequence[Tensor | None], inverses: Sequence[Tensor | None] | None = None
+    ) -> Tensor:
+        """``x`` ``(B, L, D)`` -> ``(B, L, D)`` (float32 with ``residual_in_fp32``); ``orders``/``inverses``
+        as :meth:`MultiScanMamba.forward`'s."""
+        out = self.drop_path(self.mixer(self.norm(x.to(self.norm.weight.dtype)), orders, inverses))
         if self.residual_in_fp32:
             x = x.float()
         return x + out
@@ -354,23 +400,30 @@ class VisionMamba(TokenEncoder):
         self.blocks = nn.ModuleList(
             MambaBlock(embed_dim, mixer(), norm, rates[i], residual_in_fp32) for i in range(depth)
         )
-        self._orders_for: tuple[TokenLayout, list[Tensor]] | None = None
+        self._orders_for: tuple[TokenLayout, torch.device, list[Tensor | None], list[Tensor | None]] | None = None
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(partial(_init_weights, depth=depth))
 
-    def scan_permutations(self, layout: TokenLayout, batch: int, device: torch.device) -> list[Tensor]:
-        """One ``(B, L)`` permutation per scan order (computed once per forward and reused by every block)."""
+    def scan_permutations(
+        self, layout: TokenLayout, batch: int, device: torch.device
+    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        """One ``(B, L)`` permutation per scan order and their inverses, ``None`` for an order that is the
+        sequence's own (computed once per forward and reused by every block)."""
         cached = self._orders_for
-        if cached is not None and cached[0] is layout and cached[1][0].device == device:
-            return cached[1]
-        perms = [sequence_order(o, layout, batch, device) for o in self.scan_orders]
-        self._orders_for = (layout, perms)
-        return perms
+        if cached is not None and cached[0] is layout and cached[1] == device:
+            return cached[2], cached[3]
+        perms = [
+            None if is_sequence_order(o, layout) else sequence_order(o, layout, batch, device)
+            for o in self.scan_orders
+        ]
+        inverses = [None if p is None else invert(p) for p in perms]
+        self._orders_for = (layout, device, perms, inverses)
+        return perms, inverses
 
     def run_block(self, index: int, x: Tensor, layout: TokenLayout) -> Tensor:
         """Block ``index`` on ``x`` ``(B, L, D)`` scanned in every configured order."""
-        return self.blocks[index](x, self.scan_permutations(layout, x.shape[0], x.device))
+        return self.blocks[index](x, *self.scan_permutations(layout, x.shape[0], x.device))
 
     def no_weight_decay(self) -> set[str]:
         """Positions, prefix/mask tokens, and every ``A_log``/``D`` of the scan branches."""

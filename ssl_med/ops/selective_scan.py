@@ -16,7 +16,7 @@ Implementations (``impl=``):
 * ``"cuda"`` — mamba-ssm's fused kernel (imported lazily; CUDA tensors only).
 * ``"fused"`` — the fused CPU kernel of :mod:`ssl_med.ops.selective_scan_fused` (C++/OpenMP, built on
   first use): one pass per element forward, states recomputed in the backward as mamba-ssm's CUDA
-  kernel does.
+  kernel does. :func:`causal_conv1d` given the same ``impl`` runs in that extension too.
 * ``"torch"`` — :class:`_ChunkedScan`: a work-efficient blocked scan with a hand-written backward.
   The linear recurrence ``h_t = a_t h_{t-1} + b_t`` is an associative scan over pairs ``(a, b)``.
   The sequence is cut into chunks of ``chunk`` steps; ``chunk - 1`` vector operations advance every
@@ -104,7 +104,11 @@ def cuda_kernel_available() -> bool:
 # causal depthwise conv1d
 # ---------------------------------------------------------------------------------------------
 def causal_conv1d(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: Literal["silu"] | None = None
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: Literal["silu"] | None = None,
+    impl: ScanImpl = "auto",
 ) -> Tensor:
     """Depthwise causal convolution along the last axis.
 
@@ -113,10 +117,14 @@ def causal_conv1d(
         weight: ``(D, K)`` (or ``nn.Conv1d``'s ``(D, 1, K)``); output ``t`` sees inputs ``t-K+1 .. t``.
         bias: ``(D,)`` or ``None``.
         activation: ``"silu"`` or ``None``.
+        impl: the selective-scan implementation of the caller (:func:`resolve_impl`); where it
+            resolves to ``"fused"`` the conv runs in the same C++ extension.
 
     Returns:
-        ``(B, D, L)``. Uses causal-conv1d's kernel for CUDA tensors when it is installed and supports
-        the width (2..4), else ``F.conv1d`` on the input left-padded with ``K - 1`` zeros.
+        ``(B, D, L)``, token-major in memory when ``x`` is (``x.stride(1) == 1``). Uses
+        causal-conv1d's kernel for CUDA tensors when it is installed and supports the width (2..4);
+        on the CPU the fused kernel of :mod:`ssl_med.ops.selective_scan_fused` (float32/float64
+        outside autocast, eager mode); else ``F.conv1d`` on the input left-padded with ``K - 1`` zeros.
     """
     if weight.ndim == 3:
         weight = weight.squeeze(1)
@@ -124,6 +132,11 @@ def causal_conv1d(
     kernel = _causal_conv1d_kernel() if x.is_cuda else None
     if kernel is not None and 2 <= width <= 4:
         return kernel(x, weight, bias, activation=activation)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and resolve_impl(impl, x.device) == "fused":
+        from ssl_med.ops import selective_scan_fused
+
+        if selective_scan_fused.conv_applies(x, weight, bias):
+            return selective_scan_fused.conv_fused(x, weight, bias, silu=activation == "silu")
     if activation == "silu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         return _ConvSilu.apply(x, weight, bias)
     return _conv_silu(x, weight, bias, activation == "silu")

@@ -9,6 +9,13 @@ applied inside the kernel, so no ``(B, D, L)`` intermediate is written either, a
 and ``z`` are read with their strides (Mamba's transposed projections), so what the backward keeps
 are the caller's tensors, not copies of them.
 
+The same extension holds the branch's causal depthwise conv + SiLU (``csrc/causal_conv_cpu.cpp``,
+:func:`conv_fused`): on ``(B, E, L)`` inputs of a few tokens (DINO's local crops, VoCo's crops)
+oneDNN's grouped ``conv1d`` and its backward cost more than the selective scan itself, and even at
+a thousand tokens the weight gradient's depthwise path costs tens of ns per element. The kernel
+walks time with the channels innermost (contiguous in Mamba's token-major layout), a few vector
+multiply-adds per step, and recomputes the pre-activation in the backward, so it saves only ``x``.
+
 It is compiled with ``torch.utils.cpp_extension.load`` the first time a CPU scan asks for it (about
 20 s with g++ on 2 cores; later processes load the build cached under ``$TORCH_EXTENSIONS_DIR`` or
 ``~/.cache/torch_extensions``). The build is named after the CPU's vector instruction set and the
@@ -35,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
 HEADER = SOURCE.with_suffix(".h")
+#: The causal depthwise conv (+ SiLU) of a Mamba branch, built into the same extension.
+CONV_SOURCE = SOURCE.with_name("causal_conv_cpu.cpp")
 #: Largest state size N the kernel accepts (kMaxState in the C++ source).
 MAX_STATE = 256
 #: Compiler flags per ``torch.backends.cpu.get_cpu_capability()``; the loops over N vectorise with them.
@@ -54,7 +63,7 @@ def _load() -> tuple[Any | None, str]:
     """Build (or load the cached build of) the extension: ``(torch.ops namespace or None, why)``."""
     global ATTEMPTED
     ATTEMPTED = True
-    if not (SOURCE.is_file() and HEADER.is_file()):
+    if not (SOURCE.is_file() and HEADER.is_file() and CONV_SOURCE.is_file()):
         return None, f"the sources in {SOURCE.parent} are missing from this installation"
     torch_logger = logging.getLogger("torch.utils.cpp_extension")
     level = torch_logger.level
@@ -77,7 +86,7 @@ def _load() -> tuple[Any | None, str]:
     try:
         cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(SOURCE), str(CONV_SOURCE)],
             # -fno-trapping-math lets g++ turn the clamps of the exponential into vector min/max;
             # the header's hash is a flag because torch keys its build cache on sources and flags
             extra_cflags=[
@@ -92,7 +101,7 @@ def _load() -> tuple[Any | None, str]:
             verbose=False,
         )
         ops = torch.ops.ssl_med_scan
-        ops.fwd, ops.bwd  # noqa: B018 - resolve both ops now so a broken build fails here
+        ops.fwd, ops.bwd, ops.conv_fwd, ops.conv_bwd  # noqa: B018 - resolve the ops now so a broken build fails here
         _register_fakes()
     except Exception as err:
         logger.debug("building %s failed", name, exc_info=True)
@@ -175,6 +184,63 @@ class _FusedScan(torch.autograd.Function):
         )
         return (du, ddelta, dA, dB, dC, None if D is None else dD, None if z is None else dz,
                 None if delta_bias is None else dbias, None, None)  # fmt: skip
+
+
+def _token_major(t: Tensor) -> Tensor:
+    """``(B, E, L)`` with the channels adjacent in memory (``stride(1) == 1``), copied only if needed."""
+    return t if t.stride(1) == 1 or t.shape[1] == 1 else t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+class _FusedConv(torch.autograd.Function):
+    """``[silu](causal depthwise conv1d(x))`` by the C++ kernel; saves only the inputs.
+
+    The kernel runs over token-major data (its inner loop is over channels): a channel-major ``x``
+    is copied once, and its output is returned channel-major again.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu: bool):  # type: ignore[override]
+        xt = _token_major(x)
+        ctx.save_for_backward(xt, weight, bias)
+        ctx.silu = silu
+        out = _ops().conv_fwd(xt, weight, bias, silu)
+        return out if xt is x else out.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, weight, bias = ctx.saved_tensors
+        dx, dw, db = _ops().conv_bwd(x, weight, bias, ctx.silu, _token_major(grad))
+        return dx, dw, None if bias is None else db, None
+
+
+def conv_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`conv_fused` takes these inputs: CPU float32/float64 of one dtype, outside autocast."""
+    return (
+        x.device.type == "cpu"
+        and x.ndim == 3
+        and x.dtype in (torch.float32, torch.float64)
+        and weight.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+    """Causal depthwise conv1d (+ SiLU) by the C++ kernel.
+
+    Args:
+        x: ``(B, E, L)``, any strides; a token-major view (``x.stride(1) == 1``, as Mamba's
+            projections lay it out) gives a token-major output, any other layout a contiguous one.
+        weight: ``(E, K)``; output ``t`` sees inputs ``t-K+1 .. t``.
+        bias: ``(E,)`` or ``None``.
+        silu: apply SiLU to the convolution.
+
+    Returns:
+        ``(B, E, L)`` in ``x``'s dtype.
+    """
+    if not conv_applies(x, weight, bias):
+        raise ValueError("conv_fused takes CPU float32/float64 tensors of one dtype, outside autocast")
+    return _FusedConv.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(), silu)
 
 
 def _layout_bc(M: Tensor, batch: int, channels: int, dtype: torch.dtype) -> Tensor:

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from backbones.mamba import MultiScanMamba, VisionMamba, grid_rank, invert, parse_order, sequence_order
+from backbones.mamba import (
+    MultiScanMamba,
+    VisionMamba,
+    grid_rank,
+    invert,
+    is_sequence_order,
+    parse_order,
+    sequence_order,
+)
 from ssl_med.encoder import TokenLayout
 from ssl_med.registry import BACKBONES
 
@@ -57,6 +66,18 @@ def test_orders_match_their_definitions() -> None:
     vim = TokenLayout(grid=(3, 5), keep_idx=None, prefix_positions=(7,))
     assert torch.equal(sequence_order("hw", vim, 1, torch.device("cpu"))[0], torch.arange(16))
     assert torch.equal(sequence_order("hw_rev", vim, 1, torch.device("cpu"))[0], torch.arange(16).flip(0))
+
+
+@pytest.mark.parametrize(("grid", "prefix"), [((3, 5), ()), ((3, 5), (7,)), ((2, 3, 4), (12,))])
+def test_orders_marked_as_the_sequences_own_are_the_identity(grid: tuple[int, ...], prefix: tuple[int, ...]) -> None:
+    """The mixer skips the reordering for these orders, so they must be exactly ``arange(L)``."""
+    n = torch.Size(grid).numel() + len(prefix)
+    layout = TokenLayout(grid=grid, keep_idx=None, prefix_positions=prefix)
+    marked = [o for o in all_orders(len(grid)) if is_sequence_order(o, layout)]
+    assert marked == ["hw" if len(grid) == 2 else "dhw"]
+    assert torch.equal(sequence_order(marked[0], layout, 2, torch.device("cpu")), torch.arange(n).expand(2, -1))
+    kept = TokenLayout(grid=grid, keep_idx=torch.arange(4).expand(2, -1), prefix_positions=())
+    assert not any(is_sequence_order(o, kept) for o in all_orders(len(grid)))
 
 
 def test_bad_orders_are_rejected() -> None:
@@ -152,6 +173,53 @@ def test_bimamba_v2_equals_hand_composed_directions() -> None:
     fwd = mixer.branches[0](x, z)
     bwd = mixer.branches[1](x.flip(-1), z.flip(-1)).flip(-1)
     torch.testing.assert_close(got, mixer.out_proj(((fwd + bwd) / 2).transpose(1, 2)))
+
+
+def test_identity_order_given_as_none_equals_the_explicit_permutation() -> None:
+    torch.manual_seed(0)
+    mixer = MultiScanMamba(16, num_orders=2).double()
+    h = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    ident = torch.arange(9).expand(2, -1)
+    perm = torch.stack([torch.randperm(9) for _ in range(2)])
+    explicit = mixer(h, [ident, perm])
+    skipped = mixer(h, [None, perm], [None, invert(perm)])
+    torch.testing.assert_close(skipped, explicit, rtol=0, atol=0)
+    grads = [torch.autograd.grad(out.square().sum(), h)[0] for out in (explicit, skipped)]
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def _graph_nodes(t: torch.Tensor) -> Counter[str]:
+    """How many autograd nodes of each type are behind ``t``."""
+    seen, stack, names = set(), [t.grad_fn], Counter()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names[type(fn).__name__] += 1
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize(("spatial_dims", "size"), [(2, 16), (2, 32), (3, 16)])
+def test_training_graph_takes_the_fused_cpu_paths(spatial_dims: int, size: int) -> None:
+    """DINO's / VoCo's crops (2x2 tokens + CLS for a 16x16 local crop at patch 8, 4x4 for a global
+    one, 2x2x2 for a 16^3 crop): the branch conv and the scan run in the fused C++ kernels and tokens
+    are reordered by permutation (no oneDNN grouped conv, no scatter-add in the backward)."""
+    from ssl_med.ops import selective_scan_fused
+
+    if not selective_scan_fused.fused_available():
+        pytest.skip(f"fused CPU kernel unavailable: {selective_scan_fused.fused_status()}")
+    enc = tiny(spatial_dims, patch_size=8, img_size=32).train()
+    out = enc(torch.randn(3, 1, *([size] * spatial_dims)))
+    nodes = _graph_nodes(out.pooled)
+    branches = enc.depth * len(enc.scan_orders)
+    assert nodes["_FusedScanBackward"] == nodes["_FusedConvBackward"] == branches
+    assert nodes["_ReorderBackward"] == 2 * (branches - enc.depth)  # in and out, all but the raster order
+    assert nodes["ConvolutionBackward0"] == 1  # the patch embedding only
+    assert not {"IndexBackward0", "GatherBackward0", "_ConvSiluBackward"} & set(nodes)
+    out.pooled.square().sum().backward()
+    assert all(p.grad is not None for n, p in enc.named_parameters() if "mask_token" not in n)
 
 
 def test_reference_init_and_sizes() -> None:

@@ -203,6 +203,55 @@ def test_torch_compile_traces_the_kernel_as_one_graph() -> None:
         torch.testing.assert_close(a, b)
 
 
+def _conv_input(layout: str, b: int, d: int, L: int, g: torch.Generator, dtype=F64) -> torch.Tensor:
+    """x ``(b, d, L)``: ``token``-major (a transposed (b, L, d) tensor), ``channel``-major
+    (contiguous), or ``slice``: the first half of the channels of a token-major ``(b, 2d, L)``, as a
+    Mamba branch gets x out of the shared ``in_proj``."""
+    if layout == "channel":
+        return torch.randn(b, d, L, generator=g, dtype=dtype)
+    if layout == "token":
+        return torch.randn(b, L, d, generator=g, dtype=dtype).transpose(1, 2)
+    return torch.randn(b, L, 2 * d, generator=g, dtype=dtype).transpose(1, 2)[:, :d]
+
+
+@pytest.mark.parametrize("layout", ["token", "channel", "slice"])
+@pytest.mark.parametrize(("L", "width"), [(1, 4), (3, 4), (5, 4), (17, 4), (70, 2)])
+@pytest.mark.parametrize("options", ["silu+bias", "plain"])
+def test_fused_conv_float64_matches_padded_conv(layout: str, L: int, width: int, options: str) -> None:
+    """The C++ causal depthwise conv (+ SiLU): outputs and the gradients of x, weight and bias equal
+    autograd's through pad + grouped conv1d (+ silu), for sequences shorter and longer than the conv."""
+    g = torch.Generator().manual_seed(L)
+    silu, with_bias = options == "silu+bias", options == "silu+bias"
+    x = _conv_input(layout, 2, 6, L, g).requires_grad_()
+    w = torch.randn(6, width, generator=g, dtype=F64, requires_grad=True)
+    bias = torch.randn(6, generator=g, dtype=F64, requires_grad=True) if with_bias else None
+    leaves = [t for t in (x, w, bias) if t is not None]
+    grad = torch.randn(2, 6, L, generator=g, dtype=F64)
+    got = fused_ops.conv_fused(x, w, bias, silu=silu)
+    want = torch.nn.functional.conv1d(torch.nn.functional.pad(x, (width - 1, 0)), w[:, None], bias, groups=6)
+    want = torch.nn.functional.silu(want) if silu else want
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if L > 1:  # token-major in, token-major out
+        assert (got.stride(1) == 1) == (layout != "channel")
+    for a, b in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, leaves, grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_conv1d_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` on CPU float32 takes the fused conv; ``impl="torch"`` and bf16 autocast keep ``F.conv1d``."""
+    calls = []
+    real = fused_ops.conv_fused
+    monkeypatch.setattr(fused_ops, "conv_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w, bias = torch.randn(2, 5, 4).transpose(1, 2), torch.randn(4, 4), torch.randn(4)
+    fused = scan_ops.causal_conv1d(x, w, bias, activation="silu")
+    assert len(calls) == 1
+    plain = scan_ops.causal_conv1d(x, w, bias, activation="silu", impl="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scan_ops.causal_conv1d(x, w, bias, activation="silu")
+    assert len(calls) == 1
+    torch.testing.assert_close(fused, plain)
+
+
 FIRST_CALL_COMPILED = """
 import torch
 from ssl_med.ops import selective_scan_fused
