@@ -191,3 +191,21 @@ def test_repair_rewrites_a_stacked_image_from_its_series(tmp_path: Path, capsys:
     assert "1 images repaired" in capsys.readouterr().out
     assert ImageStore(store).manifest["study1"].channel_names == ("t1", "t1ce", "flair")
     np.testing.assert_array_equal(ImageStore(store).read("study1"), before)
+
+
+def test_repair_finds_series_ingested_one_image_each(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A store written with --no-series-channels (or before stacking existed) stays repairable."""
+    write_study(tmp_path / "in" / "study1")
+    store = tmp_path / "s.zarr"
+    args = ["ingest", str(tmp_path / "in"), "--out", str(store), "--no-progress", "--chunk", "4"]
+    assert main([*args, "--no-series-channels"]) == 0
+    names = sorted(ImageStore(store).manifest)
+    assert len(names) == 3
+    before = {n: ImageStore(store).read(n) for n in names}
+    chunks = sorted(p for p in (store / "images" / names[0] / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunks[0].unlink()
+    capsys.readouterr()
+    assert main(["ingest", "--verify", "--repair", "--out", str(store)]) == 0
+    assert "1 images repaired" in capsys.readouterr().out
+    for n in names:
+        np.testing.assert_array_equal(ImageStore(store).read(n), before[n])
