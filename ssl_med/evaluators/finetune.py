@@ -138,7 +138,9 @@ def finetune_once(
     head_state: dict[str, Tensor] | None = None,
 ) -> tuple[float, dict[str, Tensor], list[dict[str, float]]]:
     """Fine-tune a copy of ``encoder`` at one (``lr``, ``layer_decay``), from ``head_state`` when given
-    (the LP-FT head); returns the best val score, the weights that reached it and the val history."""
+    (the LP-FT head); returns the best val score, the weights that reached it and the val history. Val is
+    checked every ``eval_every`` steps, at the last step and, from an LP-FT head, before the first step
+    (the probe itself; history step 0), so an LP-FT fine-tune is never chosen below its own probe on val."""
     torch.manual_seed(ctx.seed)
     generator = torch.Generator().manual_seed(ctx.seed)
     model = Classifier(copy.deepcopy(encoder), data.num_classes, cfg.get("features") or "pooled").to(ctx.device)
@@ -151,6 +153,20 @@ def finetune_once(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, steps, 1.0, 0.0))
     x_train, y_train = data.images["train"], torch.from_numpy(data.labels["train"])
     best_state, best_score, history = copy.deepcopy(model.state_dict()), -math.inf, []
+
+    def check(step: int, loss: float) -> None:
+        nonlocal best_score, best_state
+        scores = predict(model, data.images["val"], data.task, cfg["eval_batch_size"], ctx.device)
+        val = classification_metrics(scores, data.labels["val"], data.task)
+        history.append({"step": step, "loss": loss, **{f"val_{k}": v for k, v in val.items() if "/" not in k}})
+        score = val[cfg["select_metric"]]
+        if not math.isfinite(score):
+            score = val["accuracy"]
+        if score > best_score:
+            best_score, best_state = score, copy.deepcopy(model.state_dict())
+
+    if head_state is not None:  # the LP-FT start (the probe itself) is a candidate: 0 steps of fine-tuning
+        check(0, float("nan"))
     for step in range(1, steps + 1):
         model.train()
         idx = torch.randint(len(x_train), (int(cfg["batch_size"]),), generator=generator)
@@ -166,16 +182,7 @@ def finetune_once(
         optimizer.step()
         schedule.step()
         if step % int(cfg["eval_every"]) == 0 or step == steps:
-            scores = predict(model, data.images["val"], data.task, cfg["eval_batch_size"], ctx.device)
-            val = classification_metrics(scores, data.labels["val"], data.task)
-            history.append(
-                {"step": step, "loss": loss.item(), **{f"val_{k}": v for k, v in val.items() if "/" not in k}}
-            )
-            score = val[cfg["select_metric"]]
-            if not math.isfinite(score):
-                score = val["accuracy"]
-            if score > best_score:
-                best_score, best_state = score, copy.deepcopy(model.state_dict())
+            check(step, loss.item())
     return best_score, best_state, history
 
 
@@ -205,7 +212,10 @@ def finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ct
     details = {
         "steps": int(cfg["steps"]),
         "features": model.readout,
-        "chosen": {"lr": best["lr"], "layer_decay": best["layer_decay"], "val_score": best["val_score"]},
+        "chosen": {
+            "lr": best["lr"], "layer_decay": best["layer_decay"], "val_score": best["val_score"],
+            "step": next(h["step"] for h in best["history"] if h[f"val_{cfg['select_metric']}"] == best["val_score"]),
+        },
         "grid": [{k: r[k] for k in ("lr", "layer_decay", "val_score", "history")} for r in runs],
     }
     return EvalResult(metrics=test, details=details)

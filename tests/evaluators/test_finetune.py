@@ -102,3 +102,19 @@ def test_finetune_from_a_probe_head_starts_where_the_probe_is(breast: Classifica
     assert result.details["grid"][0]["val_score"] == pytest.approx(start["auroc"], abs=0.02)
     with pytest.raises(ValueError, match="head_init"):
         finetune(tiny_vit(), ft_cfg(head_init="linear"), breast, EvalContext(tmp_path, "pretrained", "breast"))
+
+
+def test_lpft_keeps_its_probe_when_fine_tuning_only_hurts_on_val(breast: ClassificationData, tmp_path: Path) -> None:
+    """From a probe head, step 0 (the probe itself) is checked on val and is kept when every later check
+    is worse: here an absurd LR wrecks the encoder in the first step."""
+    cfg = ft_cfg(head_init="probe", head_probe_C=[1.0], steps=4, eval_every=2, lr=[10.0], head_lr=10.0)
+    result = finetune(tiny_vit(), cfg, breast, EvalContext(tmp_path, "pretrained", "breast"))
+    history = result.details["grid"][0]["history"]
+    assert [h["step"] for h in history] == [0, 2, 4]
+    model = Classifier(tiny_vit(), breast.num_classes)
+    probe_head(model, breast, cfg, "cpu")
+    start = classification_metrics(predict(model, breast.images["val"], "binary", 64, "cpu"), breast.labels["val"], "binary")
+    assert history[0]["val_auroc"] == pytest.approx(start["auroc"], abs=1e-6)
+    assert max(h["val_auroc"] for h in history[1:]) < history[0]["val_auroc"]
+    assert result.details["chosen"]["step"] == 0
+    assert result.details["chosen"]["val_score"] == history[0]["val_auroc"]
