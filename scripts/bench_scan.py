@@ -296,8 +296,9 @@ def backbone_table(rows: list[dict], args: argparse.Namespace) -> list[str]:
         "## Backbone forward+backward: Mamba vs ViT at equal width and depth",
         "",
         f"Width {args.width}, depth {args.depth}, batch 1, one input channel; Mamba = Vim blocks "
-        "(2D: raster + reverse scans; 3D: the three SegMamba scans) with the fused scan and, forced by "
-        "`SSL_MED_SCAN_IMPL=torch`, the torch scan; ViT = timm-style blocks with the default attention "
+        "(2D: raster + reverse scans; 3D: the three SegMamba scans) with the fused scan (its branch conv in "
+        "the same C++ extension) and, forced by `SSL_MED_SCAN_IMPL=torch`, the torch scan (conv by "
+        "`F.conv1d`); ViT = timm-style blocks with the default attention "
         "kernel. Time of one forward+backward (first call, includes allocation); peak = increase of the "
         "process's peak resident memory over the step (own subprocess per cell); saved = what autograd keeps "
         "from the forward for the backward (distinct storages, parameters excluded).",
