@@ -75,26 +75,21 @@ def repair(path: str, report: VerifyReport) -> RepairReport:
 
 def _find_source(where: str, digest: str) -> Source | None:
     """The source at ``where`` whose files hash to ``digest``; a file that was one slice of a DICOM
-    series is looked for among the series of its folder."""
-    candidates = _sources_at(where)
-    if os.path.isfile(where):
-        more = _sources_at(os.path.dirname(where) or ".")
-        candidates += [s for s in more if where in s.paths and len(s.paths) > 1]
-    for source in candidates:
-        try:
-            if source_digest(source.paths) == digest:
-                return source
-        except OSError:
-            continue
+    series is looked for among the series of its folder. DICOM series are looked for stacked as today's
+    ingest stacks them, then (only if none matches) one image each, as ``--no-series-channels`` and
+    stores written before stacking have them."""
+    for series_channels in (True, False):
+        candidates, _ = discover([where], series_channels=series_channels)
+        if os.path.isfile(where):
+            more, _ = discover([os.path.dirname(where) or "."], series_channels=series_channels)
+            candidates += [s for s in more if where in s.paths and len(s.paths) > 1]
+        for source in candidates:
+            try:
+                if source_digest(source.paths) == digest:
+                    return source
+            except OSError:
+                continue
     return None
-
-
-def _sources_at(where: str) -> list[Source]:
-    """Every source ``where`` may have given: DICOM series stacked into one image per study grid (today's
-    ingest) and each series on its own (``--no-series-channels``, or stores written before stacking)."""
-    stacked, _ = discover([where])
-    separate, _ = discover([where], series_channels=False)
-    return stacked + [s for s in separate if s not in stacked]
 
 
 def _rewrite(store: ImageStore, source: Source, names: list[str], digest: str) -> list[tuple[str, str]]:

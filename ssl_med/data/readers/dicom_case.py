@@ -31,10 +31,9 @@ import numpy as np
 from ssl_med.data.channels import is_placeholder
 from ssl_med.data.readers.base import ReadError, Record, Source
 from ssl_med.data.readers.dicom import read_datasets, series_volume, slice_geometry
-from ssl_med.data.readers.nifti import MR_SEQUENCES, SEQUENCE_ORDER
+from ssl_med.data.readers.nifti import AFFINE_TOLERANCE, MR_SEQUENCES, ordered_sequences
 
 KIND = "dicom_case"
-AFFINE_TOLERANCE = 1e-3  # as for the sequences of a NIfTI case
 
 
 def sequence_name(description: str) -> str:
@@ -47,10 +46,6 @@ def sequence_name(description: str) -> str:
     cleaned = re.sub(r"[^a-z0-9]+", "_", text).strip("_")
     compact = cleaned.replace("_", "")
     return compact if compact in MR_SEQUENCES else cleaned
-
-
-def _order(names: Sequence[str]) -> list[str]:
-    return sorted(names, key=lambda s: (SEQUENCE_ORDER.index(s) if s in SEQUENCE_ORDER else len(SEQUENCE_ORDER), s))
 
 
 @dataclass
@@ -182,7 +177,8 @@ def plan_folder(files: Sequence[str], stack: bool = True) -> FolderPlan:
         groups, why = _groups(ordered)
     in_stack = {s.key for group in groups for s in group}
     stacks = [
-        (tuple(sorted(p for s in group for p in s.paths)), _order([sequence_name(s.description) for s in group]))
+        (tuple(sorted(p for s in group for p in s.paths)),
+         ordered_sequences([sequence_name(s.description) for s in group]))
         for group in groups
     ]
     separate = [(i, tuple(sorted(s.paths))) for i, s in enumerate(ordered) if s.key not in in_stack]
@@ -215,7 +211,7 @@ def read_dicom_case(source: Source) -> Iterator[Record]:
             failed.append(f"{s.label} ({len(s.paths)} files): {reason}")
             continue
         volumes[name] = (volume, affine, s, str(getattr(datasets[0], "Modality", "")))
-    channels = _order(list(volumes))
+    channels = ordered_sequences(list(volumes))
     if channels:
         first = volumes[channels[0]]
         for name in channels[1:]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,13 @@ SEQUENCE_ORDER = (
     "t1", "t1n", "t1w", "t1ce", "t1c", "t1gd", "t2", "t2w", "flair", "t2f", "pd", "pdw", "t2star", "swi", "dwi", "adc",
 )  # fmt: skip
 MR_SEQUENCES = set(SEQUENCE_ORDER)
+#: largest difference between the affines of two sequences stacked as channels of one image
+AFFINE_TOLERANCE = 1e-3
+
+
+def ordered_sequences(names: Sequence[str]) -> list[str]:
+    """Sequence names in channel order: :data:`SEQUENCE_ORDER` first, then any other name alphabetically."""
+    return sorted(names, key=lambda s: (SEQUENCE_ORDER.index(s) if s in SEQUENCE_ORDER else len(SEQUENCE_ORDER), s))
 
 
 def nifti_stem(path: str | Path) -> str:
@@ -106,8 +113,7 @@ def read_case(source: Source) -> Iterator[Record]:
     by_suffix = case_suffixes(list(source.paths))
     if by_suffix is None:
         raise ReadError("not a case folder")
-    channels = [s for s in by_suffix if s not in LABEL_SUFFIXES]
-    channels.sort(key=lambda s: (SEQUENCE_ORDER.index(s) if s in SEQUENCE_ORDER else len(SEQUENCE_ORDER), s))
+    channels = ordered_sequences([s for s in by_suffix if s not in LABEL_SUFFIXES])
     if not channels:
         raise ReadError("case folder has only label files")
     arrays, affine = [], None
@@ -119,7 +125,7 @@ def read_case(source: Source) -> Iterator[Record]:
             raise ReadError(
                 f"inconsistent case: {suffix!r} is {data.shape}, {channels[0]!r} is {arrays[0].shape}"
             )
-        if affine is not None and not np.allclose(aff, affine, atol=1e-3):
+        if affine is not None and not np.allclose(aff, affine, atol=AFFINE_TOLERANCE):
             raise ReadError(f"inconsistent case: {suffix!r} has a different affine than {channels[0]!r}")
         arrays.append(data)
         affine = aff
