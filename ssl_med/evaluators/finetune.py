@@ -136,9 +136,9 @@ def probe_head(model: Classifier, data: ClassificationData, cfg: dict[str, Any],
 def finetune_once(
     encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx: EvalContext, lr: float, layer_decay: float,
     head_state: dict[str, Tensor] | None = None,
-) -> tuple[float, dict[str, Tensor], list[dict[str, float]]]:
+) -> tuple[float, int, dict[str, Tensor], list[dict[str, float]]]:
     """Fine-tune a copy of ``encoder`` at one (``lr``, ``layer_decay``), from ``head_state`` when given
-    (the LP-FT head); returns the best val score, the weights that reached it and the val history. Val is
+    (the LP-FT head); returns the best val score, the step and weights that reached it, and the val history. Val is
     checked every ``eval_every`` steps, at the last step and, from an LP-FT head, before the first step
     (the probe itself; history step 0), so an LP-FT fine-tune is never chosen below its own probe on val."""
     torch.manual_seed(ctx.seed)
@@ -152,10 +152,10 @@ def finetune_once(
     steps = int(cfg["steps"])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, steps, 1.0, 0.0))
     x_train, y_train = data.images["train"], torch.from_numpy(data.labels["train"])
-    best_state, best_score, history = copy.deepcopy(model.state_dict()), -math.inf, []
+    best_state, best_score, best_step, history = copy.deepcopy(model.state_dict()), -math.inf, 0, []
 
     def check(step: int, loss: float) -> None:
-        nonlocal best_score, best_state
+        nonlocal best_score, best_state, best_step
         scores = predict(model, data.images["val"], data.task, cfg["eval_batch_size"], ctx.device)
         val = classification_metrics(scores, data.labels["val"], data.task)
         history.append({"step": step, "loss": loss, **{f"val_{k}": v for k, v in val.items() if "/" not in k}})
@@ -163,7 +163,7 @@ def finetune_once(
         if not math.isfinite(score):
             score = val["accuracy"]
         if score > best_score:
-            best_score, best_state = score, copy.deepcopy(model.state_dict())
+            best_score, best_state, best_step = score, copy.deepcopy(model.state_dict()), step
 
     if head_state is not None:  # the LP-FT start (the probe itself) is a candidate: 0 steps of fine-tuning
         check(0, float("nan"))
@@ -183,7 +183,7 @@ def finetune_once(
         schedule.step()
         if step % int(cfg["eval_every"]) == 0 or step == steps:
             check(step, loss.item())
-    return best_score, best_state, history
+    return best_score, best_step, best_state, history
 
 
 @EVALUATORS.register("finetune")
@@ -202,8 +202,8 @@ def finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ct
         head_state = copy.deepcopy(start.head.state_dict())
     runs = []
     for lr, decay in itertools.product(_as_list(cfg["lr"]), _as_list(cfg["layer_decay"])):
-        score, state, history = finetune_once(encoder, cfg, data, ctx, lr, decay, head_state)
-        runs.append({"lr": lr, "layer_decay": decay, "val_score": score, "history": history, "state": state})
+        score, step, state, history = finetune_once(encoder, cfg, data, ctx, lr, decay, head_state)
+        runs.append({"lr": lr, "layer_decay": decay, "val_score": score, "step": step, "history": history, "state": state})
     best = max(runs, key=lambda r: r["val_score"])
     model = Classifier(copy.deepcopy(encoder), data.num_classes, cfg.get("features") or "pooled").to(ctx.device)
     model.load_state_dict(best["state"])
@@ -212,10 +212,7 @@ def finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ct
     details = {
         "steps": int(cfg["steps"]),
         "features": model.readout,
-        "chosen": {
-            "lr": best["lr"], "layer_decay": best["layer_decay"], "val_score": best["val_score"],
-            "step": next(h["step"] for h in best["history"] if h[f"val_{cfg['select_metric']}"] == best["val_score"]),
-        },
+        "chosen": {k: best[k] for k in ("lr", "layer_decay", "val_score", "step")},
         "grid": [{k: r[k] for k in ("lr", "layer_decay", "val_score", "history")} for r in runs],
     }
     return EvalResult(metrics=test, details=details)
