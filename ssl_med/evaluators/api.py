@@ -21,6 +21,7 @@ import torch
 from ssl_med.build import build_encoder
 from ssl_med.encoder import Encoder
 from ssl_med.evaluators.base import EvalContext, EvalResult
+from ssl_med.evaluators.channels import check_channel_request
 from ssl_med.evaluators.datasets import ClassificationData, load_eval_data, resolve_eval_data
 from ssl_med.evaluators.plots import label_efficiency_plot
 from ssl_med.evaluators.report import write_results
@@ -144,6 +145,7 @@ def evaluate(
     """
     eval_cfg, data_cfg = match_encoder(eval_cfg, data_cfg, encoder_config or {})
     data_cfg = resolve_eval_data(data_cfg)
+    check_channel_request(eval_cfg, data_cfg)
     published = published_rows(data_cfg)
     out = Path(out_dir)
     device = pick_device(device)
@@ -161,10 +163,13 @@ def evaluate(
         ctx = EvalContext(out, label, key, device, Path(cache_dir) if cache_dir else None, seed)
         result: EvalResult = evaluator(model, eval_cfg, data, ctx)
         rows.append({"encoder": label, "metrics": result.metrics, "details": result.details})
-        print(
-            f"[{eval_cfg['name']} / {data_cfg['name']} / {label}] "
-            + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if "/" not in k)
-        )
+        for subset, metrics in [("", result.metrics)] + [
+            (f" / {row['subset']}", row["metrics"]) for row in result.details.get("subsets", [])
+        ]:
+            print(
+                f"[{eval_cfg['name']} / {data_cfg['name']} / {label}{subset}] "
+                + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/" not in k)
+            )
     results = {
         "eval": eval_cfg["name"],
         "data": data_cfg["name"],
@@ -200,7 +205,9 @@ def evaluate_checkpoint(
     """:func:`evaluate` for an export/run folder; the baseline is :func:`random_init_like` it."""
     from ssl_med.export import load_pretrained
 
-    published_rows(resolve_eval_data(data_cfg))  # a bad task / path fails here, before the encoder loads
+    resolved = resolve_eval_data(data_cfg)
+    published_rows(resolved)  # a bad task / path fails here, before the encoder loads
+    check_channel_request(eval_cfg, resolved)  # as does a channel the data does not name
     encoder_dir = resolve_encoder_dir(checkpoint)
     config = json.loads((encoder_dir / CONFIG_NAME).read_text())
     encoder_config = {k: config.get(k) for k in ("backbone", "objective", "data")}

@@ -44,6 +44,11 @@ class ClassificationData:
         images: split -> ``(N, C, *S)`` float32 tensor in ``[0, 1]``.
         labels: split -> ``(N,)`` int64 array, or ``(N, L)`` for multi-label.
         num_classes: classes (single-label) or labels (multi-label).
+        channel_names: one name per image channel (``eval_data.channel_names``), ``None`` when the
+            channels are unnamed or were averaged/repeated to the encoder's channel count; read by
+            ``eval.channels`` (:mod:`ssl_med.evaluators.channels`).
+        source: the resolved ``eval_data`` config the set was read from (to read it again with every
+            channel, for channel-adaptive encoders).
     """
 
     name: str
@@ -51,6 +56,8 @@ class ClassificationData:
     images: dict[str, torch.Tensor]
     labels: dict[str, np.ndarray]
     num_classes: int
+    channel_names: list[str] | None = None
+    source: dict[str, Any] | None = None
 
 
 @dataclass
@@ -118,9 +125,11 @@ def load_medmnist(cfg: dict[str, Any], in_chans: int = 1) -> ClassificationData:
     """A MedMNIST-style ``.npz`` (official splits) resized to ``cfg['image_size']``.
 
     ``cfg`` keys: ``name``, ``path``, ``task``, ``spatial_dims``, ``image_size`` (int), ``subset``
-    (max items per split, stratified, or null). ``task``, ``spatial_dims`` and ``image_size`` may be
-    null: :func:`ssl_med.evaluators.medmnist.resolve_medmnist` reads them from the file. Grey images
-    ``(N, *S)`` and channels-last ones ``(N, *S, C)`` become ``(N, in_chans, *size)``.
+    (max items per split, stratified, or null), ``channel_names`` (one name per channel of the file, or
+    null). ``task``, ``spatial_dims`` and ``image_size`` may be null:
+    :func:`ssl_med.evaluators.medmnist.resolve_medmnist` reads them from the file. Grey images
+    ``(N, *S)`` and channels-last ones ``(N, *S, C)`` become ``(N, in_chans, *size)`` (``in_chans=None``
+    keeps ``C``); the channels keep their names when they are not averaged or repeated.
     """
     cfg = resolve_medmnist(cfg)
     dims = int(cfg["spatial_dims"])
@@ -136,11 +145,23 @@ def load_medmnist(cfg: dict[str, Any], in_chans: int = 1) -> ClassificationData:
         keep = _subset(len(x), cfg.get("subset"), y if y.ndim == 1 else y[:, 0])
         x, y = x[keep], y[keep]
         x = x[:, None] if x.ndim == dims + 1 else np.moveaxis(x, -1, 1)  # (N, C, *S)
-        x = np.stack([match_channels(item, in_chans) for item in x]) if x.shape[1] != in_chans else x
+        x = np.stack([match_channels(item, in_chans) for item in x]) if in_chans not in (None, x.shape[1]) else x
         tensor = torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0
         images[split] = resize(tensor, size).clamp_(0, 1)
         labels[split] = y.astype(np.int64)
-    return ClassificationData(cfg["name"], cfg["task"], images, labels, num_classes)
+    names = configured_channel_names(cfg)
+    kept = names is not None and images["train"].shape[1] == len(names)
+    return ClassificationData(
+        cfg["name"], cfg["task"], images, labels, num_classes, list(names) if kept else None, dict(cfg)
+    )
+
+
+def configured_channel_names(cfg: dict[str, Any]) -> list[str] | None:
+    """The channel names an ``eval_data`` config gives, in channel order: ``modalities`` for BraTS (the
+    sequences it stacks), ``channel_names`` for the other kinds (MedMNIST-style files); ``None`` when it
+    names none."""
+    names = cfg.get("modalities") if cfg.get("kind") == "brats" else cfg.get("channel_names")
+    return [str(n) for n in names] if names else None
 
 
 # -- segmentation -----------------------------------------------------------------------------------

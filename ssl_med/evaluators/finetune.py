@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ssl_med.encoder import Encoder
 from ssl_med.evaluators.base import EvalContext, EvalResult, layer_decay_groups
+from ssl_med.evaluators.channels import evaluate_channels
 from ssl_med.evaluators.datasets import ClassificationData
 from ssl_med.evaluators.features import READOUTS, extract_readouts
 from ssl_med.evaluators.linear_probe import fit_logistic
@@ -189,12 +190,19 @@ def finetune_once(
 @EVALUATORS.register("finetune")
 def finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx: EvalContext) -> EvalResult:
     """Fine-tune copies of ``encoder`` end to end over the (``lr`` × ``layer_decay``) grid, keep the best on
-    val, score it once on test (``cfg``: features, steps, batch_size, lr, layer_decay, head_lr, ...)."""
+    val, score it once on test (``cfg``: features, steps, batch_size, lr, layer_decay, head_lr, ...;
+    ``channels`` / ``channel_subsets``: :func:`~ssl_med.evaluators.channels.evaluate_channels`)."""
     if not isinstance(data, ClassificationData):
         raise TypeError("finetune needs a classification dataset (eval_data=breastmnist, vesselmnist3d, ...)")
     head_init = cfg.get("head_init", "random")
     if head_init not in ("random", "probe"):
         raise ValueError(f"eval.head_init must be 'random' or 'probe', got {head_init!r}")
+    return evaluate_channels(_finetune, encoder, cfg, data, ctx, row_details=("chosen",))
+
+
+def _finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx: EvalContext) -> EvalResult:
+    """One grid of fine-tunes of ``encoder`` on ``data`` (see :func:`finetune`)."""
+    head_init = cfg.get("head_init", "random")
     head_state = None
     if head_init == "probe":  # one probe for the whole grid: it depends on the frozen encoder only
         start = Classifier(encoder, data.num_classes, cfg.get("features") or "pooled")

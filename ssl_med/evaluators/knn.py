@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ssl_med.encoder import Encoder
 from ssl_med.evaluators.base import EvalContext, EvalResult
+from ssl_med.evaluators.channels import evaluate_channels
 from ssl_med.evaluators.datasets import ClassificationData
 from ssl_med.evaluators.features import cached_features
 from ssl_med.evaluators.metrics import classification_metrics
@@ -52,9 +53,15 @@ def knn_scores(
 
 @EVALUATORS.register("knn")
 def knn(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx: EvalContext) -> EvalResult:
-    """kNN of test features against the training features (``cfg``: ``k``, ``temperature``, ``features``)."""
+    """kNN of test features against the training features (``cfg``: ``k``, ``temperature``, ``features``;
+    ``channels`` / ``channel_subsets``: :func:`~ssl_med.evaluators.channels.evaluate_channels`)."""
     if not isinstance(data, ClassificationData):
         raise TypeError("knn needs a classification dataset (eval_data=breastmnist, vesselmnist3d, ...)")
+    return evaluate_channels(_knn, encoder, cfg, data, ctx)
+
+
+def _knn(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx: EvalContext) -> EvalResult:
+    """One kNN evaluation of ``encoder`` on ``data`` (see :func:`knn`)."""
     feats = cached_features(
         encoder, data.images, ctx.dataset_key, cfg["features"], ctx.cache_dir, cfg["batch_size"], ctx.device
     )

@@ -28,6 +28,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ssl_med.encoder import Encoder
 from ssl_med.evaluators.base import EvalContext, EvalResult
+from ssl_med.evaluators.channels import evaluate_channels
 from ssl_med.evaluators.datasets import ClassificationData
 from ssl_med.evaluators.features import FEATURE_MODES, cached_readouts
 from ssl_med.evaluators.label_efficiency import stratified_subset
@@ -188,7 +189,10 @@ def label_efficiency(
 def linear_probe(
     encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx: EvalContext
 ) -> EvalResult:
-    """Linear probe on ``cfg['features']`` features; headline = 100% labels, plus the label-efficiency curve."""
+    """Linear probe on ``cfg['features']`` features; headline = 100% labels, plus the label-efficiency curve.
+
+    ``eval.channels`` / ``eval.channel_subsets``: on a subset of the named channels, one row per subset
+    (:func:`~ssl_med.evaluators.channels.evaluate_channels`)."""
     if not isinstance(data, ClassificationData):
         raise TypeError(
             "linear_probe needs a classification dataset (eval_data=breastmnist, vesselmnist3d, ...)"
@@ -197,6 +201,12 @@ def linear_probe(
     unknown = [m for m in modes if m not in FEATURE_MODES]
     if unknown or not modes:
         raise ValueError(f"eval.features: unknown read-out(s) {unknown or modes}; choose from {FEATURE_MODES}")
+    return evaluate_channels(_probe, encoder, cfg, data, ctx, row_details=("features", "C"))
+
+
+def _probe(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx: EvalContext) -> EvalResult:
+    """One linear probe of ``encoder`` on ``data`` (see :func:`linear_probe`)."""
+    modes = [cfg["features"]] if isinstance(cfg["features"], str) else list(cfg["features"])
     feats = cached_readouts(encoder, data.images, ctx.dataset_key, modes, ctx.cache_dir, cfg["batch_size"], ctx.device)
     fit_log = FitLog(max_iter=int(cfg.get("max_iter", 2000)))
     choice = select_readout(

@@ -3,7 +3,8 @@
 A MedMNIST-style file has the arrays ``{train,val,test}_images`` and ``{train,val,test}_labels``:
 
 * images ``uint8`` ``(N, H, W)`` (2D grey), ``(N, H, W, 3)`` (2D RGB), ``(N, D, H, W)`` (3D) or
-  ``(N, D, H, W, C)`` (3D, channels last);
+  ``(N, D, H, W, C)`` (3D, channels last); ``(N, H, W, C)`` with another ``C`` is 2D with ``C``
+  channels when ``eval_data.channel_names`` names ``C`` channels (e.g. MRI sequences), else 3D grey;
 * labels ``(N, 1)`` class ids ``0 .. K-1`` (``(N,)`` is read the same way), or ``(N, L)`` with
   ``L > 1`` and values in ``{0, 1}`` (multi-label).
 
@@ -11,7 +12,8 @@ The task is read from the labels of all three splits: ``(N, 1)`` with two values
 -> ``multi-class``; ``(N, L > 1)`` {0, 1} -> ``multi-label``. The spatial dimensionality comes from
 the image array rank (read from the ``.npy`` headers, so the images are not decompressed).
 :func:`resolve_medmnist` fills the ``task``, ``spatial_dims`` and ``image_size`` fields a config
-leaves ``null`` and rejects explicit values the file contradicts.
+leaves ``null`` and rejects explicit values the file contradicts (and ``channel_names`` of another
+length than the file's channels).
 """
 
 from __future__ import annotations
@@ -85,17 +87,18 @@ def npz_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def image_layout(shape: tuple[int, ...]) -> tuple[int, int]:
+def image_layout(shape: tuple[int, ...], channels: int | None = None) -> tuple[int, int]:
     """``(spatial_dims, channels)`` of an image array ``(N, *rest)``.
 
-    ``(N, H, W)`` -> 2D grey; ``(N, H, W, C)`` with ``C`` in {1, 3} -> 2D with channels last;
-    any other rank-4 array ``(N, D, H, W)`` -> 3D grey; ``(N, D, H, W, C)`` -> 3D with channels last.
+    ``(N, H, W)`` -> 2D grey; ``(N, H, W, C)`` with ``C`` in {1, 3}, or ``C == channels`` (the number
+    of configured channel names), -> 2D with channels last; any other rank-4 array ``(N, D, H, W)`` ->
+    3D grey; ``(N, D, H, W, C)`` -> 3D with channels last.
     """
     rest = shape[1:]
     if len(rest) == 2:
         return 2, 1
     if len(rest) == 3:
-        return (2, rest[-1]) if rest[-1] in (1, 3) else (3, 1)
+        return (2, rest[-1]) if rest[-1] in (1, 3) or rest[-1] == channels else (3, 1)
     if len(rest) == 4:
         return 3, rest[-1]
     raise ValueError(f"image arrays must be (N, H, W[, C]) or (N, D, H, W[, C]), got {shape}")
@@ -123,8 +126,9 @@ def infer_task(labels: np.ndarray) -> tuple[str, int]:
     return "multi-class", int(values.max()) + 1
 
 
-def inspect_medmnist(path: str | Path) -> MedmnistLayout:
-    """Read the task, class count and image layout of a MedMNIST-style ``.npz`` (labels of all splits)."""
+def inspect_medmnist(path: str | Path, channels: int | None = None) -> MedmnistLayout:
+    """Read the task, class count and image layout of a MedMNIST-style ``.npz`` (labels of all splits);
+    ``channels``: the number of configured channel names (:func:`image_layout`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (eval_data.path); see ../shared/data/README.md")
@@ -132,7 +136,7 @@ def inspect_medmnist(path: str | Path) -> MedmnistLayout:
     missing = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels") if f"{s}_{kind}" not in shapes]
     if missing:
         raise ValueError(f"{path} lacks the MedMNIST arrays {missing} (has {sorted(shapes)})")
-    layouts = {image_layout(shapes[f"{s}_images"]) for s in SPLITS}
+    layouts = {image_layout(shapes[f"{s}_images"], channels) for s in SPLITS}
     if len(layouts) > 1:
         raise ValueError(f"{path}: the splits' image arrays disagree in layout {sorted(layouts)}")
     spatial_dims, channels = layouts.pop()
@@ -163,7 +167,14 @@ def resolve_medmnist(cfg: dict[str, Any]) -> dict[str, Any]:
     64 -> 64). Explicit values the file contradicts raise a ``ValueError``.
     """
     check_task(cfg.get("task"), allow_null=True)
-    layout = inspect_medmnist(cfg["path"])
+    names = cfg.get("channel_names")
+    layout = inspect_medmnist(cfg["path"], len(names) if names else None)
+    if names and len(names) != layout.channels:
+        raise ValueError(
+            f"eval_data.channel_names={list(names)} names {len(names)} channels but {cfg['path']} holds "
+            f"{layout.channels}-channel {layout.spatial_dims}D images {layout.shape} (channels come last: "
+            "(N, H, W, C) or (N, D, H, W, C))"
+        )
     out = dict(cfg)
     if out.get("task") is None:
         out["task"] = layout.task

@@ -59,12 +59,12 @@ def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
 
 def results_markdown(results: dict[str, Any]) -> str:
     """The markdown of one evaluation: metric table (with published rows) and label-efficiency table."""
-    rows = [{"encoder": r["encoder"], **r["metrics"]} for r in results["rows"]]
+    rows = [{"encoder": r["encoder"], **_headline_metrics(r)} for r in results["rows"]]
     published = [
         {"encoder": f"{name} (published, supervised)", **m}
         for name, m in results.get("published", {}).items()
     ]
-    columns = ["encoder", *metric_columns([r["metrics"] for r in results["rows"]])]
+    columns = ["encoder", *metric_columns([_headline_metrics(r) for r in results["rows"]])]
     parts = [
         f"## {results['eval']} on {results['data']}",
         "",
@@ -72,6 +72,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         "",
         markdown_table(rows + published, columns),
     ]
+    parts += _subsets_markdown(results["rows"])
     curves = [
         (r["encoder"], r["details"]["label_efficiency"])
         for r in results["rows"]
@@ -94,6 +95,27 @@ def results_markdown(results: dict[str, Any]) -> str:
             markdown_table(table, list(table[0])),
         ]
     return "\n".join(parts) + "\n"
+
+
+def _subsets_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The per-channel-subset table (``eval.channel_subsets``): one line per (encoder, subset), or none."""
+    table = [
+        {"encoder": r["encoder"], "channels": sub["subset"], **sub["metrics"]}
+        for r in rows
+        for sub in r["details"].get("subsets", [])
+    ]
+    if not table:
+        return []
+    columns = ["encoder", "channels", *metric_columns([{k: v for k, v in t.items() if k not in ("encoder", "channels")}
+                                                       for t in table])]  # fmt: skip
+    return ["", "Per channel subset (eval.channel_subsets; the table above is the first subset's):", "",
+            markdown_table(table, columns)]  # fmt: skip
+
+
+def _headline_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    """A result row's metrics without the per-subset copies (``<subset>/<metric>``, tabled apart)."""
+    prefixes = tuple(f"{sub['subset']}/" for sub in row["details"].get("subsets", []))
+    return {k: v for k, v in row["metrics"].items() if not (prefixes and k.startswith(prefixes))}
 
 
 def write_tensorboard(results: dict[str, Any], log_dir: Path) -> None:

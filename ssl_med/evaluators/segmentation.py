@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ssl_med.encoder import Encoder
 from ssl_med.evaluators.base import EvalContext, EvalResult, layer_decay_groups
-from ssl_med.evaluators.channels import select_channels, subset_label
+from ssl_med.evaluators.channels import evaluate_channels
 from ssl_med.evaluators.datasets import SegmentationData
 from ssl_med.evaluators.metrics import dice_per_class
 from ssl_med.evaluators.plots import interpolation_plot, overlay_png
@@ -220,7 +220,8 @@ def segmentation(
     seen as zeros by fused-channel encoders; :mod:`ssl_med.evaluators.channels`).
     ``eval.channel_subsets``: one decoder trained and tested per subset; the metrics of subset ``s``
     are ``<s>/dice_mean`` and ``<s>/dice/<class>``, the headline ``dice_mean`` is the first subset's,
-    and ``details["subsets"]`` is the table (one row per subset)."""
+    and ``details["subsets"]`` is the table, one row per subset
+    (:func:`~ssl_med.evaluators.channels.evaluate_channels`)."""
     if not isinstance(data, SegmentationData):
         raise TypeError(
             "segmentation needs a segmentation dataset (eval_data=brats, brats2d, kvasir, mni152_tissue)"
@@ -230,21 +231,9 @@ def segmentation(
     mode = cfg["mode"]
     if mode not in ("frozen", "finetune"):
         raise ValueError(f"eval.mode must be frozen or finetune, got {mode!r}")
-    subsets = cfg.get("channel_subsets")
-    if not subsets:
-        data, encoder = select_channels(data, encoder, cfg.get("channels"))
-        return _segment(encoder, cfg, data, ctx)
-    metrics: dict[str, float] = {}
-    table: list[dict[str, Any]] = []
-    for subset in subsets:
-        sub_data, sub_encoder = select_channels(data, encoder, list(subset))
-        result = _segment(sub_encoder, {**cfg, "overlays": 0}, sub_data, ctx)
-        label = subset_label(subset)
-        table.append({"channels": list(subset), "best_val_dice": result.details["best_val_dice"], **result.metrics})
-        metrics.update({f"{label}/{k}": v for k, v in result.metrics.items()})
-        if len(table) == 1:
-            metrics.update(result.metrics)
-    return EvalResult(metrics=metrics, details={"mode": mode, "subsets": table})
+    return evaluate_channels(
+        _segment, encoder, cfg, data, ctx, subset_cfg={"overlays": 0}, row_details=("best_val_dice",)
+    )
 
 
 def _segment(encoder: Encoder, cfg: dict[str, Any], data: SegmentationData, ctx: EvalContext) -> EvalResult:
