@@ -31,17 +31,22 @@ import numpy as np
 from ssl_med.data.channels import is_placeholder
 from ssl_med.data.readers.base import ReadError, Record, Source
 from ssl_med.data.readers.dicom import read_datasets, series_volume, slice_geometry
-from ssl_med.data.readers.nifti import AFFINE_TOLERANCE, MR_SEQUENCES, ordered_sequences
+from ssl_med.data.readers.nifti import AFFINE_TOLERANCE, MR_SEQUENCES, canonical_sequence, ordered_sequences
 
 KIND = "dicom_case"
 
 
 def sequence_name(description: str) -> str:
-    """The channel name of a series: its ``SeriesDescription`` lower-cased, ``*`` spelt ``star`` and
-    runs of other characters made ``_``; written without the ``_`` when that is one of the NIfTI
-    sequence names (:data:`~ssl_med.data.readers.nifti.SEQUENCE_ORDER`): ``"T1 CE"`` -> ``t1ce``,
-    ``"T1-Gd"`` -> ``t1gd``, ``"T2*"`` -> ``t2star``, ``"FLAIR"`` -> ``flair``, ``"Ax T2 FLAIR"`` ->
+    """The channel name of a series: ``t1ce`` / ``t1`` for the clinical spellings of post- / pre-contrast
+    T1 (:func:`~ssl_med.data.readers.nifti.canonical_sequence`: ``"T1 post contrast"``, ``"T1+C"``,
+    ``"T1-Gd"``, ``"MPRAGE post"`` -> ``t1ce``; ``"T1 pre"`` -> ``t1``), else its ``SeriesDescription``
+    lower-cased, ``*`` spelt ``star`` and runs of other characters made ``_``; written without the ``_``
+    when that is one of the NIfTI sequence names (:data:`~ssl_med.data.readers.nifti.SEQUENCE_ORDER`):
+    ``"T1"`` -> ``t1``, ``"T2*"`` -> ``t2star``, ``"FLAIR"`` -> ``flair``, ``"Ax T2 FLAIR"`` ->
     ``ax_t2_flair``. ``""`` when there is no description."""
+    canonical = canonical_sequence(description)
+    if canonical is not None:
+        return canonical
     text = description.strip().lower().replace("*", "star")
     cleaned = re.sub(r"[^a-z0-9]+", "_", text).strip("_")
     compact = cleaned.replace("_", "")

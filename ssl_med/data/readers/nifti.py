@@ -21,6 +21,42 @@ MR_SEQUENCES = set(SEQUENCE_ORDER)
 AFFINE_TOLERANCE = 1e-3
 
 
+#: words that mark a T1 sequence (``mprage``, ``spgr``, ... are T1-weighted 3D gradient echoes)
+T1_WORDS = frozenset({"t1", "t1w", "t1wi", "mprage", "spgr", "fspgr", "bravo", "vibe", "tfl"})
+#: words that mark a post-contrast acquisition (``+`` spellings are rewritten to ``post`` first)
+POST_CONTRAST_WORDS = frozenset(
+    {"post", "postcontrast", "postgd", "ce", "c", "gd", "gad", "gado", "gadolinium", "contrast", "enhanced"}
+)
+#: words that mark a pre-contrast (native) acquisition; they win over the post-contrast words
+PRE_CONTRAST_WORDS = frozenset({"pre", "precontrast", "pregd", "native", "non", "nc", "without", "no", "plain"})
+_JOINED_T1 = re.compile(r"t1w?(?:c|ce|gd|gad|post|postcontrast|contrast|pre|precontrast)")
+
+
+def canonical_sequence(text: str) -> str | None:
+    """``t1ce`` for a clinical spelling of post-contrast T1, ``t1`` for an explicitly pre-contrast one,
+    else ``None`` (the caller keeps its own name).
+
+    ``"T1 post contrast"``, ``"T1 POST"``, ``"T1+C"``, ``"T1 C+"``, ``"T1 Gd"``, ``"T1-CE"``, ``"MPRAGE
+    post"``, ``"t1_post"`` -> ``t1ce``; ``"T1 pre"``, ``"T1 pre contrast"``, ``"T1 without contrast"`` ->
+    ``t1``; ``"T1"``, ``"FLAIR"``, ``"DWI post"`` -> ``None``. A description is split into lower-case
+    words (``c+``, ``+c``, ``+gd`` and a lone ``+`` read as ``post``, ``w/o`` as ``without``); it is T1 when
+    a word is in :data:`T1_WORDS` (or joined, ``t1post``, ``t1gd``), and the pre-contrast words
+    (:data:`PRE_CONTRAST_WORDS`) win over the post-contrast ones (:data:`POST_CONTRAST_WORDS`).
+    """
+    lower = text.strip().lower().replace("w/o", " without ").replace("w/out", " without ").replace("w/", " with ")
+    lower = re.sub(r"\+\s*(?:c|gd|gad|contrast)\b|\b(?:c|gd|gad)\s*\+|\+", " post ", lower)
+    words = [w for w in re.split(r"[^a-z0-9]+", re.sub(r"mp[^a-z0-9]?rage", "mprage", lower)) if w]
+    joined = [w for w in words if _JOINED_T1.fullmatch(w)]
+    if not joined and not T1_WORDS.intersection(words):
+        return None
+    suffixes = {w[2:].lstrip("w") for w in joined}
+    pre = bool(PRE_CONTRAST_WORDS.intersection(words) or suffixes & {"pre", "precontrast"})
+    post = bool(POST_CONTRAST_WORDS.intersection(words) or suffixes - {"pre", "precontrast"})
+    if pre:
+        return "t1"
+    return "t1ce" if post else None
+
+
 def ordered_sequences(names: Sequence[str]) -> list[str]:
     """Sequence names in channel order: :data:`SEQUENCE_ORDER` first, then any other name alphabetically."""
     return sorted(names, key=lambda s: (SEQUENCE_ORDER.index(s) if s in SEQUENCE_ORDER else len(SEQUENCE_ORDER), s))
@@ -85,6 +121,8 @@ def read_nifti_source(source: Source) -> Iterator[Record]:
 def case_suffixes(files: list[str]) -> dict[str, str] | None:
     """``{suffix: file}`` if ``files`` look like one case (``<prefix>_<sequence>.nii.gz``), else ``None``.
 
+    Suffixes are lower-cased; a clinical spelling of pre/post-contrast T1 that is not itself a sequence
+    name becomes ``t1``/``t1ce`` (:func:`canonical_sequence`: ``<case>_t1_post.nii.gz`` is ``t1ce``).
     Only MR sequence suffixes (:data:`SEQUENCE_ORDER`) and label suffixes (:data:`LABEL_SUFFIXES`)
     make a case: ``ct_liver.nii.gz`` and ``ct_lung.nii.gz`` in one folder are two images, not two
     channels of one.
@@ -101,11 +139,19 @@ def case_suffixes(files: list[str]) -> dict[str, str] | None:
         return None
     prefix = common[: cut + 1]
     suffixes = [s[len(prefix) :] for s in stems]
-    keys = [s.lower() for s in suffixes]
+    keys = [_suffix_name(s.lower()) for s in suffixes]
     known = set(keys) <= MR_SEQUENCES | set(LABEL_SUFFIXES) and bool(MR_SEQUENCES & set(keys))
     if not known or len(set(keys)) != len(keys):
         return None
     return dict(zip(keys, files))
+
+
+def _suffix_name(suffix: str) -> str:
+    """A file suffix as a channel name: kept when it is a sequence or label name (BraTS 2023's ``t1c``
+    stays ``t1c``), else :func:`canonical_sequence` of it when that gives one (``t1_post`` -> ``t1ce``)."""
+    if suffix in MR_SEQUENCES or suffix in LABEL_SUFFIXES:
+        return suffix
+    return canonical_sequence(suffix) or suffix
 
 
 def read_case(source: Source) -> Iterator[Record]:
