@@ -209,3 +209,92 @@ def test_repair_finds_series_ingested_one_image_each(tmp_path: Path, capsys: pyt
     assert "1 images repaired" in capsys.readouterr().out
     for n in names:
         np.testing.assert_array_equal(ImageStore(store).read(n), before[n])
+
+
+def multiframe_series(
+    folder: Path, description: str, level: int, shape: tuple[int, int, int] = SHAPE, step: float = 2.0,
+    positions: bool = True, name: str | None = None,
+) -> np.ndarray:
+    """Write one enhanced multi-frame file (``NumberOfFrames`` = ``shape[0]``) on the grid of
+    :func:`mr_series`: frames in shuffled order, plane positions per frame and orientation, pixel spacing
+    and rescale in the shared functional groups (none at the top level; ``positions=False`` leaves the
+    per-frame groups out); returns the voxels ``(K, Y, X)`` in position order, after rescale."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.pop("DataSetTrailingPadding", None)
+    orientation = [float(v) for v in ds.ImageOrientationPatient]
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness"):
+        ds.pop(keyword, None)
+    rng = np.random.default_rng(level)
+    values = (level + rng.integers(0, 100, shape)).astype(np.int16)
+    order = rng.permutation(shape[0])  # frame n holds slice order[n]
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = STUDY, generate_uid(), generate_uid()
+    ds.SeriesDescription, ds.NumberOfFrames, ds.Rows, ds.Columns = description, shape[0], shape[1], shape[2]
+    measures, plane, rescale, shared = Dataset(), Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [0.5, 0.75], step
+    plane.ImageOrientationPatient = orientation
+    rescale.RescaleSlope, rescale.RescaleIntercept, rescale.RescaleType = 2, -10, "US"
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [plane]
+    shared.PixelValueTransformationSequence = [rescale]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    if positions:
+        frames = []
+        for k in order:
+            position, frame = Dataset(), Dataset()
+            position.ImagePositionPatient = [-10.0, -20.0, 5.0 + step * float(k)]
+            frame.PlanePositionSequence = [position]
+            frames.append(frame)
+        ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = values[order].tobytes()
+    ds.save_as(folder / f"{name or sequence_name(description)}_mf.dcm")
+    return values.astype(np.int64) * 2 - 10
+
+
+def test_multi_frame_volumes_on_the_grid_of_the_other_series_are_channels(tmp_path: Path) -> None:
+    """One enhanced multi-frame file per sequence (T1ce, FLAIR) and a single-frame series (T1), one grid:
+    one image, each channel its volume in position order (frames reordered, functional-group rescale)."""
+    study = tmp_path / "in" / "study1"
+    t1 = mr_series(study, "T1", 1000)
+    t1ce = multiframe_series(study, "T1 post contrast", 2000)
+    flair = multiframe_series(study, "FLAIR", 4000)
+    out = str(tmp_path / "s.zarr")
+    report = ingest([str(tmp_path / "in")], out, IngestOptions(orientation=""), progress=False)
+    assert report.written == 1 and not report.skipped and not report.notes, report.summary()
+    store = ImageStore(out)
+    meta = store.manifest["study1"]
+    assert meta.channel_names == ("t1", "t1ce", "flair") and meta.shape == (3, *SHAPE)
+    stored = store.read("study1")
+    for c, expected in enumerate((t1, t1ce, flair)):
+        np.testing.assert_array_equal(stored[c], expected)
+    np.testing.assert_allclose(meta.spacing, (2.0, 0.5, 0.75))
+
+
+def test_a_lone_multi_frame_file_gets_the_affine_of_its_frames(tmp_path: Path) -> None:
+    from ssl_med.data.readers.base import Source
+    from ssl_med.data.readers.dicom import read_series
+
+    slices = mr_series(tmp_path / "single", "T2", 3000)
+    frames = multiframe_series(tmp_path / "multi", "T2", 3000)
+    (a,) = read_series(Source("dicom", tuple(sorted(map(str, (tmp_path / "single").glob("*.dcm")))), "a"))
+    (b,) = read_series(Source("dicom", (str(next((tmp_path / "multi").glob("*.dcm"))),), "b"))
+    np.testing.assert_allclose(b.affine, a.affine)
+    assert b.extra["geometry"] == "multi-frame"
+    np.testing.assert_array_equal(a.array[0].transpose(2, 1, 0), slices)
+    np.testing.assert_array_equal(b.array[0].transpose(2, 1, 0), frames)
+
+
+def test_multi_frame_files_without_frame_positions_stay_separate_with_a_note(tmp_path: Path) -> None:
+    study = tmp_path / "in" / "study1"
+    multiframe_series(study, "T1", 1000, positions=False)
+    multiframe_series(study, "FLAIR", 4000, positions=False)
+    out = str(tmp_path / "s.zarr")
+    report = ingest([str(tmp_path / "in")], out, IngestOptions(orientation=""), progress=False)
+    assert report.written == 2 and not report.skipped, report.summary()
+    assert len(report.notes) == 1 and "2 DICOM series kept as separate images" in report.notes[0][1]
+    assert report.notes[0][1].count("a multi-frame file without per-frame plane positions") == 2
+    assert {ImageStore(out).read(n).shape for n in ImageStore(out).manifest} == {(1, *SHAPE)}  # read as before

@@ -1,4 +1,12 @@
-"""DICOM series: slices sorted by position along the slice normal, rescale slope/intercept applied."""
+"""DICOM series: slices sorted by position along the slice normal, rescale slope/intercept applied.
+
+A series is a volume either as several single-frame files (one slice each, ``ImagePositionPatient``)
+or as one enhanced multi-frame file (``NumberOfFrames`` > 1), whose frames' planes, pixel spacing and
+rescale are in its functional groups (``PerFrameFunctionalGroupsSequence``, shared ones in
+``SharedFunctionalGroupsSequence``). Both give one voxel grid and RAS affine (:func:`series_geometry`),
+so both can be stacked as channels (:mod:`~ssl_med.data.readers.dicom_case`). A multi-frame file without
+per-frame positions is still read, with a diagonal affine from its spacing.
+"""
 
 from __future__ import annotations
 
@@ -26,9 +34,12 @@ def is_dicom(path: str | Path) -> bool:
 
 
 def _rescaled(ds) -> np.ndarray:
-    pixels = ds.pixel_array
     slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
     intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    return _rescale(ds.pixel_array, slope, intercept)
+
+
+def _rescale(pixels: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     if slope == 1.0 and intercept == 0.0:
         return pixels
     return pixels.astype(np.float64) * slope + intercept
@@ -89,6 +100,14 @@ def read_series(source: Source) -> Iterator[Record]:
 def _volume(source: Source, datasets: list, modality: str, extra: dict) -> Record:
     first = datasets[0]
     if len(datasets) == 1:  # multi-frame: frames are slices
+        try:
+            volume, affine = series_volume(datasets)
+            return Record(
+                name=source.name, array=volume[None], affine=affine, modality=modality, source=source.paths[0],
+                extra={**extra, "geometry": "multi-frame"},
+            )  # fmt: skip
+        except ReadError:  # no per-frame positions (or not one stack): frames in file order, diagonal affine
+            pass
         frames = _rescaled(first)
         thickness = float(
             getattr(first, "SpacingBetweenSlices", 0) or getattr(first, "SliceThickness", 1.0) or 1.0
@@ -107,11 +126,27 @@ def _volume(source: Source, datasets: list, modality: str, extra: dict) -> Recor
 
 
 def series_volume(datasets: Sequence) -> tuple[np.ndarray, np.ndarray]:
-    """The volume ``(I, J, K)`` of decoded single-frame slices (rescaled, compacted) and its RAS affine."""
-    order, _shape, affine = slice_geometry(datasets)
-    slices = [_rescaled(datasets[i]) for i in order]
+    """The volume ``(I, J, K)`` of a series (rescaled, compacted) and its RAS affine: decoded single-frame
+    slices, or one decoded multi-frame file (:func:`series_geometry`)."""
+    order, _shape, affine = series_geometry(datasets)
+    if is_multiframe(datasets):
+        pixels = datasets[0].pixel_array.reshape(-1, int(datasets[0].Rows), int(datasets[0].Columns))
+        slices = [_rescale(pixels[i], *_frame_rescale(datasets[0], i)) for i in order]
+    else:
+        slices = [_rescaled(datasets[i]) for i in order]
     volume = np.stack(slices).transpose(2, 1, 0)  # (K, rows=J, cols=I) -> (I, J, K)
     return _compact(volume), affine
+
+
+def is_multiframe(datasets: Sequence) -> bool:
+    """True for a series of one file with ``NumberOfFrames`` > 1."""
+    return len(datasets) == 1 and int(getattr(datasets[0], "NumberOfFrames", 1) or 1) > 1
+
+
+def series_geometry(datasets: Sequence) -> tuple[list[int], tuple[int, int, int], np.ndarray]:
+    """The grid of a series from its headers alone: :func:`frame_geometry` of one multi-frame file,
+    else :func:`slice_geometry` of single-frame slices."""
+    return frame_geometry(datasets[0]) if is_multiframe(datasets) else slice_geometry(datasets)
 
 
 def slice_geometry(datasets: Sequence) -> tuple[list[int], tuple[int, int, int], np.ndarray]:
@@ -133,6 +168,40 @@ def slice_geometry(datasets: Sequence) -> tuple[list[int], tuple[int, int, int],
         positions = np.array([[float(v) for v in d.ImagePositionPatient] for d in datasets])
     except AttributeError as exc:
         raise ReadError(f"inconsistent series: a slice has no position/orientation ({exc})") from exc
+    spacing = [float(v) for v in datasets[0].PixelSpacing]
+    return plane_grid(shapes.pop(), orient, positions, spacing)
+
+
+def frame_geometry(ds) -> tuple[list[int], tuple[int, int, int], np.ndarray]:
+    """The grid of an enhanced multi-frame file from its header (as :func:`slice_geometry`, frames as
+    slices): each frame's ``PlanePositionSequence`` and ``PlaneOrientationSequence`` and the
+    ``PixelMeasuresSequence``, per frame or shared (top-level attributes as a fallback).
+
+    Raises:
+        ReadError: a frame without position or orientation, or frames that are not one evenly spaced
+            stack (several stacks, or time points at one position).
+    """
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    try:
+        orient = np.array([[float(v) for v in _frame_attr(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient")]
+                           for i in range(frames)])  # fmt: skip
+        positions = np.array([[float(v) for v in _frame_attr(ds, i, "PlanePositionSequence", "ImagePositionPatient")]
+                              for i in range(frames)])  # fmt: skip
+        spacing = [float(v) for v in _frame_attr(ds, 0, "PixelMeasuresSequence", "PixelSpacing")]
+    except AttributeError as exc:
+        raise ReadError(f"a multi-frame file without per-frame plane positions/orientations ({exc})") from None
+    try:
+        return plane_grid((int(ds.Rows), int(ds.Columns)), orient, positions, spacing)
+    except ReadError as exc:
+        raise ReadError(f"a multi-frame file whose frames are not one volume: {exc}") from exc
+
+
+def plane_grid(
+    size: tuple[int, int], orient: np.ndarray, positions: np.ndarray, pixel_spacing: Sequence[float]
+) -> tuple[list[int], tuple[int, int, int], np.ndarray]:
+    """``(order, shape, affine)`` of ``N`` planes of ``size`` ``(rows, columns)`` with orientations
+    ``orient`` ``(N, 6)`` and positions ``positions`` ``(N, 3)`` (LPS, mm), ``pixel_spacing`` ``(row,
+    column)`` mm (see :func:`slice_geometry`)."""
     if not np.allclose(orient, orient[0], atol=1e-4):
         raise ReadError("inconsistent series: slices have different orientations")
     row_dir, col_dir = orient[0, :3], orient[0, 3:]
@@ -147,11 +216,40 @@ def slice_geometry(datasets: Sequence) -> tuple[list[int], tuple[int, int, int],
         raise ReadError(
             f"inconsistent series: uneven slice spacing {gaps.min():.2f}-{gaps.max():.2f} mm (missing slices?)"
         )
-    row_sp, col_sp = (float(s) for s in datasets[0].PixelSpacing)
+    row_sp, col_sp = (float(s) for s in pixel_spacing)
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = row_dir * col_sp  # i (columns) runs along the row direction
     affine_lps[:3, 1] = col_dir * row_sp
     affine_lps[:3, 2] = normal * step
     affine_lps[:3, 3] = positions[order[0]]
-    rows, cols = shapes.pop()
-    return [int(i) for i in order], (cols, rows, len(datasets)), LPS_TO_RAS @ affine_lps
+    rows, cols = size
+    return [int(i) for i in order], (cols, rows, len(positions)), LPS_TO_RAS @ affine_lps
+
+
+def _frame_attr(ds, frame: int, group: str, name: str):
+    """``name`` of ``group`` (a functional-group macro) for ``frame``: per-frame, else shared, else the
+    top-level attribute; raises ``AttributeError`` when none has it."""
+    for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        items = getattr(ds, groups, None)
+        if not items:
+            continue
+        item = items[frame if groups.startswith("PerFrame") and frame < len(items) else 0]
+        macro = getattr(item, group, None)
+        if macro and name in macro[0]:
+            return getattr(macro[0], name)
+    if name in ds:
+        return getattr(ds, name)
+    raise AttributeError(f"no {group} and no {name}")
+
+
+def _frame_rescale(ds, frame: int) -> tuple[float, float]:
+    """``(slope, intercept)`` of ``frame`` (``PixelValueTransformationSequence`` or top-level, else 1, 0)."""
+    try:
+        slope = float(_frame_attr(ds, frame, "PixelValueTransformationSequence", "RescaleSlope") or 1.0)
+    except AttributeError:
+        slope = 1.0
+    try:
+        intercept = float(_frame_attr(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept") or 0.0)
+    except AttributeError:
+        intercept = 0.0
+    return slope, intercept

@@ -6,7 +6,8 @@ folder (:func:`~ssl_med.data.readers.nifti.read_case`) becomes one image ``(C, I
 channel per sequence, so do the series of a folder that
 
 * belong to one study (same ``StudyInstanceUID``),
-* are volumes (two or more single-frame slices with positions),
+* are volumes: two or more single-frame slices with positions, or one enhanced multi-frame file whose
+  frames carry their plane positions (:func:`~ssl_med.data.readers.dicom.frame_geometry`),
 * lie on one voxel grid (same shape ``(I, J, K)``, affines equal within 1e-3), and
 * have distinct, non-empty sequence names (:func:`sequence_name` of their ``SeriesDescription``).
 
@@ -30,7 +31,7 @@ import numpy as np
 
 from ssl_med.data.channels import is_placeholder
 from ssl_med.data.readers.base import ReadError, Record, Source
-from ssl_med.data.readers.dicom import read_datasets, series_volume, slice_geometry
+from ssl_med.data.readers.dicom import read_datasets, series_geometry, series_volume
 from ssl_med.data.readers.nifti import AFFINE_TOLERANCE, MR_SEQUENCES, canonical_sequence, ordered_sequences
 
 KIND = "dicom_case"
@@ -95,13 +96,13 @@ def _scan(files: Sequence[str]) -> dict[str, _Series]:
     for key, s in series.items():
         if not headers[key]:
             s.problem = "a file whose header cannot be read"
-        elif s.frames > 1:
-            s.problem = "a multi-frame file without slice positions"
-        elif len(s.paths) == 1:
+        elif s.frames > 1 and len(s.paths) > 1:
+            s.problem = f"{len(s.paths)} multi-frame files in one series (one multi-frame file per volume is read)"
+        elif len(s.paths) == 1 and s.frames == 1:
             s.problem = "a single image, not a volume"
         else:
             try:
-                _, shape, affine = slice_geometry(headers[key])
+                _, shape, affine = series_geometry(headers[key])
                 s.grid = (shape, affine)
             except Exception as exc:  # reported again, with the same reason, when the series is read
                 s.problem = str(exc) if isinstance(exc, ReadError) else f"unreadable geometry ({exc})"
@@ -171,8 +172,8 @@ def plan_folder(files: Sequence[str], stack: bool = True) -> FolderPlan:
     """Group the DICOM ``files`` of one folder into series, and the series into stacks (``stack``).
 
     With ``stack`` off every series is separate, as before stacking existed. The note is written when
-    the folder holds two or more series of several files (volumes, or series meant to be) and not all
-    of its series were stacked.
+    the folder holds two or more series of several files or frames (volumes, or series meant to be) and
+    not all of its series were stacked.
     """
     series = _scan(sorted(files))
     ordered = sorted(series.values(), key=lambda s: sorted(s.paths)[0])
@@ -189,7 +190,7 @@ def plan_folder(files: Sequence[str], stack: bool = True) -> FolderPlan:
     separate = [(i, tuple(sorted(s.paths))) for i, s in enumerate(ordered) if s.key not in in_stack]
     left = [s for s in ordered if s.key not in in_stack]
     note = ""
-    if stack and left and sum(len(s.paths) > 1 for s in ordered) > 1:
+    if stack and left and sum(len(s.paths) > 1 or s.frames > 1 for s in ordered) > 1:
         reasons = "; ".join(f"{s.label}: {why.get(s.key) or 'not stacked'}" for s in left)
         note = f"{len(left)} DICOM series kept as separate images, not channels: {reasons}"
     return FolderPlan(stacks, separate, len(ordered), note)
