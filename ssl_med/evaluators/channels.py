@@ -172,6 +172,8 @@ def evaluate_channels(
     if requests[0][0] == "eval.channels":
         sub_data, sub_encoder = select_channels(data, encoder, requests[0][1])
         return run(sub_encoder, cfg, sub_data, _keyed(ctx, requests[0][1]))
+    if encoder.in_chans is None:
+        data = _every_channel(data)  # read once for all subsets
     first: EvalResult | None = None
     metrics: dict[str, float] = {}
     table: list[dict[str, Any]] = []
@@ -198,8 +200,7 @@ def select_channels(data: D, encoder: Encoder, channels: Sequence[str] | None) -
     if channels is None and isinstance(data, ClassificationData) and not _named(data):
         return data, encoder  # nothing to select or bind by name (a classification head needs no channel count)
     if encoder.in_chans is None:
-        if data.channel_names is None and data.source is not None and configured_channel_names(data.source):
-            data = load_eval_data(data.source, None)  # type: ignore[assignment]
+        data = _every_channel(data)
         names = data.channel_names
         if names is None:
             if channels is not None:
@@ -234,6 +235,14 @@ class _SlotBound(ChannelBoundEncoder):
 
     def forward(self, x: Tensor, **kwargs: Any) -> EncoderOutput:  # type: ignore[override]
         return self.encoder(x, **kwargs)
+
+
+def _every_channel(data: D) -> D:
+    """``data`` read again with every channel kept when it was averaged but its config names the
+    channels (what a channel-adaptive encoder reads), else ``data`` itself."""
+    if data.channel_names is None and data.source is not None and configured_channel_names(data.source):
+        return load_eval_data(data.source, None)  # type: ignore[return-value]
+    return data
 
 
 def _named(data: EvalData) -> bool:
