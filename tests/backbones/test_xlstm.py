@@ -201,6 +201,22 @@ def test_mlstm_forms_give_the_same_model(spatial_dims: int) -> None:
     torch.testing.assert_close(outs["parallel"], outs["recurrent"], rtol=1e-4, atol=1e-4)  # eps-level
 
 
+def test_gate_preactivations_match_two_linears_with_gradients() -> None:
+    """The stacked input/forget gate matmul equals the two separate linears, also in its gradients."""
+    cell = build(embed_dim=16).double().blocks[0].layer.mlstm_cell
+    randomise(cell)
+    gate_in = torch.randn(2, 7, 3 * cell.dim, dtype=F64, requires_grad=True)
+    i_pre, f_pre = cell.gate_preacts(gate_in)
+    wrt = [gate_in, *cell.igate.parameters(), *cell.fgate.parameters()]
+    grads = torch.autograd.grad((i_pre.sin() + f_pre.cos()).sum(), wrt)
+    i_ref, f_ref = cell.igate(gate_in).transpose(1, 2), cell.fgate(gate_in).transpose(1, 2)
+    grads_ref = torch.autograd.grad((i_ref.sin() + f_ref.cos()).sum(), wrt)
+    assert i_pre.shape == f_pre.shape == (2, cell.num_heads, 7)
+    torch.testing.assert_close((i_pre, f_pre), (i_ref, f_ref), rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_sizes_and_reference_init() -> None:
     tiny = BACKBONES.build("xlstm", img_size=224)
     assert (tiny.embed_dim, tiny.depth) == (192, 24)
