@@ -104,7 +104,15 @@ class LinearHeadwise(nn.Module):
 
     ``weight``: ``(dim / block_size, block_size, block_size)`` (out, in per block). Shapes:
     ``(..., dim) -> (..., dim)``.
+
+    The product runs on groups of ``g = gcd(num_blocks, group_blocks)`` neighbouring blocks, each
+    group one block-diagonal ``(g * block_size)``-square matrix with zeros off its diagonal blocks:
+    a batch of 16 x 16 products is faster on CPU than four times as many 4 x 4 ones although it
+    multiplies by zeros (ViL-S, 192 blocks of 4: forward+backward of the projection ~30% faster).
     """
+
+    #: blocks per group of the product (see the class docstring); 1 multiplies each block alone
+    group_blocks = 4
 
     def __init__(self, dim: int, block_size: int, bias: bool = True) -> None:
         super().__init__()
@@ -114,9 +122,18 @@ class LinearHeadwise(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_blocks, block_size, block_size))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
+    def grouped_weight(self) -> Tensor:
+        """The weight as ``(num_blocks / g, g * block_size, g * block_size)`` block-diagonal matrices."""
+        g, bs = math.gcd(self.num_blocks, self.group_blocks), self.block_size
+        weight = self.weight.view(self.num_blocks // g, g, bs, bs)  # (groups, block j, out, in)
+        eye = torch.eye(g, dtype=weight.dtype, device=weight.device)
+        # [n, (j, o), (k, i)] = weight[n, j, o, i] if j == k else 0
+        return torch.einsum("njoi,jk->njoki", weight, eye).reshape(self.num_blocks // g, g * bs, g * bs)
+
     def forward(self, x: Tensor) -> Tensor:
-        blocks = x.unflatten(-1, (self.num_blocks, self.block_size))
-        out = torch.einsum("...hi,hoi->...ho", blocks, self.weight).flatten(-2)
+        weight = self.grouped_weight()
+        groups = x.unflatten(-1, (weight.shape[0], weight.shape[-1]))
+        out = torch.einsum("...hi,hoi->...ho", groups, weight).flatten(-2)
         return out if self.bias is None else out + self.bias
 
 

@@ -201,6 +201,24 @@ def test_mlstm_forms_give_the_same_model(spatial_dims: int) -> None:
     torch.testing.assert_close(outs["parallel"], outs["recurrent"], rtol=1e-4, atol=1e-4)  # eps-level
 
 
+@pytest.mark.parametrize("dim", [32, 24, 20])  # 8, 6, 5 blocks of 4: groups of 4, 2 and 1 blocks
+def test_headwise_projection_is_block_diagonal_with_gradients(dim: int) -> None:
+    """The grouped product equals the dense block-diagonal map, also in its gradients."""
+    from backbones.xlstm import LinearHeadwise
+
+    proj = LinearHeadwise(dim, 4).double()
+    randomise(proj)
+    x = torch.randn(2, 5, dim, dtype=F64, requires_grad=True)
+    out = proj(x)
+    want = x @ torch.block_diag(*proj.weight).T + proj.bias
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, proj.weight, proj.bias], g)
+    grads_want = torch.autograd.grad(want, [x, proj.weight, proj.bias], g)
+    for got, expected in zip(grads, grads_want):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_gate_preactivations_match_two_linears_with_gradients() -> None:
     """The stacked input/forget gate matmul equals the two separate linears, also in its gradients."""
     cell = build(embed_dim=16).double().blocks[0].layer.mlstm_cell
