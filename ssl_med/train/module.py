@@ -15,6 +15,7 @@ from ssl_med.data.crops import normalise_batch
 from ssl_med.data.faults import SKIPPED_KEY
 from ssl_med.objective import Objective
 from ssl_med.optim import build_optimizer, param_groups
+from ssl_med.train.collapse import CollapseMonitor, effective_rank, embedding_std
 from ssl_med.train.compile import CompileGuard, CompileSettings, compile_children
 from ssl_med.train.schedules import steps_of, warmup_cosine
 from ssl_med.train.sharding import full_tensor, mixed_precision, shard_objective
@@ -22,42 +23,9 @@ from ssl_med.train.sharding import full_tensor, mixed_precision, shard_objective
 log = logging.getLogger(__name__)
 
 
-def embedding_std(embeddings: Tensor) -> Tensor:
-    """Mean per-dimension std of L2-normalised embeddings ``(B, D)``.
-
-    About ``1/sqrt(D)`` for well-spread embeddings, 0 when they collapse to one point.
-    """
-    z = torch.nn.functional.normalize(embeddings.float(), dim=1)
-    return z.std(dim=0).mean()
-
-
 def _batch_size(batch: dict[str, Any]) -> int | None:
     """Images in a collated batch: the leading size of its first tensor (objectives name their views freely)."""
     return next((v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.ndim), None)
-
-
-class CollapseMonitor:
-    """Warns in the log, once, when the embedding spread stays below ``ratio`` of the ideal
-    ``1/sqrt(D)`` for ``patience`` consecutive logged steps (``trainer.log_every_n_steps`` apart): a collapsed encoder maps every image to (nearly)
-    one point, and only the curves would show it otherwise."""
-
-    def __init__(self, ratio: float = 0.1, patience: int = 5) -> None:
-        self.ratio, self.patience = ratio, patience
-        self.low_steps = 0
-        self.warned = False
-
-    def update(self, std: float, ideal: float, step: int) -> bool:
-        """Record one step's ``collapse/embedding_std``; returns True when it warns."""
-        self.low_steps = self.low_steps + 1 if std < self.ratio * ideal else 0
-        if self.low_steps < self.patience or self.warned:
-            return False
-        self.warned = True
-        log.warning(
-            "embedding collapse at step %d: embedding std %.4f is below %.0f%% of the healthy %.4f for %d logged steps; "
-            "lower optim.lr, lengthen the warm-up, or check the objective's teacher/temperature settings",
-            step, std, 100 * self.ratio, ideal, self.patience,
-        )
-        return True
 
 
 class PretrainModule(L.LightningModule):
@@ -185,7 +153,10 @@ class PretrainModule(L.LightningModule):
             self.log("collapse/embedding_std", std, batch_size=batch_size)
             self.log("collapse/embedding_std_ideal", ideal, batch_size=batch_size)
             if self.trainer.log_every_n_steps and self.global_step % self.trainer.log_every_n_steps == 0:
-                self.collapse.update(float(std), ideal, self.global_step)  # only on logged steps: no per-step sync
+                # only on logged steps: the SVD and the host sync stay off the other steps
+                rank, max_rank = effective_rank(out.embeddings), min(out.embeddings.shape)
+                self.log("collapse/effective_rank", rank, batch_size=batch_size)
+                self.collapse.update(float(std), ideal, self.global_step, rank, max_rank)
         self.log("train/lr", self.optim_lr(), batch_size=batch_size)
         now = time.perf_counter()
         if self._t_last is not None and batch_size:

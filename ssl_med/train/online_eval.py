@@ -8,7 +8,8 @@ teacher where the objective has one (:meth:`~ssl_med.objective.Objective.eval_en
   :func:`ssl_med.evaluators.knn.knn_scores`) of the **val** split against the train split;
 * ``online/linear_auroc``, ``online/linear_accuracy``: a closed-form ridge classifier on
   standardised features (one solve, no iterations), trained on train and scored on val;
-* ``online/embedding_std``: the spread of the val embeddings (collapse monitor on fixed images).
+* ``online/embedding_std``, ``online/effective_rank``: the spread and the RankMe effective rank of the
+  val embeddings (:mod:`ssl_med.train.collapse`, the collapse monitor on fixed images).
 
 The curve is also written to ``<run dir>/online_eval.json`` (``ssl_med report`` lists the last
 value of each run next to its step-0 value). The test split is never read. Images are loaded once (the ``eval_data`` groups of ``ssl_med
@@ -34,7 +35,7 @@ from ssl_med.evaluators.datasets import ClassificationData, _subset
 from ssl_med.evaluators.features import extract_features
 from ssl_med.evaluators.knn import knn_scores
 from ssl_med.evaluators.metrics import classification_metrics
-from ssl_med.train.module import embedding_std
+from ssl_med.train.collapse import effective_rank, embedding_std
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,12 @@ def online_metrics(
         "linear_accuracy": lin["accuracy"],
         "linear_auroc": lin["auroc"],
         "embedding_std": float(embedding_std(torch.from_numpy(val))),
+        "effective_rank": effective_rank(torch.from_numpy(val)),
     }
 
 
 #: the metrics :func:`online_metrics` returns (``online/<name>`` in TensorBoard)
-METRICS = ("knn_accuracy", "knn_auroc", "linear_accuracy", "linear_auroc", "embedding_std")
+METRICS = ("knn_accuracy", "knn_auroc", "linear_accuracy", "linear_auroc", "embedding_std", "effective_rank")
 
 
 class OnlineEval(L.Callback):
@@ -141,8 +143,10 @@ class OnlineEval(L.Callback):
                 experiment.add_scalar(f"online/{name}", value, step)
             experiment.add_scalar("online/seconds", self.seconds, step)
         log.info(
-            "online eval (%s val, step %d): kNN acc %.3f AUROC %.3f | ridge probe AUROC %.3f | embedding std %.4f",
+            "online eval (%s val, step %d): kNN acc %.3f AUROC %.3f | ridge probe AUROC %.3f | embedding std %.4f, "
+            "effective rank %.1f",
             self.cfg.data, step, metrics["knn_accuracy"], metrics["knn_auroc"], metrics["linear_auroc"], metrics["embedding_std"],
+            metrics["effective_rank"],
         )
 
     def _keep_if_best(self, step: int, metrics: dict[str, float], pl_module: L.LightningModule) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CURVES = ("train/loss", "collapse/embedding_std", "train/lr", "train/samples_per_s")
+CURVES = ("train/loss", "collapse/embedding_std", "collapse/effective_rank", "train/lr", "train/samples_per_s")
 SCHEDULES = {"train/lr"}  # exact values, drawn unsmoothed
 ONLINE = ("online/knn_auroc", "online/linear_auroc", "online/knn_accuracy")  # sparse: drawn as points, unsmoothed
 

@@ -61,6 +61,7 @@ def test_pretrain_writes_outputs_and_learns(tmp_path: Path) -> None:
     first, last = losses[:5], losses[-20:]  # per-batch losses are noisy: compare averages
     assert sum(last) / len(last) < 0.85 * sum(first) / len(first), losses
     assert min(scalars(tmp_path, "collapse/embedding_std")) > 0.0
+    assert min(scalars(tmp_path, "collapse/effective_rank")) >= 1.0  # logged on every logged step
     assert scalars(tmp_path, "train/samples_per_s")
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ssl_med.registry import BACKBONES, OBJECTIVES
-from ssl_med.train.module import CollapseMonitor
+from ssl_med.train.collapse import CollapseMonitor
 from ssl_med.train.schedules import steps_of
 
 
