@@ -174,17 +174,20 @@ def mlstm_chunkwise(
     n_state = q.new_zeros(b_, nh, dh)
     m_state = q.new_zeros(b_, nh)
     c_prev, n_prev, m_prev = [], [], []
+    # unbind once: indexing c_local[:, :, c] per chunk makes autograd zero-fill and add a tensor of the
+    # full (B, NH, NC, DH, DV) size for every chunk in backward; unbind's backward stacks the slices once
+    c_loc, n_loc, g_c, a_c = c_local.unbind(2), n_local.unbind(2), g.unbind(-1), a_max.unbind(-1)
     for c in range(nc):
         c_prev.append(c_state)
         n_prev.append(n_state)
         m_prev.append(m_state)
         if c == nc - 1:
             break
-        m_next = torch.maximum(g[..., c] + m_state, a_max[..., c])
-        decay = torch.exp(g[..., c] + m_state - m_next)
-        scale = torch.exp(a_max[..., c] - m_next)
-        c_state = decay[..., None, None] * c_state + scale[..., None, None] * c_local[:, :, c]
-        n_state = decay[..., None] * n_state + scale[..., None] * n_local[:, :, c]
+        m_next = torch.maximum(g_c[c] + m_state, a_c[c])
+        decay = torch.exp(g_c[c] + m_state - m_next)
+        scale = torch.exp(a_c[c] - m_next)
+        c_state = decay[..., None, None] * c_state + scale[..., None, None] * c_loc[c]
+        n_state = decay[..., None] * n_state + scale[..., None] * n_loc[c]
         m_state = m_next
     c_before = torch.stack(c_prev, dim=2)  # (B, NH, NC, DH, DV)
     n_before = torch.stack(n_prev, dim=2)  # (B, NH, NC, DH)
