@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -226,9 +227,13 @@ def plane_grid(
     return [int(i) for i in order], (cols, rows, len(positions)), LPS_TO_RAS @ affine_lps
 
 
-def _frame_attr(ds, frame: int, group: str, name: str):
+_REQUIRED = object()
+
+
+def _frame_attr(ds, frame: int, group: str, name: str, default: Any = _REQUIRED):
     """``name`` of ``group`` (a functional-group macro) for ``frame``: per-frame, else shared, else the
-    top-level attribute; raises ``AttributeError`` when none has it."""
+    top-level attribute, else ``default``; raises ``AttributeError`` when none has it and there is no
+    default."""
     for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
         items = getattr(ds, groups, None)
         if not items:
@@ -239,17 +244,14 @@ def _frame_attr(ds, frame: int, group: str, name: str):
             return getattr(macro[0], name)
     if name in ds:
         return getattr(ds, name)
+    if default is not _REQUIRED:
+        return default
     raise AttributeError(f"no {group} and no {name}")
 
 
 def _frame_rescale(ds, frame: int) -> tuple[float, float]:
     """``(slope, intercept)`` of ``frame`` (``PixelValueTransformationSequence`` or top-level, else 1, 0)."""
-    try:
-        slope = float(_frame_attr(ds, frame, "PixelValueTransformationSequence", "RescaleSlope") or 1.0)
-    except AttributeError:
-        slope = 1.0
-    try:
-        intercept = float(_frame_attr(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept") or 0.0)
-    except AttributeError:
-        intercept = 0.0
+    group = "PixelValueTransformationSequence"
+    slope = float(_frame_attr(ds, frame, group, "RescaleSlope", None) or 1.0)
+    intercept = float(_frame_attr(ds, frame, group, "RescaleIntercept", None) or 0.0)
     return slope, intercept
