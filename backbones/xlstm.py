@@ -208,7 +208,7 @@ class MLSTMCell(nn.Module):
         norm_bias: bool = True,
         impl: MLSTMImpl = "auto",
         chunk_size: int = 64,
-        parallel_max_len: int = 128,
+        parallel_max_len: int | None = None,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -305,7 +305,7 @@ class ViLLayer(nn.Module):
         num_init_blocks: int = 1,
         impl: MLSTMImpl = "auto",
         chunk_size: int = 64,
-        parallel_max_len: int = 128,
+        parallel_max_len: int | None = None,
     ) -> None:
         super().__init__()
         inner = expansion * dim
@@ -414,7 +414,8 @@ class VisionLSTM(TokenEncoder):
         mlstm_impl: ``auto`` (parallel up to ``parallel_max_len`` tokens, chunkwise beyond),
             ``parallel``, ``chunkwise`` or ``recurrent`` (slow; tests).
         chunk_size: chunk length of the chunkwise form.
-        parallel_max_len: longest sequence ``auto`` runs in parallel form.
+        parallel_max_len: longest sequence ``auto`` runs in parallel form; ``None``: where the two
+            forms cost the same, ``max(chunk_size, 2 * head width)`` (:func:`ssl_med.ops.mlstm.auto_parallel_max_len`).
         pos_embed: ``learned`` (reference) or ``sincos``.
     """
 
@@ -442,7 +443,7 @@ class VisionLSTM(TokenEncoder):
         init_weights: Literal["original", "original-fixed"] = "original",
         mlstm_impl: MLSTMImpl = "auto",
         chunk_size: int = 64,
-        parallel_max_len: int = 128,
+        parallel_max_len: int | None = None,
         pos_embed: Literal["learned", "sincos"] = "learned",
     ) -> None:
         if version not in ("v1", "v2"):

@@ -209,7 +209,8 @@ def markdown(results: list[dict], args: argparse.Namespace, wall: float) -> str:
         "- The parallel mLSTM materialises a (B, 4 heads, L, L) decay/score matrix per block (several",
         "  temporaries in forward and backward), so its memory grows quadratically; the chunkwise form keeps",
         "  (L x chunk) blocks plus one DHxDH state per chunk, linear in L. `mlstm_impl=auto` switches at",
-        "  `parallel_max_len` (128 tokens by default: on CPU the chunkwise form is already faster at ~200 tokens).",
+        "  `parallel_max_len` (by default `max(chunk, 2 DH)` tokens, where both forms cost the same on CPU:",
+        "  docs/benchmarks/mlstm_forms.md).",
         "- The chunkwise form runs a Python loop over chunks for the state recurrence (cheap elementwise",
         "  ops); at short lengths its overhead makes it slower than the parallel form.",
         "- At equal width a ViL block has about half the weights of a ViT block (~6 D^2: up-projection D->4D,",
@@ -282,6 +283,8 @@ def speedup_summary(results: list[dict]) -> list[str]:
 
 def markdown_reference(results: list[dict], args: argparse.Namespace, commit: str, wall: float) -> str:
     """The section comparing ours with the reference ViL (same run, same width, depth and tokens)."""
+    from ssl_med.ops.mlstm import auto_parallel_max_len  # torch stays out of the parent until here
+
     pairs = args.reference_depth // 2
     head_dim = 2 * args.reference_dim // 4  # inner width 2 D over 4 mLSTM heads
     command = " ".join(["python", "scripts/bench_xlstm.py", *args.argv_for_doc])
@@ -304,7 +307,7 @@ def markdown_reference(results: list[dict], args: argparse.Namespace, commit: st
         f"shows the fastest of {args.reference_rounds} rounds (noise on shared cores only adds time) and "
         "the highest peak memory. Loss for both: mean square of "
         "the final-normed tokens plus that of the mean of the first and last token. Ours: chunk size "
-        f"{args.chunk_size}; `xlstm-auto` is `mlstm_impl=auto` (parallel up to 128 tokens, chunkwise beyond). "
+        f"{args.chunk_size}; `xlstm-auto` is `mlstm_impl=auto` (parallel up to `max(chunk, 2 DH)` tokens, chunkwise beyond). "
         f"Speed-up = reference time / our time; mem ratio = our peak / reference peak. Total wall time "
         f"{wall:.0f} s.",
         "",
@@ -321,11 +324,11 @@ def markdown_reference(results: list[dict], args: argparse.Namespace, commit: st
         "  `xlstm-parallel` is the same algorithm without the repeat and the (L+1)^2 intermediate.",
         "- The reference's causal-mask cache never hits (it tests `S in cache` but stores `(S, device)`",
         "  keys), so it rebuilds an L x L mask per block; this costs little next to the L^2 matmuls.",
-        "- `auto` takes the chunkwise form above `parallel_max_len` = 128 tokens, a threshold chosen at",
-        f"  D = 96; the chunkwise form's state products cost DH x DV per token (DH = DV = {head_dim} here), so at",
-        "  this width the parallel form stays competitive to longer sequences: compare the 196-token rows.",
-        "- Above 128 tokens `xlstm-auto` runs exactly the chunkwise form, so the gap between those two",
-        "  rows at 784 tokens and more is this run's noise (other jobs share the cores).",
+        "- `auto` takes the chunkwise form above `max(chunk, 2 DH)` tokens: the chunkwise form's state",
+        f"  products cost DH x DV per token (DH = DV = {head_dim} here), so at this width the parallel form",
+        f"  stays the faster one up to {auto_parallel_max_len(head_dim, args.chunk_size)} tokens (docs/benchmarks/mlstm_forms.md).",
+        "- Above that `xlstm-auto` runs exactly the chunkwise form, so the gap between those two",
+        "  rows at long sequences is this run's noise (other jobs share the cores).",
         "- Peak memory includes the activations of what both share (projections, conv, norms), so its",
         "  ratio moves less than the mLSTM's own share does.",
         "- Other differences are outside the blocks: the reference's learned position embedding is a",

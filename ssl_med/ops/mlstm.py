@@ -276,6 +276,20 @@ def mlstm_recurrent(
     return torch.stack(outs, dim=2)
 
 
+def auto_parallel_max_len(head_dim: int, chunk_size: int) -> int:
+    """Longest sequence ``impl="auto"`` runs in parallel form: ``max(chunk_size, 2 * head_dim)``.
+
+    Per head the parallel form costs about ``2 L^2 DH`` multiply-adds (scores and output, the masked
+    half included); the chunkwise form ``2 L c DH`` inside chunks of ``c`` tokens plus ``2 L DH^2``
+    for the ``DH x DV`` chunk states and the queries read against them, and it writes every chunk's
+    state for the backward pass. On CPU the two meet near ``L = 2 DH`` for DH = 48-192 (the FLOP
+    count alone says ``c + DH``; ``scripts/bench_mlstm_forms.py``, docs/benchmarks/mlstm_forms.md):
+    wider heads keep the parallel form the faster one to longer sequences. Never below one chunk,
+    where the chunkwise form is the parallel form plus overhead.
+    """
+    return max(chunk_size, 2 * head_dim)
+
+
 def mlstm(
     q: Tensor,
     k: Tensor,
@@ -285,15 +299,18 @@ def mlstm(
     *,
     impl: MLSTMImpl = "auto",
     chunk_size: int = 64,
-    parallel_max_len: int = 128,
+    parallel_max_len: int | None = None,
     eps: float = EPS,
 ) -> Tensor:
     """mLSTM ``(B, NH, L, DH/DV) -> (B, NH, L, DV)`` by the chosen form.
 
     ``impl="auto"`` takes the parallel form up to ``parallel_max_len`` tokens and the chunkwise form
-    beyond (the parallel form's ``L^2`` memory dominates long 3D sequences).
+    beyond (the parallel form's ``L^2`` time and memory dominate long 3D sequences); ``None`` means
+    :func:`auto_parallel_max_len` of the head width, where the two forms cost the same.
     """
     if impl == "auto":
+        if parallel_max_len is None:
+            parallel_max_len = auto_parallel_max_len(q.shape[-1], chunk_size)
         impl = "parallel" if q.shape[-2] <= parallel_max_len else "chunkwise"
     if impl == "parallel":
         return mlstm_parallel(q, k, v, igate_preact, fgate_preact, eps=eps)

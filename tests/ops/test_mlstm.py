@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ssl_med.ops.mlstm import (
+    auto_parallel_max_len,
     mlstm,
     mlstm_chunkwise,
     mlstm_initial_state,
@@ -186,6 +187,10 @@ def test_auto_dispatch_and_gate_shapes() -> None:
     torch.testing.assert_close(short, mlstm_parallel(q, k, v, i_pre, f_pre), rtol=0, atol=0)
     long = mlstm(q, k, v, i_pre, f_pre, parallel_max_len=39, chunk_size=16)
     torch.testing.assert_close(long, mlstm_chunkwise(q, k, v, i_pre, f_pre, chunk_size=16), rtol=0, atol=0)
+    # default threshold: max(chunk_size, 2 * head width) (DH = 8 here), where both forms cost the same
+    assert auto_parallel_max_len(8, 64) == 64 and auto_parallel_max_len(192, 64) == 384
+    torch.testing.assert_close(mlstm(q, k, v, i_pre, f_pre, chunk_size=64), short, rtol=0, atol=0)
+    torch.testing.assert_close(mlstm(q, k, v, i_pre, f_pre, chunk_size=16), long, rtol=0, atol=0)
     # the reference's (B, NH, L, 1) gate layout is accepted
     torch.testing.assert_close(mlstm_parallel(q, k, v, i_pre[..., None], f_pre[..., None]), short)
     with pytest.raises(ValueError, match="gate pre-activations"):
