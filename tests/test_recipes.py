@@ -50,6 +50,16 @@ def test_recipe_settings_per_objective(overrides: list[str], patch: int, solariz
     assert cfg.objective["views"]["solarize_prob"] == solarize
 
 
+def test_small_3d_voco_fits_a_store() -> None:
+    """recipe_objective/small_3d_voco: a store's data config gets a region VoCo's grid divides into
+    bases of the encoder's 32^3 input (without it, recipe=small_3d's 32^3 crop fails at start-up)."""
+    overrides = ["recipe=small_3d", "objective=voco", "data=store", "data.store=x.zarr"]
+    with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
+        cfg = prepare_pretrain_config(compose(config_name="pretrain", overrides=overrides), overrides)
+    assert list(cfg.data.crop_size) == [32, 64, 64] and list(cfg.objective["grid"]) == [2, 2]
+    assert list(cfg.backbone["img_size"]) == [32, 32, 32]
+
+
 def test_recipe_without_objective_file_composes() -> None:
     overrides = ["recipe=small_3d", "objective=mae"]
     with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
