@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                 row = one_run(args.out, name, objective, args.backbone, seed, args.steps, args.overrides, args.cached_only, args.re_evaluate, args.finetune)
                 if row is not None:
                     rows.append(row)
+    if not rows:
+        print("no finished runs: nothing to tabulate", file=sys.stderr)
+        return 1
     pixels = []
     for name in args.datasets:
         sizes = sorted({r["crop_size"] for r in rows if r["dataset"] == name and "crop_size" in r})
