@@ -5,9 +5,11 @@ forward and, as mamba-ssm's CUDA kernel does, recomputes the states in the backw
 every 64 steps instead of storing them: memory between forward and backward is the inputs plus
 ``(B, D, ceil(L / 64), N)``. Rows ``(b, d)`` run in parallel on torch's intra-op threads, the ``N``
 states of a row are one SIMD vector. Softplus, ``delta_bias``, ``D`` and the ``silu(z)`` gate are
-applied inside the kernel, so no ``(B, D, L)`` intermediate is written either, and ``u``, ``delta``
-and ``z`` are read with their strides (Mamba's transposed projections), so what the backward keeps
-are the caller's tensors, not copies of them.
+applied inside the kernel (in passes over tokens, vectorised over the channels), and ``u``,
+``delta``, ``z`` and the output gradient are read with their strides (Mamba's transposed
+projections), so what the backward keeps are the caller's tensors, not copies of them. The output
+and the gradients of ``u``, ``delta`` and ``z`` are token-major (``stride(1) == 1``, transposed
+``(B, L, D)`` tensors), the layout Mamba's ``out_proj`` reads without a copy.
 
 The same extension holds the branch's causal depthwise conv + SiLU (``csrc/causal_conv_cpu.cpp``,
 :func:`conv_fused`): on ``(B, E, L)`` inputs of a few tokens (DINO's local crops, VoCo's crops)
@@ -130,14 +132,20 @@ def _define_fakes() -> None:
         batch, dim, length = u.shape
         n, chunks = A.shape[1], -(-length // 64)
         states = u.new_empty(batch if save_states else 0, dim, chunks, n)
-        return [u.new_empty(u.shape), u.new_empty(batch, dim, n), states]
+        return [_token_major_empty(u), u.new_empty(batch, dim, n), states]
 
     @torch.library.register_fake("ssl_med_scan::bwd")
     def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, states, dout, dlast):
         dim = u.shape[1]
-        return [u.new_empty(u.shape), u.new_empty(u.shape), A.new_empty(A.shape), B.new_empty(B.shape),
-                C.new_empty(C.shape), u.new_empty(dim), u.new_empty(u.shape if z is not None else (0,)),
-                u.new_empty(dim)]  # fmt: skip
+        return [_token_major_empty(u), _token_major_empty(u), A.new_empty(A.shape), B.new_empty(B.shape),
+                C.new_empty(C.shape), u.new_empty(dim),
+                _token_major_empty(u) if z is not None else u.new_empty(0), u.new_empty(dim)]  # fmt: skip
+
+
+def _token_major_empty(u: Tensor) -> Tensor:
+    """An uninitialised ``(B, D, L)`` tensor like ``u``, laid out token-major as the kernel's outputs."""
+    batch, dim, length = u.shape
+    return u.new_empty(batch, length, dim).transpose(1, 2)
 
 
 def _digest(path: Path) -> str:
@@ -177,7 +185,7 @@ class _FusedScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor | None, dlast: Tensor | None):  # type: ignore[override]
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+        dout = torch.zeros_like(u) if dout is None else dout  # read with its strides
         dlast = None if dlast is None else dlast.contiguous()
         du, ddelta, dA, dB, dC, dD, dz, dbias = _ops().bwd(
             u, delta, A, B, C, D, z, delta_bias, ctx.softplus, states, dout, dlast

@@ -7,8 +7,9 @@
 //     h_t      = exp(delta_t A) * h_{t-1} + delta_t u_t B_t            h_{-1} = 0, h_t in R^N
 //     out_t    = (<h_t, C_t> + D u_t) * silu(z_t)                      (D and z optional)
 //
-// Layout (prepared by the Python wrapper, ssl_med/ops/selective_scan_fused.py): u, delta, z are
-// (batch, dim, len) with any strides, out and the gradients contiguous; A is (dim, N); B and C are
+// Layout (prepared by the Python wrapper, ssl_med/ops/selective_scan_fused.py): u, delta, z and dout
+// are (batch, dim, len) with any strides; out and the gradients of u, delta and z are token-major
+// (transposed views of (batch, len, dim) tensors, Mamba's layout); A is (dim, N); B and C are
 // each either constant (dim, N) or input-dependent (batch, G, len, N) with channel d reading group
 // d / (dim / G); D and delta_bias are (dim,). Everything is float32 or float64 (one dtype).
 //
@@ -16,6 +17,11 @@
 // (at::parallel_for, OpenMP in torch's CPU builds) and the N states of a row are one short vector
 // (`#pragma omp simd`; N = 16 is compiled as a constant so the states live in registers). The
 // float32 exponential is a branch-free polynomial that vectorises with the rest of the step.
+// The elementwise work around the recurrence (the softplus of the step sizes, dt * u, the D skip,
+// the silu(z) gate and their derivatives) runs in separate passes over tokens with the channels
+// innermost, contiguous in the token-major layout: vectorised over channels it costs the same for
+// any length, where inside a row it ran on a handful of steps (DINO's local crops: 5 tokens) and
+// cost as much as the recurrence itself.
 //
 // Backward follows the recipe of mamba-ssm's CUDA kernel: the forward keeps the state at the end of
 // every kChunk steps; the backward walks the chunks from last to first, recomputes the chunk's
@@ -46,10 +52,129 @@ namespace {
 using namespace ssl_med_scan;
 
 // ---------------------------------------------------------------------------------------------
+// per-token passes: the elementwise work around the recurrence, vectorised over the channels
+// ---------------------------------------------------------------------------------------------
+// Step sizes dt = softplus(delta + bias) (or without the softplus) and dt * u for every token.
+template <typename T>
+void prepare_steps(const Scan<T>& s, TokenMajor<T> dt, TokenMajor<T> dtu) {
+  const int64_t dim = s.dim;
+  at::parallel_for(0, s.batch * s.len, 1, [&](int64_t begin, int64_t end) {
+    TokenBuffers<T> w(dim);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / s.len, t = i % s.len;
+      const T* u = s.u.token(b, t, dim, w.u.data());
+      const T* raw = s.delta.token(b, t, dim, w.raw.data());
+      T* dtt = dt.token(b, t);
+      T* dtut = dtu.token(b, t);
+      if (s.softplus) {
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) dtt[d] = softplus(raw[d] + (s.bias ? s.bias[d] : T(0)));
+      } else {
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) dtt[d] = raw[d] + (s.bias ? s.bias[d] : T(0));
+      }
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) dtut[d] = dtt[d] * u[d];
+    }
+  });
+}
+
+// out <- (y + D u) * silu(z) in place, every token (out holds the recurrence's y).
+template <typename T>
+void finish_out(const Scan<T>& s, TokenMajor<T> out) {
+  const int64_t dim = s.dim;
+  at::parallel_for(0, s.batch * s.len, 1, [&](int64_t begin, int64_t end) {
+    TokenBuffers<T> w(dim);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / s.len, t = i % s.len;
+      const T* u = s.u.token(b, t, dim, w.u.data());
+      T* o = out.token(b, t);
+      if (s.Dskip) {
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] += s.Dskip[d] * u[d];
+      }
+      if (s.z) {
+        const T* z = s.z.token(b, t, dim, w.z.data());
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] = o[d] * z[d] * sigmoid(z[d]);
+      }
+    }
+  });
+}
+
+// dL/dy of the recurrence: dout * silu(z) (or dout), every token.
+template <typename T>
+void prepare_dy(const Scan<T>& s, const Rows<T>& dout, TokenMajor<T> dy) {
+  const int64_t dim = s.dim;
+  at::parallel_for(0, s.batch * s.len, 1, [&](int64_t begin, int64_t end) {
+    TokenBuffers<T> w(dim);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / s.len, t = i % s.len;
+      const T* go = dout.token(b, t, dim, w.dout.data());
+      T* dyt = dy.token(b, t);
+      if (s.z) {
+        const T* z = s.z.token(b, t, dim, w.z.data());
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) dyt[d] = go[d] * (z[d] * sigmoid(z[d]));
+      } else {
+        std::copy(go, go + dim, dyt);
+      }
+    }
+  });
+}
+
+// The per-token gradients, from what the row kernels leave: du holds gb = dL/d(dt u) and ddelta
+// holds dL/d(dt) through the decays; y is the recurrence's output (when z is given). Sums of the
+// D and delta_bias gradients go per batch item into dskip_part and dbias_part (batch, dim).
+template <typename T>
+void finish_grads(const Scan<T>& s, const Rows<T>& dout, TokenMajor<T> dt, TokenMajor<T> dy, TokenMajor<T> y,
+                  TokenMajor<T> du, TokenMajor<T> ddelta, TokenMajor<T> dz, T* dskip_part, T* dbias_part) {
+  const int64_t dim = s.dim;
+  at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
+    TokenBuffers<T> w(dim);
+    for (int64_t b = begin; b < end; ++b) {
+      T* dskip = dskip_part + b * dim;
+      T* dbias = dbias_part + b * dim;
+      std::fill(dskip, dskip + dim, T(0));
+      std::fill(dbias, dbias + dim, T(0));
+      for (int64_t t = 0; t < s.len; ++t) {
+        const T* u = s.u.token(b, t, dim, w.u.data());
+        const T* raw = s.delta.token(b, t, dim, w.raw.data());
+        const T *dtt = dt.token(b, t), *dyt = dy.token(b, t);
+        T *dut = du.token(b, t), *ddt = ddelta.token(b, t);
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) {
+          const T skip = s.Dskip ? s.Dskip[d] : T(0), gb = dut[d];
+          const T grad_dt = ddt[d] + gb * u[d];
+          ddt[d] = s.softplus ? grad_dt * softplus_grad(raw[d] + (s.bias ? s.bias[d] : T(0))) : grad_dt;
+          dut[d] = dyt[d] * skip + gb * dtt[d];
+          dskip[d] += dyt[d] * u[d];
+          dbias[d] += ddt[d];
+        }
+        if (s.z) {
+          const T* go = dout.token(b, t, dim, w.dout.data());
+          const T* z = s.z.token(b, t, dim, w.z.data());
+          const T* yt = y.token(b, t);
+          T* dzt = dz.token(b, t);
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) {
+            const T skip = s.Dskip ? s.Dskip[d] : T(0), sg = sigmoid(z[d]);
+            dzt[d] = go[d] * (yt[d] + skip * u[d]) * sg * (T(1) + z[d] * (T(1) - sg));
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // forward: one row (b, d), one pass over its len x N elements
 // ---------------------------------------------------------------------------------------------
+// Step sizes and dt * u come token-major from prepare_steps; y (before D and the gate) goes
+// token-major into out.
 template <typename T, int NC>
-void forward_row(const Scan<T>& s, int64_t b, int64_t d, T* out, T* last, T* states, RowBuffers<T>& w) {
+void forward_row(const Scan<T>& s, int64_t b, int64_t d, const TokenMajor<T>& dts, const TokenMajor<T>& dtus,
+                 const TokenMajor<T>& out, T* last, T* states) {
   const int N = NC > 0 ? NC : static_cast<int>(s.nstate);
   T h[NC > 0 ? NC : kMaxState];
   T a_row[NC > 0 ? NC : kMaxState];
@@ -57,66 +182,58 @@ void forward_row(const Scan<T>& s, int64_t b, int64_t d, T* out, T* last, T* sta
     h[n] = T(0);
     a_row[n] = s.A[d * N + n];
   }
-  const int64_t r = s.row(b, d), len = s.len;
-  const T* u = s.u.load(b, d, len, w.u.data());
+  const int64_t len = s.len, step = s.dim;
   const T* Bt = s.b_ptr(b, d);
   const T* Ct = s.c_ptr(b, d);
   const int64_t bs = s.b_step(), cs = s.c_step();
-  T* o = out + r;
-  T* dtbuf = w.dt.data();
-  step_sizes(s.delta.load(b, d, len, w.raw.data()), s.bias ? s.bias[d] : T(0), s.softplus, dtbuf, len);
+  const T *dt = dts.row(b, d), *dtu = dtus.row(b, d);
+  T* o = out.row(b, d);
   for (int64_t t = 0; t < len; ++t, Bt += bs, Ct += cs) {
-    const T dt = dtbuf[t], dtu = dt * u[t];
+    const T dtt = dt[t * step], dtut = dtu[t * step];
     T y = T(0);
 #pragma omp simd reduction(+ : y)
     for (int n = 0; n < N; ++n) {
-      h[n] = exp_vec(dt * a_row[n]) * h[n] + dtu * Bt[n];
+      h[n] = exp_vec(dtt * a_row[n]) * h[n] + dtut * Bt[n];
       y += h[n] * Ct[n];
     }
-    o[t] = y;
+    o[t * step] = y;
     if (states && ((t + 1) % kChunk == 0 || t + 1 == len)) {
       std::memcpy(states + (t / kChunk) * N, h, N * sizeof(T));
     }
   }
   std::memcpy(last, h, N * sizeof(T));
-  const T skip = s.Dskip ? s.Dskip[d] : T(0);
-  if (s.z) {
-    const T* z = s.z.load(b, d, len, w.z.data());
-#pragma omp simd
-    for (int64_t t = 0; t < len; ++t) o[t] = (o[t] + skip * u[t]) * z[t] * sigmoid(z[t]);
-  } else if (s.Dskip) {
-#pragma omp simd
-    for (int64_t t = 0; t < len; ++t) o[t] += skip * u[t];
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
 // backward: one row (b, d); chunks from last to first, recompute then reverse
 // ---------------------------------------------------------------------------------------------
+// What a row reads and writes, token-major: dt, dt * u and dL/dy in; y (when needed for dz),
+// gb = dL/d(dt u) (into du) and dL/d(dt) through the decays (into ddelta) out; finish_grads
+// turns them into the input gradients.
+template <typename T>
+struct RowIO {
+  TokenMajor<T> dt, dtu, dy, y, gb, gdt;
+  bool keep_y;
+};
+
 template <typename T>
 struct RowGrads {
-  T* du;
-  T* ddelta;
-  T* dz;        // nullable
   T* dA;        // (N) for this row
-  T* dskip;     // scalar for this row
-  T* dbias;     // scalar for this row
   T* dB;        // first element for this row: (len, N) partial or (N) accumulator
   int64_t dbs;  // its stride between time steps (N or 0)
   T* dC;
   int64_t dcs;
 };
 
-// Per-thread buffers: a chunk's decays and states, and the row's step sizes and gate.
+// Per-thread buffers: a chunk's decays and states.
 template <typename T>
 struct Scratch {
-  std::vector<T> a, h, y, gate;
-  RowBuffers<T> rows;
-  Scratch(int64_t n, int64_t len) : a(kChunk * n), h(kChunk * n), y(kChunk), gate(len), rows(len) {}
+  std::vector<T> a, h;
+  explicit Scratch(int64_t n) : a(kChunk * n), h(kChunk * n) {}
 };
 
 template <typename T, int NC>
-void backward_row(const Scan<T>& s, int64_t b, int64_t d, const T* states, const T* dout, const T* dlast,
+void backward_row(const Scan<T>& s, int64_t b, int64_t d, const T* states, const T* dlast, const RowIO<T>& io,
                   const RowGrads<T>& g, Scratch<T>& w) {
   const int N = NC > 0 ? NC : static_cast<int>(s.nstate);
   T a_row[NC > 0 ? NC : kMaxState], carry[NC > 0 ? NC : kMaxState];
@@ -126,24 +243,13 @@ void backward_row(const Scan<T>& s, int64_t b, int64_t d, const T* states, const
     carry[n] = dlast ? dlast[n] : T(0);  // dL/dh_{len-1} from the returned last state
     dA_acc[n] = T(0);
   }
-  const int64_t r = s.row(b, d), len = s.len;
-  const T* u = s.u.load(b, d, len, w.rows.u.data());
-  const T* raw = s.delta.load(b, d, len, w.rows.raw.data());
-  const T* z = s.z ? s.z.load(b, d, len, w.rows.z.data()) : nullptr;
-  const T* go = dout + r;
+  const int64_t len = s.len, step = s.dim;
+  const T *dt = io.dt.row(b, d), *dtu = io.dtu.row(b, d), *dy = io.dy.row(b, d);
+  T *y = io.y.row(b, d), *gbs = io.gb.row(b, d), *gdts = io.gdt.row(b, d);
   const T* B0 = s.b_ptr(b, d);
   const T* C0 = s.c_ptr(b, d);
   const int64_t bs = s.b_step(), cs = s.c_step();
-  const T skip = s.Dskip ? s.Dskip[d] : T(0);
-  const T bias = s.bias ? s.bias[d] : T(0);
-  T dskip_acc = T(0);
-  T *abuf = w.a.data(), *hbuf = w.h.data(), *ybuf = w.y.data(), *dtbuf = w.rows.dt.data();
-  T* gate = w.gate.data();
-  step_sizes(raw, bias, s.softplus, dtbuf, len);
-  if (z) {
-#pragma omp simd
-    for (int64_t t = 0; t < len; ++t) gate[t] = sigmoid(z[t]);
-  }
+  T *abuf = w.a.data(), *hbuf = w.h.data();
 
   const int64_t chunks = (len + kChunk - 1) / kChunk;
   for (int64_t c = chunks - 1; c >= 0; --c) {
@@ -153,33 +259,25 @@ void backward_row(const Scan<T>& s, int64_t b, int64_t d, const T* states, const
     const T* hp = h0;
     for (int64_t i = 0; i < m; ++i) {
       const int64_t t = t0 + i;
-      const T dt = dtbuf[t], dtu = dt * u[t];
+      const T dtt = dt[t * step], dtut = dtu[t * step];
       const T* Bt = B0 + t * bs;
       const T* Ct = C0 + t * cs;
       T* ai = abuf + i * N;
       T* hi = hbuf + i * N;
-      T y = T(0);
-#pragma omp simd reduction(+ : y)
+      T yt = T(0);
+#pragma omp simd reduction(+ : yt)
       for (int n = 0; n < N; ++n) {
-        ai[n] = exp_vec(dt * a_row[n]);
-        hi[n] = ai[n] * hp[n] + dtu * Bt[n];
-        y += hi[n] * Ct[n];
+        ai[n] = exp_vec(dtt * a_row[n]);
+        hi[n] = ai[n] * hp[n] + dtut * Bt[n];
+        yt += hi[n] * Ct[n];
       }
-      ybuf[i] = y;
+      if (io.keep_y) y[t * step] = yt;
       hp = hi;
     }
     // reverse recurrence through the chunk
     for (int64_t i = m - 1; i >= 0; --i) {
       const int64_t t = t0 + i;
-      const T dt = dtbuf[t], ut = u[t];
-      T dy = go[t];
-      if (z) {
-        const T zt = z[t], sg = gate[t];
-        g.dz[t] = dy * (ybuf[i] + skip * ut) * sg * (T(1) + zt * (T(1) - sg));
-        dy *= zt * sg;
-      }
-      dskip_acc += dy * ut;
-      const T dtu = dt * ut;
+      const T dtt = dt[t * step], dyt = dy[t * step], dtut = dtu[t * step];
       const T* Bt = B0 + t * bs;
       const T* Ct = C0 + t * cs;
       T* dBt = g.dB + t * g.dbs;
@@ -190,33 +288,20 @@ void backward_row(const Scan<T>& s, int64_t b, int64_t d, const T* states, const
       T gb = T(0), gda = T(0);
 #pragma omp simd reduction(+ : gb, gda)
       for (int n = 0; n < N; ++n) {
-        const T gn = carry[n] + dy * Ct[n];  // dL/dh_t
-        dCt[n] += dy * hi[n];
-        dBt[n] += gn * dtu;
+        const T gn = carry[n] + dyt * Ct[n];  // dL/dh_t
+        dCt[n] += dyt * hi[n];
+        dBt[n] += gn * dtut;
         gb += gn * Bt[n];                        // dL/d(delta_t u_t)
         const T glog = gn * ai[n] * hprev[n];    // dL/d(delta_t A_n)
-        dA_acc[n] += glog * dt;
+        dA_acc[n] += glog * dtt;
         gda += glog * a_row[n];
         carry[n] = ai[n] * gn;
       }
-      g.du[t] = dy * skip + gb * dt;
-      g.ddelta[t] = gda + gb * ut;  // dL/d(step size); through the softplus below
+      gbs[t * step] = gb;
+      gdts[t * step] = gda;
     }
-  }
-  T dbias_acc = T(0);
-  if (s.softplus) {
-#pragma omp simd reduction(+ : dbias_acc)
-    for (int64_t t = 0; t < len; ++t) {
-      g.ddelta[t] *= softplus_grad(raw[t] + bias);
-      dbias_acc += g.ddelta[t];
-    }
-  } else {
-#pragma omp simd reduction(+ : dbias_acc)
-    for (int64_t t = 0; t < len; ++t) dbias_acc += g.ddelta[t];
   }
   for (int n = 0; n < N; ++n) g.dA[n] = dA_acc[n];
-  *g.dskip = dskip_acc;
-  *g.dbias = dbias_acc;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -283,14 +368,24 @@ Scan<T> describe(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
 // ---------------------------------------------------------------------------------------------
 // entry points
 // ---------------------------------------------------------------------------------------------
+// A token-major (batch, len, dim) tensor, returned as its (batch, dim, len) view.
+at::Tensor token_major(const at::Tensor& like, int64_t batch, int64_t dim, int64_t len) {
+  return at::empty({batch, len, dim}, like.options());
+}
+
+template <typename T>
+TokenMajor<T> tokens_of(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.size(1), t.size(2)};
+}
+
 template <typename T, int NC>
-void forward_all(const Scan<T>& s, T* out, T* last, T* states) {
+void forward_all(const Scan<T>& s, const TokenMajor<T>& dt, const TokenMajor<T>& dtu, const TokenMajor<T>& out,
+                 T* last, T* states) {
   const int64_t chunks = (s.len + kChunk - 1) / kChunk;
   at::parallel_for(0, s.batch * s.dim, 1, [&](int64_t begin, int64_t end) {
-    RowBuffers<T> rows(s.len);
     for (int64_t r = begin; r < end; ++r) {
       T* st = states ? states + r * chunks * s.nstate : nullptr;
-      forward_row<T, NC>(s, r / s.dim, r % s.dim, out, last + r * s.nstate, st, rows);
+      forward_row<T, NC>(s, r / s.dim, r % s.dim, dt, dtu, out, last + r * s.nstate, st);
     }
   });
 }
@@ -302,21 +397,21 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble, "float32 or float64 only");
   const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2), nstate = A.size(1);
   const int64_t chunks = (len + kChunk - 1) / kChunk;
-  at::Tensor out = at::empty(u.sizes(), u.options());
+  at::Tensor out = token_major(u, batch, dim, len);
+  at::Tensor dt = token_major(u, batch, dim, len), dtu = token_major(u, batch, dim, len);
   at::Tensor last = at::empty({batch, dim, nstate}, u.options());
   at::Tensor states = at::empty({save_states ? batch : 0, dim, chunks, nstate}, u.options());
   auto run = [&](auto tag) {
     using T = decltype(tag);
     Scan<T> s = describe<T>(u, delta, A, B, C, D, z, bias, softplus);
     T* st = save_states ? states.data_ptr<T>() : nullptr;
-    if (nstate == 16) {
-      forward_all<T, 16>(s, out.data_ptr<T>(), last.data_ptr<T>(), st);
-    } else {
-      forward_all<T, 0>(s, out.data_ptr<T>(), last.data_ptr<T>(), st);
-    }
+    prepare_steps(s, tokens_of<T>(dt), tokens_of<T>(dtu));
+    auto rows = nstate == 16 ? forward_all<T, 16> : forward_all<T, 0>;
+    rows(s, tokens_of<T>(dt), tokens_of<T>(dtu), tokens_of<T>(out), last.data_ptr<T>(), st);
+    finish_out(s, tokens_of<T>(out));
   };
   if (u.scalar_type() == at::kFloat) run(float{}); else run(double{});
-  return {out, last, states};
+  return {out.transpose(1, 2), last, states};
 }
 
 // Channels of one parallel work item: item -> (b, fine group, block) with every block inside a
@@ -337,12 +432,12 @@ Blocks plan_blocks(int64_t batch, int64_t dim, bool b_var, int64_t b_groups, boo
 }
 
 template <typename T, int NC>
-void backward_all(const Scan<T>& s, const Blocks& p, const T* states, const T* dout, const T* dlast,
-                  T* du, T* ddelta, T* dz, T* dA_rows, T* dskip_rows, T* dbias_rows, T* dB_part, T* dC_part) {
+void backward_all(const Scan<T>& s, const Blocks& p, const T* states, const T* dlast, const RowIO<T>& io,
+                  T* dA_rows, T* dB_part, T* dC_part) {
   const int64_t chunks = (s.len + kChunk - 1) / kChunk;
   const int64_t N = s.nstate;
   at::parallel_for(0, p.items, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> work(N, s.len);
+    Scratch<T> work(N);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = it / (p.fine_groups * p.per_group);
       const int64_t fg = (it / p.per_group) % p.fine_groups;
@@ -352,17 +447,12 @@ void backward_all(const Scan<T>& s, const Blocks& p, const T* states, const T* d
       for (int64_t d = d0; d < d1; ++d) {
         const int64_t r = b * s.dim + d;
         RowGrads<T> g;
-        g.du = du + r * s.len;
-        g.ddelta = ddelta + r * s.len;
-        g.dz = dz ? dz + r * s.len : nullptr;
         g.dA = dA_rows + r * N;
-        g.dskip = dskip_rows + r;
-        g.dbias = dbias_rows + r;
         g.dB = s.b_var ? dB_part + it * s.len * N : dB_part + r * N;
         g.dbs = s.b_var ? N : 0;
         g.dC = s.c_var ? dC_part + it * s.len * N : dC_part + r * N;
         g.dcs = s.c_var ? N : 0;
-        backward_row<T, NC>(s, b, d, states + r * chunks * N, dout, dlast ? dlast + r * N : nullptr, g, work);
+        backward_row<T, NC>(s, b, d, states + r * chunks * N, dlast ? dlast + r * N : nullptr, io, g, work);
       }
     }
   });
@@ -386,8 +476,8 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   const int64_t chunks = (len + kChunk - 1) / kChunk;
   TORCH_CHECK(states.is_contiguous() && states.sizes() == at::IntArrayRef({batch, dim, chunks, nstate}),
               "states must come from the forward with save_states=True");
-  TORCH_CHECK(dout.sizes() == u.sizes() && dout.is_contiguous() && dout.scalar_type() == u.scalar_type(),
-              "dout must be contiguous (batch, dim, len)");
+  TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == u.scalar_type(),
+              "dout must be (batch, dim, len) with u's dtype");
   if (dlast) {
     TORCH_CHECK(dlast->is_contiguous() && dlast->sizes() == at::IntArrayRef({batch, dim, nstate}),
                 "dlast must be contiguous (batch, dim, N)");
@@ -396,26 +486,33 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   const int64_t b_groups = b_var ? B.size(1) : dim, c_groups = c_var ? C.size(1) : dim;
   const Blocks p = plan_blocks(batch, dim, b_var, b_groups, c_var, c_groups);
   const auto opt = u.options();
-  at::Tensor du = at::empty(u.sizes(), opt), ddelta = at::empty(u.sizes(), opt);
-  at::Tensor dz = z ? at::empty(u.sizes(), opt) : at::empty({0}, opt);
+  // gradients token-major; scratch: step sizes, dt * u, dL/dy, and y when dz needs it
+  at::Tensor du = token_major(u, batch, dim, len), ddelta = token_major(u, batch, dim, len);
+  at::Tensor dz = z ? token_major(u, batch, dim, len) : at::empty({0}, opt);
+  at::Tensor scratch = at::empty({z ? 4 : 3, batch, len, dim}, opt);
   at::Tensor dA_rows = at::empty({batch, dim, nstate}, opt);
-  at::Tensor dskip_rows = at::empty({batch, dim}, opt), dbias_rows = at::empty({batch, dim}, opt);
+  at::Tensor dskip_part = at::empty({batch, dim}, opt), dbias_part = at::empty({batch, dim}, opt);
   at::Tensor dB_part = b_var ? at::zeros({p.items, len, nstate}, opt) : at::zeros({batch, dim, nstate}, opt);
   at::Tensor dC_part = c_var ? at::zeros({p.items, len, nstate}, opt) : at::zeros({batch, dim, nstate}, opt);
   auto run = [&](auto tag) {
     using T = decltype(tag);
     Scan<T> s = describe<T>(u, delta, A, B, C, D, z, bias, softplus);
-    auto call = [&](auto kernel) {
-      kernel(s, p, states.data_ptr<T>(), dout.data_ptr<T>(), dlast ? dlast->data_ptr<T>() : nullptr,
-             du.data_ptr<T>(), ddelta.data_ptr<T>(), z ? dz.data_ptr<T>() : nullptr, dA_rows.data_ptr<T>(),
-             dskip_rows.data_ptr<T>(), dbias_rows.data_ptr<T>(), dB_part.data_ptr<T>(), dC_part.data_ptr<T>());
-    };
-    if (nstate == 16) call(backward_all<T, 16>); else call(backward_all<T, 0>);
+    const Rows<T> go(dout);
+    const RowIO<T> io{tokens_of<T>(scratch[0]), tokens_of<T>(scratch[1]), tokens_of<T>(scratch[2]),
+                      tokens_of<T>(scratch[z ? 3 : 2]), tokens_of<T>(du), tokens_of<T>(ddelta), z.has_value()};
+    prepare_steps(s, io.dt, io.dtu);
+    prepare_dy(s, go, io.dy);
+    auto rows = nstate == 16 ? backward_all<T, 16> : backward_all<T, 0>;
+    rows(s, p, states.data_ptr<T>(), dlast ? dlast->data_ptr<T>() : nullptr, io, dA_rows.data_ptr<T>(),
+         dB_part.data_ptr<T>(), dC_part.data_ptr<T>());
+    finish_grads(s, go, io.dt, io.dy, io.y, io.gb, io.gdt, z ? tokens_of<T>(dz) : io.y, dskip_part.data_ptr<T>(),
+                 dbias_part.data_ptr<T>());
   };
   if (u.scalar_type() == at::kFloat) run(float{}); else run(double{});
   at::Tensor dB = reduce_partial(dB_part, b_var, b_groups, p, batch, len, nstate);
   at::Tensor dC = reduce_partial(dC_part, c_var, c_groups, p, batch, len, nstate);
-  return {du, ddelta, dA_rows.sum(0), dB, dC, dskip_rows.sum(0), dz, dbias_rows.sum(0)};
+  return {du.transpose(1, 2), ddelta.transpose(1, 2), dA_rows.sum(0), dB, dC, dskip_part.sum(0),
+          z ? dz.transpose(1, 2) : at::empty({0}, opt), dbias_part.sum(0)};
 }
 
 }  // namespace

@@ -76,22 +76,10 @@ __attribute__((always_inline)) inline double sigmoid(double x) { return 1.0 / (1
 __attribute__((always_inline)) inline float softplus_grad(float x) { return sigmoid(x); }
 __attribute__((always_inline)) inline double softplus_grad(double x) { return x > 20.0 ? 1.0 : sigmoid(x); }
 
-// Step sizes of one row: out[t] = softplus(raw[t] + bias) (or without the softplus).
-template <typename T>
-void step_sizes(const T* raw, T bias, bool use_softplus, T* out, int64_t len) {
-  if (use_softplus) {
-#pragma omp simd
-    for (int64_t t = 0; t < len; ++t) out[t] = softplus(raw[t] + bias);
-  } else {
-#pragma omp simd
-    for (int64_t t = 0; t < len; ++t) out[t] = raw[t] + bias;
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // problem description shared by the row kernels
 // ---------------------------------------------------------------------------------------------
-// A (batch, dim, len) input with any strides (u, delta and z may be transposed views, as Mamba's
+// A (batch, dim, len) input with any strides (u, delta, z and dout may be transposed views, as Mamba's
 // projections produce them: saving views instead of contiguous copies keeps no second copy alive).
 template <typename T>
 struct Rows {
@@ -100,20 +88,30 @@ struct Rows {
   Rows() = default;
   explicit Rows(const at::Tensor& t) : p(t.data_ptr<T>()), sb(t.stride(0)), sd(t.stride(1)), st(t.stride(2)) {}
   explicit operator bool() const { return p != nullptr; }
-  // row (b, d) as a contiguous array: the row itself, or its copy in buf
-  const T* load(int64_t b, int64_t d, int64_t len, T* buf) const {
-    const T* r = p + b * sb + d * sd;
-    if (st == 1) return r;
-    for (int64_t t = 0; t < len; ++t) buf[t] = r[t * st];
+  // the dim channels of token (b, t) as a contiguous array: the input itself, or its copy in buf
+  const T* token(int64_t b, int64_t t, int64_t dim, T* buf) const {
+    const T* r = p + b * sb + t * st;
+    if (sd == 1) return r;
+    for (int64_t d = 0; d < dim; ++d) buf[d] = r[d * sd];
     return buf;
   }
 };
 
-// Per-thread row buffers for strided inputs (and the step sizes).
+// Per-thread copies of one token's channels of the strided inputs (used where they are not contiguous).
 template <typename T>
-struct RowBuffers {
-  std::vector<T> u, raw, z, dt;
-  explicit RowBuffers(int64_t len) : u(len), raw(len), z(len), dt(len) {}
+struct TokenBuffers {
+  std::vector<T> u, raw, z, dout;
+  explicit TokenBuffers(int64_t dim) : u(dim), raw(dim), z(dim), dout(dim) {}
+};
+
+// Token-major (batch, len, dim) work arrays of the row kernels; row (b, d) reads element t at
+// (b * len + t) * dim + d, i.e. with stride dim from row(b, d).
+template <typename T>
+struct TokenMajor {
+  T* p;
+  int64_t len, dim;
+  T* row(int64_t b, int64_t d) const { return p + b * len * dim + d; }
+  T* token(int64_t b, int64_t t) const { return p + (b * len + t) * dim; }
 };
 
 template <typename T>
@@ -129,7 +127,6 @@ struct Scan {
   bool b_var, c_var;
   int64_t b_groups, c_groups;
 
-  int64_t row(int64_t b, int64_t d) const { return (b * dim + d) * len; }
   // first element of B (or C) for row (b, d), and its stride between time steps
   const T* b_ptr(int64_t b, int64_t d) const {
     return b_var ? Bm + (b * b_groups + d / (dim / b_groups)) * len * nstate : Bm + d * nstate;
