@@ -55,6 +55,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from ssl_med.encoder import TokenEncoder, TokenLayout, size_preset
+from ssl_med.ops import selective_scan_fused
 from ssl_med.ops.mlstm import MLSTMImpl, mlstm
 from ssl_med.registry import BACKBONES
 
@@ -185,8 +186,20 @@ class GridConv(nn.Module):
         else:
             index = positions[..., None].expand(-1, -1, c)
             full = x.new_zeros(b, n, c).scatter(1, index, x)
-        out = self.conv(full.transpose(1, 2).reshape(b, c, *grid)).flatten(2).transpose(1, 2)
+        out = self.conv_tokens(full, grid)
         return out if positions is None else torch.gather(out, 1, index)
+
+    def conv_tokens(self, x: Tensor, grid: tuple[int, ...]) -> Tensor:
+        """The conv on ``(B, N, C)`` tokens filling ``grid`` in raster order -> ``(B, N, C)``.
+
+        On the CPU (eager, float32/64) it runs in the fused extension's token-major kernel
+        (:func:`ssl_med.ops.selective_scan_fused.grid_conv_fused`): PyTorch's depthwise conv backward
+        costs milliseconds on the few-token grids of small crops; elsewhere ``nn.Conv2d/3d``.
+        """
+        if selective_scan_fused.grid_conv_applies(x) and self.conv.weight.dtype == x.dtype:
+            return selective_scan_fused.grid_conv_fused(x, self.conv.weight, self.conv.bias, grid)
+        b, _, c = x.shape
+        return self.conv(x.transpose(1, 2).reshape(b, c, *grid)).flatten(2).transpose(1, 2)
 
 
 class MLSTMCell(nn.Module):

@@ -14,7 +14,9 @@ and the gradients of ``u``, ``delta`` and ``z`` are token-major (``stride(1) == 
 The same extension holds the branch's causal depthwise conv + SiLU (``csrc/causal_conv_cpu.cpp``,
 :func:`conv_fused`): on ``(B, E, L)`` inputs of a few tokens (DINO's local crops, VoCo's crops)
 oneDNN's grouped ``conv1d`` and its backward cost more than the selective scan itself, and even at
-a thousand tokens the weight gradient's depthwise path costs tens of ns per element. The kernel
+a thousand tokens the weight gradient's depthwise path costs tens of ns per element. The ViL layer's
+depthwise grid conv (``csrc/grid_conv_cpu.cpp``, :func:`grid_conv_fused`) is there for the same
+reason: PyTorch's depthwise ``Conv3d`` backward took ~8 ms on a batch of 2^3-token grids. The kernel
 walks time with the channels innermost (contiguous in Mamba's token-major layout), a few vector
 multiply-adds per step, and recomputes the pre-activation in the backward, so it saves only ``x``.
 
@@ -46,6 +48,8 @@ SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
 HEADER = SOURCE.with_suffix(".h")
 #: The causal depthwise conv (+ SiLU) of a Mamba branch, built into the same extension.
 CONV_SOURCE = SOURCE.with_name("causal_conv_cpu.cpp")
+#: The depthwise grid conv of a ViL (xLSTM) layer, built into the same extension.
+GRID_SOURCE = SOURCE.with_name("grid_conv_cpu.cpp")
 #: Largest state size N the kernel accepts (kMaxState in the C++ source).
 MAX_STATE = 256
 #: Compiler flags per ``torch.backends.cpu.get_cpu_capability()``; the loops over N vectorise with them.
@@ -65,7 +69,7 @@ def _load() -> tuple[Any | None, str]:
     """Build (or load the cached build of) the extension: ``(torch.ops namespace or None, why)``."""
     global ATTEMPTED
     ATTEMPTED = True
-    if not (SOURCE.is_file() and HEADER.is_file() and CONV_SOURCE.is_file()):
+    if not all(path.is_file() for path in (SOURCE, HEADER, CONV_SOURCE, GRID_SOURCE)):
         return None, f"the sources in {SOURCE.parent} are missing from this installation"
     torch_logger = logging.getLogger("torch.utils.cpp_extension")
     level = torch_logger.level
@@ -88,7 +92,7 @@ def _load() -> tuple[Any | None, str]:
     try:
         cpp_extension.load(
             name=name,
-            sources=[str(SOURCE), str(CONV_SOURCE)],
+            sources=[str(SOURCE), str(CONV_SOURCE), str(GRID_SOURCE)],
             # -fno-trapping-math lets g++ turn the clamps of the exponential into vector min/max;
             # the header's hash is a flag because torch keys its build cache on sources and flags
             extra_cflags=[
@@ -103,7 +107,7 @@ def _load() -> tuple[Any | None, str]:
             verbose=False,
         )
         ops = torch.ops.ssl_med_scan
-        ops.fwd, ops.bwd, ops.conv_fwd, ops.conv_bwd  # noqa: B018 - resolve the ops now so a broken build fails here
+        ops.fwd, ops.bwd, ops.conv_fwd, ops.conv_bwd, ops.grid_conv_fwd, ops.grid_conv_bwd  # noqa: B018 - resolve the ops now so a broken build fails here
         _register_fakes()
     except Exception as err:
         logger.debug("building %s failed", name, exc_info=True)
@@ -249,6 +253,53 @@ def conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Te
     if not conv_applies(x, weight, bias):
         raise ValueError("conv_fused takes CPU float32/float64 tensors of one dtype, outside autocast")
     return _FusedConv.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(), silu)
+
+
+class _FusedGridConv(torch.autograd.Function):
+    """Depthwise grid conv by the C++ kernel; saves only the inputs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, grid: tuple[int, ...], kernel: int):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, bias)
+        ctx.grid, ctx.kernel = grid, kernel
+        return _ops().grid_conv_fwd(x, weight, bias, list(grid), kernel)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, weight, bias = ctx.saved_tensors
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        dx, dw, db = _ops().grid_conv_bwd(x, weight, bias, list(ctx.grid), ctx.kernel, grad)
+        return dx, dw, None if bias is None else db, None, None
+
+
+def grid_conv_applies(x: Tensor) -> bool:
+    """Whether :func:`grid_conv_fused` runs here: the extension is built, eager mode, and
+    :func:`conv_applies`' dtype and autocast conditions."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and fused_available()
+    )
+
+
+def grid_conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None, grid: tuple[int, ...]) -> Tensor:
+    """Depthwise ``k^d`` convolution (zero padding ``k // 2``) over a token grid by the C++ kernel.
+
+    Args:
+        x: ``(B, N, C)``, the ``N = prod(grid)`` tokens in raster order (last axis fastest).
+        weight: ``nn.Conv2d``/``nn.Conv3d``'s depthwise weight ``(C, 1, k, k[, k])``.
+        bias: ``(C,)`` or ``None``.
+        grid: the 2D or 3D token grid.
+
+    Returns:
+        ``(B, N, C)`` contiguous, in ``x``'s dtype; equal to the conv over ``x`` reshaped to the grid.
+    """
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    kernel = weight.shape[-1]
+    flat = weight.reshape(weight.shape[0], -1).to(x.dtype)
+    return _FusedGridConv.apply(x, flat, None if bias is None else bias.to(x.dtype), tuple(grid), kernel)
 
 
 def _layout_bc(M: Tensor, batch: int, channels: int, dtype: torch.dtype) -> Tensor:

@@ -188,6 +188,32 @@ def test_visible_only_forward(spatial_dims: int) -> None:
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_fused_grid_conv_gives_the_same_model(spatial_dims: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C++ grid conv (CPU default) and ``nn.Conv2d/3d``: same outputs and parameter gradients, full
+    grid and visible-only (kept tokens scattered into a zero grid)."""
+    from ssl_med.ops import selective_scan_fused
+
+    if not selective_scan_fused.fused_available():
+        pytest.skip(f"fused CPU kernel unavailable: {selective_scan_fused.fused_status()}")
+    model = build(spatial_dims).double()
+    randomise(model)
+    x = torch.randn(2, 1, *([16] * spatial_dims), dtype=F64)
+    n = 4**spatial_dims
+    keep = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(s))[: n // 2] for s in (0, 1)])
+
+    def run() -> list[torch.Tensor]:
+        model.zero_grad()
+        loss = sum(model(x, keep_idx=k).patch_tokens.square().sum() for k in (None, keep))
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    fused = run()
+    monkeypatch.setattr(selective_scan_fused, "grid_conv_applies", lambda x: False)
+    for a, b in zip(fused, run(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_mlstm_forms_give_the_same_model(spatial_dims: int) -> None:
     model = build(spatial_dims, img_size=20).double().eval()
     randomise(model)

@@ -294,3 +294,26 @@ def test_fallback_to_the_torch_scan_logs_one_line(no_compiler, caplog: pytest.Lo
     torch.testing.assert_close(first, second)
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         selective_scan(*tensors, impl="fused")
+
+
+@pytest.mark.parametrize(
+    ("grid", "kernel"), [((1, 1), 3), ((2, 2), 3), ((4, 5), 3), ((3, 6), 5), ((2, 2, 2), 3), ((3, 4, 5), 3)]
+)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_grid_conv_float64_matches_nn_conv(grid: tuple[int, ...], kernel: int, with_bias: bool) -> None:
+    """The C++ depthwise grid conv on (B, N, C) tokens: outputs and the gradients of x, weight and bias
+    equal ``nn.Conv2d/3d`` (padding k // 2) on the tokens reshaped to the grid; x is a channel slice of a
+    wider tensor, as the ViL layer's ``proj_up`` output."""
+    g = torch.Generator().manual_seed(len(grid) * 10 + kernel)
+    b, c, n = 3, 6, int(torch.tensor(grid).prod())
+    conv = (torch.nn.Conv2d if len(grid) == 2 else torch.nn.Conv3d)(
+        c, c, kernel, padding=kernel // 2, groups=c, bias=with_bias
+    ).double()
+    x = torch.randn(b, n, 2 * c, generator=g, dtype=F64)[..., :c].requires_grad_()
+    grad = torch.randn(b, n, c, generator=g, dtype=F64)
+    got = fused_ops.grid_conv_fused(x, conv.weight, conv.bias, grid)
+    want = conv(x.transpose(1, 2).reshape(b, c, *grid)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    leaves = [x, conv.weight] + ([conv.bias] if with_bias else [])
+    for a, w in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, leaves, grad), strict=True):
+        torch.testing.assert_close(a, w, rtol=1e-12, atol=1e-12)
