@@ -177,10 +177,10 @@ void forward_row(const Scan<T>& s, int64_t b, int64_t d, const TokenMajor<T>& dt
                  const TokenMajor<T>& out, T* last, T* states) {
   const int N = NC > 0 ? NC : static_cast<int>(s.nstate);
   T h[NC > 0 ? NC : kMaxState];
-  T a_row[NC > 0 ? NC : kMaxState];
+  T a2_row[NC > 0 ? NC : kMaxState];  // A log2(e): decays are exp2_vec(dt * a2)
   for (int n = 0; n < N; ++n) {
     h[n] = T(0);
-    a_row[n] = s.A[d * N + n];
+    a2_row[n] = s.A[d * N + n] * T(kLog2e);
   }
   const int64_t len = s.len, step = s.dim;
   const T* Bt = s.b_ptr(b, d);
@@ -193,7 +193,7 @@ void forward_row(const Scan<T>& s, int64_t b, int64_t d, const TokenMajor<T>& dt
     T y = T(0);
 #pragma omp simd reduction(+ : y)
     for (int n = 0; n < N; ++n) {
-      h[n] = exp_vec(dtt * a_row[n]) * h[n] + dtut * Bt[n];
+      h[n] = exp2_vec(dtt * a2_row[n]) * h[n] + dtut * Bt[n];
       y += h[n] * Ct[n];
     }
     o[t * step] = y;
@@ -237,9 +237,10 @@ void backward_row(const Scan<T>& s, int64_t b, int64_t d, const T* states, const
                   const RowGrads<T>& g, Scratch<T>& w) {
   const int N = NC > 0 ? NC : static_cast<int>(s.nstate);
   T a_row[NC > 0 ? NC : kMaxState], carry[NC > 0 ? NC : kMaxState];
-  T dA_acc[NC > 0 ? NC : kMaxState], h0[NC > 0 ? NC : kMaxState];
+  T dA_acc[NC > 0 ? NC : kMaxState], h0[NC > 0 ? NC : kMaxState], a2_row[NC > 0 ? NC : kMaxState];
   for (int n = 0; n < N; ++n) {
     a_row[n] = s.A[d * N + n];
+    a2_row[n] = a_row[n] * T(kLog2e);
     carry[n] = dlast ? dlast[n] : T(0);  // dL/dh_{len-1} from the returned last state
     dA_acc[n] = T(0);
   }
@@ -267,7 +268,7 @@ void backward_row(const Scan<T>& s, int64_t b, int64_t d, const T* states, const
       T yt = T(0);
 #pragma omp simd reduction(+ : yt)
       for (int n = 0; n < N; ++n) {
-        ai[n] = exp_vec(dtt * a_row[n]);
+        ai[n] = exp2_vec(dtt * a2_row[n]);
         hi[n] = ai[n] * hp[n] + dtut * Bt[n];
         yt += hi[n] * Ct[n];
       }

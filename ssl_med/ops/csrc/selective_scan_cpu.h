@@ -48,6 +48,33 @@ __attribute__((always_inline)) inline float exp_vec(float x) {
 // float64 keeps the library functions: it is the dtype of the parity tests, not of training.
 __attribute__((always_inline)) inline double exp_vec(double x) { return std::exp(x); }
 
+// 2^x for float32 without branches, the decays' form exp(dt A) = 2^(dt A log2(e)) with log2(e) folded
+// into A once per row: x = k + r with k the nearest integer, so r in [-1/2, 1/2] is exact and needs
+// no split-constant reduction; 2^r from Cephes' degree-6 exp2f polynomial (relative error ~2e-7,
+// float32 rounding), 2^k written into the exponent bits. Clamped to [-126, 126] as exp_vec.
+__attribute__((always_inline)) inline float exp2_vec(float x) {
+  x = std::max(x, -126.0f);
+  x = std::min(x, 126.0f);
+  const float k = (x + 12582912.0f) - 12582912.0f;  // round to nearest integer (1.5 * 2^23 trick)
+  const float r = x - k;
+  float p = 1.535336188319500e-4f;
+  p = p * r + 1.339887440266574e-3f;
+  p = p * r + 9.618437357674640e-3f;
+  p = p * r + 5.550332471162809e-2f;
+  p = p * r + 2.402264791363012e-1f;
+  p = p * r + 6.931472028550421e-1f;
+  p = p * r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+__attribute__((always_inline)) inline double exp2_vec(double x) { return std::exp2(x); }
+
+// log2(e), folded into A so that a decay is exp2_vec(dt * A * log2(e)).
+constexpr double kLog2e = 1.4426950408889634;
+
 // log(1 + e) for e in [0, 1] without branches: 2 atanh(s) with s = e / (2 + e) <= 1/3, summed to the
 // s^15 term (truncation below 2e-9 relative), accurate for tiny e where 1 + e would round.
 __attribute__((always_inline)) inline float log1p_unit(float e) {
