@@ -7,7 +7,9 @@ pre-norm blocks ``x <- x + drop_path(mixer(norm(x)))`` -> final norm -> CLS toke
 The mixer (:class:`MultiScanMamba`) shares ``in_proj`` (x and gate z) and ``out_proj`` across scan
 orders; each order has its own :class:`ScanBranch` (causal depthwise conv1d + SiLU, ``x_proj``,
 ``dt_proj``, ``A_log``, ``D``) and runs the selective scan (:mod:`ssl_med.ops.selective_scan`) over the
-sequence permuted into that order; the gated outputs are permuted back and averaged.
+sequence permuted into that order; the gated outputs are permuted back and averaged. The K orders run
+as one batch (:func:`scan_branches`): order ``k`` in channels ``k E .. (k + 1) E`` of one conv, one
+scan call and batched projections, so the op count per block does not grow with K.
 
 Scan orders (``scan_orders``) are strings of axis letters from slowest to fastest (2D ``h, w``;
 3D ``d, h, w``) with an optional ``_rev`` suffix for the reversed sequence:
@@ -43,7 +45,6 @@ from functools import partial
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
@@ -124,36 +125,89 @@ def invert(perm: Tensor) -> Tensor:
     return torch.argsort(perm, dim=1)
 
 
-def _take(x: Tensor, index: Tensor) -> Tensor:
-    """``x`` ``(B, L, C)`` -> ``x[b, index[b]]`` ``(B, L, C)``, one ``index_select`` over the B*L rows."""
-    batch, length = index.shape
-    rows = index + length * torch.arange(batch, device=index.device)[:, None]
-    return x.reshape(batch * length, -1).index_select(0, rows.reshape(-1)).view(batch, length, -1)
+class _SelectSum(torch.autograd.Function):
+    """Rows of ``x`` ``(R, C)`` selected by ``index`` and summed over runs of ``group`` consecutive picks;
+    the backward is the same operation with ``back_index`` and ``back_group``.
 
-
-class _Reorder(torch.autograd.Function):
-    """``x[b, perm[b]]`` whose backward is the same row selection by the inverse permutation.
-
-    Autograd's backward of advanced indexing (or of ``torch.gather``) is a scatter-add into zeros
-    (``index_put_`` with accumulation), a serial CPU loop that cost more than the selection itself; a
-    permutation needs no accumulation. Only the index is saved, not ``x``.
+    Spreading the sequence into K scan orders and merging the K outputs back are adjoint pairs of
+    this form (:class:`OrderIndex`): each forward is one ``index_select``, and so is each backward,
+    where autograd's backward of indexing would be a serial scatter-add into zeros. Only the index
+    is saved, not ``x``.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(inverse)
-        return _take(x, perm)
+    def forward(ctx, x: Tensor, index: Tensor, group: int, back_index: Tensor, back_group: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(back_index)
+        ctx.back_group = back_group
+        return _select_sum(x, index, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (inverse,) = ctx.saved_tensors
-        return _take(grad, inverse), None, None
+        (back_index,) = ctx.saved_tensors
+        return _select_sum(grad, back_index, ctx.back_group), None, None, None, None
 
 
-def _gather_seq(x: Tensor, perm: Tensor, inverse: Tensor | None = None) -> Tensor:
-    """``x`` ``(B, L, C)`` reordered along L by the permutation ``perm`` ``(B, L)`` (``inverse``: its
-    inverse, computed when not given)."""
-    return _Reorder.apply(x, perm, invert(perm) if inverse is None else inverse)
+def _select_sum(x: Tensor, index: Tensor, group: int) -> Tensor:
+    """``x`` ``(R, C)`` -> ``x[index]`` summed over runs of ``group`` rows, ``(len(index) / group, C)``."""
+    out = x.index_select(0, index)
+    return out if group == 1 else out.view(-1, group, x.shape[-1]).sum(1)
+
+
+class OrderIndex:
+    """Row indices that spread a sequence into K scan orders at once and merge the K outputs back.
+
+    With ``P[b, t, k]`` the sequence index order ``k`` visits at step ``t`` and ``Q`` its inverse
+    (``Q[b, s, k]``: the step at which order ``k`` visits ``s``):
+
+    * spread: ``xz`` ``(B, L, 2, E)`` (x and gate z) -> ``(B, L, 2, K, E)``, entry ``(b, t, p, k)`` =
+      ``xz[b, P[b, t, k], p]``; its adjoint sums ``g[b, Q[b, s, k], p, k]`` over ``k``.
+    * merge: ``y`` ``(B, L, K, E)`` (order ``k``'s output at its step ``t``) -> ``(B, L, E)``, the sum
+      over ``k`` of ``y[b, Q[b, s, k], k]``; its adjoint is ``g[b, P[b, t, k]]``.
+
+    Args:
+        orders: one ``(B, L)`` permutation per order, ``None`` for the sequence's own order.
+        inverses: their inverses (``None`` where the order is ``None``).
+        batch, length: B and L.
+        device: where the indices live.
+    """
+
+    def __init__(
+        self,
+        orders: Sequence[Tensor | None],
+        inverses: Sequence[Tensor | None],
+        batch: int,
+        length: int,
+        device: torch.device,
+    ) -> None:
+        ident = torch.arange(length, device=device).expand(batch, -1)
+        perm = torch.stack([ident if p is None else p for p in orders], dim=-1)  # (B, L, K)
+        inv = torch.stack([ident if q is None else q for q in inverses], dim=-1)
+        self.orders = k = perm.shape[-1]
+        base = length * torch.arange(batch, device=device)[:, None, None]  # (B, 1, 1)
+        part = torch.arange(2, device=device)[:, None]  # (2, 1): x, z
+        order = torch.arange(k, device=device)
+        src, back = perm + base, inv + base  # (B, L, K) rows of a (B * L, ...) table
+        self.spread = (2 * src[:, :, None, :] + part).reshape(-1)  # (b, t, p, k) -> row of (B L 2, E)
+        self.spread_back = ((2 * back[:, :, None, :] + part) * k + order).reshape(-1)  # of (B L 2 K, E)
+        self.merge = (back * k + order).reshape(-1)  # (b, s, k) -> row of (B L K, E)
+        self.merge_back = src.reshape(-1)  # (b, t, k) -> row of (B L, E)
+
+    def spread_xz(self, xz: Tensor) -> tuple[Tensor, Tensor]:
+        """``xz`` ``(B, L, 2E)`` -> x and z ``(B, K E, L)`` each, token-major, order ``k`` in channels
+        ``k E .. (k + 1) E`` and its step ``t`` at position ``t``."""
+        batch, length, width = xz.shape
+        e = width // 2
+        seqs = _SelectSum.apply(xz.reshape(-1, e), self.spread, 1, self.spread_back, self.orders)
+        seqs = seqs.view(batch, length, 2, self.orders * e)
+        return seqs[:, :, 0].transpose(1, 2), seqs[:, :, 1].transpose(1, 2)
+
+    def merge_outputs(self, y: Tensor) -> Tensor:
+        """``y`` ``(B, L, K E)`` (order ``k``'s step ``t``) -> ``(B, L, E)``, summed over orders in
+        sequence order."""
+        batch, length, width = y.shape
+        e = width // self.orders
+        out = _SelectSum.apply(y.reshape(-1, e), self.merge, self.orders, self.merge_back, 1)
+        return out.view(batch, length, e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,22 +255,52 @@ class ScanBranch(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
         """``x, z`` ``(B, E, L)`` in scan order -> gated scan output ``(B, E, L)``."""
-        x = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, activation="silu", impl=self.scan_impl)
-        dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
-        dt, b, c = torch.split(dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias
-        return selective_scan(
-            x,
-            delta,
-            -torch.exp(self.A_log.float()),
-            b.transpose(1, 2),
-            c.transpose(1, 2),
-            D=self.D.float(),
-            z=z,
-            delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True,
-            impl=self.scan_impl,
-        )
+        return scan_branches([self], x, z).transpose(1, 2)
+
+
+def scan_branches(branches: Sequence[ScanBranch], x: Tensor, z: Tensor) -> Tensor:
+    """K branches at once: conv + SiLU, ``x_proj``, ``dt_proj``, one selective scan, gate.
+
+    Branch ``k`` owns channels ``k E .. (k + 1) E``: the convs are one depthwise conv over ``K E``
+    channels, the projections one batched product each, and the scan one call whose input-dependent
+    B and C have K groups (branch ``k``'s channels read group ``k``), so the op count does not grow
+    with the number of scan orders.
+
+    Args:
+        branches: the K :class:`ScanBranch` modules (their parameters, one scan backend).
+        x, z: ``(B, K E, L)``, branch ``k``'s sequence in its scan order in its channels.
+
+    Returns:
+        ``(B, L, K E)`` gated scan outputs (contiguous for the fused CPU scan, which writes token-major).
+    """
+    first = branches[0]
+    k, (batch, width, length) = len(branches), x.shape
+    e, rank, n = width // k, first.dt_rank, first.d_state
+    conv_w = torch.cat([b.conv1d.weight for b in branches])
+    conv_b = torch.cat([b.conv1d.bias for b in branches])
+    x = causal_conv1d(x, conv_w, conv_b, activation="silu", impl=first.scan_impl)
+    xk = x.transpose(1, 2).reshape(batch * length, k, e)
+    dbl = torch.einsum("ske,kfe->skf", xk, torch.stack([b.x_proj.weight for b in branches]))  # (BL, K, R+2N)
+    dt, b_in, c_in = torch.split(dbl, [rank, n, n], dim=-1)
+    delta = torch.einsum("skr,ker->ske", dt, torch.stack([b.dt_proj.weight for b in branches]))
+    delta = delta.reshape(batch, length, width).transpose(1, 2)  # bias goes in as delta_bias
+
+    def grouped(t: Tensor) -> Tensor:  # (BL, K, N) -> (B, K, N, L)
+        return t.reshape(batch, length, k, n).permute(0, 2, 3, 1)
+
+    y = selective_scan(
+        x,
+        delta,
+        -torch.exp(torch.cat([b.A_log for b in branches]).float()),
+        grouped(b_in),
+        grouped(c_in),
+        D=torch.cat([b.D for b in branches]).float(),
+        z=z,
+        delta_bias=torch.cat([b.dt_proj.bias for b in branches]).float(),
+        delta_softplus=True,
+        impl=first.scan_impl,
+    )
+    return y.transpose(1, 2)
 
 
 class MultiScanMamba(nn.Module):
@@ -253,26 +337,24 @@ class MultiScanMamba(nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
     def forward(
-        self, h: Tensor, orders: Sequence[Tensor | None], inverses: Sequence[Tensor | None] | None = None
+        self, h: Tensor, orders: OrderIndex | Sequence[Tensor | None], inverses: Sequence[Tensor | None] | None = None
     ) -> Tensor:
         """``h`` ``(B, L, D)`` -> ``(B, L, D)``.
 
         Args:
             h: ``(B, L, D)`` normed tokens in sequence order.
             orders: one ``(B, L)`` permutation per branch (``seq[:, orders[k]]`` is branch ``k``'s scan
-                order), or ``None`` for a branch that scans the sequence as it is laid out.
+                order), or ``None`` for a branch that scans the sequence as it is laid out; or their
+                :class:`OrderIndex`, built once for all blocks.
             inverses: the permutations' inverses (computed when not given).
         """
         xz = self.in_proj(h)  # (B, L, 2E)
-        total = None
-        if inverses is None:
-            inverses = [None if p is None else invert(p) for p in orders]
-        for branch, perm, inv in zip(self.branches, orders, inverses, strict=True):
-            seq = xz if perm is None else _gather_seq(xz, perm, inv)
-            x, z = seq.transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each, in scan order
-            y = branch(x, z).transpose(1, 2)  # (B, L, E) in scan order
-            y = y if perm is None else _gather_seq(y, inv, perm)  # back to sequence order
-            total = y if total is None else total + y
+        if not isinstance(orders, OrderIndex):
+            if inverses is None:
+                inverses = [None if p is None else invert(p) for p in orders]
+            orders = OrderIndex(orders, inverses, h.shape[0], h.shape[1], h.device)
+        x, z = orders.spread_xz(xz)  # (B, K E, L) each
+        total = orders.merge_outputs(scan_branches(self.branches, x, z))  # (B, L, E)
         if self.divide_out:
             total = total / len(self.branches)
         return self.out_proj(total)
@@ -299,7 +381,7 @@ class MambaBlock(nn.Module):
         self.residual_in_fp32 = residual_in_fp32
 
     def forward(
-        self, x: Tensor, orders: Sequence[Tensor | None], inverses: Sequence[Tensor | None] | None = None
+        self, x: Tensor, orders: OrderIndex | Sequence[Tensor | None], inverses: Sequence[Tensor | None] | None = None
     ) -> Tensor:
         """``x`` ``(B, L, D)`` -> ``(B, L, D)`` (float32 with ``residual_in_fp32``); ``orders``/``inverses``
         as :meth:`MultiScanMamba.forward`'s."""
@@ -400,30 +482,29 @@ class VisionMamba(TokenEncoder):
         self.blocks = nn.ModuleList(
             MambaBlock(embed_dim, mixer(), norm, rates[i], residual_in_fp32) for i in range(depth)
         )
-        self._orders_for: tuple[TokenLayout, torch.device, list[Tensor | None], list[Tensor | None]] | None = None
+        self._orders_for: tuple[TokenLayout, torch.device, OrderIndex] | None = None
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(partial(_init_weights, depth=depth))
 
-    def scan_permutations(
-        self, layout: TokenLayout, batch: int, device: torch.device
-    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
-        """One ``(B, L)`` permutation per scan order and their inverses, ``None`` for an order that is the
-        sequence's own (computed once per forward and reused by every block)."""
+    def scan_index(self, layout: TokenLayout, batch: int, length: int, device: torch.device) -> OrderIndex:
+        """The :class:`OrderIndex` of the configured scan orders for this layout's ``(B, L)`` sequence
+        (built once per forward and reused by every block)."""
         cached = self._orders_for
         if cached is not None and cached[0] is layout and cached[1] == device:
-            return cached[2], cached[3]
+            return cached[2]
         perms = [
             None if is_sequence_order(o, layout) else sequence_order(o, layout, batch, device)
             for o in self.scan_orders
         ]
         inverses = [None if p is None else invert(p) for p in perms]
-        self._orders_for = (layout, device, perms, inverses)
-        return perms, inverses
+        index = OrderIndex(perms, inverses, batch, length, device)
+        self._orders_for = (layout, device, index)
+        return index
 
     def run_block(self, index: int, x: Tensor, layout: TokenLayout) -> Tensor:
         """Block ``index`` on ``x`` ``(B, L, D)`` scanned in every configured order."""
-        return self.blocks[index](x, *self.scan_permutations(layout, x.shape[0], x.device))
+        return self.blocks[index](x, self.scan_index(layout, x.shape[0], x.shape[1], x.device))
 
     def no_weight_decay(self) -> set[str]:
         """Positions, prefix/mask tokens, and every ``A_log``/``D`` of the scan branches."""
