@@ -54,28 +54,33 @@ using namespace ssl_med_scan;
 // ---------------------------------------------------------------------------------------------
 // per-token passes: the elementwise work around the recurrence, vectorised over the channels
 // ---------------------------------------------------------------------------------------------
+// fn(b, t, buffers) for every token (b, t), parallel over tokens; one set of gather buffers per thread.
+template <typename T, typename Fn>
+void for_each_token(const Scan<T>& s, Fn&& fn) {
+  at::parallel_for(0, s.batch * s.len, 1, [&](int64_t begin, int64_t end) {
+    TokenBuffers<T> w(s.dim);
+    for (int64_t i = begin; i < end; ++i) fn(i / s.len, i % s.len, w);
+  });
+}
+
 // Step sizes dt = softplus(delta + bias) (or without the softplus) and dt * u for every token.
 template <typename T>
 void prepare_steps(const Scan<T>& s, TokenMajor<T> dt, TokenMajor<T> dtu) {
   const int64_t dim = s.dim;
-  at::parallel_for(0, s.batch * s.len, 1, [&](int64_t begin, int64_t end) {
-    TokenBuffers<T> w(dim);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / s.len, t = i % s.len;
-      const T* u = s.u.token(b, t, dim, w.u.data());
-      const T* raw = s.delta.token(b, t, dim, w.raw.data());
-      T* dtt = dt.token(b, t);
-      T* dtut = dtu.token(b, t);
-      if (s.softplus) {
+  for_each_token(s, [&](int64_t b, int64_t t, TokenBuffers<T>& w) {
+    const T* u = s.u.token(b, t, dim, w.u.data());
+    const T* raw = s.delta.token(b, t, dim, w.raw.data());
+    T* dtt = dt.token(b, t);
+    T* dtut = dtu.token(b, t);
+    if (s.softplus) {
 #pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) dtt[d] = softplus(raw[d] + (s.bias ? s.bias[d] : T(0)));
-      } else {
+      for (int64_t d = 0; d < dim; ++d) dtt[d] = softplus(raw[d] + (s.bias ? s.bias[d] : T(0)));
+    } else {
 #pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) dtt[d] = raw[d] + (s.bias ? s.bias[d] : T(0));
-      }
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) dtut[d] = dtt[d] * u[d];
+      for (int64_t d = 0; d < dim; ++d) dtt[d] = raw[d] + (s.bias ? s.bias[d] : T(0));
     }
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) dtut[d] = dtt[d] * u[d];
   });
 }
 
@@ -83,21 +88,17 @@ void prepare_steps(const Scan<T>& s, TokenMajor<T> dt, TokenMajor<T> dtu) {
 template <typename T>
 void finish_out(const Scan<T>& s, TokenMajor<T> out) {
   const int64_t dim = s.dim;
-  at::parallel_for(0, s.batch * s.len, 1, [&](int64_t begin, int64_t end) {
-    TokenBuffers<T> w(dim);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / s.len, t = i % s.len;
-      const T* u = s.u.token(b, t, dim, w.u.data());
-      T* o = out.token(b, t);
-      if (s.Dskip) {
+  for_each_token(s, [&](int64_t b, int64_t t, TokenBuffers<T>& w) {
+    const T* u = s.u.token(b, t, dim, w.u.data());
+    T* o = out.token(b, t);
+    if (s.Dskip) {
 #pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) o[d] += s.Dskip[d] * u[d];
-      }
-      if (s.z) {
-        const T* z = s.z.token(b, t, dim, w.z.data());
+      for (int64_t d = 0; d < dim; ++d) o[d] += s.Dskip[d] * u[d];
+    }
+    if (s.z) {
+      const T* z = s.z.token(b, t, dim, w.z.data());
 #pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) o[d] = o[d] * z[d] * sigmoid(z[d]);
-      }
+      for (int64_t d = 0; d < dim; ++d) o[d] = o[d] * z[d] * sigmoid(z[d]);
     }
   });
 }
@@ -106,19 +107,15 @@ void finish_out(const Scan<T>& s, TokenMajor<T> out) {
 template <typename T>
 void prepare_dy(const Scan<T>& s, const Rows<T>& dout, TokenMajor<T> dy) {
   const int64_t dim = s.dim;
-  at::parallel_for(0, s.batch * s.len, 1, [&](int64_t begin, int64_t end) {
-    TokenBuffers<T> w(dim);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / s.len, t = i % s.len;
-      const T* go = dout.token(b, t, dim, w.dout.data());
-      T* dyt = dy.token(b, t);
-      if (s.z) {
-        const T* z = s.z.token(b, t, dim, w.z.data());
+  for_each_token(s, [&](int64_t b, int64_t t, TokenBuffers<T>& w) {
+    const T* go = dout.token(b, t, dim, w.dout.data());
+    T* dyt = dy.token(b, t);
+    if (s.z) {
+      const T* z = s.z.token(b, t, dim, w.z.data());
 #pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) dyt[d] = go[d] * (z[d] * sigmoid(z[d]));
-      } else {
-        std::copy(go, go + dim, dyt);
-      }
+      for (int64_t d = 0; d < dim; ++d) dyt[d] = go[d] * (z[d] * sigmoid(z[d]));
+    } else {
+      std::copy(go, go + dim, dyt);
     }
   });
 }
