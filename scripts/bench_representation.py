@@ -287,11 +287,12 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_doc(doc: Path, body: str) -> None:
+def write_doc(doc: Path, body: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the block between the ``begin`` and ``end`` markers of ``doc`` by ``body`` (append it if absent)."""
     text = doc.read_text() if doc.is_file() else ""
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     doc.write_text(text)

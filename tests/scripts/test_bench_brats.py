@@ -1,0 +1,37 @@
+"""scripts/bench_brats.py: subsets evaluated in separate runs merge into one table row per subset."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+bench_brats = pytest.importorskip("bench_brats")
+
+
+def write_results(folder: Path, metrics: dict[str, dict[str, float]]) -> None:
+    folder.mkdir(parents=True)
+    rows = [{"encoder": encoder, "metrics": values} for encoder, values in metrics.items()]
+    (folder / "results.json").write_text(json.dumps({"rows": rows}))
+
+
+def test_table_merges_evaluations_and_reports_gap_per_seed(tmp_path: Path) -> None:
+    for seed, (pre, rnd) in enumerate([(0.30, 0.25), (0.20, 0.25)]):
+        write_results(tmp_path / f"brats-s{seed}" / "seg-mae",
+                      {"pretrained": {"t1+t1ce+t2+flair/dice_mean": pre, "flair/dice_mean": 0.05},
+                       "random-init": {"t1+t1ce+t2+flair/dice_mean": rnd, "flair/dice_mean": 0.04}})
+    # a later evaluation of one more subset, seed 0 only; BM-MAE's folder must not leak into MAE's rows
+    write_results(tmp_path / "brats-s0" / "seg-mae-1",
+                  {"pretrained": {"t1ce/dice_mean": 0.11}, "random-init": {"t1ce/dice_mean": 0.10}})
+    write_results(tmp_path / "brats-s0" / "seg-bm_mae",
+                  {"pretrained": {"t1ce/dice_mean": 0.9}, "random-init": {"t1ce/dice_mean": 0.1}})
+    assert bench_brats.dice_by_subset(tmp_path / "brats-s0", "mae")["t1ce"] == {"pretrained": 0.11, "random-init": 0.10}
+    rows = bench_brats.table(tmp_path, [0, 1], [["t1", "t1ce", "t2", "flair"], ["t1ce"]]).splitlines()[2:]
+    assert rows[0].startswith("| MAE (4-channel ViT) | all four | 0,1 | 0.250 ± 0.071 | 0.250 ± 0.000 |")
+    assert "+0.050, -0.050" in rows[0]
+    assert rows[1].startswith("| MAE (4-channel ViT) | t1ce | 0 | 0.110 ± 0.000 | 0.100 ± 0.000 | **0.010 ± 0.000** |")
+    assert rows[2].startswith("| BM-MAE (per-modality ViT) | t1ce | 0 | 0.900")
+    assert len(rows) == 3
