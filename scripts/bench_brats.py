@@ -90,7 +90,10 @@ def one_seed(out: Path, store: Path, objective: str, seed: int, steps: int, subs
 
 
 def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+    """``mean ± std`` over seeds; one seed's value alone (a spread of one is not zero)."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def table(out: Path, seeds: list[int], subsets: list[list[str]]) -> str:

@@ -32,6 +32,6 @@ def test_table_merges_evaluations_and_reports_gap_per_seed(tmp_path: Path) -> No
     rows = bench_brats.table(tmp_path, [0, 1], [["t1", "t1ce", "t2", "flair"], ["t1ce"]]).splitlines()[2:]
     assert rows[0].startswith("| MAE (4-channel ViT) | all four | 0,1 | 0.250 ± 0.071 | 0.250 ± 0.000 |")
     assert "+0.050, -0.050" in rows[0]
-    assert rows[1].startswith("| MAE (4-channel ViT) | t1ce | 0 | 0.110 ± 0.000 | 0.100 ± 0.000 | **0.010 ± 0.000** |")
+    assert rows[1].startswith("| MAE (4-channel ViT) | t1ce | 0 | 0.110 | 0.100 | **0.010** | +0.010 |")
     assert rows[2].startswith("| BM-MAE (per-modality ViT) | t1ce | 0 | 0.900")
     assert len(rows) == 3
