@@ -115,6 +115,7 @@ class PretrainConfig:
     online_eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
     logger: dict[str, Any] = field(default_factory=dict)  # conf/logger: {name: {_target_: class, **kwargs}}
     seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads of this process (None: torch's default)
     resume: str = "auto"
     experiment: str = "run"
     evaluate: list[str] = field(default_factory=list)

@@ -34,3 +34,27 @@ def test_pretrain_rejects_unknown_key_and_name(run_cli) -> None:
     assert bad_key.returncode != 0 and "unknown key(s) ['batchsize'] in 'data'" in bad_key.stderr
     bad_name = run_cli("pretrain", "backbone=vitt")
     assert bad_name.returncode != 0 and "Could not find 'backbone/vitt'" in bad_name.stderr
+
+
+def test_num_threads_option_of_pretrain_and_evaluate() -> None:
+    """``num_threads=N`` composes in both commands' configs and sets torch's intra-op threads."""
+    import torch
+    from hydra import compose, initialize_config_module
+
+    from ssl_med.commands import apply_num_threads
+    from ssl_med.train.geometry import prepare_pretrain_config
+
+    before = torch.get_num_threads()
+    try:
+        for config in ("pretrain", "evaluate"):
+            with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
+                cfg = compose(config_name=config, overrides=["num_threads=1"])
+            if config == "pretrain":
+                prepare_pretrain_config(cfg, ["num_threads=1"])
+            torch.set_num_threads(2)
+            apply_num_threads(cfg)
+            assert torch.get_num_threads() == 1
+        apply_num_threads({"num_threads": None})  # null: left alone
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

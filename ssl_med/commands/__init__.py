@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 CONFIG_PACKAGE = "pkg://ssl_med.conf"
 
@@ -18,6 +19,15 @@ CONFIG_PACKAGE = "pkg://ssl_med.conf"
 class Command:
     help: str
     run: Callable[[list[str]], int]
+
+
+def apply_num_threads(cfg: Any) -> None:
+    """``num_threads=N`` of a command's config: torch's intra-op threads in this process (``null``: torch's
+    default, one per core; 1 is fastest on a CPU shared with other jobs)."""
+    if cfg.get("num_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.num_threads))
 
 
 def run_hydra(config_name: str, prog: str, task: Callable, args: list[str]) -> int:

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_med.commands import Command, run_hydra
+from ssl_med.commands import Command, apply_num_threads, run_hydra
 from ssl_med.evaluators import medmnist  # noqa: F401  (registers ${ssl_med.stem:...}, used by eval_data=medmnist)
 
 
 def _task(cfg: DictConfig) -> None:
-    import torch
     from hydra.core.hydra_config import HydraConfig
 
     from ssl_med.evaluators.api import evaluate_checkpoint
 
-    if cfg.get("num_threads"):
-        torch.set_num_threads(int(cfg.num_threads))
+    apply_num_threads(cfg)
     out_dir = HydraConfig.get().runtime.output_dir
     evaluate_checkpoint(
         cfg.checkpoint,

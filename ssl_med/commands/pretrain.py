@@ -7,7 +7,7 @@ import sys
 
 from omegaconf import DictConfig
 
-from ssl_med.commands import Command, run_hydra
+from ssl_med.commands import Command, apply_num_threads, run_hydra
 from ssl_med.lifetimes import Interrupted
 
 
@@ -18,6 +18,7 @@ def _task(cfg: DictConfig) -> None:
     from ssl_med.train.geometry import prepare_pretrain_config
     from ssl_med.train.run import pretrain
 
+    apply_num_threads(cfg)
     logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own; avoid doubles
     hydra = HydraConfig.get()
     # validated, and the crop / backbone.img_size fitted to the objective's views, before any work
