@@ -196,7 +196,7 @@ class GridConv(nn.Module):
         (:func:`ssl_med.ops.selective_scan_fused.grid_conv_fused`): PyTorch's depthwise conv backward
         costs milliseconds on the few-token grids of small crops; elsewhere ``nn.Conv2d/3d``.
         """
-        if selective_scan_fused.grid_conv_applies(x) and self.conv.weight.dtype == x.dtype:
+        if selective_scan_fused.grid_conv_applies(x, self.conv.weight, self.conv.bias):
             return selective_scan_fused.grid_conv_fused(x, self.conv.weight, self.conv.bias, grid)
         b, _, c = x.shape
         return self.conv(x.transpose(1, 2).reshape(b, c, *grid)).flatten(2).transpose(1, 2)

@@ -225,16 +225,20 @@ class _FusedConv(torch.autograd.Function):
         return dx, dw, None if bias is None else db, None
 
 
-def conv_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether :func:`conv_fused` takes these inputs: CPU float32/float64 of one dtype, outside autocast."""
+def _eager_cpu_float(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """CPU float32/float64 inputs of one dtype, outside autocast: what the C++ kernels compute in."""
     return (
         x.device.type == "cpu"
-        and x.ndim == 3
         and x.dtype in (torch.float32, torch.float64)
         and weight.dtype == x.dtype
         and (bias is None or bias.dtype == x.dtype)
         and not torch.is_autocast_enabled("cpu")
     )
+
+
+def conv_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`conv_fused` takes these inputs: ``(B, E, L)`` CPU float32/float64 of one dtype, outside autocast."""
+    return x.ndim == 3 and _eager_cpu_float(x, weight, bias)
 
 
 def conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
@@ -272,16 +276,10 @@ class _FusedGridConv(torch.autograd.Function):
         return dx, dw, None if bias is None else db, None, None
 
 
-def grid_conv_applies(x: Tensor) -> bool:
-    """Whether :func:`grid_conv_fused` runs here: the extension is built, eager mode, and
-    :func:`conv_applies`' dtype and autocast conditions."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and fused_available()
-    )
+def grid_conv_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`grid_conv_fused` runs here: the extension is built, eager mode (not under
+    ``torch.compile``), CPU float32/float64 inputs of one dtype outside autocast."""
+    return _eager_cpu_float(x, weight, bias) and not torch.compiler.is_compiling() and fused_available()
 
 
 def grid_conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None, grid: tuple[int, ...]) -> Tensor:
