@@ -6,8 +6,9 @@ user runs, nothing behind their back):
 1. ``ssl_med ingest <case folder> --spacing 2 2 2`` -- the four sequences become one 4-channel volume
    with channel names ``t1, t1ce, t2, flair`` (from the file names), the ``_seg`` file its label map;
 2. ``ssl_med pretrain`` of **MAE** on a 4-channel ViT (absent sequences zero-filled) and of **BM-MAE**
-   on the per-modality ViT (one patch kernel per sequence, absent ones left out), with
-   ``data.channel_dropout`` so both see incomplete protocols;
+   on the per-modality ViT (one patch kernel per sequence, absent ones left out), and of **Hi-End-MAE**
+   (the best 3D objective on VesselMNIST3D) on the 4-channel ViT, with ``data.channel_dropout`` so all
+   see incomplete protocols;
 3. ``ssl_med evaluate eval=segmentation`` with ``eval.channel_subsets``: one frozen-encoder UNETR
    decoder per subset of sequences, the pretrained encoder beside its random-init twin (same seed);
    mean Dice over NCR / ED / ET on the test slab.
@@ -33,7 +34,11 @@ from bench_representation import REPO, SHARED, run, write_doc
 
 CASE = "brats2020_sample/BraTS20_Training_001"
 SEQUENCES = ("t1", "t1ce", "t2", "flair")
-OBJECTIVES = {"mae": "MAE (4-channel ViT)", "bm_mae": "BM-MAE (per-modality ViT)"}
+OBJECTIVES = {
+    "mae": "MAE (4-channel ViT)",
+    "bm_mae": "BM-MAE (per-modality ViT)",
+    "hi_end_mae": "Hi-End-MAE (4-channel ViT)",
+}
 BEGIN, END = "<!-- brats:begin -->", "<!-- brats:end -->"
 
 
