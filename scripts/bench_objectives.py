@@ -73,13 +73,19 @@ def design_card_overrides(objective: str, backbone: str) -> list[str]:
 
 
 def compose_config(
-    objective: str, backbone: str, size: str = "tiny", data: list[str] | None = None, batch: int | None = None
+    objective: str,
+    backbone: str,
+    size: str = "tiny",
+    data: list[str] | None = None,
+    batch: int | None = None,
+    overrides: list[str] | None = None,
 ) -> PretrainConfig:
     """The parsed :class:`~ssl_med.config.PretrainConfig` of one configuration, without building anything.
 
     ``size="default"`` composes the design-card command and fits its view geometry as ``ssl_med pretrain``
     does (``data`` and ``batch`` must be unset); ``size="tiny"`` adds ``data``, ``data.batch_size=batch`` and
-    the tiny width/depth/head overrides.
+    the tiny width/depth/head overrides. ``overrides`` (e.g. ``trainer.activation_checkpointing=true``)
+    are appended in both cases.
     """
     from hydra import compose, initialize_config_module
 
@@ -88,7 +94,8 @@ def compose_config(
 
     if size not in SIZES:
         raise ValueError(f"size={size!r}: one of {SIZES}")
-    overrides = design_card_overrides(objective, backbone)
+    extra = list(overrides or [])
+    overrides = design_card_overrides(objective, backbone) + extra
     with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
         if size == "default":
             if data or batch is not None:
@@ -98,7 +105,7 @@ def compose_config(
         raw = compose(config_name="pretrain", overrides=overrides)
         tiny = [f"backbone.{k}={v}" for k, v in (("embed_dim", 48), ("depth", 2), ("num_heads", 2)) if k in raw.backbone]
         tiny += [o for o in TINY_OBJECTIVE.get(objective, []) if o.split("=")[0].split(".")[1] in raw.objective]
-        return parse_pretrain_config(compose(config_name="pretrain", overrides=overrides + tiny))
+        return parse_pretrain_config(compose(config_name="pretrain", overrides=overrides + tiny + extra))
 
 
 def input_label(cfg: PretrainConfig) -> str:
@@ -107,7 +114,14 @@ def input_label(cfg: PretrainConfig) -> str:
 
 
 def run_one(
-    objective: str, backbone: str, data: list[str], batch: int | None, steps: int, threads: int, size: str = "tiny"
+    objective: str,
+    backbone: str,
+    data: list[str],
+    batch: int | None,
+    steps: int,
+    threads: int,
+    size: str = "tiny",
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Build and time one configuration in this process; returns a JSON-able dict."""
     import torch
@@ -119,11 +133,13 @@ def run_one(
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = compose_config(objective, backbone, size, data if size == "tiny" else None, batch)
+    cfg = compose_config(objective, backbone, size, data if size == "tiny" else None, batch, overrides)
     batch = int(cfg.data.batch_size)
     base_mib = _status_mib("VmRSS")  # imports and composition, before the model
     encoder = build_encoder(cfg.backbone)
     obj = build_objective(cfg.objective, encoder)
+    if cfg.trainer.activation_checkpointing:  # as ssl_med pretrain does
+        encoder.set_grad_checkpointing(True)
     views = obj.view_transform()
     if hasattr(views, "set_random_state"):
         views.set_random_state(0)
@@ -194,6 +210,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None,
                     help="report; default docs/benchmarks/objectives.md (tiny) or objectives_default.md")  # fmt: skip
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="config overrides for every configuration "
+                    "(e.g. trainer.activation_checkpointing=true)")  # fmt: skip
     args = ap.parse_args()
     if args.one:  # child process
         spec = json.loads(args.one)
@@ -209,7 +227,7 @@ def main() -> None:
         for backbone in backbones:
             for label, data, batch in DESIGN_CARD_DATA if args.size == "default" else DATA.get(objective, DEFAULT_DATA):
                 spec = dict(objective=objective, backbone=backbone, data=data, batch=batch, steps=args.steps,
-                            threads=args.threads, size=args.size)  # fmt: skip
+                            threads=args.threads, size=args.size, overrides=args.overrides)  # fmt: skip
                 result = run_child(spec, args.timeout)
                 # --size default: the input and batch are the composed data config's, reported by the child
                 if label is None:
@@ -263,6 +281,7 @@ def write_report(args: argparse.Namespace, rows: list[tuple[str, str, str, Any, 
     default = args.size == "default"
     load = os.getloadavg()
     flags = ("--size default " if default else "") + f"--steps {args.steps} --threads {args.threads}"
+    flags += "".join(f" {o}" for o in args.overrides)
     cmd = "python scripts/bench_objectives.py " + " ".join(sys.argv[1:]) if default else "python scripts/bench_objectives.py"
     extra = ["step / ViT", "peak RSS (MiB)", "peak / ViT", "above baseline (MiB)", "params (M)"] if default else ["peak RSS (MiB)"]
     header = ["objective", "backbone", "input", "batch", "samples/s", "step (s)", *extra, "solver share"]

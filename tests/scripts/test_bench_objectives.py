@@ -33,13 +33,24 @@ def test_tiny_size_keeps_the_tiny_overrides() -> None:
         bench_objectives.compose_config("voco", "mamba", "default", data, batch)
 
 
+@pytest.mark.parametrize("size", ["tiny", "default"])
+def test_overrides_reach_the_config_at_both_sizes(size: str) -> None:
+    data, batch = (["data=demo", "data.crop_size=[32,32]"], 16) if size == "tiny" else (None, None)
+    plain = bench_objectives.compose_config("dino", "mamba", size, data, batch)
+    checkpointed = bench_objectives.compose_config(
+        "dino", "mamba", size, data, batch, ["trainer.activation_checkpointing=true"]
+    )
+    assert (plain.trainer.activation_checkpointing, checkpointed.trainer.activation_checkpointing) == (False, True)
+    assert checkpointed.backbone == plain.backbone
+
+
 def test_default_report_has_ratios_to_vit_and_goals(tmp_path: Path) -> None:
     def row(backbone: str, step_s: float, peak: float) -> tuple:
         r = dict(samples_per_s=4 / step_s, step_s=step_s, peak_mib=peak, base_mib=900.0, batch=4,
                  input="demo 64x64", solver_share=None, params_m=5.0)  # fmt: skip
         return ("mae", backbone, "demo 64x64", 4, r)
 
-    args = argparse.Namespace(size="default", steps=3, threads=1, out=tmp_path / "r.md")
+    args = argparse.Namespace(size="default", steps=3, threads=1, out=tmp_path / "r.md", overrides=[])
     bench_objectives.write_report(args, [row("vit", 1.0, 1000.0), row("mamba", 2.5, 1400.0), row("xlstm", 1.5, 1600.0)])
     text = args.out.read_text()
     assert "| mae | mamba | demo 64x64 | 4 | 1.6 | 2.500 | 2.50x | 1400 | 1.40x | 500 | 5.0 | - |" in text
