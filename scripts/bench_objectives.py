@@ -94,18 +94,18 @@ def compose_config(
 
     if size not in SIZES:
         raise ValueError(f"size={size!r}: one of {SIZES}")
+    base = design_card_overrides(objective, backbone)
     extra = list(overrides or [])
-    overrides = design_card_overrides(objective, backbone) + extra
     with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
         if size == "default":
             if data or batch is not None:
                 raise ValueError("size='default' takes the data config and batch size from the composition")
-            return prepare_pretrain_config(compose(config_name="pretrain", overrides=overrides), overrides)
-        overrides += [*(data or []), f"data.batch_size={batch}"]
-        raw = compose(config_name="pretrain", overrides=overrides)
+            return prepare_pretrain_config(compose(config_name="pretrain", overrides=base + extra), base + extra)
+        base += [*(data or []), f"data.batch_size={batch}"]
+        raw = compose(config_name="pretrain", overrides=base + extra)
         tiny = [f"backbone.{k}={v}" for k, v in (("embed_dim", 48), ("depth", 2), ("num_heads", 2)) if k in raw.backbone]
         tiny += [o for o in TINY_OBJECTIVE.get(objective, []) if o.split("=")[0].split(".")[1] in raw.objective]
-        return parse_pretrain_config(compose(config_name="pretrain", overrides=overrides + tiny + extra))
+        return parse_pretrain_config(compose(config_name="pretrain", overrides=base + tiny + extra))
 
 
 def input_label(cfg: PretrainConfig) -> str:
