@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_proc import proc_status_mib
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -57,12 +58,6 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def _peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        line = next(ln for ln in f if ln.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
 
 
 def attention_impls(device: torch.device) -> list[str]:
@@ -129,7 +124,7 @@ def measure(
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated() - mem0) / 2**20
     else:
-        peak = max(_peak_rss_mib() - base, 0.0)
+        peak = max(proc_status_mib() - base, 0.0)
     sec = statistics.median(times)
     gc.collect()
     return {

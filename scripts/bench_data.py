@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_proc import proc_status_mib
 
 CROP = (96, 96, 96)
 CASE = "brats2020_sample/BraTS20_Training_001/BraTS20_Training_001"
@@ -172,17 +173,9 @@ def run_pipeline(spec: dict) -> dict:
             break
     seconds = time.perf_counter() - t0
     pids = ["self", *(str(w.pid) for w in it._workers)]
-    rss = sum(peak_rss_kib(pid) for pid in pids)  # main + both workers, each at its peak
+    rss = sum(proc_status_mib("VmHWM", pid) for pid in pids)  # main + both workers, each at its peak
     del it, loader
-    return {"crops": count, "seconds": seconds, "crops_per_s": count / seconds, "peak_rss_mb": rss / 1024}
-
-
-def peak_rss_kib(pid: str) -> int:
-    """``VmHWM`` (peak resident set) of a process, KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
+    return {"crops": count, "seconds": seconds, "crops_per_s": count / seconds, "peak_rss_mb": rss}
 
 
 def pipeline_in_subprocess(spec: dict, cold_paths: list[Path] | None, timeout: float) -> dict:

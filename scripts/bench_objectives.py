@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from bench_proc import proc_status_mib, run_in_subprocess
 
 if TYPE_CHECKING:
     from ssl_med.config import PretrainConfig
@@ -56,15 +57,6 @@ TINY_OBJECTIVE = {
     "graph_matching": ["objective.projector=[64,64]"],
     "mae": ["objective.decoder_dim=32", "objective.decoder_depth=1", "objective.decoder_heads=2"],
 }
-
-
-def _status_mib(key: str = "VmHWM") -> float:
-    """``VmHWM`` (peak resident set) or ``VmRSS`` of this process in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def design_card_overrides(objective: str, backbone: str) -> list[str]:
@@ -135,7 +127,7 @@ def run_one(
     torch.manual_seed(0)
     cfg = compose_config(objective, backbone, size, data if size == "tiny" else None, batch, overrides)
     batch = int(cfg.data.batch_size)
-    base_mib = _status_mib("VmRSS")  # imports and composition, before the model
+    base_mib = proc_status_mib("VmRSS")  # imports and composition, before the model
     encoder = build_encoder(cfg.backbone)
     obj = build_objective(cfg.objective, encoder)
     if cfg.trainer.activation_checkpointing:  # as ssl_med pretrain does
@@ -171,28 +163,13 @@ def run_one(
     return {
         "samples_per_s": batch / step_s,
         "step_s": step_s,
-        "peak_mib": _status_mib(),
+        "peak_mib": proc_status_mib(),
         "base_mib": base_mib,
         "batch": batch,
         "input": input_label(cfg),
         "solver_share": sum(solver) / sum(times) if objective == "graph_matching" else None,
         "params_m": sum(p.numel() for p in obj.parameters()) / 1e6,
     }
-
-
-def run_child(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
-    """:func:`run_one` of ``spec`` in a fresh subprocess (so the peak memory is its own)."""
-    try:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--one", json.dumps(spec)],
-            capture_output=True, text=True, timeout=timeout, cwd=REPO, env=os.environ.copy(),
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout}s"}
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:160]}
-    return json.loads(line[7:])
 
 
 def main() -> None:
@@ -215,7 +192,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:  # child process
         spec = json.loads(args.one)
-        print("RESULT " + json.dumps(run_one(**spec)))
+        print(json.dumps(run_one(**spec)))
         return
     if args.out is None:
         args.out = REPO / "docs" / "benchmarks" / ("objectives.md" if args.size == "tiny" else "objectives_default.md")
@@ -228,7 +205,7 @@ def main() -> None:
             for label, data, batch in DESIGN_CARD_DATA if args.size == "default" else DATA.get(objective, DEFAULT_DATA):
                 spec = dict(objective=objective, backbone=backbone, data=data, batch=batch, steps=args.steps,
                             threads=args.threads, size=args.size, overrides=args.overrides)  # fmt: skip
-                result = run_child(spec, args.timeout)
+                result = run_in_subprocess(__file__, spec, args.timeout)  # its peak memory is its own
                 # --size default: the input and batch are the composed data config's, reported by the child
                 if label is None:
                     label, batch = result.get("input", "objective's data"), result.get("batch")

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_proc import proc_status_mib
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -50,12 +51,6 @@ def _reset_peak() -> None:
     """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-
-
-def _peak_mib() -> float:
-    with open("/proc/self/status") as f:
-        line = next(ln for ln in f if ln.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
 
 
 def scan_inputs(L: int, d: int, n: int = 16, b: int = 1) -> tuple:
@@ -153,7 +148,7 @@ def one_step(name: str, dims: int, size: int, patch: int, width: int, depth: int
     out = enc(x)
     (out.patch_tokens.square().mean() + out.pooled.square().mean()).backward()
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_mib": max(_peak_mib() - base, 0.0), "tokens": enc.num_patches([size] * dims),
+    return {"seconds": seconds, "peak_mib": max(proc_status_mib() - base, 0.0), "tokens": enc.num_patches([size] * dims),
             "saved_mib": saved_activations_mib(enc, x)}
 
 

@@ -32,13 +32,14 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from bench_proc import proc_status_mib, run_in_subprocess
 
 if TYPE_CHECKING:  # torch is imported only in the child processes
     from collections.abc import Callable
@@ -62,11 +63,6 @@ REFERENCE_MODELS = ["vil-reference", "xlstm-chunkwise", "xlstm-parallel", "xlstm
 REFERENCE_PATCH = 16
 #: Heading that starts the reference section in the output file (the splice point between sections).
 REFERENCE_HEADING = "## Against the reference ViL (NX-AI/vision-lstm)"
-
-
-def _status_kb(field: str) -> int:
-    match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    return int(match.group(1)) if match else 0
 
 
 def build_ours(spec: dict) -> Built:
@@ -143,7 +139,7 @@ def run_one(spec: dict) -> dict:
         loss(x).backward()
         model.zero_grad(set_to_none=True)
 
-    rss_before = _status_kb("VmRSS")
+    rss_before = proc_status_mib("VmRSS")
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (Linux)
     for _ in range(spec["warmup"]):
@@ -153,7 +149,7 @@ def run_one(spec: dict) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = _status_kb("VmHWM")
+    peak = proc_status_mib("VmHWM")
     block = [] if first_block is None else list(first_block.parameters())
     return {
         **spec,
@@ -162,20 +158,15 @@ def run_one(spec: dict) -> dict:
         "block_params": sum(p.numel() for p in block) if block else None,
         "block_shapes": sorted(list(p.shape) for p in block),
         "time_s": statistics.median(times),
-        "peak_mib": max(peak - rss_before, 0) / 1024,
+        "peak_mib": max(peak - rss_before, 0.0),
     }
 
 
 def run_point(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--one", json.dumps(spec)]
+    """:func:`run_one` of ``spec`` in a fresh process (its peak memory is its own); errors keep the spec."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timeout after {timeout:.0f} s"}
-    if proc.returncode != 0:
-        return {**spec, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:120]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_in_subprocess(__file__, spec, timeout, env=env)
+    return {**spec, **result} if "error" in result else result
 
 
 def markdown(results: list[dict], args: argparse.Namespace, wall: float) -> str:

@@ -1,0 +1,43 @@
+"""Per-process measurements shared by the benchmark scripts (Linux).
+
+``proc_status_mib`` reads a process's resident memory from ``/proc/<pid>/status`` (``VmHWM``: the peak
+resident set, ``VmRSS``: the current one); ``run_in_subprocess`` runs one configuration of a script in a
+fresh interpreter, so that each configuration's peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def proc_status_mib(key: str = "VmHWM", pid: int | str = "self") -> float:
+    """``key`` (``VmHWM``, ``VmRSS``, ...) of process ``pid`` in MiB; NaN where the kernel does not report it."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_in_subprocess(
+    script: str | Path, spec: Any, timeout: float, flag: str = "--one", env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """``python <script> <flag> <spec as JSON>`` in a fresh process; its result is the last line of its
+    standard output that is a JSON object. A failure or timeout returns ``{"error": <reason>}``."""
+    script = Path(script).resolve()
+    try:
+        proc = subprocess.run(  # run from the repository root (the script's parent folder's parent)
+            [sys.executable, str(script), flag, json.dumps(spec)],
+            capture_output=True, text=True, timeout=timeout, cwd=script.parents[1],
+            env=env or os.environ.copy(),
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
+    if proc.returncode != 0 or line is None:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:160]}
+    return json.loads(line)
