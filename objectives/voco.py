@@ -71,6 +71,7 @@ from monai.transforms import Randomizable
 from torch import Tensor, nn
 
 from objectives.losses.precision import upcast
+from ssl_med.data.channels import carry_channel_keys, encoder_channel_kwargs
 from ssl_med.encoder import Encoder
 from ssl_med.geometry import (
     CropSpec,
@@ -122,6 +123,9 @@ class VoCoViews(Randomizable):
         bases  (G, C, *s)   G = gh * gw, s = (D, H/gh, W/gw) or (H/gh, W/gw) (or view_size)
         crops  (K, C, *s)
         labels (K, G) float32
+
+    plus the sample's channel keys (``channel_names``, ``channel_mask``, ...: every crop of a region
+    has the region's channels, see :mod:`ssl_med.data.channels`).
 
     Args:
         grid: ``(gh, gw)``.
@@ -251,7 +255,8 @@ class VoCoViews(Randomizable):
             mode = "trilinear" if nd else "bilinear"
             crops = F.interpolate(crops, size=self.view_size, mode=mode, align_corners=False)
             bases = F.interpolate(bases, size=self.view_size, mode=mode, align_corners=False)
-        return {"bases": bases.contiguous(), "crops": crops.contiguous(), "labels": labels}
+        views = {"bases": bases.contiguous(), "crops": crops.contiguous(), "labels": labels}
+        return carry_channel_keys(sample, views)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,6 +290,26 @@ def base_regularisation(bases: Tensor) -> Tensor:
     sim = F.relu(torch.einsum("bkp,blp->bkl", z, z.detach())).pow(2)
     upper = torch.triu(torch.ones(g, g, dtype=torch.bool, device=bases.device), diagonal=1)
     return sim[:, upper].mean(dim=1)
+
+
+def crop_channel_kwargs(
+    encoder: nn.Module, batch: Mapping[str, Any], crops: int, bases: int
+) -> dict[str, Any]:
+    """The channel keywords of ``encoder(x, ...)`` for VoCo's stacked crops of a collated ``batch``.
+
+    ``x`` is ``torch.cat([crops.flatten(0, 1), bases.flatten(0, 1)])``: ``(B K + B G, C, *s)``, sample-major
+    within each part (crop ``k`` of sample ``i`` at row ``i K + k``, base ``g`` at ``B K + i G + g``), so
+    each sample's entry of :func:`~ssl_med.data.channels.encoder_channel_kwargs` (``channel_names``,
+    ``channel_padding_mask`` ``(B, C)``) is repeated ``crops`` times, then ``bases`` times, in that order.
+    """
+    kwargs = encoder_channel_kwargs(encoder, batch)
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if isinstance(value, Tensor):
+            out[key] = torch.cat([value.repeat_interleave(crops, 0), value.repeat_interleave(bases, 0)])
+        else:
+            out[key] = [v for v in value for _ in range(crops)] + [v for v in value for _ in range(bases)]
+    return out
 
 
 class ProjectionHead(nn.Module):
@@ -429,12 +454,15 @@ class VoCo(Objective):
         return terms
 
     def forward(self, batch: dict[str, Any]) -> ObjectiveOutput:
-        """One step on ``bases (B, G, C, *s)``, ``crops (B, K, C, *s)``, ``labels (B, K, G)``."""
+        """One step on ``bases (B, G, C, *s)``, ``crops (B, K, C, *s)``, ``labels (B, K, G)`` (and the
+        batch's channel keys, which a channel-adaptive encoder gets with every crop:
+        :func:`crop_channel_kwargs`)."""
         bases, crops, labels = batch["bases"], batch["crops"], batch["labels"]
         b, g = bases.shape[:2]
         k = crops.shape[1]
         inputs = torch.cat([crops.flatten(0, 1), bases.flatten(0, 1)])  # (B K + B G, C, *s)
-        emb = self.encoder(inputs).pooled
+        channels = crop_channel_kwargs(self.encoder, batch, k, g)
+        emb = self.encoder(inputs, **channels).pooled
         if self.version == "large_scale":
             student = self.student_head(row_dropout(emb, self.feature_dropout, self.training))
             with torch.no_grad():
@@ -443,7 +471,7 @@ class VoCo(Objective):
             student = self.student_head(emb)
             assert self.teacher_encoder is not None
             with torch.no_grad():
-                teacher = self.teacher_head(self.teacher_encoder(inputs).pooled)
+                teacher = self.teacher_head(self.teacher_encoder(inputs, **channels).pooled)
         x_stu, b_stu = student[: b * k].reshape(b, k, -1), student[b * k :].reshape(b, g, -1)
         x_tea, b_tea = teacher[: b * k].reshape(b, k, -1), teacher[b * k :].reshape(b, g, -1)
         # the terms in float32 outside autocast: a bf16 einsum rounds cosines near 1 to 1 (bf16 steps

@@ -16,6 +16,7 @@ from objectives.voco import (
     VoCo,
     VoCoViews,
     base_regularisation,
+    crop_channel_kwargs,
     negative_loss,
     online_assign,
     overlap_labels,
@@ -234,3 +235,105 @@ def test_voco_learns_on_demo_volumes(demo_store_3d: str, fit_objective) -> None:
     assert after < 0.9 * before, (before, after)
     z = F.normalize(emb, dim=1)
     assert z.std(dim=0).mean() > 0.01  # not collapsed
+
+
+# -- channel identity -------------------------------------------------------------------------------
+NAMES = ["t1", "t1ce", "t2", "flair"]
+
+
+def _channel_batch(mask: bool = False) -> dict:
+    """Two 4-channel 2D regions (48x48) through VoCo's views, named ``t1|t1ce|t2|flair`` (with
+    ``channel_mask`` rows ``[1, 0, 1, 1]`` and ``[1, 1, 1, 0]`` when ``mask``)."""
+    views = VoCoViews(grid=(3, 3), num_crops=2, multiple_of=(8, 8))
+    views.set_random_state(0)
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(2):
+        sample = {"image": torch.rand(4, 48, 48, generator=gen), "channel_names": "|".join(NAMES)}
+        if mask:
+            sample["channel_mask"] = torch.tensor([True, i == 1, True, i == 0])
+        samples.append(views(sample))
+    return default_collate(samples)
+
+
+def _permute_sample(batch: dict, i: int, perm: list[int], names: bool) -> dict:
+    """``batch`` with sample ``i``'s channels (bases and crops) in the order ``perm``, and its names too
+    when ``names``."""
+    out = {**batch, "bases": batch["bases"].clone(), "crops": batch["crops"].clone()}
+    out["bases"][i] = batch["bases"][i][:, perm]
+    out["crops"][i] = batch["crops"][i][:, perm]
+    if names:
+        out["channel_names"] = list(batch["channel_names"])
+        out["channel_names"][i] = "|".join(NAMES[p] for p in perm)
+    return out
+
+
+def _chada_voco(version: str) -> VoCo:
+    torch.manual_seed(0)
+    enc = BACKBONES.build(
+        "chada_vit", spatial_dims=2, img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+        channel_vocab=NAMES, packing="pad",
+    )  # fmt: skip
+    return VoCo(enc, version=version, proj_hidden_dim=16, proj_dim=8).eval()
+
+
+def _loss(voco: VoCo, batch: dict) -> float:
+    with torch.no_grad():
+        return voco(batch).loss.item()
+
+
+def test_views_carry_the_channel_keys() -> None:
+    batch = _channel_batch(mask=True)
+    assert batch["channel_names"] == ["t1|t1ce|t2|flair"] * 2
+    assert batch["channel_mask"].tolist() == [[True, False, True, True], [True, True, True, False]]
+    assert batch["bases"].shape == (2, 9, 4, 16, 16) and batch["crops"].shape == (2, 2, 4, 16, 16)
+
+
+def test_crop_channel_kwargs_follow_the_stacking_order() -> None:
+    voco = _chada_voco("large_scale")
+    batch = _channel_batch(mask=True)
+    batch["channel_names"] = ["t1|t1ce|t2|flair", "flair|t2|t1ce|t1"]
+    kwargs = crop_channel_kwargs(voco.encoder, batch, crops=2, bases=3)
+    a, b = NAMES, NAMES[::-1]
+    assert kwargs["channel_names"] == [a, a, b, b, a, a, a, b, b, b]  # crops (B K), then bases (B G)
+    rows = (~batch["channel_mask"])[[0, 0, 1, 1, 0, 0, 0, 1, 1, 1]]
+    torch.testing.assert_close(kwargs["channel_padding_mask"], rows)
+
+
+@pytest.mark.parametrize("version", ["large_scale", "original"])
+def test_chada_vit_gets_the_channel_names(version: str) -> None:
+    """Permuting one sample's channels together with its names leaves the loss as it was (the encoder
+    embeds channels by name); permuting the channels alone changes it."""
+    voco = _chada_voco(version)
+    batch = _channel_batch()
+    perm = [2, 0, 3, 1]
+    base = _loss(voco, batch)
+    assert _loss(voco, _permute_sample(batch, 1, perm, names=True)) == pytest.approx(base, rel=1e-5, abs=1e-6)
+    assert abs(_loss(voco, _permute_sample(batch, 1, perm, names=False)) - base) > 1e-4
+
+
+def test_chada_vit_omits_masked_channels() -> None:
+    """A channel marked missing in ``channel_mask`` does not reach the encoder, whatever it holds."""
+    voco = _chada_voco("large_scale")
+    batch = _channel_batch(mask=True)
+    base = _loss(voco, batch)
+    noisy = {**batch, "bases": batch["bases"].clone(), "crops": batch["crops"].clone()}
+    for i, c in [(0, 1), (1, 3)]:  # the channels each sample's mask drops
+        noisy["bases"][i, :, c] = torch.randn_like(noisy["bases"][i, :, c])
+        noisy["crops"][i, :, c] = torch.randn_like(noisy["crops"][i, :, c])
+    assert _loss(voco, noisy) == pytest.approx(base, rel=1e-5, abs=1e-6)
+    unmasked = {k: v for k, v in batch.items() if k != "channel_mask"}
+    assert abs(_loss(voco, unmasked) - base) > 1e-4  # the mask itself does reach the encoder
+
+
+def test_fixed_channel_vit_ignores_the_channel_names() -> None:
+    torch.manual_seed(0)
+    enc = BACKBONES.build(
+        "vit", spatial_dims=2, in_chans=4, img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2
+    )
+    voco = VoCo(enc, proj_hidden_dim=16, proj_dim=8).eval()
+    batch = _channel_batch(mask=True)
+    assert crop_channel_kwargs(enc, batch, 2, 9) == {}
+    bare = {k: v for k, v in batch.items() if k not in ("channel_names", "channel_mask")}
+    assert _loss(voco, batch) == _loss(voco, bare)
+    assert _loss(voco, _permute_sample(batch, 1, [2, 0, 3, 1], names=True)) != _loss(voco, batch)
