@@ -4,8 +4,10 @@ encoder export."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
+from ssl_med.data.channels import batch_channel_names, is_placeholder
 from ssl_med.lifetimes import Interrupted, StopSignals
 from ssl_med.train.checkpoints import PARTIAL_SAVE
 from ssl_med.train.sharding import full_encoder, is_sharded
+
+log = logging.getLogger(__name__)
 
 
 def _keep_storage(storage: Any, location: str) -> Any:
@@ -114,28 +119,73 @@ class StopOnSignal(L.Callback):
         )  # fmt: skip
 
 
-def _preview_grid(images: dict[str, Tensor], max_items: int = 4) -> Tensor:
-    """Rows of ``(C, H, W)`` tiles: one row per image, one column per name; 3D shows the central slice."""
+#: channels of each image a preview shows (one row each); the rest are named in the log line
+PREVIEW_CHANNELS = 4
+
+
+def _preview_grid(
+    images: dict[str, Tensor], max_items: int = 4, max_channels: int = PREVIEW_CHANNELS
+) -> Tensor:
+    """A ``(3, R H, N W)`` grid of the named images ``(B, C, H, W)`` or ``(B, C, D, H, W)`` (3D: the
+    central slice): one column per name; one row per image and channel, image-major (the first
+    ``max_channels`` channels of each of the first ``max_items`` images, ``R = items x channels``).
+
+    Each tile is scaled to ``[0, 1]`` on its own; a column with fewer channels or smaller images
+    than the others has black tiles or black margins there. One channel: grey rows, one per image.
+    """
     columns = []
     for tensor in images.values():
         x = tensor[:max_items].detach().float().cpu()
         if x.ndim == 5:  # (B, C, D, H, W) -> central axial slice
             x = x[:, :, x.shape[2] // 2]
-        x = x[:, :1]  # first channel
-        lo = x.amin(dim=(1, 2, 3), keepdim=True)
-        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        x = x[:, :max_channels]
+        lo = x.amin(dim=(2, 3), keepdim=True)
+        hi = x.amax(dim=(2, 3), keepdim=True)
         columns.append((x - lo) / (hi - lo).clamp_min(1e-6))
-    tiles = torch.cat([torch.cat(list(col), dim=-1) for col in zip(*columns)], dim=-2)
-    return tiles.expand(3, -1, -1) if tiles.shape[0] == 1 else tiles
+    items = min(x.shape[0] for x in columns)
+    channels = max(x.shape[1] for x in columns)
+    height = max(x.shape[2] for x in columns)
+    width = max(x.shape[3] for x in columns)
+    grid = torch.zeros(items * channels * height, len(columns) * width)
+    for j, x in enumerate(columns):
+        for i in range(items):
+            for c in range(x.shape[1]):
+                top = (i * channels + c) * height
+                grid[top : top + x.shape[2], j * width : j * width + x.shape[3]] = x[i, c]
+    return grid.expand(3, -1, -1)
+
+
+def _preview_rows(
+    images: dict[str, Tensor], batch: Any, max_items: int = 4, max_channels: int = PREVIEW_CHANNELS
+) -> str | None:
+    """What the rows of :func:`_preview_grid` are, for multi-channel previews (``None`` for one channel):
+    the batch's channel names where every shown image has real ones (one list per image when they
+    differ), else channel indices, and how many channels are left out."""
+    channels = max(int(t.shape[1]) for t in images.values())
+    if channels <= 1:
+        return None
+    shown = min(channels, max_channels)
+    names = (batch_channel_names(batch) if isinstance(batch, Mapping) else None) or []
+    names = names[:max_items]
+    if names and all(len(n) == channels and not is_placeholder(n) for n in names):
+        labels = ["/".join(n[:shown]) for n in names]
+        same = len(set(labels)) == 1
+        rows = labels[0] if same else "; ".join(f"image {i}: {n}" for i, n in enumerate(labels))
+    else:
+        rows = "/".join(f"channel {c}" for c in range(shown))
+    left = f" ({channels - shown} more channels not shown)" if channels > shown else ""
+    return f"one row per image and channel: {rows}{left}"
 
 
 class PreviewImages(L.Callback):
     """Every ``every_n_steps``, logs the objective's :meth:`~ssl_med.objective.Objective.preview`
     (e.g. input | masked input | reconstruction) to TensorBoard (``trainer.logger`` when it has
-    ``add_image``; without a TensorBoard logger there are no previews)."""
+    ``add_image``; without a TensorBoard logger there are no previews). Multi-channel images get one
+    row per channel (:func:`_preview_grid`), named once in the log and in a TensorBoard text."""
 
     def __init__(self, every_n_steps: int) -> None:
         self.every_n_steps = every_n_steps
+        self._described: set[str] = set()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -155,7 +205,14 @@ class PreviewImages(L.Callback):
         else:
             return
         if images and wanted:
-            experiment.add_image("preview/" + "|".join(images), _preview_grid(images), step)
+            tag = "preview/" + "|".join(images)
+            experiment.add_image(tag, _preview_grid(images), step)
+            rows = _preview_rows(images, batch)
+            if rows is not None and f"{tag}: {rows}" not in self._described:
+                self._described.add(f"{tag}: {rows}")
+                log.info("%s: %s", tag, rows)
+                if hasattr(experiment, "add_text"):
+                    experiment.add_text(tag + "/rows", rows, step)
 
 
 def weight_checksum(module: torch.nn.Module) -> Tensor:
