@@ -213,7 +213,8 @@ class MAE(Objective):
         grid = self.encoder.grid_shape(images.shape[2:])
         noise = torch.rand(images.shape[0], math.prod(grid), device=images.device)
         keep_idx, mask = random_masking(noise, self.mask_ratio)
-        pred = self.decoder(self.encoder(images, keep_idx=keep_idx).patch_tokens, keep_idx, grid)
+        out = self.encoder(images, keep_idx=keep_idx, **encoder_channel_kwargs(self.encoder, batch))
+        pred = self.decoder(out.patch_tokens, keep_idx, grid)
         return {
             "input": images,
             "masked": self._masked_input(images, mask, grid),

@@ -71,7 +71,7 @@ from monai.transforms import Randomizable
 from torch import Tensor, nn
 
 from objectives.losses.precision import upcast
-from ssl_med.data.channels import carry_channel_keys, encoder_channel_kwargs
+from ssl_med.data.channels import MASK_KEY, carry_channel_keys, encoder_channel_kwargs
 from ssl_med.encoder import Encoder
 from ssl_med.geometry import (
     CropSpec,
@@ -217,8 +217,9 @@ class VoCoViews(Randomizable):
         cols = self.R.randint(0, w - cw + 1, size=self.num_crops)
         return np.stack([rows, cols], axis=1)
 
-    def augment(self, x: Tensor) -> Tensor:
-        """Independent flips / in-plane rot90 / intensity shift of one crop ``(C, *s)``."""
+    def augment(self, x: Tensor, present: Tensor | None = None) -> Tensor:
+        """Independent flips / in-plane rot90 / intensity shift of one crop ``(C, *s)``; the shift
+        leaves channels that ``present`` ``(C,)`` marks absent at zero."""
         for axis in range(1, x.ndim):
             if self.R.rand() < self.flip_prob:
                 x = x.flip(axis)
@@ -227,7 +228,8 @@ class VoCoViews(Randomizable):
             k = int(self.R.randint(1, 4)) if square else 2
             x = torch.rot90(x, k, dims=(x.ndim - 2, x.ndim - 1))
         if self.R.rand() < self.shift_prob:
-            x = x + float(self.R.uniform(-self.shift, self.shift))
+            shift = float(self.R.uniform(-self.shift, self.shift))
+            x = x + (shift if present is None else shift * present.to(x.dtype).view(-1, *(1,) * (x.ndim - 1)))
         return x
 
     def __call__(self, sample: Sample) -> Sample:
@@ -248,9 +250,11 @@ class VoCoViews(Randomizable):
         origins = self.sample_origins(spatial)
         crops = torch.stack([image[..., r : r + ch, q : q + cw] for r, q in origins])
         labels = overlap_labels(torch.from_numpy(origins), (ch, cw), self.grid, (ch, cw)).to(torch.float32)
-        crops = torch.stack([self.augment(x) for x in crops])
+        present = sample.get(MASK_KEY)
+        present = None if present is None else torch.as_tensor(present, dtype=torch.bool)
+        crops = torch.stack([self.augment(x, present) for x in crops])
         if self.augment_bases:
-            bases = torch.stack([self.augment(x) for x in bases])
+            bases = torch.stack([self.augment(x, present) for x in bases])
         if self.view_size is not None and tuple(cell) != self.view_size:
             mode = "trilinear" if nd else "bilinear"
             crops = F.interpolate(crops, size=self.view_size, mode=mode, align_corners=False)

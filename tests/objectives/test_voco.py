@@ -289,6 +289,20 @@ def test_views_carry_the_channel_keys() -> None:
     assert batch["bases"].shape == (2, 9, 4, 16, 16) and batch["crops"].shape == (2, 2, 4, 16, 16)
 
 
+def test_intensity_shift_leaves_absent_channels_at_zero() -> None:
+    """A sequence the case lacks is a zero channel: the per-crop intensity shift must not make it a
+    constant one (a fixed-channel encoder would read it as signal)."""
+    views = VoCoViews(grid=(3, 3), num_crops=4, multiple_of=(8, 8), shift_prob=1.0, augment_bases=True)
+    views.set_random_state(0)
+    image = torch.rand(4, 48, 48)
+    image[1] = 0.0
+    out = views({"image": image, "channel_mask": torch.tensor([True, False, True, True])})
+    for key in ("crops", "bases"):
+        assert out[key][:, 1].abs().max() == 0.0
+    shifted = views({"image": image})["crops"][:, 1]  # no mask: every channel is shifted
+    assert shifted.abs().max() > 0.0
+
+
 def test_crop_channel_kwargs_follow_the_stacking_order() -> None:
     voco = _chada_voco("large_scale")
     batch = _channel_batch(mask=True)
