@@ -85,7 +85,8 @@ class OnlineEvalConfig:
         every_n_steps: evaluate every this many optimiser steps (also before step 1 and at the end).
         features: ``auto``, ``pooled``, ``mean_patch``, ``pooled+mean_patch`` or ``patch_tokens`` (as ``eval.features``).
         k, temperature: kNN neighbours and vote temperature.
-        ridge: L2 strength of the closed-form probe, relative to the mean feature variance.
+        ridge: L2 strengths of the closed-form probe (relative to N, on standardised features); each
+            evaluation uses the one with the best exact leave-one-out AUROC on train (one value: fixed).
         max_train, max_val: stratified subsets of the train (bank) and val (query) splits.
         batch_size: feature-extraction batch.
         keep_best: export the encoder of the best val value of this metric to ``encoder_best/``
@@ -98,7 +99,7 @@ class OnlineEvalConfig:
     features: str = "auto"
     k: int = 20
     temperature: float = 0.07
-    ridge: float = 1.0
+    ridge: list[float] = field(default_factory=lambda: [1.0e-6, 1.0e-5, 1.0e-4, 1.0e-3, 1.0e-2, 0.1, 1.0, 10.0])
     max_train: int | None = 2000
     max_val: int | None = 1000
     batch_size: int = 256
@@ -135,6 +136,8 @@ def parse_pretrain_config(cfg: DictConfig) -> PretrainConfig:
     if missing:
         raise ConfigError(f"missing value(s) for {', '.join(missing)}: give them on the command line, e.g. {missing[0]}=...")
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if isinstance(OmegaConf.select(cfg, "online_eval.ridge"), (int, float)):  # one fixed strength
+        cfg.online_eval.ridge = [cfg.online_eval.ridge]
     groups = (("data", DataConfig), ("optim", OptimConfig), ("trainer", TrainerConfig), ("online_eval", OnlineEvalConfig))
     for group, schema in groups:
         if group not in cfg:

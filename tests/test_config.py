@@ -47,3 +47,9 @@ def test_unknown_group_option_lists_choices() -> None:
 def test_every_optimiser_config_parses(name: str) -> None:
     cfg = parse_pretrain_config(compose_pretrain(f"optim={name}"))
     assert cfg.optim.name == name
+
+
+def test_online_ridge_takes_a_grid_or_one_strength() -> None:
+    assert parse_pretrain_config(compose_pretrain()).online_eval.ridge == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0]
+    assert parse_pretrain_config(compose_pretrain("online_eval.ridge=0.5")).online_eval.ridge == [0.5]
+    assert parse_pretrain_config(compose_pretrain("online_eval.ridge=[0.1,1]")).online_eval.ridge == [0.1, 1.0]

@@ -7,7 +7,11 @@ teacher where the objective has one (:meth:`~ssl_med.objective.Objective.eval_en
 * ``online/knn_accuracy``, ``online/knn_auroc``: weighted cosine kNN (DINO's protocol,
   :func:`ssl_med.evaluators.knn.knn_scores`) of the **val** split against the train split;
 * ``online/linear_auroc``, ``online/linear_accuracy``: a closed-form ridge classifier on
-  standardised features (one solve, no iterations), trained on train and scored on val;
+  standardised features (one SVD, no iterations), trained on train and scored on val; its L2 strength
+  is chosen per evaluation from ``online_eval.ridge`` by the exact leave-one-out AUROC on **train**
+  (``online/linear_ridge``), so a random network and a trained one are each read at the strength that
+  suits their features (a fixed strong ridge reads a random ViT well below what a tuned probe gets from
+  it, and the curve then overstates what pretraining added);
 * ``online/embedding_std``, ``online/effective_rank``: the spread and the RankMe effective rank of the
   val embeddings (:mod:`ssl_med.train.collapse`, the collapse monitor on fixed images).
 
@@ -23,6 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +46,53 @@ from ssl_med.train.collapse import effective_rank, embedding_std
 log = logging.getLogger(__name__)
 
 
-def ridge_probe_scores(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, num_classes: int, ridge: float) -> np.ndarray:
-    """Class scores ``(Q, K)`` of a ridge classifier (one-hot targets) fitted in closed form.
-
-    Features ``(N, D)`` are standardised with the train statistics; ``W = (XᵀX + λ N I)⁻¹ XᵀY`` with
-    ``λ = ridge``; scores are a softmax of the predictions, so AUROC and argmax accuracy apply.
-    """
+def _standardised_design(train: np.ndarray, query: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``train`` ``(N, D)`` and ``query`` ``(Q, D)`` standardised with the train statistics, with a bias
+    column: ``(N, D + 1)``, ``(Q, D + 1)`` float64."""
     x = torch.from_numpy(train).double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    x = (x - mean) / std
+    ones = partial(torch.ones, dtype=torch.float64)
+    x1 = torch.cat([(x - mean) / std, ones(len(x), 1)], 1)
     q = (torch.from_numpy(query).double() - mean) / std
+    return x1, torch.cat([q, ones(len(q), 1)], 1)
+
+
+def ridge_probe_scores(
+    train: np.ndarray,
+    train_labels: np.ndarray,
+    query: np.ndarray,
+    num_classes: int,
+    ridge: float | Sequence[float],
+    task: str = "multi-class",
+) -> tuple[np.ndarray, float]:
+    """Class scores ``(Q, K)`` of a ridge classifier (one-hot targets) fitted in closed form, and its ridge.
+
+    Features ``(N, D)`` are standardised with the train statistics; ``W = (XᵀX + λ N I)⁻¹ XᵀY``. With several
+    ``ridge`` values, ``λ`` is the one whose leave-one-out predictions on the train split score the highest
+    AUROC (``task`` as :func:`~ssl_med.evaluators.metrics.classification_metrics`; ties go to the larger
+    ``λ``). Leave-one-out is exact and needs no refits: with ``X = U S Vᵀ`` the hat matrix is
+    ``H = U diag(s² / (s² + λN)) Uᵀ`` and the prediction for row ``i`` without it is
+    ``(ŷᵢ − Hᵢᵢ yᵢ) / (1 − Hᵢᵢ)`` (Allen's PRESS identity; the standardisation statistics include row ``i``).
+    Scores are a softmax of the predictions, so AUROC and argmax accuracy apply.
+    """
+    x1, q1 = _standardised_design(train, query)
     y = torch.nn.functional.one_hot(torch.from_numpy(train_labels).long(), num_classes).double()
-    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # bias column
-    q1 = torch.cat([q, torch.ones(len(q), 1, dtype=q.dtype)], 1)
-    gram = x1.T @ x1 + ridge * len(x) * torch.eye(x1.shape[1], dtype=x.dtype)
-    w = torch.linalg.solve(gram, x1.T @ y)
-    return torch.softmax(q1 @ w * 10.0, dim=1).numpy()
+    u, sv, vh = torch.linalg.svd(x1, full_matrices=False)
+    uty = u.T @ y
+    lambdas = [float(ridge)] if isinstance(ridge, (int, float)) else sorted((float(r) for r in ridge), reverse=True)
+    best: tuple[float, float] | None = None  # (LOO AUROC, lambda)
+    for lam in lambdas:
+        shrink = sv**2 / (sv**2 + lam * len(x1))
+        if len(lambdas) > 1:
+            fitted = u @ (shrink[:, None] * uty)
+            leverage = (u**2 @ shrink).clamp_max(1 - 1e-9)[:, None]
+            loo = (fitted - leverage * y) / (1 - leverage)
+            auroc = classification_metrics(torch.softmax(loo * 10.0, dim=1).numpy(), train_labels, task)["auroc"]
+            if best is None or auroc > best[0]:
+                best = (auroc, lam)
+    lam = best[1] if best is not None else lambdas[0]
+    w = vh.T @ ((sv / (sv**2 + lam * len(x1)))[:, None] * uty)
+    return torch.softmax(q1 @ w * 10.0, dim=1).numpy(), lam
 
 
 def online_metrics(
@@ -63,19 +100,23 @@ def online_metrics(
 ) -> dict[str, float]:
     """kNN and ridge-probe metrics of ``val`` ``(Q, D)`` against ``train`` ``(N, D)`` (single-label tasks)."""
     knn = classification_metrics(knn_scores(train, train_labels, val, num_classes, cfg.k, cfg.temperature), val_labels, task)
-    lin = classification_metrics(ridge_probe_scores(train, train_labels, val, num_classes, cfg.ridge), val_labels, task)
+    scores, ridge = ridge_probe_scores(train, train_labels, val, num_classes, cfg.ridge, task)
+    lin = classification_metrics(scores, val_labels, task)
     return {
         "knn_accuracy": knn["accuracy"],
         "knn_auroc": knn["auroc"],
         "linear_accuracy": lin["accuracy"],
         "linear_auroc": lin["auroc"],
+        "linear_ridge": ridge,
         "embedding_std": float(embedding_std(torch.from_numpy(val))),
         "effective_rank": effective_rank(torch.from_numpy(val)),
     }
 
 
 #: the metrics :func:`online_metrics` returns (``online/<name>`` in TensorBoard)
-METRICS = ("knn_accuracy", "knn_auroc", "linear_accuracy", "linear_auroc", "embedding_std", "effective_rank")
+METRICS = (
+    "knn_accuracy", "knn_auroc", "linear_accuracy", "linear_auroc", "linear_ridge", "embedding_std", "effective_rank"
+)
 
 
 class OnlineEval(L.Callback):
@@ -143,10 +184,10 @@ class OnlineEval(L.Callback):
                 experiment.add_scalar(f"online/{name}", value, step)
             experiment.add_scalar("online/seconds", self.seconds, step)
         log.info(
-            "online eval (%s val, step %d): kNN acc %.3f AUROC %.3f | ridge probe AUROC %.3f | embedding std %.4f, "
-            "effective rank %.1f",
-            self.cfg.data, step, metrics["knn_accuracy"], metrics["knn_auroc"], metrics["linear_auroc"], metrics["embedding_std"],
-            metrics["effective_rank"],
+            "online eval (%s val, step %d): kNN acc %.3f AUROC %.3f | ridge probe AUROC %.3f (ridge %g) | "
+            "embedding std %.4f, effective rank %.1f",
+            self.cfg.data, step, metrics["knn_accuracy"], metrics["knn_auroc"], metrics["linear_auroc"], metrics["linear_ridge"],
+            metrics["embedding_std"], metrics["effective_rank"],
         )
 
     def _keep_if_best(self, step: int, metrics: dict[str, float], pl_module: L.LightningModule) -> None:

@@ -53,7 +53,50 @@ def test_ridge_probe_matches_lstsq_reference() -> None:
     w = np.linalg.lstsq(a, b, rcond=None)[0]
     pred = np.hstack([(q - mean) / std, np.ones((7, 1))]) @ w
     expected = np.exp(10 * pred) / np.exp(10 * pred).sum(1, keepdims=True)
-    np.testing.assert_allclose(ridge_probe_scores(x, y, q, 3, ridge), expected, rtol=1e-6, atol=1e-9)
+    scores, chosen = ridge_probe_scores(x, y, q, 3, ridge)
+    np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-9)
+    assert chosen == ridge
+
+
+def _lstsq_ridge(xs: np.ndarray, targets: np.ndarray, lam: float) -> np.ndarray:
+    """Ridge weights by least squares on the augmented system (penalty ``lam * N`` on every weight)."""
+    d = xs.shape[1]
+    a = np.vstack([xs, np.sqrt(lam * len(xs)) * np.eye(d)])
+    return np.linalg.lstsq(a, np.vstack([targets, np.zeros((d, targets.shape[1]))]), rcond=None)[0]
+
+
+def test_ridge_is_chosen_by_leave_one_out_on_train() -> None:
+    """Against brute force: refit without each train row (numpy least squares), score the held-out rows by
+    sklearn's AUROC, take the best strength (ties: the larger); the probe must pick the same one and
+    return that strength's scores. Few rows and many features, so the strength matters; the best one here is
+    in the middle of the grid."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    n, d = 40, 30
+    y = rng.integers(0, 2, n)
+    x = rng.standard_normal((n, d)) + 1.0 * y[:, None] * (np.arange(d) < 3)
+    q = rng.standard_normal((9, d))
+    grid = [1e-4, 1e-2, 0.1, 1.0, 10.0]
+    xs = np.hstack([(x - x.mean(0)) / x.std(0, ddof=1), np.ones((n, 1))])  # statistics of all rows
+    targets = np.eye(2)[y]
+    loo_auroc = {}
+    for lam in grid:
+        held_out = np.empty(n)
+        for i in range(n):
+            keep = np.arange(n) != i
+            # the closed form penalises lam * N with the full N; the refit keeps that penalty
+            w = _lstsq_ridge(xs[keep], targets[keep], lam * n / (n - 1))
+            pred = xs[i] @ w
+            held_out[i] = pred[1] - pred[0]
+        loo_auroc[lam] = roc_auc_score(y, held_out)
+    expected = max(sorted(grid, reverse=True), key=lambda lam: loo_auroc[lam])
+    assert expected not in (min(grid), max(grid))  # neither the weakest (the train fit's choice) nor the strongest
+    scores, chosen = ridge_probe_scores(x, y, q, 2, grid, "binary")
+    assert chosen == expected
+    w = _lstsq_ridge(xs, targets, chosen)
+    pred = np.hstack([(q - x.mean(0)) / x.std(0, ddof=1), np.ones((9, 1))]) @ w
+    np.testing.assert_allclose(scores, np.exp(10 * pred) / np.exp(10 * pred).sum(1, keepdims=True), rtol=1e-6, atol=1e-9)
 
 
 def _tiny_data(n: int = 24) -> ClassificationData:
