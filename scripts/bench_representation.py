@@ -340,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         f"`encoder_best/`): "
         f"![online curves]({curves.relative_to(args.doc.parent).as_posix()})\n\n"
         f"Command: `python scripts/bench_representation.py --datasets {' '.join(args.datasets)} "
-        f"--objectives {' '.join(args.objectives)} --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}"
+        f"--objectives {' '.join(args.objectives)}"
+        + (f" --backbone {args.backbone}" if args.backbone != "vit" else "")
+        + f" --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}"
         + (f" {' '.join(args.overrides)}" if args.overrides else "") + "`"
     )
     (args.out / "in_domain.md").write_text(body + "\n")
