@@ -28,7 +28,6 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +48,10 @@ log = logging.getLogger(__name__)
 def _standardised_design(train: np.ndarray, query: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """``train`` ``(N, D)`` and ``query`` ``(Q, D)`` standardised with the train statistics, with a bias
     column: ``(N, D + 1)``, ``(Q, D + 1)`` float64."""
-    x = torch.from_numpy(train).double()
+    x, q = torch.from_numpy(train).double(), torch.from_numpy(query).double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    ones = partial(torch.ones, dtype=torch.float64)
-    x1 = torch.cat([(x - mean) / std, ones(len(x), 1)], 1)
-    q = (torch.from_numpy(query).double() - mean) / std
-    return x1, torch.cat([q, ones(len(q), 1)], 1)
+    x, q = (x - mean) / std, (q - mean) / std
+    return torch.cat([x, x.new_ones(len(x), 1)], 1), torch.cat([q, q.new_ones(len(q), 1)], 1)
 
 
 def ridge_probe_scores(
