@@ -40,18 +40,23 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = OnlineEvalConfig()
+    loaded: dict[tuple[int, int], tuple[dict, dict, int, str]] = {}  # (size, channels) -> the subsets, read once
     print("| seed | encoder | val AUROC, ridge fixed | val AUROC, ridge by leave-one-out (chosen) |\n|---|---|---|---|")
     for seed in args.seeds:
         run = args.out / f"{args.dataset}-{args.backbone}-{args.objective}-s{seed}" / "run"
         config = json.loads((run / "encoder" / "config.json").read_text())
-        data_cfg = resolve_eval_data(eval_data_config(args.dataset, []))
-        data_cfg["image_size"] = int(config["backbone"]["img_size"][0])
-        data = load_eval_data(data_cfg, config["backbone"].get("in_chans") or 1)
+        key = (int(config["backbone"]["img_size"][0]), int(config["backbone"].get("in_chans") or 1))
+        if key not in loaded:
+            data_cfg = resolve_eval_data(eval_data_config(args.dataset, []))
+            data_cfg["image_size"] = key[0]
+            data = load_eval_data(data_cfg, key[1])
+            images, labels = {}, {}
+            for split, limit in (("train", cfg.max_train), ("val", cfg.max_val)):  # the online evaluation's subsets
+                keep = _subset(len(data.labels[split]), limit, data.labels[split])
+                images[split], labels[split] = data.images[split][torch.from_numpy(keep)], data.labels[split][keep]
+            loaded[key] = images, labels, data.num_classes, data.task
+        images, labels, num_classes, task = loaded[key]
         mode = OBJECTIVES.get(args.objective).eval_features  # the online evaluation's features=auto
-        images, labels = {}, {}
-        for split, limit in (("train", cfg.max_train), ("val", cfg.max_val)):  # the online evaluation's subsets
-            keep = _subset(len(data.labels[split]), limit, data.labels[split])
-            images[split], labels[split] = data.images[split][torch.from_numpy(keep)], data.labels[split][keep]
         encoders = {"random init": random_init_like(run / "encoder", seed), "last step": load_pretrained(run / "encoder")}
         if (run / "encoder_best").is_dir():
             encoders["selected on val"] = load_pretrained(run / "encoder_best")
@@ -59,8 +64,8 @@ def main() -> None:
             train, val = (extract_features(encoder, images[s], mode) for s in ("train", "val"))
             cells = []
             for ridge in (args.fixed, cfg.ridge):
-                scores, chosen = ridge_probe_scores(train, labels["train"], val, data.num_classes, ridge, data.task)
-                cells.append(f"{classification_metrics(scores, labels['val'], data.task)['auroc']:.3f}")
+                scores, chosen = ridge_probe_scores(train, labels["train"], val, num_classes, ridge, task)
+                cells.append(f"{classification_metrics(scores, labels['val'], task)['auroc']:.3f}")
             print(f"| {seed} | {name} | {cells[0]} | {cells[1]} ({chosen:g}) |", flush=True)
 
 
