@@ -77,17 +77,15 @@ def ridge_probe_scores(
     u, sv, vh = torch.linalg.svd(x1, full_matrices=False)
     uty = u.T @ y
     lambdas = [float(ridge)] if isinstance(ridge, (int, float)) else sorted((float(r) for r in ridge), reverse=True)
-    best: tuple[float, float] | None = None  # (LOO AUROC, lambda)
-    for lam in lambdas:
+
+    def loo_auroc(lam: float) -> float:
         shrink = sv**2 / (sv**2 + lam * len(x1))
-        if len(lambdas) > 1:
-            fitted = u @ (shrink[:, None] * uty)
-            leverage = (u**2 @ shrink).clamp_max(1 - 1e-9)[:, None]
-            loo = (fitted - leverage * y) / (1 - leverage)
-            auroc = classification_metrics(torch.softmax(loo * 10.0, dim=1).numpy(), train_labels, task)["auroc"]
-            if best is None or auroc > best[0]:
-                best = (auroc, lam)
-    lam = best[1] if best is not None else lambdas[0]
+        fitted = u @ (shrink[:, None] * uty)
+        leverage = (u**2 @ shrink).clamp_max(1 - 1e-9)[:, None]
+        loo = (fitted - leverage * y) / (1 - leverage)
+        return classification_metrics(torch.softmax(loo * 10.0, dim=1).numpy(), train_labels, task)["auroc"]
+
+    lam = max(lambdas, key=loo_auroc) if len(lambdas) > 1 else lambdas[0]  # max keeps the first: the larger on ties
     w = vh.T @ ((sv / (sv**2 + lam * len(x1)))[:, None] * uty)
     return torch.softmax(q1 @ w * 10.0, dim=1).numpy(), lam
 
