@@ -21,11 +21,10 @@ import torch
 from ssl_med import load_pretrained
 from ssl_med.config import OnlineEvalConfig
 from ssl_med.evaluators.api import random_init_like
-from ssl_med.evaluators.datasets import _subset, eval_data_config, load_eval_data, resolve_eval_data
 from ssl_med.evaluators.features import extract_features
 from ssl_med.evaluators.metrics import classification_metrics
 from ssl_med.registry import OBJECTIVES
-from ssl_med.train.online_eval import ridge_probe_scores
+from ssl_med.train.online_eval import OnlineEval, build_online_eval, ridge_probe_scores
 
 
 def main() -> None:
@@ -39,23 +38,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = OnlineEvalConfig()
-    loaded: dict[tuple[int, int], tuple[dict, dict, int, str]] = {}  # (size, channels) -> the subsets, read once
+    cfg = OnlineEvalConfig(data=args.dataset)
+    online: dict[tuple[int, int], OnlineEval] = {}  # (size, channels) -> the online evaluation's subsets, read once
     print("| seed | encoder | val AUROC, ridge fixed | val AUROC, ridge by leave-one-out (chosen) |\n|---|---|---|---|")
     for seed in args.seeds:
         run = args.out / f"{args.dataset}-{args.backbone}-{args.objective}-s{seed}" / "run"
-        config = json.loads((run / "encoder" / "config.json").read_text())
-        key = (int(config["backbone"]["img_size"][0]), int(config["backbone"].get("in_chans") or 1))
-        if key not in loaded:
-            data_cfg = resolve_eval_data(eval_data_config(args.dataset, []))
-            data_cfg["image_size"] = key[0]
-            data = load_eval_data(data_cfg, key[1])
-            images, labels = {}, {}
-            for split, limit in (("train", cfg.max_train), ("val", cfg.max_val)):  # the online evaluation's subsets
-                keep = _subset(len(data.labels[split]), limit, data.labels[split])
-                images[split], labels[split] = data.images[split][torch.from_numpy(keep)], data.labels[split][keep]
-            loaded[key] = images, labels, data.num_classes, data.task
-        images, labels, num_classes, task = loaded[key]
+        backbone = json.loads((run / "encoder" / "config.json").read_text())["backbone"]
+        key = (int(backbone["img_size"][0]), int(backbone.get("in_chans") or 1))
+        if key not in online:
+            built = build_online_eval(cfg, list(backbone["img_size"]), key[1])
+            assert built is not None  # cfg.data is set
+            online[key] = built
+        evaluation = online[key]
+        images, labels = evaluation.images, evaluation.labels
         mode = OBJECTIVES.get(args.objective).eval_features  # the online evaluation's features=auto
         encoders = {"random init": random_init_like(run / "encoder", seed), "last step": load_pretrained(run / "encoder")}
         if (run / "encoder_best").is_dir():
@@ -64,8 +59,8 @@ def main() -> None:
             train, val = (extract_features(encoder, images[s], mode) for s in ("train", "val"))
             cells = []
             for ridge in (args.fixed, cfg.ridge):
-                scores, chosen = ridge_probe_scores(train, labels["train"], val, num_classes, ridge, task)
-                cells.append(f"{classification_metrics(scores, labels['val'], task)['auroc']:.3f}")
+                scores, chosen = ridge_probe_scores(train, labels["train"], val, evaluation.num_classes, ridge, evaluation.task)
+                cells.append(f"{classification_metrics(scores, labels['val'], evaluation.task)['auroc']:.3f}")
             print(f"| {seed} | {name} | {cells[0]} | {cells[1]} ({chosen:g}) |", flush=True)
 
 
