@@ -108,10 +108,11 @@ def online_metrics(
     }
 
 
-#: the metrics :func:`online_metrics` returns (``online/<name>`` in TensorBoard)
-METRICS = (
-    "knn_accuracy", "knn_auroc", "linear_accuracy", "linear_auroc", "linear_ridge", "embedding_std", "effective_rank"
-)
+#: the label-quality metrics :func:`online_metrics` returns (higher is better; ``online_eval.keep_best`` picks one)
+QUALITY_METRICS = ("knn_accuracy", "knn_auroc", "linear_accuracy", "linear_auroc")
+#: every metric :func:`online_metrics` returns (``online/<name>`` in TensorBoard): the quality metrics, the
+#: ridge strength the probe chose, and two collapse diagnostics that are not "better" when larger
+METRICS = (*QUALITY_METRICS, "linear_ridge", "embedding_std", "effective_rank")
 
 
 class OnlineEval(L.Callback):
@@ -227,8 +228,11 @@ def build_online_eval(
     the encoder of the best val evaluation is exported to ``best_dir`` (with ``export_config``)."""
     if not cfg.data:
         return None
-    if cfg.keep_best and cfg.keep_best not in METRICS:
-        raise ValueError(f"online_eval.keep_best={cfg.keep_best!r}: choose one of {', '.join(METRICS)} or null")
+    if cfg.keep_best and cfg.keep_best not in QUALITY_METRICS:
+        raise ValueError(
+            f"online_eval.keep_best={cfg.keep_best!r}: choose a label-quality metric, one of "
+            f"{', '.join(QUALITY_METRICS)}, or null"
+        )
     from ssl_med.evaluators.datasets import eval_data_config, load_eval_data, resolve_eval_data
 
     overrides = [f"eval_data.path={cfg.path}"] if cfg.path else []

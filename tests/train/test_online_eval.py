@@ -12,7 +12,7 @@ import torch
 from ssl_med.config import OnlineEvalConfig
 from ssl_med.evaluators.datasets import ClassificationData
 from ssl_med.registry import BACKBONES, OBJECTIVES
-from ssl_med.train.online_eval import OnlineEval, online_metrics, ridge_probe_scores
+from ssl_med.train.online_eval import OnlineEval, build_online_eval, online_metrics, ridge_probe_scores
 
 
 def _clusters(n: int, dim: int = 16, seed: int = 0, spread: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
@@ -29,6 +29,14 @@ def test_separable_features_score_perfectly() -> None:
     m = online_metrics(train, y_train, val, y_val, "binary", 2, OnlineEvalConfig(k=10))
     assert m["knn_accuracy"] == 1.0 and m["knn_auroc"] == 1.0
     assert m["linear_accuracy"] == 1.0 and m["linear_auroc"] == 1.0
+
+
+@pytest.mark.parametrize("metric", ["effective_rank", "embedding_std", "linear_ridge", "auroc"])
+def test_keep_best_refuses_metrics_that_do_not_measure_the_labels(metric: str) -> None:
+    """A larger effective rank, spread or ridge strength is not a better encoder: refused before any data is read."""
+    cfg = OnlineEvalConfig(data="breastmnist", path="/nonexistent/breastmnist.npz", keep_best=metric)
+    with pytest.raises(ValueError, match=f"online_eval.keep_best='{metric}'.*linear_auroc"):
+        build_online_eval(cfg, [28, 28], 1)
 
 
 def test_uninformative_features_score_at_chance() -> None:
