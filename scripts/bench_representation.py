@@ -10,7 +10,10 @@ user runs (nothing is called behind their back):
    (the last step's) and a random-init encoder of the same seed, probe C chosen on val, scored once on
    test; plus the linear probe of ``encoder_best/``, the encoder the online val curve selected;
 4. with ``--finetune``, ``ssl_med evaluate eval=finetune`` on the last step's encoder and its random-init
-   twin (each fine-tuned over the same (LR, layer decay) grid, the best on val scored once on test).
+   twin (each fine-tuned over the same (LR, layer decay) grid, the best on val scored once on test);
+5. with ``--label-fractions 0.01 0.1``, the linear probe of the same two encoders on that fraction of the
+   training labels (three stratified draws each; read-out and C chosen on val per draw, the probe fitted
+   on the drawn labels alone): where self-supervision is meant to pay, few labels.
 
 The table (mean ± std over seeds, gap = pretrained − random init per seed) and the online curves are
 written to ``--doc`` between ``<!-- in-domain:begin -->`` and ``<!-- in-domain:end -->``, and to
@@ -82,6 +85,7 @@ def with_geometry(row: dict, run_dir: Path) -> dict:
 def one_run(
     out: Path, name: str, objective: str, backbone: str, seed: int, steps: int, overrides: list[str],
     cached_only: bool = False, re_evaluate: bool = False, with_finetune: bool = False,
+    label_fractions: list[float] | None = None,
 ) -> dict | None:
     """Pretrain + evaluate one (dataset, objective, backbone, seed); cached in ``<out>/<key>/row.json``
     (a finished pretraining in ``pretrain.json``, so ``re_evaluate`` redoes only the evaluations)."""
@@ -95,8 +99,13 @@ def one_run(
         done_file.write_text(json.dumps({k: old[k] for k in ("pretrain_s", "command")}))
     if row_file.is_file() and not re_evaluate:
         row = json.loads(row_file.read_text())
-        if with_finetune and "finetune/pretrained" not in row and not cached_only:
-            row.update(finetune_rows(folder, spec.eval_data, seed))
+        missing_finetune = with_finetune and "finetune/pretrained" not in row
+        missing_fractions = label_fractions and not has_fractions(row, label_fractions)
+        if (missing_finetune or missing_fractions) and not cached_only:
+            if missing_finetune:
+                row.update(finetune_rows(folder, spec.eval_data, seed))
+            if missing_fractions:
+                row.update(label_efficiency_rows(folder, spec.eval_data, seed, label_fractions))
             row_file.write_text(json.dumps(row, indent=1))
         return with_geometry(row, folder / "run")
     if cached_only:
@@ -142,6 +151,8 @@ def one_run(
         row[tag] = online_curve(run_dir, tag)
     if with_finetune:
         row.update(finetune_rows(folder, spec.eval_data, seed))
+    if label_fractions:
+        row.update(label_efficiency_rows(folder, spec.eval_data, seed, label_fractions))
     row = with_geometry(row, run_dir)
     row_file.write_text(json.dumps(row, indent=1))
     return row
@@ -158,6 +169,28 @@ def finetune_rows(folder: Path, eval_data: str, seed: int) -> dict:
     for r in results["rows"]:
         out[f"finetune/{r['encoder']}"] = r["metrics"]
         out[f"finetune_choice/{r['encoder']}"] = r["details"]["chosen"]
+    return out
+
+
+def has_fractions(row: dict, fractions: list[float]) -> bool:
+    """Whether ``row`` holds the label-efficiency probes of every fraction in ``fractions``."""
+    done = row.get("label_efficiency/pretrained", {})
+    return all(str(f) in done for f in fractions)
+
+
+def label_efficiency_rows(folder: Path, eval_data: str, seed: int, fractions: list[float]) -> dict:
+    """``ssl_med evaluate eval=linear_probe eval.label_fractions=[...]`` of ``<folder>/run`` (last step) and its
+    random-init twin: ``{label_efficiency/<encoder>: {fraction: {metric: [mean, std, draws]}},
+    label_efficiency_features/<encoder>: {fraction: [read-out chosen per draw]}}`` (read-out and ``C`` chosen
+    on val for each draw of labels, the probe fitted on the drawn labels alone)."""
+    eval_dir = folder / "eval-label-efficiency"
+    run(["ssl_med", "evaluate", "eval=linear_probe", f"checkpoint={folder / 'run'}", f"eval_data={eval_data}",
+         f"seed={seed}", f"eval.label_fractions=[{','.join(map(str, fractions))}]", f"hydra.run.dir={eval_dir}"],
+        folder / "label_efficiency.log")
+    out = {}
+    for r in json.loads((eval_dir / "results.json").read_text())["rows"]:
+        out[f"label_efficiency/{r['encoder']}"] = r["details"]["label_efficiency"]
+        out[f"label_efficiency_features/{r['encoder']}"] = r["details"]["label_efficiency_features"]
     return out
 
 
@@ -238,6 +271,34 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def label_efficiency_table(rows: list[dict], fractions: list[float]) -> str:
+    """Markdown: linear-probe test AUROC on a fraction of the training labels (each seed: the mean over its
+    draws of labels), pretrained (last step) beside its random-init twin, per group and fraction."""
+    lines = [
+        "| data | encoder/patch | seeds | labels | probe AUROC | random-init probe AUROC | gap | per seed | read-outs chosen (pretrained; random-init) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if has_fractions(r, fractions):
+            groups.setdefault((r["dataset"], r["backbone"], r["objective"], r.get("patch_size", "?"), r["steps"]), []).append(r)
+    for (data, backbone, objective, patch, steps), rs in sorted(groups.items()):
+        for f in fractions:
+            auc = [r["label_efficiency/pretrained"][str(f)]["auroc"][0] for r in rs]
+            auc0 = [r["label_efficiency/random-init"][str(f)]["auroc"][0] for r in rs]
+            gaps = [a - b for a, b in zip(auc, auc0)]
+            chosen = "; ".join(
+                " ".join(",".join(SHORT.get(m, m) for m in r[f"label_efficiency_features/{e}"][str(f)]) for r in rs)
+                for e in ("pretrained", "random-init")
+            )
+            lines.append(
+                f"| {data} | {backbone}-tiny/{patch} {objective}, {steps} steps | {','.join(str(r['seed']) for r in rs)} | "
+                f"{100 * f:g} % | {mean_std(auc)} | {mean_std(auc0)} | **{mean_std(gaps)}** | "
+                f"{', '.join(f'{g:+.3f}' for g in gaps)} | {chosen} |"
+            )
+    return "\n".join(lines) if groups else ""
+
+
 def finetune_table(rows: list[dict]) -> str:
     """Markdown: fine-tune test AUROC of the last-step encoders and their random-init twins, per group."""
     lines = [
@@ -310,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cached-only", action="store_true", help="build the table from finished runs only")
     parser.add_argument("--re-evaluate", action="store_true", help="redo the evaluations of finished pretraining runs")
     parser.add_argument("--finetune", action="store_true", help="also fine-tune every last-step encoder and its random-init twin")
+    parser.add_argument("--label-fractions", nargs="+", type=float, default=None, metavar="F",
+                        help="also probe every last-step encoder and its random-init twin on these fractions of the "
+                        "training labels (e.g. 0.01 0.1; three draws each, read-out and C chosen on val per draw; "
+                        "give it before the positional overrides)")
     parser.add_argument("overrides", nargs="*", help="extra ssl_med pretrain overrides for every run")
     args = parser.parse_args(argv)
     if not SHARED.is_dir():
@@ -320,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         for objective in args.objectives:
             for seed in args.seeds:
                 print(f"[{name} / {objective} / seed {seed}]", flush=True)
-                row = one_run(args.out, name, objective, args.backbone, seed, args.steps, args.overrides, args.cached_only, args.re_evaluate, args.finetune)
+                row = one_run(args.out, name, objective, args.backbone, seed, args.steps, args.overrides, args.cached_only, args.re_evaluate, args.finetune,
+                              args.label_fractions)
                 if row is not None:
                     rows.append(row)
     if not rows:
@@ -333,9 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     curves = args.doc.parent / "benchmarks" / "online_curves.png"
     plot_curves(rows, curves)
     finetuned = finetune_table(rows)
+    few_labels = label_efficiency_table(rows, args.label_fractions) if args.label_fractions else ""
     body = (
         f"{table(rows)}\n\n"
         + (f"Fine-tuned end to end (`eval=finetune`, the last step's encoders):\n\n{finetuned}\n\n" if finetuned else "")
+        + (f"Linear probe on a fraction of the training labels (`eval.label_fractions`, last step's encoders):\n\n{few_labels}\n\n" if few_labels else "")
         + f"The same probe on the raw pixels (no encoder), for scale:\n\n{pixel_table(pixels)}\n\nOnline curves (val split, step 0 = random init; the ridge-probe curve selects "
         f"`encoder_best/`): "
         f"![online curves]({curves.relative_to(args.doc.parent).as_posix()})\n\n"
@@ -343,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--objectives {' '.join(args.objectives)}"
         + (f" --backbone {args.backbone}" if args.backbone != "vit" else "")
         + f" --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}"
+        + (f" --label-fractions {' '.join(map(str, args.label_fractions))}" if args.label_fractions else "")
         + (f" {' '.join(args.overrides)}" if args.overrides else "") + "`"
     )
     (args.out / "in_domain.md").write_text(body + "\n")

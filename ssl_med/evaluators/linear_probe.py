@@ -5,8 +5,8 @@ logistic regression (one-vs-rest for multi-label) for each read-out in ``cfg['fe
 list, as DINOv2 sweeps its read-outs) and each ``C`` in ``cfg['C']``; the candidate with the best
 ``select_metric`` on val (``select_on: val``) or in ``cv_folds``-fold cross-validation over train ∪ val
 (``select_on: cv``, :mod:`ssl_med.evaluators.readout`) is scored once on test. Label efficiency: the
-``C`` sweep on the chosen read-out, on stratified, seeded ``label_fractions`` of the training labels,
-mean ± std over ``seeds``.
+read-out and ``C`` chosen on val for each stratified, seeded subset (``label_fractions`` of the
+training labels), fitted on the subset alone, mean ± std over ``seeds``.
 
 Two diagnostics are reported once per probe run (one log line each, also kept in ``details``):
 a chosen ``C`` at the smallest or largest grid value (the optimum may lie outside the grid), and the
@@ -161,28 +161,46 @@ def probe_sweep(
 
 
 def label_efficiency(
-    feats: dict[str, np.ndarray],
+    feats: dict[str, dict[str, np.ndarray]],
     data: ClassificationData,
     cfg: dict[str, Any],
     seed: int,
     fit_log: FitLog | None = None,
-) -> dict[str, dict[str, list[float]]]:
-    """``{fraction: {metric: [mean, std, n]}}`` of test metrics over seeds (one draw at 100%)."""
-    out: dict[str, dict[str, list[float]]] = {}
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[str]]]:
+    """The label-efficiency curve: for each fraction of ``cfg['label_fractions']`` and each seeded
+    stratified subset of the training labels (``cfg['seeds']`` offsets of ``seed``; one draw at 100 %),
+    the read-out of ``feats`` (``{mode: {split: (N, D)}}``) and ``C`` with the best val
+    ``select_metric``, fitted on the subset alone and scored once on test.
+
+    The read-out is chosen per subset, on val, like ``C``: the full-label choice (cross-validated over
+    every training label) would carry information a 1 % subset does not have, and the read-out a
+    network is best read by can change with the number of labels.
+
+    Returns ``({fraction: {metric: [mean, std, n]}}, {fraction: [read-out chosen per draw]})``.
+    """
+    curve: dict[str, dict[str, list[float]]] = {}
+    chosen: dict[str, list[str]] = {}
     train_y = data.labels["train"]
     for fraction in cfg["label_fractions"]:
         seeds = [seed] if float(fraction) >= 1 else [seed + s for s in cfg["seeds"]]
-        runs = []
+        runs, modes = [], []
         for s in seeds:
             idx = stratified_subset(train_y, float(fraction), seed=s)
-            sweep = probe_sweep(feats, data.labels, data.task, cfg["C"], cfg["select_metric"], idx, fit_log)
-            runs.append(sweep["test"])
-        out[str(fraction)] = {
+            best_mode, best = None, None
+            for mode, x in feats.items():
+                sweep = probe_sweep(x, data.labels, data.task, cfg["C"], cfg["select_metric"], idx, fit_log)
+                score = max((v for v in sweep["val"].values() if np.isfinite(v)), default=-np.inf)
+                if best is None or score > best[0]:
+                    best_mode, best = mode, (score, sweep)
+            runs.append(best[1]["test"])
+            modes.append(best_mode)
+        curve[str(fraction)] = {
             k: [float(np.nanmean([r[k] for r in runs])), float(np.nanstd([r[k] for r in runs])), len(runs)]
             for k in ("accuracy", "balanced_accuracy", "auroc")
             if k in runs[0]
         }
-    return out
+        chosen[str(fraction)] = modes
+    return curve, chosen
 
 
 @EVALUATORS.register("linear_probe")
@@ -236,7 +254,9 @@ def _probe(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx:
         )
         log.warning("linear_probe [%s]: %s", ctx.encoder_label, details["C_at_grid_edge"])
     if cfg.get("label_fractions"):
-        details["label_efficiency"] = label_efficiency(feats[choice.features], data, cfg, ctx.seed, fit_log)
+        details["label_efficiency"], details["label_efficiency_features"] = label_efficiency(
+            feats, data, cfg, ctx.seed, fit_log
+        )
     details["convergence"] = fit_log.as_dict()
     if fit_log.summary():
         log.warning("linear_probe [%s]: %s", ctx.encoder_label, fit_log.summary())

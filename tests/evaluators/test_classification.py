@@ -24,7 +24,7 @@ from ssl_med.evaluators.features import (
 )
 from ssl_med.evaluators.knn import knn_scores
 from ssl_med.evaluators.label_efficiency import stratified_subset
-from ssl_med.evaluators.linear_probe import probe_sweep
+from ssl_med.evaluators.linear_probe import label_efficiency, probe_sweep
 from ssl_med.evaluators.metrics import classification_metrics
 
 from .conftest import tiny_vit
@@ -165,3 +165,32 @@ def test_stratified_subset_is_seeded_and_keeps_every_class() -> None:
     np.testing.assert_array_equal(idx, stratified_subset(labels, 0.1, seed=3))
     assert not np.array_equal(idx, stratified_subset(labels, 0.1, seed=4))
     assert np.bincount(labels[stratified_subset(labels, 0.01)]).tolist() == [1, 1]
+
+
+def test_label_efficiency_chooses_read_out_and_c_on_val_per_subset(breast: ClassificationData, breast_feats: dict) -> None:
+    """Per subset: every (read-out, C) fitted on the subset alone, the best on val scored on test (sklearn reference)."""
+    rng = np.random.default_rng(0)
+    noise = {s: rng.standard_normal(f.shape).astype(np.float32) for s, f in breast_feats.items()}
+    feats = {"noise": noise, "pooled": breast_feats}
+    cfg = {"label_fractions": [0.5, 1.0], "seeds": [0, 1], "C": [1e-2, 1.0], "select_metric": "auroc"}
+    curve, chosen = label_efficiency(feats, breast, cfg, seed=5)
+
+    y = breast.labels
+    for fraction, draws in ((0.5, [5, 6]), (1.0, [5])):
+        aucs, modes = [], []
+        for draw in draws:
+            idx = stratified_subset(y["train"], fraction, seed=draw)
+            best = None
+            for mode, x in feats.items():  # insertion order: the first of equal val scores wins
+                for c in cfg["C"]:
+                    pipe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000)).fit(x["train"][idx], y["train"][idx])
+                    val = roc_auc_score(y["val"], pipe.predict_proba(x["val"])[:, 1])
+                    if best is None or val > best[0]:
+                        best = (val, mode, roc_auc_score(y["test"], pipe.predict_proba(x["test"])[:, 1]))
+            modes.append(best[1])
+            aucs.append(best[2])
+        assert chosen[str(fraction)] == modes
+        mean, std, n = curve[str(fraction)]["auroc"]
+        assert n == len(draws) and math.isclose(mean, float(np.mean(aucs)), abs_tol=1e-9)
+        assert math.isclose(std, float(np.std(aucs)), abs_tol=1e-9)
+    assert chosen["1.0"] == ["pooled"]  # the encoder's features, not the noise, on the full labels

@@ -1,0 +1,34 @@
+"""scripts/bench_representation.py's label-efficiency table: per seed the mean over its draws, gap per seed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+bench = pytest.importorskip("bench_representation")
+
+
+def _row(seed: int, pretrained: float, random_init: float) -> dict:
+    curve = lambda auroc: {"0.01": {"auroc": [auroc, 0.05, 3], "accuracy": [0.7, 0.0, 3]}}  # noqa: E731
+    return {
+        "dataset": "breastmnist", "backbone": "vit", "objective": "mae", "patch_size": 4, "steps": 300, "seed": seed,
+        "label_efficiency/pretrained": curve(pretrained), "label_efficiency/random-init": curve(random_init),
+        "label_efficiency_features/pretrained": {"0.01": ["mean_patch"] * 3},
+        "label_efficiency_features/random-init": {"0.01": ["pooled", "mean_patch", "pooled"]},
+    }
+
+
+def test_label_efficiency_table_reports_seed_means_and_gaps() -> None:
+    rows = [_row(0, 0.80, 0.70), _row(1, 0.90, 0.70), {"dataset": "breastmnist", "seed": 2}]  # seed 2: not probed
+    assert bench.has_fractions(rows[0], [0.01]) and not bench.has_fractions(rows[0], [0.01, 0.1])
+    lines = bench.label_efficiency_table(rows, [0.01]).splitlines()
+    assert len(lines) == 3
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert cells[:4] == ["breastmnist", "vit-tiny/4 mae, 300 steps", "0,1", "1 %"]
+    assert cells[4] == "0.850 ± 0.071" and cells[5] == "0.700 ± 0.000"
+    assert cells[6] == "**0.150 ± 0.071**" and cells[7] == "+0.100, +0.200"
+    assert cells[8] == "mp,mp,mp mp,mp,mp; cls,mp,cls cls,mp,cls"
+    assert bench.label_efficiency_table(rows[2:], [0.01]) == ""
