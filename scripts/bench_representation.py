@@ -194,26 +194,34 @@ def label_efficiency_rows(folder: Path, eval_data: str, seed: int, fractions: li
     return out
 
 
-def pixel_probe(out: Path, name: str, image_size: int) -> dict:
+def pixel_probe(out: Path, name: str, image_size: int, fractions: list[float] | None = None) -> dict:
     """The linear probe of ``conf/eval/linear_probe.yaml`` (its C grid and ``select_on``) on raw pixels
-    (no encoder) at the encoders' input size: what a linear read-out of the images alone reaches; cached
-    in ``<out>/pixels-<name>-<size>-<select_on>.json``."""
+    (no encoder) at the encoders' input size: what a linear read-out of the images alone reaches; with
+    ``fractions``, also its label-efficiency curve (``label_efficiency``: the encoders' protocol, draws
+    0, 1, 2). Cached in ``<out>/pixels-<name>-<size>-<select_on>.json``."""
     probe = OmegaConf.load(REPO / "conf" / "eval" / "linear_probe.yaml")
     cache = out / f"pixels-{name}-{image_size}-{probe.select_on}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    row = json.loads(cache.read_text()) if cache.is_file() else None
+    missing = [f for f in fractions or [] if str(f) not in (row or {}).get("label_efficiency", {})]
+    if row is not None and not missing:
+        return row
     from ssl_med.evaluators.datasets import eval_data_config, load_eval_data, resolve_eval_data
-    from ssl_med.evaluators.linear_probe import fit_logistic
+    from ssl_med.evaluators.linear_probe import fit_logistic, label_efficiency
     from ssl_med.evaluators.readout import select_readout
 
     cfg = resolve_eval_data({**eval_data_config(DATASETS[name].eval_data, []), "image_size": image_size})
     data = load_eval_data(cfg)
     feats = {"pixels": {split: x.flatten(1).numpy() for split, x in data.images.items()}}
-    choice = select_readout(
-        feats, data.labels, data.task, list(probe.C), probe.select_metric,
-        lambda x, y, c: fit_logistic(x, y, c, data.task, probe.max_iter), probe.select_on, probe.cv_folds,
-    )
-    row = {"dataset": name, "image_size": image_size, "C": choice.C, "select_on": probe.select_on, **choice.test}
+    if row is None:
+        choice = select_readout(
+            feats, data.labels, data.task, list(probe.C), probe.select_metric,
+            lambda x, y, c: fit_logistic(x, y, c, data.task, probe.max_iter), probe.select_on, probe.cv_folds,
+        )
+        row = {"dataset": name, "image_size": image_size, "C": choice.C, "select_on": probe.select_on, **choice.test}
+    if missing:
+        cfg = {**OmegaConf.to_container(probe), "label_fractions": missing}
+        curve, _ = label_efficiency(feats, data, cfg, seed=0)
+        row["label_efficiency"] = {**row.get("label_efficiency", {}), **curve}
     cache.write_text(json.dumps(row, indent=1))
     return row
 
@@ -271,13 +279,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def label_efficiency_table(rows: list[dict], fractions: list[float]) -> str:
+def label_efficiency_table(rows: list[dict], fractions: list[float], pixels: list[dict] | None = None) -> str:
     """Markdown: linear-probe test AUROC on a fraction of the training labels (each seed: the mean over its
-    draws of labels), pretrained (last step) beside its random-init twin, per group and fraction."""
+    draws of labels), pretrained (last step) beside its random-init twin and the raw-pixel probe of the
+    same dataset (``pixel_probe`` rows with ``label_efficiency``), per group and fraction."""
     lines = [
-        "| data | encoder/patch | seeds | labels | probe AUROC | random-init probe AUROC | gap | per seed | read-outs chosen (pretrained; random-init) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| data | encoder/patch | seeds | labels | probe AUROC | random-init probe AUROC | gap | per seed | raw pixels "
+        "| read-outs chosen (pretrained; random-init) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    on_pixels = {(p["dataset"], f): v["auroc"] for p in pixels or [] for f, v in p.get("label_efficiency", {}).items()}
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if has_fractions(r, fractions):
@@ -291,10 +302,11 @@ def label_efficiency_table(rows: list[dict], fractions: list[float]) -> str:
                 " ".join(",".join(SHORT.get(m, m) for m in r[f"label_efficiency_features/{e}"][str(f)]) for r in rs)
                 for e in ("pretrained", "random-init")
             )
+            pixel = on_pixels.get((data, str(f)))
             lines.append(
                 f"| {data} | {backbone}-tiny/{patch} {objective}, {steps} steps | {','.join(str(r['seed']) for r in rs)} | "
                 f"{100 * f:g} % | {mean_std(auc)} | {mean_std(auc0)} | **{mean_std(gaps)}** | "
-                f"{', '.join(f'{g:+.3f}' for g in gaps)} | {chosen} |"
+                f"{', '.join(f'{g:+.3f}' for g in gaps)} | {f'{pixel[0]:.3f} ± {pixel[1]:.3f}' if pixel else '-'} | {chosen} |"
             )
     return "\n".join(lines) if groups else ""
 
@@ -395,11 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     pixels = []
     for name in args.datasets:
         sizes = sorted({r["crop_size"] for r in rows if r["dataset"] == name and "crop_size" in r})
-        pixels += [pixel_probe(args.out, name, size) for size in sizes]
+        pixels += [pixel_probe(args.out, name, size, args.label_fractions) for size in sizes]
     curves = args.doc.parent / "benchmarks" / "online_curves.png"
     plot_curves(rows, curves)
     finetuned = finetune_table(rows)
-    few_labels = label_efficiency_table(rows, args.label_fractions) if args.label_fractions else ""
+    few_labels = label_efficiency_table(rows, args.label_fractions, pixels) if args.label_fractions else ""
     body = (
         f"{table(rows)}\n\n"
         + (f"Fine-tuned end to end (`eval=finetune`, the last step's encoders):\n\n{finetuned}\n\n" if finetuned else "")

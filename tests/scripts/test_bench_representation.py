@@ -24,11 +24,13 @@ def _row(seed: int, pretrained: float, random_init: float) -> dict:
 def test_label_efficiency_table_reports_seed_means_and_gaps() -> None:
     rows = [_row(0, 0.80, 0.70), _row(1, 0.90, 0.70), {"dataset": "breastmnist", "seed": 2}]  # seed 2: not probed
     assert bench.has_fractions(rows[0], [0.01]) and not bench.has_fractions(rows[0], [0.01, 0.1])
-    lines = bench.label_efficiency_table(rows, [0.01]).splitlines()
+    pixels = [{"dataset": "breastmnist", "label_efficiency": {"0.01": {"auroc": [0.6, 0.02, 3]}}}]
+    lines = bench.label_efficiency_table(rows, [0.01], pixels).splitlines()
     assert len(lines) == 3
     cells = [c.strip() for c in lines[2].split("|")[1:-1]]
     assert cells[:4] == ["breastmnist", "vit-tiny/4 mae, 300 steps", "0,1", "1 %"]
     assert cells[4] == "0.850 ± 0.071" and cells[5] == "0.700 ± 0.000"
     assert cells[6] == "**0.150 ± 0.071**" and cells[7] == "+0.100, +0.200"
-    assert cells[8] == "mp,mp,mp mp,mp,mp; cls,mp,cls cls,mp,cls"
+    assert cells[8] == "0.600 ± 0.020"
+    assert cells[9] == "mp,mp,mp mp,mp,mp; cls,mp,cls cls,mp,cls"
     assert bench.label_efficiency_table(rows[2:], [0.01]) == ""
