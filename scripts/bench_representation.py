@@ -27,13 +27,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench_tables import (
+    finetune_table,
+    has_fractions,
+    label_efficiency_table,
+    pixel_table,
+    plot_curves,
+    plot_label_efficiency,
+    table,
+)
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,12 +180,6 @@ def finetune_rows(folder: Path, eval_data: str, seed: int) -> dict:
     return out
 
 
-def has_fractions(row: dict, fractions: list[float]) -> bool:
-    """Whether ``row`` holds the label-efficiency probes of every fraction in ``fractions``."""
-    done = row.get("label_efficiency/pretrained", {})
-    return all(str(f) in done for f in fractions)
-
-
 def label_efficiency_rows(folder: Path, eval_data: str, seed: int, fractions: list[float]) -> dict:
     """``ssl_med evaluate eval=linear_probe eval.label_fractions=[...]`` of ``<folder>/run`` (last step) and its
     random-init twin: ``{label_efficiency/<encoder>: {fraction: {metric: [mean, std, draws]}},
@@ -224,140 +226,6 @@ def pixel_probe(out: Path, name: str, image_size: int, fractions: list[float] | 
         row["label_efficiency"] = {**row.get("label_efficiency", {}), **curve}
     cache.write_text(json.dumps(row, indent=1))
     return row
-
-
-def pixel_table(rows: list[dict]) -> str:
-    lines = ["| data | input | probe C (chosen without test) | probe AUROC | probe ACC |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['dataset']} | raw pixels at {r['image_size']} px | {r['C']:g} | {r['auroc']:.3f} | {r['accuracy']:.3f} |")
-    return "\n".join(lines)
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-SHORT = {"pooled": "cls", "mean_patch": "mp", "pooled+mean_patch": "cls+mp", "patch_tokens": "tok"}
-
-
-def readouts(rows: list[dict]) -> str:
-    """The read-out each linear probe chose per seed, e.g. ``mp,mp,cls; cls+mp,mp,mp`` (``-``: not recorded)."""
-    def chosen(key: str) -> str:
-        return ",".join(SHORT.get(r.get(f"readout/{key}", ""), "-") for r in rows)
-    return f"{chosen('pretrained')}; {chosen('random-init')}"
-
-
-def table(rows: list[dict]) -> str:
-    """Markdown: one line per (dataset, backbone, objective) and one random-init line per dataset."""
-    lines = [
-        "| data | encoder/patch | seeds | steps | pretrain min | probe AUROC (last step) | random-init probe AUROC | gap "
-        "| probe AUROC, encoder selected on val (step) | its gap | kNN ACC | random-init kNN ACC | kNN gap "
-        "| read-outs chosen (pretrained; random-init) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["dataset"], r["backbone"], r["objective"], r.get("patch_size", "?")), []).append(r)
-    for (data, backbone, objective, patch), rs in sorted(groups.items()):
-        auc = [r["linear_probe/pretrained"]["auroc"] for r in rs]
-        auc0 = [r["linear_probe/random-init"]["auroc"] for r in rs]
-        knn = [r["knn/pretrained"]["accuracy"] for r in rs]
-        knn0 = [r["knn/random-init"]["accuracy"] for r in rs]
-        gaps = [a - b for a, b in zip(auc, auc0)]
-        selected = [r for r in rs if "linear_probe/best-on-val" in r]
-        best = [r["linear_probe/best-on-val"]["auroc"] for r in selected]
-        best_gaps = [r["linear_probe/best-on-val"]["auroc"] - r["linear_probe/random-init"]["auroc"] for r in selected]
-        best_cell = f"{mean_std(best)} ({','.join(str(r['best_step']) for r in selected)}) | **{mean_std(best_gaps)}**" if best else "- | -"
-        lines.append(
-            f"| {data} | {backbone}-tiny/{patch} {objective} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} | "
-            f"{statistics.mean(r['pretrain_s'] for r in rs) / 60:.1f} | {mean_std(auc)} | {mean_std(auc0)} | "
-            f"**{mean_std(gaps)}** | {best_cell} | {mean_std(knn)} | {mean_std(knn0)} | "
-            f"{mean_std([a - b for a, b in zip(knn, knn0)])} | {readouts(rs)} |"
-        )
-    return "\n".join(lines)
-
-
-def label_efficiency_table(rows: list[dict], fractions: list[float], pixels: list[dict] | None = None) -> str:
-    """Markdown: linear-probe test AUROC on a fraction of the training labels (each seed: the mean over its
-    draws of labels), pretrained (last step) beside its random-init twin and the raw-pixel probe of the
-    same dataset (``pixel_probe`` rows with ``label_efficiency``), per group and fraction."""
-    lines = [
-        "| data | encoder/patch | seeds | labels | probe AUROC | random-init probe AUROC | gap | per seed | raw pixels "
-        "| read-outs chosen (pretrained; random-init) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    on_pixels = {(p["dataset"], f): v["auroc"] for p in pixels or [] for f, v in p.get("label_efficiency", {}).items()}
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if has_fractions(r, fractions):
-            groups.setdefault((r["dataset"], r["backbone"], r["objective"], r.get("patch_size", "?"), r["steps"]), []).append(r)
-    for (data, backbone, objective, patch, steps), rs in sorted(groups.items()):
-        for f in fractions:
-            auc = [r["label_efficiency/pretrained"][str(f)]["auroc"][0] for r in rs]
-            auc0 = [r["label_efficiency/random-init"][str(f)]["auroc"][0] for r in rs]
-            gaps = [a - b for a, b in zip(auc, auc0)]
-            chosen = "; ".join(
-                " ".join(",".join(SHORT.get(m, m) for m in r[f"label_efficiency_features/{e}"][str(f)]) for r in rs)
-                for e in ("pretrained", "random-init")
-            )
-            pixel = on_pixels.get((data, str(f)))
-            lines.append(
-                f"| {data} | {backbone}-tiny/{patch} {objective}, {steps} steps | {','.join(str(r['seed']) for r in rs)} | "
-                f"{100 * f:g} % | {mean_std(auc)} | {mean_std(auc0)} | **{mean_std(gaps)}** | "
-                f"{', '.join(f'{g:+.3f}' for g in gaps)} | {f'{pixel[0]:.3f} ± {pixel[1]:.3f}' if pixel else '-'} | {chosen} |"
-            )
-    return "\n".join(lines) if groups else ""
-
-
-def finetune_table(rows: list[dict]) -> str:
-    """Markdown: fine-tune test AUROC of the last-step encoders and their random-init twins, per group."""
-    lines = [
-        "| data | encoder/patch | seeds | fine-tune AUROC | random-init fine-tune AUROC | gap | layer decay chosen on val (pretrained; random-init) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if "finetune/pretrained" in r:
-            groups.setdefault((r["dataset"], r["backbone"], r["objective"], r.get("patch_size", "?")), []).append(r)
-    for (data, backbone, objective, patch), rs in sorted(groups.items()):
-        auc = [r["finetune/pretrained"]["auroc"] for r in rs]
-        auc0 = [r["finetune/random-init"]["auroc"] for r in rs]
-        decay = "; ".join(",".join(f"{r[f'finetune_choice/{e}']['layer_decay']:g}" for r in rs) for e in ("pretrained", "random-init"))
-        lines.append(
-            f"| {data} | {backbone}-tiny/{patch} {objective} | {','.join(str(r['seed']) for r in rs)} | {mean_std(auc)} | "
-            f"{mean_std(auc0)} | **{mean_std([a - b for a, b in zip(auc, auc0)])}** | {decay} |"
-        )
-    return "\n".join(lines) if groups else ""
-
-
-def plot_curves(rows: list[dict], path: Path) -> None:
-    """Online val kNN AUROC and ridge-probe AUROC vs step, one column per dataset, one line per run
-    (step 0 = the run's random init)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = sorted({r["dataset"] for r in rows})
-    tags = ("online/knn_auroc", "online/linear_auroc")
-    fig, axes = plt.subplots(len(tags), len(datasets), figsize=(4.2 * len(datasets), 3.0 * len(tags)), squeeze=False)
-    for col, data in enumerate(datasets):
-        for row, tag in enumerate(tags):
-            ax = axes[row][col]
-            for r in (r for r in rows if r["dataset"] == data):
-                curve = r.get(tag) or []
-                if curve:
-                    ax.plot(*zip(*curve), marker=".", label=f"{r['objective']} s{r['seed']}")
-            ax.set_title(f"{data}: {tag} (val)", fontsize=9)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_doc(doc: Path, body: str, begin: str = BEGIN, end: str = END) -> None:
@@ -412,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     plot_curves(rows, curves)
     finetuned = finetune_table(rows)
     few_labels = label_efficiency_table(rows, args.label_fractions, pixels) if args.label_fractions else ""
+    if few_labels:
+        few_plot = args.doc.parent / "benchmarks" / "label_efficiency.png"
+        plot_label_efficiency(rows, args.label_fractions, pixels, few_plot)
+        few_labels += f"\n\n![label efficiency]({few_plot.relative_to(args.doc.parent).as_posix()})"
     body = (
         f"{table(rows)}\n\n"
         + (f"Fine-tuned end to end (`eval=finetune`, the last step's encoders):\n\n{finetuned}\n\n" if finetuned else "")

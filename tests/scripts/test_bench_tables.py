@@ -1,4 +1,4 @@
-"""scripts/bench_representation.py's label-efficiency table: per seed the mean over its draws, gap per seed."""
+"""scripts/bench_tables.py's label-efficiency table: per seed the mean over its draws, gap per seed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-bench = pytest.importorskip("bench_representation")
+bench = pytest.importorskip("bench_tables")
 
 
 def _row(seed: int, pretrained: float, random_init: float) -> dict:
@@ -34,3 +34,13 @@ def test_label_efficiency_table_reports_seed_means_and_gaps() -> None:
     assert cells[8] == "0.600 ± 0.020"
     assert cells[9] == "mp,mp,mp mp,mp,mp; cls,mp,cls cls,mp,cls"
     assert bench.label_efficiency_table(rows[2:], [0.01]) == ""
+
+
+def test_label_efficiency_plot_is_written(tmp_path: Path) -> None:
+    rows = [{**_row(s, 0.8, 0.7), "linear_probe/pretrained": {"auroc": 0.85}, "linear_probe/random-init": {"auroc": 0.83}}
+            for s in (0, 1)]
+    pixels = [{"dataset": "breastmnist", "auroc": 0.79, "label_efficiency": {"0.01": {"auroc": [0.6, 0.02, 3]}}}]
+    bench.plot_label_efficiency(rows, [0.01], pixels, tmp_path / "le.png")
+    assert (tmp_path / "le.png").stat().st_size > 10_000
+    bench.plot_label_efficiency(rows, [0.1], pixels, tmp_path / "none.png")  # no row has 10 %: nothing to draw
+    assert not (tmp_path / "none.png").exists()
