@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     finetuned = finetune_table(rows)
     few_labels = label_efficiency_table(rows, args.label_fractions, pixels) if args.label_fractions else ""
     if few_labels:
-        few_plot = args.doc.parent / "benchmarks" / "label_efficiency.png"
+        tag = f"{'-'.join(args.datasets)}_{args.backbone}_{args.steps}"
+        few_plot = args.doc.parent / "benchmarks" / f"label_efficiency_{tag}.png"
         plot_label_efficiency(rows, args.label_fractions, pixels, few_plot)
         few_labels += f"\n\n![label efficiency]({few_plot.relative_to(args.doc.parent).as_posix()})"
     body = (
