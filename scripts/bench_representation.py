@@ -41,12 +41,12 @@ from bench_tables import (
     plot_curves,
     plot_label_efficiency,
     table,
+    write_doc,
 )
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SSL_MED_SHARED_DATA", REPO.parent / "shared" / "data"))
-BEGIN, END = "<!-- in-domain:begin -->", "<!-- in-domain:end -->"
 
 
 @dataclass(frozen=True)
@@ -226,17 +226,6 @@ def pixel_probe(out: Path, name: str, image_size: int, fractions: list[float] | 
         row["label_efficiency"] = {**row.get("label_efficiency", {}), **curve}
     cache.write_text(json.dumps(row, indent=1))
     return row
-
-
-def write_doc(doc: Path, body: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace the block between the ``begin`` and ``end`` markers of ``doc`` by ``body`` (append it if absent)."""
-    text = doc.read_text() if doc.is_file() else ""
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 from pathlib import Path
 
 
@@ -162,9 +163,13 @@ def plot_label_efficiency(rows: list[dict], fractions: list[float], pixels: list
             groups.setdefault((r["dataset"], r["backbone"], r["objective"], r["steps"]), []).append(r)
     if not groups:
         return
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.2), squeeze=False)
+    cols = min(4, len(groups))
+    nrows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
     xs = [*fractions, 1.0]
-    for ax, ((data, backbone, objective, steps), rs) in zip(axes[0], sorted(groups.items())):
+    for ax, ((data, backbone, objective, steps), rs) in zip(axes.flat, sorted(groups.items())):
         for encoder, colour in (("pretrained", "tab:blue"), ("random-init", "tab:grey")):
             per_seed = [[r[f"label_efficiency/{encoder}"][str(f)]["auroc"][0] for f in fractions]
                         + [r[f"linear_probe/{encoder}"]["auroc"]] for r in rs]
@@ -187,3 +192,64 @@ def plot_label_efficiency(rows: list[dict], fractions: list[float], pixels: list
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+BEGIN, END = "<!-- in-domain:begin -->", "<!-- in-domain:end -->"
+LE_BEGIN, LE_END = "<!-- label-efficiency:begin -->", "<!-- label-efficiency:end -->"
+
+
+def write_doc(doc: Path, body: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the block between the ``begin`` and ``end`` markers of ``doc`` by ``body`` (append it if absent)."""
+    text = doc.read_text() if doc.is_file() else ""
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def collect(folders: list[Path], fractions: list[float]) -> tuple[list[dict], list[dict]]:
+    """The benchmark rows (``<folder>/<run>/row.json``) that hold every fraction's probes, and the raw-pixel
+    probes (``<folder>/pixels-*-cv.json``) with a label-efficiency curve, from ``bench_representation --out``
+    folders (one per budget or backbone)."""
+    import json
+
+    rows = [json.loads(f.read_text()) for folder in folders for f in sorted(folder.glob("*/row.json"))]
+    pixels = {}
+    for folder in folders:
+        for f in sorted(folder.glob("pixels-*-cv.json")):
+            row = json.loads(f.read_text())
+            if all(str(x) in row.get("label_efficiency", {}) for x in fractions):
+                pixels[row["dataset"]] = row
+    return [r for r in rows if has_fractions(r, fractions)], list(pixels.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python scripts/bench_tables.py OUT [OUT ...] --doc docs/results.md``: one label-efficiency table and
+    plot over several ``bench_representation.py --label-fractions`` output folders."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("folders", nargs="+", type=Path, help="bench_representation.py --out folders")
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.1])
+    parser.add_argument("--doc", type=Path, required=True, help="markdown file to update between the label-efficiency markers")
+    args = parser.parse_args(argv)
+    rows, pixels = collect(args.folders, args.fractions)
+    if not rows:
+        print("no run holds the label-efficiency probes of these fractions", file=sys.stderr)
+        return 1
+    plot = args.doc.parent / "benchmarks" / "label_efficiency.png"
+    plot_label_efficiency(rows, args.fractions, pixels, plot)
+    folders = " ".join(str(f) for f in args.folders)
+    body = (f"{label_efficiency_table(rows, args.fractions, pixels)}\n\n"
+            f"![label efficiency]({plot.relative_to(args.doc.parent).as_posix()})\n\n"
+            f"Command: `python scripts/bench_tables.py {folders} --doc {args.doc}` over the `--out` folders of the "
+            "`bench_representation.py ... --label-fractions 0.01 0.1` runs")
+    write_doc(args.doc, body, LE_BEGIN, LE_END)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -44,3 +45,21 @@ def test_label_efficiency_plot_is_written(tmp_path: Path) -> None:
     assert (tmp_path / "le.png").stat().st_size > 10_000
     bench.plot_label_efficiency(rows, [0.1], pixels, tmp_path / "none.png")  # no row has 10 %: nothing to draw
     assert not (tmp_path / "none.png").exists()
+
+
+def test_main_tabulates_rows_of_several_folders(tmp_path: Path) -> None:
+    for folder, seed in (("budget-a", 0), ("budget-b", 1)):
+        row = {**_row(seed, 0.8, 0.7), "linear_probe/pretrained": {"auroc": 0.85}, "linear_probe/random-init": {"auroc": 0.83}}
+        (tmp_path / folder / f"run-s{seed}").mkdir(parents=True)
+        (tmp_path / folder / f"run-s{seed}" / "row.json").write_text(json.dumps(row))
+    (tmp_path / "budget-a" / "other" ).mkdir()
+    (tmp_path / "budget-a" / "other" / "row.json").write_text(json.dumps({"dataset": "breastmnist", "seed": 5}))
+    pixels = {"dataset": "breastmnist", "auroc": 0.79, "label_efficiency": {"0.01": {"auroc": [0.6, 0.02, 3]}}}
+    (tmp_path / "budget-a" / "pixels-breastmnist-28-cv.json").write_text(json.dumps(pixels))
+    doc = tmp_path / "results.md"
+    doc.write_text(f"intro\n{bench.LE_BEGIN}\nstale table\n{bench.LE_END}\nafter\n")
+    assert bench.main([str(tmp_path / "budget-a"), str(tmp_path / "budget-b"), "--fractions", "0.01", "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("after\n") and "stale table" not in text
+    assert "| 0,1 | 1 % | 0.800 ± 0.000 | 0.700 ± 0.000 | **0.100 ± 0.000** |" in text and "0.600 ± 0.020" in text
+    assert (tmp_path / "benchmarks" / "label_efficiency.png").is_file()
