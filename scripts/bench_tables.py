@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def has_fractions(row: dict, fractions: list[float]) -> bool:
@@ -120,17 +121,22 @@ def finetune_table(rows: list[dict]) -> str:
     return "\n".join(lines) if groups else ""
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Lay out ``fig`` (a ``matplotlib.figure.Figure``) and write it to ``path`` (folders created)."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+
+
 def plot_curves(rows: list[dict], path: Path) -> None:
     """Online val kNN AUROC and ridge-probe AUROC vs step, one column per dataset, one line per run
     (step 0 = the run's random init)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     datasets = sorted({r["dataset"] for r in rows})
     tags = ("online/knn_auroc", "online/linear_auroc")
-    fig, axes = plt.subplots(len(tags), len(datasets), figsize=(4.2 * len(datasets), 3.0 * len(tags)), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(datasets), 3.0 * len(tags)))
+    axes = fig.subplots(len(tags), len(datasets), squeeze=False)
     for col, data in enumerate(datasets):
         for row, tag in enumerate(tags):
             ax = axes[row][col]
@@ -142,20 +148,14 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_label_efficiency(rows: list[dict], fractions: list[float], pixels: list[dict], path: Path) -> None:
     """Test AUROC against the fraction of training labels, one panel per (dataset, backbone, objective, steps):
     pretrained and random-init twins (mean ± std over seeds) and the raw-pixel probe (mean ± std over draws).
     The 100 % point is the table's probe (read-out and ``C`` by CV), the others the label-efficiency probe."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -165,7 +165,8 @@ def plot_label_efficiency(rows: list[dict], fractions: list[float], pixels: list
         return
     cols = min(4, len(groups))
     nrows = -(-len(groups) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.2 * nrows), squeeze=False)
+    fig = Figure(figsize=(3.6 * cols, 3.2 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
     xs = [*fractions, 1.0]
@@ -188,10 +189,7 @@ def plot_label_efficiency(rows: list[dict], fractions: list[float], pixels: list
         ax.set_ylabel("test AUROC (linear probe)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 BEGIN, END = "<!-- in-domain:begin -->", "<!-- in-domain:end -->"
