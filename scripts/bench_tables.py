@@ -6,7 +6,8 @@ from __future__ import annotations
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+
+from ssl_med.evaluators.plots import save_figure
 
 
 def has_fractions(row: dict, fractions: list[float]) -> bool:
@@ -119,13 +120,6 @@ def finetune_table(rows: list[dict]) -> str:
             f"{mean_std(auc0)} | **{mean_std([a - b for a, b in zip(auc, auc0)])}** | {decay} |"
         )
     return "\n".join(lines) if groups else ""
-
-
-def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
-    """Lay out ``fig`` (a ``matplotlib.figure.Figure``) and write it to ``path`` (folders created)."""
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:

@@ -12,6 +12,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 
+def save_figure(fig: Figure, path: Path, dpi: int = 120) -> Path:
+    """Lay out ``fig`` and write it to ``path`` (folders created); returns ``path``."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
 def label_efficiency_plot(
     curves: dict[str, dict[str, dict[str, list[float]]]], metric: str, path: Path, title: str = ""
 ) -> Path:
@@ -29,10 +37,7 @@ def label_efficiency_plot(
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 def overlay_png(
@@ -60,10 +65,7 @@ def overlay_png(
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def interpolation_plot(
@@ -79,10 +81,7 @@ def interpolation_plot(
     ax.set_xlabel("alpha (0 = pretrained, 1 = fine-tuned)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 def summary_bar_plot(rows: list[dict[str, Any]], metric: str, path: Path) -> Path:
@@ -97,10 +96,7 @@ def summary_bar_plot(rows: list[dict[str, Any]], metric: str, path: Path) -> Pat
     ax.bar(range(len(rows)), [r[metric] for r in rows], color=colors)
     ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=6)
     ax.set_ylabel(metric)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 def sweep_plot(series: dict[str, list[tuple[float, float]]], key: str, path: Path) -> Path:
@@ -117,7 +113,4 @@ def sweep_plot(series: dict[str, list[tuple[float, float]]], key: str, path: Pat
     ax.set_ylabel("metric (higher is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)

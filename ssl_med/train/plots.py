@@ -26,11 +26,9 @@ def plot_training_curves(metrics_file: str | Path, out_file: str | Path) -> Path
 
     Returns the written file, or ``None`` when there is nothing to plot.
     """
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from ssl_med.evaluators.plots import save_figure
     from ssl_med.train.loggers import read_metrics
 
     series = read_metrics(metrics_file)
@@ -40,7 +38,8 @@ def plot_training_curves(metrics_file: str | Path, out_file: str | Path) -> Path
     tags += sorted(t for t in available if t in ONLINE)
     if not tags:
         return None
-    fig, axes = plt.subplots(1, len(tags), figsize=(3.2 * len(tags), 2.8), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(tags), 2.8))
+    axes = fig.subplots(1, len(tags), squeeze=False)
     for ax, tag in zip(axes[0], tags):
         steps, values = [s for s, _ in series[tag]], [v for _, v in series[tag]]
         if tag in SCHEDULES:
@@ -55,8 +54,4 @@ def plot_training_curves(metrics_file: str | Path, out_file: str | Path) -> Path
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out_file)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, Path(out_file), dpi=110)
