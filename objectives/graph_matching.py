@@ -268,7 +268,9 @@ class GraphMatching(Objective):
             terms on the projected embeddings (25, 25, 1; all 0 = graph matching alone).
         gm_warmup_steps: the Hamming weight ramps linearly from 0 to ``gm_weight`` over this many
             optimiser steps (0 = full weight from the start).
-        scale, flip_prob, jitter_prob, contrast, brightness, noise_std: views (:class:`TwoViews`).
+        views: keyword arguments of :class:`TwoViews` (``scale``, ``flip_prob``, ``jitter_prob``,
+            ``contrast``, ``brightness``, ``noise_std``); missing ones take its defaults. On the command
+            line: ``objective.views.scale=[0.2,1.0]``.
     """
 
     def __init__(
@@ -291,12 +293,7 @@ class GraphMatching(Objective):
         var_coeff: float = 25.0,
         cov_coeff: float = 1.0,
         gm_warmup_steps: int = 0,
-        scale: Sequence[float] = (0.4, 1.0),
-        flip_prob: float = 0.5,
-        jitter_prob: float = 0.8,
-        contrast: float = 0.3,
-        brightness: float = 0.2,
-        noise_std: float = 0.03,
+        views: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(encoder)
         if solver not in ("local_search", "exact"):
@@ -313,10 +310,7 @@ class GraphMatching(Objective):
         self.gm_weight, self.gm_warmup_steps = gm_weight, gm_warmup_steps
         self.inv_coeff, self.var_coeff, self.cov_coeff = inv_coeff, var_coeff, cov_coeff
         self._step = 0  # optimiser steps done (on_train_step_end), for the Hamming warm-up
-        self._view_kwargs = dict(
-            scale=tuple(scale), flip_prob=flip_prob, jitter_prob=jitter_prob,
-            contrast=contrast, brightness=brightness, noise_std=noise_std,
-        )
+        self.views = TwoViews(**(views or {}))
         dims = [encoder.embed_dim, *projector]
         self.projector = mlp(dims)
         self.message_passing = MessagePassing(dims[-1], dims[-1], mp_dropout)
@@ -327,7 +321,7 @@ class GraphMatching(Objective):
         )
 
     def view_transform(self) -> Callable[[Sample], Sample]:
-        return TwoViews(**self._view_kwargs)
+        return self.views
 
     @classmethod
     def view_geometry(cls, crop: CropSpec, options: Mapping[str, Any]) -> ViewGeometry:

@@ -357,10 +357,12 @@ class VoCo(Objective):
         momentum: EMA momentum of the teacher (reference: 0.9, constant).
         feature_dropout: row dropout before the student head (Large-Scale: 0.2; unused by original).
         inter_weight, reg_weight: weights of the inter-volume term and the base regulariser (1, 1).
-        flip_prob, rot_prob, shift_prob, shift: per-crop augmentation (reference Large-Scale:
-            0.2, 0.2, 0.5, 0.1; original uses shift_prob 0.1).
-        augment_bases: augment base crops like random crops.
         view_size: optional resize of every crop (original: 64^3 from 96^3 crops).
+        views: the per-crop augmentation, keyword arguments of :class:`VoCoViews` (``flip_prob``,
+            ``rot_prob``, ``shift_prob``, ``shift``, ``augment_bases``; reference Large-Scale 0.2, 0.2,
+            0.5, 0.1, bases augmented; original ``shift_prob`` 0.1); missing ones take its defaults. On
+            the command line: ``objective.views.shift_prob=0.1``. The grid, crop count and view size
+            are the objective's own options: the loss and the start-up geometry read them too.
     """
 
     def __init__(
@@ -375,12 +377,8 @@ class VoCo(Objective):
         feature_dropout: float = 0.2,
         inter_weight: float = 1.0,
         reg_weight: float = 1.0,
-        flip_prob: float = 0.2,
-        rot_prob: float = 0.2,
-        shift_prob: float = 0.5,
-        shift: float = 0.1,
-        augment_bases: bool = True,
         view_size: Sequence[int] | None = None,
+        views: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(encoder)
         if version not in ("large_scale", "original"):
@@ -393,15 +391,12 @@ class VoCo(Objective):
         self.momentum = momentum
         self.feature_dropout = feature_dropout
         self.inter_weight, self.reg_weight = inter_weight, reg_weight
-        self._view_kwargs = dict(
+        self.views = VoCoViews(
             grid=self.grid,
             num_crops=num_crops,
-            flip_prob=flip_prob,
-            rot_prob=rot_prob,
-            shift_prob=shift_prob,
-            shift=shift,
-            augment_bases=augment_bases,
             view_size=tuple(view_size) if view_size is not None else None,
+            multiple_of=encoder.patch_size,
+            **(views or {}),
         )
         self.student_head = ProjectionHead(encoder.embed_dim, proj_hidden_dim, proj_dim)
         self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
@@ -412,7 +407,7 @@ class VoCo(Objective):
             self.teacher_encoder = copy.deepcopy(encoder).requires_grad_(False)
 
     def view_transform(self) -> Callable[[Sample], Sample]:
-        return VoCoViews(**self._view_kwargs, multiple_of=self.encoder.patch_size)
+        return self.views
 
     @classmethod
     def view_geometry(cls, crop: CropSpec, options: Mapping[str, Any]) -> ViewGeometry:
