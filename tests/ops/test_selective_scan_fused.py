@@ -105,17 +105,26 @@ def test_float64_matches_reference_with_wide_steps() -> None:
 
 
 @pytest.mark.parametrize(("n", "B_kind"), [(16, "variable"), (7, "grouped")])
-def test_float32_close_to_float64_reference(n: int, B_kind: str) -> None:
-    """Float32 (the vectorised exponential, softplus and logistic) within float32 rounding of float64."""
+def test_float32_as_accurate_as_the_reference_in_float32(n: int, B_kind: str) -> None:
+    """Float32 (the vectorised exponential, softplus and logistic, the chunked backward) is as accurate
+    as the sequential reference run in float32: against float64, its largest error per output and per
+    gradient stays within 3x the reference's own float32 error.
+
+    A fixed relative tolerance is the wrong yardstick here: the gradients sum 300 steps whose terms are
+    up to ~10^5, so both float32 implementations are off by a few units (relative 1e-4 to 2e-3), and the
+    summation order, hence the exact error, changes with the CPU's vector width (AVX2 or AVX-512). A
+    wrong exponential or a lost term is orders of magnitude above the reference's error.
+    """
     tensors, extras = inputs(300, 2, 4, n, B_kind, B_kind, dtype=F64, seed=1, wide_steps=True)
     tensors[2] = tensors[2] / 8
     expected = run("ref", tensors, extras)
-    got = run("fused", [t.float() for t in tensors], {k: v.float() for k, v in extras.items()})
-    (o1, l1, g1), (o2, l2, g2) = got, expected
-    for x, y in [(o1, o2), (l1, l2), *zip(g1, g2, strict=True)]:
+    as_f32 = ([t.float() for t in tensors], {k: v.float() for k, v in extras.items()})
+    got, ref32 = run("fused", *as_f32), run("ref", *as_f32)
+    flat = [(o, last, *grads) for o, last, grads in (got, ref32, expected)]
+    for i, (x, r, y) in enumerate(zip(*flat, strict=True)):
         assert x.dtype == torch.float32
-        scale = max(1.0, y.abs().max().item())
-        torch.testing.assert_close(x.double(), y, rtol=1e-4, atol=2e-5 * scale)
+        err, ref_err = (x.double() - y).abs().max().item(), (r.double() - y).abs().max().item()
+        assert err <= 3 * ref_err + 1e-6 * max(1.0, y.abs().max().item()), (i, err, ref_err)
 
 
 def test_results_do_not_depend_on_the_thread_count() -> None:
