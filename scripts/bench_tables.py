@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ssl_med.evaluators.plots import save_figure
@@ -29,6 +30,16 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def group_rows(rows: list[dict], *fields: str, keep: Callable[[dict], bool] = lambda r: True) -> dict[tuple, list[dict]]:
+    """The rows that ``keep`` accepts, grouped by the values of ``fields`` (``patch_size`` may be missing: ``?``)
+    and sorted by them."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if keep(r):
+            groups.setdefault(tuple(r.get(f, "?") for f in fields), []).append(r)
+    return dict(sorted(groups.items()))
+
+
 SHORT = {"pooled": "cls", "mean_patch": "mp", "pooled+mean_patch": "cls+mp", "patch_tokens": "tok"}
 
 
@@ -47,10 +58,7 @@ def table(rows: list[dict]) -> str:
         "| read-outs chosen (pretrained; random-init) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["dataset"], r["backbone"], r["objective"], r.get("patch_size", "?")), []).append(r)
-    for (data, backbone, objective, patch), rs in sorted(groups.items()):
+    for (data, backbone, objective, patch), rs in group_rows(rows, "dataset", "backbone", "objective", "patch_size").items():
         auc = [r["linear_probe/pretrained"]["auroc"] for r in rs]
         auc0 = [r["linear_probe/random-init"]["auroc"] for r in rs]
         knn = [r["knn/pretrained"]["accuracy"] for r in rs]
@@ -79,11 +87,8 @@ def label_efficiency_table(rows: list[dict], fractions: list[float], pixels: lis
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     on_pixels = {(p["dataset"], f): v["auroc"] for p in pixels or [] for f, v in p.get("label_efficiency", {}).items()}
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if has_fractions(r, fractions):
-            groups.setdefault((r["dataset"], r["backbone"], r["objective"], r.get("patch_size", "?"), r["steps"]), []).append(r)
-    for (data, backbone, objective, patch, steps), rs in sorted(groups.items()):
+    groups = group_rows(rows, "dataset", "backbone", "objective", "patch_size", "steps", keep=lambda r: has_fractions(r, fractions))
+    for (data, backbone, objective, patch, steps), rs in groups.items():
         for f in fractions:
             auc = [r["label_efficiency/pretrained"][str(f)]["auroc"][0] for r in rs]
             auc0 = [r["label_efficiency/random-init"][str(f)]["auroc"][0] for r in rs]
@@ -107,11 +112,8 @@ def finetune_table(rows: list[dict]) -> str:
         "| data | encoder/patch | seeds | fine-tune AUROC | random-init fine-tune AUROC | gap | layer decay chosen on val (pretrained; random-init) |",
         "|---|---|---|---|---|---|---|",
     ]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if "finetune/pretrained" in r:
-            groups.setdefault((r["dataset"], r["backbone"], r["objective"], r.get("patch_size", "?")), []).append(r)
-    for (data, backbone, objective, patch), rs in sorted(groups.items()):
+    groups = group_rows(rows, "dataset", "backbone", "objective", "patch_size", keep=lambda r: "finetune/pretrained" in r)
+    for (data, backbone, objective, patch), rs in groups.items():
         auc = [r["finetune/pretrained"]["auroc"] for r in rs]
         auc0 = [r["finetune/random-init"]["auroc"] for r in rs]
         decay = "; ".join(",".join(f"{r[f'finetune_choice/{e}']['layer_decay']:g}" for r in rs) for e in ("pretrained", "random-init"))
@@ -151,10 +153,7 @@ def plot_label_efficiency(rows: list[dict], fractions: list[float], pixels: list
     The 100 % point is the table's probe (read-out and ``C`` by CV), the others the label-efficiency probe."""
     from matplotlib.figure import Figure
 
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if has_fractions(r, fractions):
-            groups.setdefault((r["dataset"], r["backbone"], r["objective"], r["steps"]), []).append(r)
+    groups = group_rows(rows, "dataset", "backbone", "objective", "steps", keep=lambda r: has_fractions(r, fractions))
     if not groups:
         return
     cols = min(4, len(groups))
@@ -164,7 +163,7 @@ def plot_label_efficiency(rows: list[dict], fractions: list[float], pixels: list
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
     xs = [*fractions, 1.0]
-    for ax, ((data, backbone, objective, steps), rs) in zip(axes.flat, sorted(groups.items())):
+    for ax, ((data, backbone, objective, steps), rs) in zip(axes.flat, groups.items()):
         for encoder, colour in (("pretrained", "tab:blue"), ("random-init", "tab:grey")):
             per_seed = [[r[f"label_efficiency/{encoder}"][str(f)]["auroc"][0] for f in fractions]
                         + [r[f"linear_probe/{encoder}"]["auroc"]] for r in rs]

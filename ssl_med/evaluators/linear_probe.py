@@ -180,20 +180,24 @@ def label_efficiency(
     """
     curve: dict[str, dict[str, list[float]]] = {}
     chosen: dict[str, list[str]] = {}
+    fit_log = FitLog(max_iter=int(cfg.get("max_iter", 2000))) if fit_log is None else fit_log
     train_y = data.labels["train"]
     for fraction in cfg["label_fractions"]:
         seeds = [seed] if float(fraction) >= 1 else [seed + s for s in cfg["seeds"]]
         runs, modes = [], []
         for s in seeds:
             idx = stratified_subset(train_y, float(fraction), seed=s)
-            best_mode, best = None, None
-            for mode, x in feats.items():
-                sweep = probe_sweep(x, data.labels, data.task, cfg["C"], cfg["select_metric"], idx, fit_log)
-                score = max((v for v in sweep["val"].values() if np.isfinite(v)), default=-np.inf)
-                if best is None or score > best[0]:
-                    best_mode, best = mode, (score, sweep)
-            runs.append(best[1]["test"])
-            modes.append(best_mode)
+            choice = select_readout(
+                {mode: {**x, "train": x["train"][idx]} for mode, x in feats.items()},
+                {**data.labels, "train": train_y[idx]},
+                data.task,
+                cfg["C"],
+                cfg["select_metric"],
+                lambda x, y, c: fit_logistic(x, y, c, data.task, fit_log.max_iter, fit_log),
+                select_on="val",
+            )
+            runs.append(choice.test)
+            modes.append(choice.features)
         curve[str(fraction)] = {
             k: [float(np.nanmean([r[k] for r in runs])), float(np.nanstd([r[k] for r in runs])), len(runs)]
             for k in ("accuracy", "balanced_accuracy", "auroc")
