@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from torch import Tensor
 from ssl_med.encoder import Encoder
 from ssl_med.feature_model import FeatureModel
 from ssl_med.registry import BACKBONES
+from ssl_med.timm_entrypoints import TIMM_PREFIX, register_timm_entrypoints
 from ssl_med.weights import (  # noqa: F401  (state_dict_mismatch re-exported)
     CONFIG_NAME,
     PICKLE_SUFFIXES,
@@ -42,7 +43,6 @@ from ssl_med.weights import (  # noqa: F401  (state_dict_mismatch re-exported)
 )
 
 HF_PREFIX = "hf-hub:"
-TIMM_PREFIX = "ssl_med_"
 #: files an export folder may hold; downloads fetch only these (never pickles unless trusted)
 EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md", "eval_results.json", "training_config.yaml")
 #: one part (ORG or NAME) of a hub repository id
@@ -304,35 +304,14 @@ def create_timm_model(
     return model.eval() if pretrained else model
 
 
-def _timm_entrypoint(backbone: str) -> Callable[..., FeatureModel]:
-    def create(**kwargs: Any) -> FeatureModel:
-        return create_timm_model(backbone, **kwargs)
-
-    create.__name__ = create.__qualname__ = TIMM_PREFIX + backbone
-    create.__module__ = __name__
-    create.__doc__ = f"ssl_med backbone {backbone!r} for timm.create_model (see ssl_med.hub.create_timm_model)."
-    return create
-
-
 def register_timm_models() -> list[str]:
     """Register every ssl_med backbone with timm as ``ssl_med_<name>`` (idempotent); returns the timm names.
 
     Names already registered (by :mod:`ssl_med.timm_plugin` when timm was imported) are kept: they
     call :func:`create_timm_model` too.
     """
-    import timm
-    from timm.models import register_model
-
-    names = []
-    module = sys.modules[__name__]
-    for backbone in BACKBONES.names():
-        name = TIMM_PREFIX + backbone
-        if not timm.is_model(name):
-            fn = _timm_entrypoint(backbone)
-            setattr(module, name, fn)
-            register_model(fn)
-        names.append(name)
-    return names
+    register_timm_entrypoints(BACKBONES.names(), create_timm_model, sys.modules[__name__])
+    return [TIMM_PREFIX + backbone for backbone in BACKBONES.names()]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,17 +11,18 @@ function per backbone (:data:`BUILTIN_BACKBONES` and the ``ssl_med.backbones`` e
 functions import :mod:`ssl_med.hub` (and torch, the backbones) only when timm calls one of them.
 
 ``SSL_MED_TIMM_PLUGIN=0`` turns the hook off; ``import ssl_med.hub`` registers the same names by hand.
-This module imports nothing beyond the standard library at start-up.
+This module and :mod:`ssl_med.timm_entrypoints` (the entry points, shared with :mod:`ssl_med.hub`) import
+nothing beyond the standard library at start-up.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
-TIMM_PREFIX = "ssl_med_"
+from ssl_med.timm_entrypoints import register_timm_entrypoints
+
 #: the backbones in the ``backbones`` package (checked against ``BACKBONES`` by the tests)
 BUILTIN_BACKBONES = ("chada_vit", "mamba", "vit", "xlstm")
 ENTRY_POINT_GROUP = "ssl_med.backbones"
@@ -36,31 +37,15 @@ def backbone_names() -> list[str]:
     return sorted({*BUILTIN_BACKBONES, *plugins})
 
 
-def _entrypoint(backbone: str) -> Callable[..., Any]:
-    def create(**kwargs: Any) -> Any:
-        from ssl_med.hub import create_timm_model
+def _create_lazily(backbone: str, **kwargs: Any) -> Any:
+    from ssl_med.hub import create_timm_model
 
-        return create_timm_model(backbone, **kwargs)
-
-    create.__name__ = create.__qualname__ = TIMM_PREFIX + backbone
-    create.__module__ = __name__
-    create.__doc__ = f"ssl_med backbone {backbone!r} for timm.create_model (see ssl_med.hub.create_timm_model)."
-    return create
+    return create_timm_model(backbone, **kwargs)
 
 
 def register() -> list[str]:
     """Register ``ssl_med_<backbone>`` with timm for every backbone timm does not know yet; returns them."""
-    from timm.models import is_model, register_model
-
-    added = []
-    for backbone in backbone_names():
-        name = TIMM_PREFIX + backbone
-        if not is_model(name):
-            fn = _entrypoint(backbone)
-            setattr(sys.modules[__name__], name, fn)
-            register_model(fn)
-            added.append(name)
-    return added
+    return register_timm_entrypoints(backbone_names(), _create_lazily, sys.modules[__name__])
 
 
 class _RegisterAfterImport:

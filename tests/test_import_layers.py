@@ -21,7 +21,7 @@ LAYERS = {
     "objectives": ("objectives",),
     "evaluators": ("ssl_med.evaluators",),
     "artefacts": ("ssl_med.export", "ssl_med.export_target", "ssl_med.hub", "ssl_med.model_card", "ssl_med.feature_model",
-                  "ssl_med.timm_plugin", "ssl_med.monai_bundle"),
+                  "ssl_med.timm_plugin", "ssl_med.timm_entrypoints", "ssl_med.monai_bundle"),
     "train": ("ssl_med.train",),
     "commands": ("ssl_med.cli", "ssl_med.commands", "ssl_med.__main__"),
 }
