@@ -91,6 +91,15 @@ def expect_eval_mode(objective: Objective) -> None:
         )
 
 
+def expect_module_batch_hooks() -> None:
+    """Silence Lightning's "You have overridden `on_*_batch_transfer` in `LightningModule` but have passed
+    in a `LightningDataModule`" warning: it is raised whenever the module has the hook and a datamodule is
+    given, and says only that the module's hook runs, which is the design (:class:`PretrainModule` counts
+    skipped samples and normalises raw crops there). The warning for a hook *both* define still shows."""
+    for hook in ("on_before_batch_transfer", "on_after_batch_transfer"):
+        warnings.filterwarnings("ignore", message=rf"You have overridden `{hook}` in `LightningModule` but")
+
+
 def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     """Train ``cfg`` into ``run_dir``; returns the folder of the exported encoder."""
     t = cfg.trainer
@@ -168,6 +177,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         default_root_dir=str(run_dir),
     )
     expect_eval_mode(objective)
+    expect_module_batch_hooks()
     try:
         with relaunch_this_job("pretrain"), stop:
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
