@@ -20,6 +20,13 @@ written to ``--doc`` between ``<!-- in-domain:begin -->`` and ``<!-- in-domain:e
 ``<out>/in_domain.md``; runs that exist are reused, so an interrupted benchmark continues::
 
     python scripts/bench_representation.py --datasets breastmnist --objectives mae dino --seeds 0 1 2
+
+``--datasets`` takes the built-in names (the files in the shared data folder, with their published
+rows) or the path of any MedMNIST-style ``.npz`` of your own: it is ingested, pretrained on with
+``recipe=small_2d`` or ``small_3d`` (from its image arrays) and evaluated through
+``eval_data=medmnist eval_data.path=<file>``, named after the file::
+
+    python scripts/bench_representation.py --datasets /data/dermamnist.npz --objectives graph_matching --label-fractions 0.01 0.1
 """
 
 from __future__ import annotations
@@ -51,16 +58,42 @@ SHARED = Path(os.environ.get("SSL_MED_SHARED_DATA", REPO.parent / "shared" / "da
 
 @dataclass(frozen=True)
 class Dataset:
-    file: str
-    recipe: str
-    eval_data: str
+    """A labelled set to pretrain on (its train split) and evaluate on."""
+
+    file: Path
+    recipe: str        # small_2d | small_3d
+    eval_group: str    # the eval_data group
+    path: str | None = None  # eval_data.path (the generic ``medmnist`` group)
+
+    @property
+    def evaluate_args(self) -> list[str]:
+        """``ssl_med evaluate`` overrides that select this set."""
+        return [f"eval_data={self.eval_group}", *([f"eval_data.path={self.path}"] if self.path else [])]
+
+    @property
+    def online_args(self) -> list[str]:
+        """``ssl_med pretrain`` overrides that put its val split on the online curve."""
+        return [f"online_eval.data={self.eval_group}", *([f"online_eval.path={self.path}"] if self.path else [])]
 
 
-DATASETS = {
-    "breastmnist": Dataset("medmnist/breastmnist.npz", "small_2d", "breastmnist"),
-    "pneumoniamnist": Dataset("medmnist/pneumoniamnist_subset.npz", "small_2d", "pneumoniamnist"),
-    "vesselmnist3d": Dataset("medmnist/vesselmnist3d.npz", "small_3d", "vesselmnist3d"),
+BUILTIN = {
+    "breastmnist": Dataset(SHARED / "medmnist/breastmnist.npz", "small_2d", "breastmnist"),
+    "pneumoniamnist": Dataset(SHARED / "medmnist/pneumoniamnist_subset.npz", "small_2d", "pneumoniamnist"),
+    "vesselmnist3d": Dataset(SHARED / "medmnist/vesselmnist3d.npz", "small_3d", "vesselmnist3d"),
 }
+
+
+def dataset(name_or_file: str) -> tuple[str, Dataset]:
+    """``(name, Dataset)`` for a built-in name or a MedMNIST-style ``.npz`` (2D or 3D read from the file)."""
+    if name_or_file in BUILTIN:
+        return name_or_file, BUILTIN[name_or_file]
+    file = Path(name_or_file).resolve()
+    if file.suffix != ".npz" or not file.is_file():
+        raise SystemExit(f"--datasets {name_or_file}: neither one of {sorted(BUILTIN)} nor an existing .npz file")
+    from ssl_med.evaluators.datasets import eval_data_config, resolve_eval_data
+
+    cfg = resolve_eval_data(eval_data_config("medmnist", [f"eval_data.path={file}"]))  # fails early on a bad file
+    return file.stem, Dataset(file, f"small_{cfg['spatial_dims']}d", "medmnist", str(file))
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -91,13 +124,12 @@ def with_geometry(row: dict, run_dir: Path) -> dict:
 
 
 def one_run(
-    out: Path, name: str, objective: str, backbone: str, seed: int, steps: int, overrides: list[str],
+    out: Path, name: str, spec: Dataset, objective: str, backbone: str, seed: int, steps: int, overrides: list[str],
     cached_only: bool = False, re_evaluate: bool = False, with_finetune: bool = False,
     label_fractions: list[float] | None = None,
 ) -> dict | None:
     """Pretrain + evaluate one (dataset, objective, backbone, seed); cached in ``<out>/<key>/row.json``
     (a finished pretraining in ``pretrain.json``, so ``re_evaluate`` redoes only the evaluations)."""
-    spec = DATASETS[name]
     key = f"{name}-{backbone}-{objective}-s{seed}"
     folder = out / key
     row_file = folder / "row.json"
@@ -111,9 +143,9 @@ def one_run(
         missing_fractions = label_fractions and not has_fractions(row, label_fractions)
         if (missing_finetune or missing_fractions) and not cached_only:
             if missing_finetune:
-                row.update(finetune_rows(folder, spec.eval_data, seed))
+                row.update(finetune_rows(folder, spec, seed))
             if missing_fractions:
-                row.update(label_efficiency_rows(folder, spec.eval_data, seed, label_fractions))
+                row.update(label_efficiency_rows(folder, spec, seed, label_fractions))
             row_file.write_text(json.dumps(row, indent=1))
         return with_geometry(row, folder / "run")
     if cached_only:
@@ -123,12 +155,12 @@ def one_run(
     store = out / "stores" / f"{name}.zarr"
     if not store.exists():
         store.parent.mkdir(parents=True, exist_ok=True)
-        run(["ssl_med", "ingest", str(SHARED / spec.file), "--out", str(store), "--no-progress"], folder / "ingest.log")
+        run(["ssl_med", "ingest", str(spec.file), "--out", str(store), "--no-progress"], folder / "ingest.log")
     run_dir = folder / "run"
     pretrain = [
         "ssl_med", "pretrain", f"recipe={spec.recipe}", f"objective={objective}", f"backbone={backbone}",
         "data=store", f"data.store={store}", f"seed={seed}", f"trainer.max_steps={steps}",
-        f"online_eval.data={spec.eval_data}", "trainer.progress_bar=false", "resume=never",
+        *spec.online_args, "trainer.progress_bar=false", "resume=never",
         f"experiment={key}", f"hydra.run.dir={run_dir}", *overrides,
     ]
     if done_file.is_file():
@@ -139,7 +171,7 @@ def one_run(
     row = {"dataset": name, "objective": objective, "backbone": backbone, "seed": seed, "steps": steps, **done}
     for evaluator in ("linear_probe", "knn"):
         eval_dir = folder / f"eval-{evaluator}"
-        run(["ssl_med", "evaluate", f"eval={evaluator}", f"checkpoint={run_dir}", f"eval_data={spec.eval_data}",
+        run(["ssl_med", "evaluate", f"eval={evaluator}", f"checkpoint={run_dir}", *spec.evaluate_args,
              f"seed={seed}", "eval.label_fractions=[]" if evaluator == "linear_probe" else "eval.k=20",
              f"hydra.run.dir={eval_dir}"], folder / f"{evaluator}.log")
         results = json.loads((eval_dir / "results.json").read_text())
@@ -150,7 +182,7 @@ def one_run(
     best_dir = run_dir / "encoder_best"
     if best_dir.is_dir():  # the encoder selected on the online val curve (online_eval.keep_best)
         eval_dir = folder / "eval-linear_probe-best"
-        run(["ssl_med", "evaluate", "eval=linear_probe", f"checkpoint={best_dir}", f"eval_data={spec.eval_data}",
+        run(["ssl_med", "evaluate", "eval=linear_probe", f"checkpoint={best_dir}", *spec.evaluate_args,
              f"seed={seed}", "eval.label_fractions=[]", "baseline=false", f"hydra.run.dir={eval_dir}"], folder / "best.log")
         results = json.loads((eval_dir / "results.json").read_text())
         row["linear_probe/best-on-val"] = results["rows"][0]["metrics"]
@@ -158,19 +190,19 @@ def one_run(
     for tag in ("online/knn_auroc", "online/linear_auroc"):
         row[tag] = online_curve(run_dir, tag)
     if with_finetune:
-        row.update(finetune_rows(folder, spec.eval_data, seed))
+        row.update(finetune_rows(folder, spec, seed))
     if label_fractions:
-        row.update(label_efficiency_rows(folder, spec.eval_data, seed, label_fractions))
+        row.update(label_efficiency_rows(folder, spec, seed, label_fractions))
     row = with_geometry(row, run_dir)
     row_file.write_text(json.dumps(row, indent=1))
     return row
 
 
-def finetune_rows(folder: Path, eval_data: str, seed: int) -> dict:
+def finetune_rows(folder: Path, spec: Dataset, seed: int) -> dict:
     """``ssl_med evaluate eval=finetune`` of ``<folder>/run`` (last step) and its random-init twin:
     ``{finetune/<encoder>: test metrics, finetune_choice/<encoder>: the (lr, layer_decay) chosen on val}``."""
     eval_dir = folder / "eval-finetune"
-    run(["ssl_med", "evaluate", "eval=finetune", f"checkpoint={folder / 'run'}", f"eval_data={eval_data}",
+    run(["ssl_med", "evaluate", "eval=finetune", f"checkpoint={folder / 'run'}", *spec.evaluate_args,
          f"seed={seed}", f"hydra.run.dir={eval_dir}"], folder / "finetune.log")
     results = json.loads((eval_dir / "results.json").read_text())
     out = {}
@@ -180,13 +212,13 @@ def finetune_rows(folder: Path, eval_data: str, seed: int) -> dict:
     return out
 
 
-def label_efficiency_rows(folder: Path, eval_data: str, seed: int, fractions: list[float]) -> dict:
+def label_efficiency_rows(folder: Path, spec: Dataset, seed: int, fractions: list[float]) -> dict:
     """``ssl_med evaluate eval=linear_probe eval.label_fractions=[...]`` of ``<folder>/run`` (last step) and its
     random-init twin: ``{label_efficiency/<encoder>: {fraction: {metric: [mean, std, draws]}},
     label_efficiency_features/<encoder>: {fraction: [read-out chosen per draw]}}`` (read-out and ``C`` chosen
     on val for each draw of labels, the probe fitted on the drawn labels alone)."""
     eval_dir = folder / "eval-label-efficiency"
-    run(["ssl_med", "evaluate", "eval=linear_probe", f"checkpoint={folder / 'run'}", f"eval_data={eval_data}",
+    run(["ssl_med", "evaluate", "eval=linear_probe", f"checkpoint={folder / 'run'}", *spec.evaluate_args,
          f"seed={seed}", f"eval.label_fractions=[{','.join(map(str, fractions))}]", f"hydra.run.dir={eval_dir}"],
         folder / "label_efficiency.log")
     out = {}
@@ -196,7 +228,7 @@ def label_efficiency_rows(folder: Path, eval_data: str, seed: int, fractions: li
     return out
 
 
-def pixel_probe(out: Path, name: str, image_size: int, fractions: list[float] | None = None) -> dict:
+def pixel_probe(out: Path, name: str, spec: Dataset, image_size: int, fractions: list[float] | None = None) -> dict:
     """The linear probe of ``conf/eval/linear_probe.yaml`` (its C grid and ``select_on``) on raw pixels
     (no encoder) at the encoders' input size: what a linear read-out of the images alone reaches; with
     ``fractions``, also its label-efficiency curve (``label_efficiency``: the encoders' protocol, draws
@@ -211,7 +243,7 @@ def pixel_probe(out: Path, name: str, image_size: int, fractions: list[float] | 
     from ssl_med.evaluators.linear_probe import fit_logistic, label_efficiency
     from ssl_med.evaluators.readout import select_readout
 
-    cfg = resolve_eval_data({**eval_data_config(DATASETS[name].eval_data, []), "image_size": image_size})
+    cfg = resolve_eval_data({**eval_data_config(spec.eval_group, spec.evaluate_args[1:]), "image_size": image_size})
     data = load_eval_data(cfg)
     feats = {"pixels": {split: x.flatten(1).numpy() for split, x in data.images.items()}}
     if row is None:
@@ -230,7 +262,8 @@ def pixel_probe(out: Path, name: str, image_size: int, fractions: list[float] | 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=["breastmnist"], choices=sorted(DATASETS))
+    parser.add_argument("--datasets", nargs="+", default=["breastmnist"], metavar="NAME|FILE.npz",
+                        help=f"built-in: {', '.join(sorted(BUILTIN))}; or a MedMNIST-style .npz of your own")
     parser.add_argument("--objectives", nargs="+", default=["mae", "dino"])
     parser.add_argument("--backbone", default="vit")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -242,19 +275,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune", action="store_true", help="also fine-tune every last-step encoder and its random-init twin")
     parser.add_argument("--label-fractions", nargs="+", type=float, default=None, metavar="F",
                         help="also probe every last-step encoder and its random-init twin on these fractions of the "
-                        "training labels (e.g. 0.01 0.1; three draws each, read-out and C chosen on val per draw; "
-                        "give it before the positional overrides)")
-    parser.add_argument("overrides", nargs="*", help="extra ssl_med pretrain overrides for every run")
-    args = parser.parse_args(argv)
-    if not SHARED.is_dir():
-        print(f"shared data not found at {SHARED} (set SSL_MED_SHARED_DATA)", file=sys.stderr)
+                        "training labels (e.g. 0.01 0.1; three draws each, read-out and C chosen on val per draw)")
+    parser.add_argument("overrides", nargs="*", help="extra ssl_med pretrain overrides (key=value, anywhere on the "
+                        "line) for every run")
+    argv = sys.argv[1:] if argv is None else argv
+    # key=value tokens are pretrain overrides wherever they stand, so a list option before them ends where they start
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = overrides
+    missing = [name for name in args.datasets if name in BUILTIN and not BUILTIN[name].file.is_file()]
+    if missing:
+        print(f"{', '.join(missing)}: not found in {SHARED} (set SSL_MED_SHARED_DATA)", file=sys.stderr)
         return 2
+    datasets = dict(dataset(name) for name in args.datasets)
     rows = []
-    for name in args.datasets:
+    for name, spec in datasets.items():
         for objective in args.objectives:
             for seed in args.seeds:
                 print(f"[{name} / {objective} / seed {seed}]", flush=True)
-                row = one_run(args.out, name, objective, args.backbone, seed, args.steps, args.overrides, args.cached_only, args.re_evaluate, args.finetune,
+                row = one_run(args.out, name, spec, objective, args.backbone, seed, args.steps, args.overrides, args.cached_only, args.re_evaluate, args.finetune,
                               args.label_fractions)
                 if row is not None:
                     rows.append(row)
@@ -262,15 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         print("no finished runs: nothing to tabulate", file=sys.stderr)
         return 1
     pixels = []
-    for name in args.datasets:
+    for name, spec in datasets.items():
         sizes = sorted({r["crop_size"] for r in rows if r["dataset"] == name and "crop_size" in r})
-        pixels += [pixel_probe(args.out, name, size, args.label_fractions) for size in sizes]
+        pixels += [pixel_probe(args.out, name, spec, size, args.label_fractions) for size in sizes]
     curves = args.doc.parent / "benchmarks" / "online_curves.png"
     plot_curves(rows, curves)
     finetuned = finetune_table(rows)
     few_labels = label_efficiency_table(rows, args.label_fractions, pixels) if args.label_fractions else ""
     if few_labels:
-        tag = f"{'-'.join(args.datasets)}_{args.backbone}_{args.steps}"
+        tag = f"{'-'.join(datasets)}_{args.backbone}_{args.steps}"
         few_plot = args.doc.parent / "benchmarks" / f"label_efficiency_{tag}.png"
         plot_label_efficiency(rows, args.label_fractions, pixels, few_plot)
         few_labels += f"\n\n![label efficiency]({few_plot.relative_to(args.doc.parent).as_posix()})"

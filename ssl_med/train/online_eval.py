@@ -121,6 +121,8 @@ class OnlineEval(L.Callback):
     Args:
         cfg: the ``online_eval`` settings.
         data: the labelled set (its ``train`` and ``val`` splits are used, ``test`` is dropped).
+        name: the set's name in the log and the curve file (default ``cfg.data``; the generic ``medmnist``
+            group is named after its file).
     """
 
     def __init__(
@@ -130,10 +132,12 @@ class OnlineEval(L.Callback):
         out_file: Path | None = None,
         best_dir: Path | None = None,
         export_config: dict[str, Any] | None = None,
+        name: str | None = None,
     ) -> None:
         if data.task == "multi-label":
             raise ValueError(f"online_eval.data={cfg.data}: multi-label data is not supported online; use ssl_med evaluate")
         self.cfg = cfg
+        self.name = name or cfg.data
         self.task, self.num_classes = data.task, data.num_classes
         self.images: dict[str, torch.Tensor] = {}
         self.labels: dict[str, np.ndarray] = {}
@@ -182,7 +186,7 @@ class OnlineEval(L.Callback):
         log.info(
             "online eval (%s val, step %d): kNN acc %.3f AUROC %.3f | ridge probe AUROC %.3f (ridge %g) | "
             "embedding std %.4f, effective rank %.1f",
-            self.cfg.data, step, metrics["knn_accuracy"], metrics["knn_auroc"], metrics["linear_auroc"], metrics["linear_ridge"],
+            self.name, step, metrics["knn_accuracy"], metrics["knn_auroc"], metrics["linear_auroc"], metrics["linear_ridge"],
             metrics["embedding_std"], metrics["effective_rank"],
         )
 
@@ -209,7 +213,7 @@ class OnlineEval(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._run(trainer, pl_module)
         if self.out_file is not None and trainer.is_global_zero:
-            record = {"data": self.cfg.data, "features": self.cfg.features, "seconds": self.seconds,
+            record = {"data": self.name, "features": self.cfg.features, "seconds": self.seconds,
                       "best": self.best, "history": self.history}
             self.out_file.write_text(json.dumps(record, indent=1))
 
@@ -248,4 +252,4 @@ def build_online_eval(
     data = load_eval_data(data_cfg, in_chans or 1)
     if not isinstance(data, ClassificationData):
         raise ValueError(f"online_eval.data={cfg.data} is not a classification set (kNN needs class labels)")
-    return OnlineEval(cfg, data, out_file, best_dir, export_config)
+    return OnlineEval(cfg, data, out_file, best_dir, export_config, name=str(data_cfg.get("name") or cfg.data))

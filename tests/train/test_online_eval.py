@@ -191,3 +191,15 @@ def test_smoke_pretrain_logs_online_metrics(tmp_path: Path, shared_data: Path, m
 
     summary = write_summary(tmp_path).read_text()
     assert "Online evaluation" in summary and "breastmnist" in summary, "ssl_med report lists the online curve's last value"
+
+
+def test_a_file_of_ones_own_is_named_after_the_file(tmp_path: Path, shared_data: Path) -> None:
+    """``online_eval.data=medmnist online_eval.path=<file>``: the log and the curve file name the file, not the group."""
+    import shutil
+
+    file = tmp_path / "my_ultrasound.npz"
+    shutil.copy(shared_data / "medmnist" / "breastmnist.npz", file)
+    cfg = OnlineEvalConfig(data="medmnist", path=str(file), max_train=32, max_val=16, keep_best=None)
+    callback = build_online_eval(cfg, [28, 28], 1)
+    assert callback is not None and callback.name == "my_ultrasound"
+    assert set(callback.labels) == {"train", "val"} and len(callback.labels["val"]) == 16
