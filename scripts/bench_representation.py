@@ -66,9 +66,14 @@ class Dataset:
     path: str | None = None  # eval_data.path (the generic ``medmnist`` group)
 
     @property
+    def path_overrides(self) -> list[str]:
+        """The ``eval_data`` group's overrides (its file, for the generic group)."""
+        return [f"eval_data.path={self.path}"] if self.path else []
+
+    @property
     def evaluate_args(self) -> list[str]:
         """``ssl_med evaluate`` overrides that select this set."""
-        return [f"eval_data={self.eval_group}", *([f"eval_data.path={self.path}"] if self.path else [])]
+        return [f"eval_data={self.eval_group}", *self.path_overrides]
 
     @property
     def online_args(self) -> list[str]:
@@ -243,7 +248,7 @@ def pixel_probe(out: Path, name: str, spec: Dataset, image_size: int, fractions:
     from ssl_med.evaluators.linear_probe import fit_logistic, label_efficiency
     from ssl_med.evaluators.readout import select_readout
 
-    cfg = resolve_eval_data({**eval_data_config(spec.eval_group, spec.evaluate_args[1:]), "image_size": image_size})
+    cfg = resolve_eval_data({**eval_data_config(spec.eval_group, spec.path_overrides), "image_size": image_size})
     data = load_eval_data(cfg)
     feats = {"pixels": {split: x.flatten(1).numpy() for split, x in data.images.items()}}
     if row is None:
