@@ -39,6 +39,7 @@ from ssl_med.config import OnlineEvalConfig
 from ssl_med.evaluators.datasets import ClassificationData, _subset
 from ssl_med.evaluators.features import extract_features
 from ssl_med.evaluators.knn import knn_scores
+from ssl_med.evaluators.linear_probe import grid_edge
 from ssl_med.evaluators.metrics import classification_metrics
 from ssl_med.train.collapse import effective_rank, embedding_std
 
@@ -151,6 +152,7 @@ class OnlineEval(L.Callback):
         self.history: list[dict[str, float]] = []
         self.seconds = 0.0
         self._last_step = -1
+        self._edge_warned = False
 
     @torch.no_grad()
     def evaluate(self, pl_module: L.LightningModule) -> dict[str, float]:
@@ -188,6 +190,20 @@ class OnlineEval(L.Callback):
             "embedding std %.4f, effective rank %.1f",
             self.name, step, metrics["knn_accuracy"], metrics["knn_auroc"], metrics["linear_auroc"], metrics["linear_ridge"],
             metrics["embedding_std"], metrics["effective_rank"],
+        )
+        self._warn_at_grid_edge(step, metrics["linear_ridge"])
+
+    def _warn_at_grid_edge(self, step: int, ridge: float) -> None:
+        """Warn once per run when the ridge probe's strength is an end of ``online_eval.ridge``: its best
+        strength may lie beyond the grid, so ``online/linear_auroc`` may understate the encoder."""
+        edge = grid_edge(ridge, list(self.cfg.ridge))
+        if edge is None or self._edge_warned:
+            return
+        self._edge_warned = True
+        log.warning(
+            "online eval (step %d): the ridge probe chose %g, the %s strength of online_eval.ridge; its best may lie "
+            "beyond the grid, so online/linear_auroc may understate this encoder (extend online_eval.ridge)",
+            step, ridge, edge,
         )
 
     def _keep_if_best(self, step: int, metrics: dict[str, float], pl_module: L.LightningModule) -> None:

@@ -203,3 +203,16 @@ def test_a_file_of_ones_own_is_named_after_the_file(tmp_path: Path, shared_data:
     callback = build_online_eval(cfg, [28, 28], 1)
     assert callback is not None and callback.name == "my_ultrasound"
     assert set(callback.labels) == {"train", "val"} and len(callback.labels["val"]) == 16
+
+
+def test_a_ridge_at_the_grid_edge_is_warned_once(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    callback = OnlineEval(OnlineEvalConfig(data="toy", ridge=[1e-3, 1e-2, 1e-1]), _tiny_data())
+    with caplog.at_level(logging.WARNING, logger="ssl_med.train.online_eval"):
+        callback._warn_at_grid_edge(1, 1e-2)
+        assert not caplog.records, "an interior strength is not warned about"
+        callback._warn_at_grid_edge(2, 1e-3)
+        callback._warn_at_grid_edge(3, 1e-1)
+    assert len(caplog.records) == 1, "once per run"
+    assert "0.001, the smallest strength of online_eval.ridge" in caplog.messages[0]
