@@ -91,6 +91,9 @@ BUILTIN = {
 def dataset(name_or_file: str) -> tuple[str, Dataset]:
     """``(name, Dataset)`` for a built-in name or a MedMNIST-style ``.npz`` (2D or 3D read from the file)."""
     if name_or_file in BUILTIN:
+        if not BUILTIN[name_or_file].file.is_file():
+            print(f"{name_or_file}: not found in {SHARED} (set SSL_MED_SHARED_DATA)", file=sys.stderr)
+            raise SystemExit(2)
         return name_or_file, BUILTIN[name_or_file]
     file = Path(name_or_file).resolve()
     if file.suffix != ".npz" or not file.is_file():
@@ -288,10 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = parser.parse_args([a for a in argv if a not in overrides])
     args.overrides = overrides
-    missing = [name for name in args.datasets if name in BUILTIN and not BUILTIN[name].file.is_file()]
-    if missing:
-        print(f"{', '.join(missing)}: not found in {SHARED} (set SSL_MED_SHARED_DATA)", file=sys.stderr)
-        return 2
     datasets = dict(dataset(name) for name in args.datasets)
     rows = []
     for name, spec in datasets.items():

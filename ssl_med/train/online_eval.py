@@ -121,9 +121,8 @@ class OnlineEval(L.Callback):
 
     Args:
         cfg: the ``online_eval`` settings.
-        data: the labelled set (its ``train`` and ``val`` splits are used, ``test`` is dropped).
-        name: the set's name in the log and the curve file (default ``cfg.data``; the generic ``medmnist``
-            group is named after its file).
+        data: the labelled set (its ``train`` and ``val`` splits are used, ``test`` is dropped); its
+            ``name`` (a file of one's own: the file's) names it in the log and the curve file.
     """
 
     def __init__(
@@ -133,12 +132,11 @@ class OnlineEval(L.Callback):
         out_file: Path | None = None,
         best_dir: Path | None = None,
         export_config: dict[str, Any] | None = None,
-        name: str | None = None,
     ) -> None:
         if data.task == "multi-label":
             raise ValueError(f"online_eval.data={cfg.data}: multi-label data is not supported online; use ssl_med evaluate")
         self.cfg = cfg
-        self.name = name or cfg.data
+        self.name = data.name
         self.task, self.num_classes = data.task, data.num_classes
         self.images: dict[str, torch.Tensor] = {}
         self.labels: dict[str, np.ndarray] = {}
@@ -268,4 +266,4 @@ def build_online_eval(
     data = load_eval_data(data_cfg, in_chans or 1)
     if not isinstance(data, ClassificationData):
         raise ValueError(f"online_eval.data={cfg.data} is not a classification set (kNN needs class labels)")
-    return OnlineEval(cfg, data, out_file, best_dir, export_config, name=str(data_cfg.get("name") or cfg.data))
+    return OnlineEval(cfg, data, out_file, best_dir, export_config)
