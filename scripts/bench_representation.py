@@ -10,7 +10,9 @@ user runs (nothing is called behind their back):
    (the last step's) and a random-init encoder of the same seed, probe C chosen on val, scored once on
    test; plus the linear probe of ``encoder_best/``, the encoder the online val curve selected;
 4. with ``--finetune``, ``ssl_med evaluate eval=finetune`` on the last step's encoder and its random-init
-   twin (each fine-tuned over the same (LR, layer decay) grid, the best on val scored once on test);
+   twin (each fine-tuned over the same (LR, layer decay) grid, the best on val scored once on test); with
+   ``--finetune lpft``, from a linear-probe head instead (LP-FT, ``eval.head_init=probe``: read-out and
+   ``C`` of the probe chosen on val, the probe itself a candidate at step 0);
 5. with ``--label-fractions 0.01 0.1``, the linear probe of the same two encoders on that fraction of the
    training labels (three stratified draws each; read-out and C chosen on val per draw, the probe fitted
    on the drawn labels alone): where self-supervision is meant to pay, few labels.
@@ -133,7 +135,7 @@ def with_geometry(row: dict, run_dir: Path) -> dict:
 
 def one_run(
     out: Path, name: str, spec: Dataset, objective: str, backbone: str, seed: int, steps: int, overrides: list[str],
-    cached_only: bool = False, re_evaluate: bool = False, with_finetune: bool = False,
+    cached_only: bool = False, re_evaluate: bool = False, finetune: str | None = None,
     label_fractions: list[float] | None = None,
 ) -> dict | None:
     """Pretrain + evaluate one (dataset, objective, backbone, seed); cached in ``<out>/<key>/row.json``
@@ -147,11 +149,11 @@ def one_run(
         done_file.write_text(json.dumps({k: old[k] for k in ("pretrain_s", "command")}))
     if row_file.is_file() and not re_evaluate:
         row = json.loads(row_file.read_text())
-        missing_finetune = with_finetune and "finetune/pretrained" not in row
+        missing_finetune = finetune is not None and f"{finetune}/pretrained" not in row
         missing_fractions = label_fractions and not has_fractions(row, label_fractions)
         if (missing_finetune or missing_fractions) and not cached_only:
             if missing_finetune:
-                row.update(finetune_rows(folder, spec, seed))
+                row.update(finetune_rows(folder, spec, seed, finetune))
             if missing_fractions:
                 row.update(label_efficiency_rows(folder, spec, seed, label_fractions))
             row_file.write_text(json.dumps(row, indent=1))
@@ -197,8 +199,8 @@ def one_run(
         row["best_step"] = json.loads((best_dir / "config.json").read_text())["selected_on"]["step"]
     for tag in ("online/knn_auroc", "online/linear_auroc"):
         row[tag] = online_curve(run_dir, tag)
-    if with_finetune:
-        row.update(finetune_rows(folder, spec, seed))
+    if finetune is not None:
+        row.update(finetune_rows(folder, spec, seed, finetune))
     if label_fractions:
         row.update(label_efficiency_rows(folder, spec, seed, label_fractions))
     row = with_geometry(row, run_dir)
@@ -206,17 +208,25 @@ def one_run(
     return row
 
 
-def finetune_rows(folder: Path, spec: Dataset, seed: int) -> dict:
-    """``ssl_med evaluate eval=finetune`` of ``<folder>/run`` (last step) and its random-init twin:
-    ``{finetune/<encoder>: test metrics, finetune_choice/<encoder>: the (lr, layer_decay) chosen on val}``."""
-    eval_dir = folder / "eval-finetune"
+#: ``--finetune`` recipes: row-key prefix -> ``ssl_med evaluate`` overrides
+FINETUNE_RECIPES = {
+    "finetune": [],
+    "lpft": ["eval.head_init=probe", "eval.features=[pooled,mean_patch,pooled+mean_patch]"],
+}
+
+
+def finetune_rows(folder: Path, spec: Dataset, seed: int, recipe: str = "finetune") -> dict:
+    """``ssl_med evaluate eval=finetune`` (with ``FINETUNE_RECIPES[recipe]``) of ``<folder>/run`` (last step)
+    and its random-init twin: ``{<recipe>/<encoder>: test metrics, <recipe>_choice/<encoder>: the (read-out, lr,
+    layer_decay, step) chosen on val}``."""
+    eval_dir = folder / f"eval-{recipe}"
     run(["ssl_med", "evaluate", "eval=finetune", f"checkpoint={folder / 'run'}", *spec.evaluate_args,
-         f"seed={seed}", f"hydra.run.dir={eval_dir}"], folder / "finetune.log")
+         *FINETUNE_RECIPES[recipe], f"seed={seed}", f"hydra.run.dir={eval_dir}"], folder / f"{recipe}.log")
     results = json.loads((eval_dir / "results.json").read_text())
     out = {}
     for r in results["rows"]:
-        out[f"finetune/{r['encoder']}"] = r["metrics"]
-        out[f"finetune_choice/{r['encoder']}"] = r["details"]["chosen"]
+        out[f"{recipe}/{r['encoder']}"] = r["metrics"]
+        out[f"{recipe}_choice/{r['encoder']}"] = r["details"]["chosen"]
     return out
 
 
@@ -280,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md", help="markdown file to update")
     parser.add_argument("--cached-only", action="store_true", help="build the table from finished runs only")
     parser.add_argument("--re-evaluate", action="store_true", help="redo the evaluations of finished pretraining runs")
-    parser.add_argument("--finetune", action="store_true", help="also fine-tune every last-step encoder and its random-init twin")
+    parser.add_argument("--finetune", nargs="?", const="finetune", choices=sorted(FINETUNE_RECIPES), default=None,
+                        help="also fine-tune every last-step encoder and its random-init twin: from a random head "
+                        "(default) or, with 'lpft', from a linear probe whose read-out and C are chosen on val")
     parser.add_argument("--label-fractions", nargs="+", type=float, default=None, metavar="F",
                         help="also probe every last-step encoder and its random-init twin on these fractions of the "
                         "training labels (e.g. 0.01 0.1; three draws each, read-out and C chosen on val per draw)")
@@ -310,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         pixels += [pixel_probe(args.out, name, spec, size, args.label_fractions) for size in sizes]
     curves = args.doc.parent / "benchmarks" / "online_curves.png"
     plot_curves(rows, curves)
-    finetuned = finetune_table(rows)
+    finetuned = finetune_table(rows, args.finetune or "finetune")
     few_labels = label_efficiency_table(rows, args.label_fractions, pixels) if args.label_fractions else ""
     if few_labels:
         tag = f"{'-'.join(datasets)}_{args.backbone}_{args.steps}"
@@ -319,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         few_labels += f"\n\n![label efficiency]({few_plot.relative_to(args.doc.parent).as_posix()})"
     body = (
         f"{table(rows)}\n\n"
-        + (f"Fine-tuned end to end (`eval=finetune`, the last step's encoders):\n\n{finetuned}\n\n" if finetuned else "")
+        + (f"Fine-tuned end to end (`eval=finetune` {' '.join(FINETUNE_RECIPES[args.finetune or 'finetune'])}, the last "
+           f"step's encoders):\n\n{finetuned}\n\n" if finetuned else "")
         + (f"Linear probe on a fraction of the training labels (`eval.label_fractions`, last step's encoders):\n\n{few_labels}\n\n" if few_labels else "")
         + f"The same probe on the raw pixels (no encoder), for scale:\n\n{pixel_table(pixels)}\n\nOnline curves (val split, step 0 = random init; the ridge-probe curve selects "
         f"`encoder_best/`): "

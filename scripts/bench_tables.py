@@ -106,22 +106,32 @@ def label_efficiency_table(rows: list[dict], fractions: list[float], pixels: lis
     return "\n".join(lines) if groups else ""
 
 
-def finetune_table(rows: list[dict]) -> str:
-    """Markdown: fine-tune test AUROC of the last-step encoders and their random-init twins, per group."""
+def finetune_table(rows: list[dict], recipe: str = "finetune") -> str:
+    """Markdown: fine-tune test AUROC of the last-step encoders and their random-init twins under ``recipe``
+    (the row-key prefix: ``finetune`` or ``lpft``), per group, with what val chose per seed."""
     lines = [
-        "| data | encoder/patch | seeds | fine-tune AUROC | random-init fine-tune AUROC | gap | layer decay chosen on val (pretrained; random-init) |",
+        "| data | encoder/patch | seeds | fine-tune AUROC | random-init fine-tune AUROC | gap | chosen on val: read-out, layer decay, step (pretrained; random-init) |",
         "|---|---|---|---|---|---|---|",
     ]
-    groups = group_rows(rows, "dataset", "backbone", "objective", "patch_size", keep=lambda r: "finetune/pretrained" in r)
+    groups = group_rows(rows, "dataset", "backbone", "objective", "patch_size", keep=lambda r: f"{recipe}/pretrained" in r)
     for (data, backbone, objective, patch), rs in groups.items():
-        auc = [r["finetune/pretrained"]["auroc"] for r in rs]
-        auc0 = [r["finetune/random-init"]["auroc"] for r in rs]
-        decay = "; ".join(",".join(f"{r[f'finetune_choice/{e}']['layer_decay']:g}" for r in rs) for e in ("pretrained", "random-init"))
+        auc = [r[f"{recipe}/pretrained"]["auroc"] for r in rs]
+        auc0 = [r[f"{recipe}/random-init"]["auroc"] for r in rs]
+        chosen = "; ".join(
+            ", ".join(_choice(r[f"{recipe}_choice/{e}"]) for r in rs) for e in ("pretrained", "random-init")
+        )
         lines.append(
             f"| {data} | {backbone}-tiny/{patch} {objective} | {','.join(str(r['seed']) for r in rs)} | {mean_std(auc)} | "
-            f"{mean_std(auc0)} | **{mean_std([a - b for a, b in zip(auc, auc0)])}** | {decay} |"
+            f"{mean_std(auc0)} | **{mean_std([a - b for a, b in zip(auc, auc0)])}** | {chosen} |"
         )
     return "\n".join(lines) if groups else ""
+
+
+def _choice(chosen: dict) -> str:
+    """``{features, layer_decay, step}`` chosen on val -> ``cls+mp/0.75@200`` (``features`` absent in rows
+    written before the fine-tuner chose read-outs)."""
+    readout = SHORT.get(chosen.get("features", ""), "-")
+    return f"{readout}/{chosen['layer_decay']:g}@{chosen['step']}"
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:

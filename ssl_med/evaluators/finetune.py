@@ -1,23 +1,24 @@
 """Short end-to-end fine-tune (``eval=finetune``): the fine-tune column of the classification table.
 
-Encoder + linear head on one read-out of the encoder (``eval.features``: ``auto`` is the pretraining
+Encoder + linear head on a read-out of the encoder (``eval.features``: ``auto`` is the pretraining
 objective's, the mean patch token for MAE-family encoders as in MAE's fine-tuning recipe, whose CLS token
 no loss trains; the pooled embedding otherwise), AdamW with layer-wise LR decay and a cosine schedule,
 cross-entropy (BCE for multi-label), for a fixed budget of ``steps`` (the same for every encoder).
 Augmentation: random flips along every spatial axis.
 
-``lr`` and ``layer_decay`` may be lists: every pair is fine-tuned and the weights with the best
-validation ``select_metric`` (checked every ``eval_every`` steps, over all pairs) are scored once on
-test. A pretrained encoder is usually fine-tuned with a decayed, small encoder LR (BEiT/MAE: layer decay
-0.65–0.75) and a network trained from scratch with one LR for every layer (layer decay 1.0); giving both
-settings to both rows and choosing on val keeps the random-init row from being judged by a recipe that
-suits only pretrained weights.
+``lr``, ``layer_decay`` and ``features`` may be lists: every combination is fine-tuned and the weights with
+the best validation ``select_metric`` (checked every ``eval_every`` steps, over all of them) are scored
+once on test. A pretrained encoder is usually fine-tuned with a decayed, small encoder LR (BEiT/MAE:
+layer decay 0.65–0.75) and a network trained from scratch with one LR for every layer (layer decay 1.0);
+giving both settings to both rows and choosing on val keeps the random-init row from being judged by a
+recipe that suits only pretrained weights. A read-out list does the same for the head's input, as the
+linear probe's does (DINOv2's linear evaluation keeps the read-out best on val).
 
 ``head_init=probe`` starts every fine-tune from a linear probe instead of a near-zero head (LP-FT: Kumar
 et al., "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution", ICLR 2022): a
-logistic regression on the frozen read-out of train (standardised, ``C`` from ``head_probe_C`` chosen on
-val) is folded into the head, so the first gradient steps do not have to undo a random head's pull on
-the encoder.
+logistic regression on the frozen read-out of train (standardised; read-out among ``features`` and ``C``
+among ``head_probe_C`` chosen together on val) is folded into the head, so the first gradient steps do not
+have to undo a random head's pull on the encoder. The fine-tune then trains through the probe's read-out.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -110,41 +111,56 @@ def _probe_weights(model: Any, task: str, num_outputs: int) -> tuple[np.ndarray,
     return coef, bias
 
 
+def head_readouts(cfg: dict[str, Any]) -> list[str]:
+    """``cfg['features']`` (one read-out or a list; ``auto`` already resolved) as a checked list."""
+    features = cfg.get("features") or "pooled"
+    readouts = [features] if isinstance(features, str) else list(features)
+    unknown = [r for r in readouts if r not in HEAD_READOUTS]
+    if unknown or not readouts:
+        raise ValueError(f"eval.features={features!r} cannot be fine-tuned through; choose from {sorted(HEAD_READOUTS)}")
+    return readouts
+
+
 @torch.no_grad()
-def probe_head(model: Classifier, data: ClassificationData, cfg: dict[str, Any], device: str) -> float:
-    """Set ``model.head`` to a logistic-regression probe of ``model.encoder``'s frozen read-out (LP-FT);
-    the probe is fitted on standardised train features, ``C`` chosen on val among ``cfg['head_probe_C']``,
-    and the standardisation is folded into the weights. Returns the chosen ``C``."""
-    feats = {
-        s: extract_readouts(model.encoder, data.images[s], [model.readout], cfg["eval_batch_size"], device)[model.readout]
-        for s in ("train", "val")
-    }
+def probe_head(
+    encoder: Encoder, data: ClassificationData, cfg: dict[str, Any], device: str, readouts: Sequence[str]
+) -> tuple[Classifier, float]:
+    """A :class:`Classifier` on ``encoder`` whose head is a logistic-regression probe of the frozen read-out
+    (LP-FT). One probe per read-out in ``readouts`` and ``C`` in ``cfg['head_probe_C']`` is fitted on
+    standardised train features; the (read-out, ``C``) best on val is kept, and its standardisation folded
+    into the head's weights. Returns the classifier (its ``readout`` is the chosen one) and the chosen ``C``."""
+    feats = {s: extract_readouts(encoder, data.images[s], readouts, cfg["eval_batch_size"], device) for s in ("train", "val")}
     c_values = _as_list(cfg.get("head_probe_C", [1.0]))
     max_iter = int(cfg.get("head_probe_max_iter", 1000))
-    scaler, probes, scores = val_scores(
-        feats["train"], data.labels["train"], feats["val"], data.labels["val"], data.task, c_values,
-        cfg["select_metric"], lambda x, y, c: fit_logistic(x, y, c, data.task, max_iter),
-    )
-    _, c = best_candidate({model.readout: scores}, c_values)
+    fitted, scores = {}, {}
+    for mode in readouts:
+        scaler, probes, scores[mode] = val_scores(
+            feats["train"][mode], data.labels["train"], feats["val"][mode], data.labels["val"], data.task, c_values,
+            cfg["select_metric"], lambda x, y, c: fit_logistic(x, y, c, data.task, max_iter),
+        )
+        fitted[mode] = (scaler, probes)
+    mode, c = best_candidate(scores, c_values)
+    scaler, probes = fitted[mode]
+    model = Classifier(encoder, data.num_classes, mode)
     coef, bias = _probe_weights(probes[c], data.task, model.head.out_features)
     scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
     weight = coef / scale  # w . (x - mu) / sd + b = (w / sd) . x + (b - (w / sd) . mu)
     model.head.weight.copy_(torch.as_tensor(weight, dtype=model.head.weight.dtype))
     model.head.bias.copy_(torch.as_tensor(bias - weight @ scaler.mean_, dtype=model.head.bias.dtype))
-    return c
+    return model, c
 
 
 def finetune_once(
     encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx: EvalContext, lr: float, layer_decay: float,
-    head_state: dict[str, Tensor] | None = None,
+    readout: str, head_state: dict[str, Tensor] | None = None,
 ) -> tuple[float, int, dict[str, Tensor], list[dict[str, float]]]:
-    """Fine-tune a copy of ``encoder`` at one (``lr``, ``layer_decay``), from ``head_state`` when given
+    """Fine-tune a copy of ``encoder`` through ``readout`` at one (``lr``, ``layer_decay``), from ``head_state`` when given
     (the LP-FT head); returns the best val score, the step and weights that reached it, and the val history. Val is
     checked every ``eval_every`` steps, at the last step and, from an LP-FT head, before the first step
     (the probe itself; history step 0), so an LP-FT fine-tune is never chosen below its own probe on val."""
     torch.manual_seed(ctx.seed)
     generator = torch.Generator().manual_seed(ctx.seed)
-    model = Classifier(copy.deepcopy(encoder), data.num_classes, cfg.get("features") or "pooled").to(ctx.device)
+    model = Classifier(copy.deepcopy(encoder), data.num_classes, readout).to(ctx.device)
     if head_state is not None:
         model.head.load_state_dict(head_state)
     groups = layer_decay_groups(model.encoder, lr, layer_decay, cfg["weight_decay"])
@@ -189,38 +205,41 @@ def finetune_once(
 
 @EVALUATORS.register("finetune")
 def finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx: EvalContext) -> EvalResult:
-    """Fine-tune copies of ``encoder`` end to end over the (``lr`` × ``layer_decay``) grid, keep the best on
-    val, score it once on test (``cfg``: features, steps, batch_size, lr, layer_decay, head_lr, ...;
+    """Fine-tune copies of ``encoder`` end to end over the (``features`` × ``lr`` × ``layer_decay``) grid (one
+    read-out, the probe's, under ``head_init=probe``), keep the best on val, score it once on test (``cfg``: features, steps, batch_size, lr, layer_decay, head_lr, ...;
     ``channels`` / ``channel_subsets``: :func:`~ssl_med.evaluators.channels.evaluate_channels`)."""
     if not isinstance(data, ClassificationData):
         raise TypeError("finetune needs a classification dataset (eval_data=breastmnist, vesselmnist3d, ...)")
     head_init = cfg.get("head_init", "random")
     if head_init not in ("random", "probe"):
         raise ValueError(f"eval.head_init must be 'random' or 'probe', got {head_init!r}")
+    head_readouts(cfg)  # an unknown read-out fails before any fine-tune starts
     return evaluate_channels(_finetune, encoder, cfg, data, ctx, row_details=("chosen",))
 
 
 def _finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx: EvalContext) -> EvalResult:
     """One grid of fine-tunes of ``encoder`` on ``data`` (see :func:`finetune`)."""
-    head_init = cfg.get("head_init", "random")
+    readouts = head_readouts(cfg)
     head_state = None
-    if head_init == "probe":  # one probe for the whole grid: it depends on the frozen encoder only
-        start = Classifier(encoder, data.num_classes, cfg.get("features") or "pooled")
-        probe_head(start, data, cfg, ctx.device)
-        head_state = copy.deepcopy(start.head.state_dict())
+    if cfg.get("head_init", "random") == "probe":  # one probe for the whole grid: it depends on the frozen encoder only
+        start, _ = probe_head(encoder, data, cfg, ctx.device, readouts)
+        readouts, head_state = [start.readout], copy.deepcopy(start.head.state_dict())
     runs = []
-    for lr, decay in itertools.product(_as_list(cfg["lr"]), _as_list(cfg["layer_decay"])):
-        score, step, state, history = finetune_once(encoder, cfg, data, ctx, lr, decay, head_state)
-        runs.append({"lr": lr, "layer_decay": decay, "val_score": score, "step": step, "history": history, "state": state})
+    for readout, lr, decay in itertools.product(readouts, _as_list(cfg["lr"]), _as_list(cfg["layer_decay"])):
+        score, step, state, history = finetune_once(encoder, cfg, data, ctx, lr, decay, readout, head_state)
+        runs.append({
+            "features": readout, "lr": lr, "layer_decay": decay, "val_score": score, "step": step, "history": history,
+            "state": state,
+        })
     best = max(runs, key=lambda r: r["val_score"])
-    model = Classifier(copy.deepcopy(encoder), data.num_classes, cfg.get("features") or "pooled").to(ctx.device)
+    model = Classifier(copy.deepcopy(encoder), data.num_classes, best["features"]).to(ctx.device)
     model.load_state_dict(best["state"])
     scores = predict(model, data.images["test"], data.task, cfg["eval_batch_size"], ctx.device)
     test = classification_metrics(scores, data.labels["test"], data.task)
     details = {
         "steps": int(cfg["steps"]),
         "features": model.readout,
-        "chosen": {k: best[k] for k in ("lr", "layer_decay", "val_score", "step")},
-        "grid": [{k: r[k] for k in ("lr", "layer_decay", "val_score", "history")} for r in runs],
+        "chosen": {k: best[k] for k in ("features", "lr", "layer_decay", "val_score", "step")},
+        "grid": [{k: r[k] for k in ("features", "lr", "layer_decay", "val_score", "history")} for r in runs],
     }
     return EvalResult(metrics=test, details=details)

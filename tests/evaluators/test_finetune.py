@@ -82,9 +82,8 @@ def test_probe_head_reproduces_the_sklearn_probe(breast: ClassificationData, tas
             y[s][(y[s] == 1) & bright] = 2
         data = ClassificationData(**{**vars(breast), "labels": y, "task": "multi-class", "num_classes": 3})
     encoder = tiny_vit()
-    model = Classifier(encoder, data.num_classes, "mean_patch")
-    c = probe_head(model, data, ft_cfg(head_probe_C=[0.1]), "cpu")
-    assert c == 0.1
+    model, c = probe_head(encoder, data, ft_cfg(head_probe_C=[0.1]), "cpu", ["mean_patch"])
+    assert (model.readout, c) == ("mean_patch", 0.1)
     x = {s: encoder(data.images[s]).patch_tokens.mean(1).detach().numpy() for s in ("train", "val")}
     reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000)).fit(x["train"], data.labels["train"])
     ours = predict(model, data.images["val"], data.task, 64, "cpu")
@@ -94,9 +93,7 @@ def test_probe_head_reproduces_the_sklearn_probe(breast: ClassificationData, tas
 def test_finetune_from_a_probe_head_starts_where_the_probe_is(breast: ClassificationData, tmp_path: Path) -> None:
     cfg = ft_cfg(head_init="probe", head_probe_C=[1.0], steps=10, eval_every=10, lr=[1e-6], head_lr=1e-6)
     result = finetune(tiny_vit(), cfg, breast, EvalContext(tmp_path, "pretrained", "breast"))
-    encoder = tiny_vit()
-    model = Classifier(encoder, breast.num_classes)
-    probe_head(model, breast, cfg, "cpu")
+    model, _ = probe_head(tiny_vit(), breast, cfg, "cpu", ["pooled"])
     start = classification_metrics(predict(model, breast.images["val"], "binary", 64, "cpu"), breast.labels["val"], "binary")
     # ten steps at LR 1e-6 barely move it: the kept val score is the probe's
     assert result.details["grid"][0]["val_score"] == pytest.approx(start["auroc"], abs=0.02)
@@ -111,10 +108,56 @@ def test_lpft_keeps_its_probe_when_fine_tuning_only_hurts_on_val(breast: Classif
     result = finetune(tiny_vit(), cfg, breast, EvalContext(tmp_path, "pretrained", "breast"))
     history = result.details["grid"][0]["history"]
     assert [h["step"] for h in history] == [0, 2, 4]
-    model = Classifier(tiny_vit(), breast.num_classes)
-    probe_head(model, breast, cfg, "cpu")
+    model, _ = probe_head(tiny_vit(), breast, cfg, "cpu", ["pooled"])
     start = classification_metrics(predict(model, breast.images["val"], "binary", 64, "cpu"), breast.labels["val"], "binary")
     assert history[0]["val_auroc"] == pytest.approx(start["auroc"], abs=1e-6)
     assert max(h["val_auroc"] for h in history[1:]) < history[0]["val_auroc"]
     assert result.details["chosen"]["step"] == 0
     assert result.details["chosen"]["val_score"] == history[0]["val_auroc"]
+
+
+def test_lpft_chooses_its_readout_and_c_on_val_like_an_independent_sklearn_search(
+    breast: ClassificationData, tmp_path: Path
+) -> None:
+    """With a read-out list, LP-FT's probe is the (read-out, C) whose sklearn pipeline scores best on val,
+    and the fine-tune trains through that read-out."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    readouts, c_values = ["pooled", "mean_patch", "pooled+mean_patch"], [0.01, 1.0]
+    encoder = tiny_vit()
+    with torch.no_grad():
+        out = {s: encoder(breast.images[s]) for s in ("train", "val")}
+    feats = {
+        s: {"pooled": o.pooled, "mean_patch": o.patch_tokens.mean(1), "pooled+mean_patch": torch.cat([o.pooled, o.patch_tokens.mean(1)], 1)}
+        for s, o in out.items()
+    }
+    reference = {}
+    for mode in readouts:
+        for c in c_values:
+            pipe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
+            pipe.fit(feats["train"][mode].numpy(), breast.labels["train"])
+            reference[(mode, c)] = roc_auc_score(breast.labels["val"], pipe.predict_proba(feats["val"][mode].numpy())[:, 1])
+    expected = max(reference, key=reference.get)
+    cfg = ft_cfg(features=readouts, head_init="probe", head_probe_C=c_values, steps=2, eval_every=2)
+    model, c = probe_head(encoder, breast, cfg, "cpu", readouts)
+    assert (model.readout, c) == expected
+    result = finetune(encoder, cfg, breast, EvalContext(tmp_path, "pretrained", "breast"))
+    assert result.details["features"] == expected[0]
+    assert [g["features"] for g in result.details["grid"]] == [expected[0]]
+    assert result.details["grid"][0]["history"][0]["val_auroc"] == pytest.approx(reference[expected], abs=1e-3)
+
+
+def test_a_readout_list_joins_the_random_head_grid(breast: ClassificationData, tmp_path: Path) -> None:
+    cfg = ft_cfg(features=["pooled", "mean_patch"], steps=4, eval_every=2, layer_decay=[0.75, 1.0])
+    result = finetune(tiny_vit(), cfg, breast, EvalContext(tmp_path, "random-init", "breast"))
+    grid = result.details["grid"]
+    assert [(g["features"], g["layer_decay"]) for g in grid] == [
+        ("pooled", 0.75), ("pooled", 1.0), ("mean_patch", 0.75), ("mean_patch", 1.0)
+    ]
+    best = max(grid, key=lambda g: g["val_score"])
+    assert result.details["chosen"]["features"] == best["features"] == result.details["features"]
+    with pytest.raises(ValueError, match="cannot be fine-tuned through"):
+        finetune(tiny_vit(), ft_cfg(features=["pooled", "patch_tokens"]), breast, EvalContext(tmp_path, "x", "breast"))

@@ -63,3 +63,20 @@ def test_main_tabulates_rows_of_several_folders(tmp_path: Path) -> None:
     assert text.startswith("intro\n") and text.endswith("after\n") and "stale table" not in text
     assert "| 0,1 | 1 % | 0.800 ± 0.000 | 0.700 ± 0.000 | **0.100 ± 0.000** |" in text and "0.600 ± 0.020" in text
     assert (tmp_path / "benchmarks" / "label_efficiency.png").is_file()
+
+
+def test_finetune_table_reports_the_gap_and_what_val_chose() -> None:
+    def row(seed: int, pretrained: float, random_init: float) -> dict:
+        chosen = {"features": "pooled+mean_patch", "lr": 1e-4, "layer_decay": 0.75, "val_score": 0.9, "step": 0}
+        return {
+            "dataset": "breastmnist", "backbone": "vit", "objective": "graph_matching", "patch_size": 4, "seed": seed,
+            "lpft/pretrained": {"auroc": pretrained}, "lpft/random-init": {"auroc": random_init},
+            "lpft_choice/pretrained": chosen, "lpft_choice/random-init": {**chosen, "features": "pooled", "step": 200},
+        }
+
+    rows = [row(0, 0.86, 0.83), row(1, 0.84, 0.83)]
+    lines = bench.finetune_table(rows, "lpft").splitlines()
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert cells[:6] == ["breastmnist", "vit-tiny/4 graph_matching", "0,1", "0.850 ± 0.014", "0.830 ± 0.000", "**0.020 ± 0.014**"]
+    assert cells[6] == "cls+mp/0.75@0, cls+mp/0.75@0; cls/0.75@200, cls/0.75@200"
+    assert bench.finetune_table(rows) == ""  # no random-head fine-tune in these rows
