@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -44,6 +45,8 @@ from ssl_med.evaluators.metrics import classification_metrics
 from ssl_med.evaluators.readout import best_candidate, val_scores
 from ssl_med.registry import EVALUATORS
 from ssl_med.train.schedules import cosine_schedule
+
+log = logging.getLogger(__name__)
 
 #: read-outs a head can be trained through, with their width in multiples of the embedding dim
 HEAD_READOUTS = {"pooled": 1, "mean_patch": 1, "pooled+mean_patch": 2}
@@ -179,6 +182,10 @@ def finetune_once(
         score = val[cfg["select_metric"]]
         if not math.isfinite(score):
             score = val["accuracy"]
+        log.info(
+            "finetune [%s] %s lr=%g layer_decay=%g step %d/%d: loss %.4f, val %s %.4f",
+            ctx.encoder_label, readout, lr, layer_decay, step, steps, loss, cfg["select_metric"], score,
+        )
         if score > best_score:
             best_score, best_state, best_step = score, copy.deepcopy(model.state_dict()), step
 

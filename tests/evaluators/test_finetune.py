@@ -43,9 +43,14 @@ def test_finetune_learns_on_real_images_and_leaves_the_encoder_alone(breast: Cla
     assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())  # worked on a copy
 
 
-def test_finetune_keeps_the_grid_point_best_on_val(breast: ClassificationData, tmp_path: Path) -> None:
+def test_finetune_keeps_the_grid_point_best_on_val(
+    breast: ClassificationData, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = ft_cfg(steps=20, lr=[1e-5, 1e-3], layer_decay=[0.5, 1.0])
-    result = finetune(tiny_vit(), cfg, breast, EvalContext(tmp_path, "random-init", "breast"))
+    with caplog.at_level("INFO", logger="ssl_med.evaluators.finetune"):
+        result = finetune(tiny_vit(), cfg, breast, EvalContext(tmp_path, "random-init", "breast"))
+    progress = [r.getMessage() for r in caplog.records if "step" in r.getMessage()]
+    assert len(progress) == 4 * 2 and "[random-init] pooled lr=1e-05 layer_decay=0.5 step 10/20" in progress[0]
     grid = result.details["grid"]
     assert [(g["lr"], g["layer_decay"]) for g in grid] == [(1e-5, 0.5), (1e-5, 1.0), (1e-3, 0.5), (1e-3, 1.0)]
     best = max(grid, key=lambda g: g["val_score"])
