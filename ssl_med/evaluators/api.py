@@ -99,7 +99,7 @@ def match_encoder(
     features = eval_cfg.get("features")
     if features == "auto":
         eval_cfg["features"] = own
-    elif isinstance(features, (list, tuple)):  # a read-out grid (linear probe): auto -> the objective's, deduplicated
+    elif isinstance(features, (list, tuple)):  # a read-out grid (probe or fine-tune): auto -> the objective's, deduplicated
         eval_cfg["features"] = list(dict.fromkeys(own if f == "auto" else f for f in features))
     size = config_input_size(encoder_config.get("backbone") or {})
     if data_cfg.get("image_size") is None and data_cfg.get("kind") == "medmnist" and size and len(set(size)) == 1:
