@@ -331,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         few_labels += f"\n\n![label efficiency]({few_plot.relative_to(args.doc.parent).as_posix()})"
     body = (
         f"{table(rows)}\n\n"
-        + (f"Fine-tuned end to end (`eval=finetune` {' '.join(FINETUNE_RECIPES[args.finetune or 'finetune'])}, the last "
-           f"step's encoders):\n\n{finetuned}\n\n" if finetuned else "")
+        + (f"Fine-tuned end to end (`{' '.join(['eval=finetune', *FINETUNE_RECIPES[args.finetune or 'finetune']])}`, "
+           f"the last step's encoders):\n\n{finetuned}\n\n" if finetuned else "")
         + (f"Linear probe on a fraction of the training labels (`eval.label_fractions`, last step's encoders):\n\n{few_labels}\n\n" if few_labels else "")
         + f"The same probe on the raw pixels (no encoder), for scale:\n\n{pixel_table(pixels)}\n\nOnline curves (val split, step 0 = random init; the ridge-probe curve selects "
         f"`encoder_best/`): "
@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f" --backbone {args.backbone}" if args.backbone != "vit" else "")
         + f" --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}"
         + (f" --label-fractions {' '.join(map(str, args.label_fractions))}" if args.label_fractions else "")
+        + (f" --finetune{'' if args.finetune == 'finetune' else ' ' + args.finetune}" if args.finetune else "")
         + (f" {' '.join(args.overrides)}" if args.overrides else "") + "`"
     )
     (args.out / "in_domain.md").write_text(body + "\n")
