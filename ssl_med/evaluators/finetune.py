@@ -42,7 +42,7 @@ from ssl_med.evaluators.datasets import ClassificationData
 from ssl_med.evaluators.features import READOUTS, extract_readouts
 from ssl_med.evaluators.linear_probe import fit_logistic
 from ssl_med.evaluators.metrics import classification_metrics
-from ssl_med.evaluators.readout import best_candidate, val_scores
+from ssl_med.evaluators.readout import fit_on_val
 from ssl_med.registry import EVALUATORS
 from ssl_med.train.schedules import cosine_schedule
 
@@ -132,25 +132,20 @@ def probe_head(
     (LP-FT). One probe per read-out in ``readouts`` and ``C`` in ``cfg['head_probe_C']`` is fitted on
     standardised train features; the (read-out, ``C``) best on val is kept, and its standardisation folded
     into the head's weights. Returns the classifier (its ``readout`` is the chosen one) and the chosen ``C``."""
-    feats = {s: extract_readouts(encoder, data.images[s], readouts, cfg["eval_batch_size"], device) for s in ("train", "val")}
-    c_values = _as_list(cfg.get("head_probe_C", [1.0]))
+    by_split = {s: extract_readouts(encoder, data.images[s], readouts, cfg["eval_batch_size"], device) for s in ("train", "val")}
     max_iter = int(cfg.get("head_probe_max_iter", 1000))
-    fitted, scores = {}, {}
-    for mode in readouts:
-        scaler, probes, scores[mode] = val_scores(
-            feats["train"][mode], data.labels["train"], feats["val"][mode], data.labels["val"], data.task, c_values,
-            cfg["select_metric"], lambda x, y, c: fit_logistic(x, y, c, data.task, max_iter),
-        )
-        fitted[mode] = (scaler, probes)
-    mode, c = best_candidate(scores, c_values)
-    scaler, probes = fitted[mode]
-    model = Classifier(encoder, data.num_classes, mode)
-    coef, bias = _probe_weights(probes[c], data.task, model.head.out_features)
-    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    best = fit_on_val(
+        {m: {s: by_split[s][m] for s in by_split} for m in readouts}, data.labels, data.task,
+        _as_list(cfg.get("head_probe_C", [1.0])), cfg["select_metric"],
+        lambda x, y, c: fit_logistic(x, y, c, data.task, max_iter),
+    )
+    model = Classifier(encoder, data.num_classes, best.mode)
+    coef, bias = _probe_weights(best.model, data.task, model.head.out_features)
+    scale = np.where(best.scaler.scale_ > 0, best.scaler.scale_, 1.0)
     weight = coef / scale  # w . (x - mu) / sd + b = (w / sd) . x + (b - (w / sd) . mu)
     model.head.weight.copy_(torch.as_tensor(weight, dtype=model.head.weight.dtype))
-    model.head.bias.copy_(torch.as_tensor(bias - weight @ scaler.mean_, dtype=model.head.bias.dtype))
-    return model, c
+    model.head.bias.copy_(torch.as_tensor(bias - weight @ best.scaler.mean_, dtype=model.head.bias.dtype))
+    return model, best.C
 
 
 def finetune_once(
@@ -213,8 +208,8 @@ def finetune_once(
 @EVALUATORS.register("finetune")
 def finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx: EvalContext) -> EvalResult:
     """Fine-tune copies of ``encoder`` end to end over the (``features`` × ``lr`` × ``layer_decay``) grid (one
-    read-out, the probe's, under ``head_init=probe``), keep the best on val, score it once on test (``cfg``: features, steps, batch_size, lr, layer_decay, head_lr, ...;
-    ``channels`` / ``channel_subsets``: :func:`~ssl_med.evaluators.channels.evaluate_channels`)."""
+    read-out, the probe's, under ``head_init=probe``), keep the best on val, score it once on test (``cfg``:
+    features, steps, batch_size, lr, layer_decay, head_lr, ...; ``channels`` / ``channel_subsets``: :func:`~ssl_med.evaluators.channels.evaluate_channels`)."""
     if not isinstance(data, ClassificationData):
         raise TypeError("finetune needs a classification dataset (eval_data=breastmnist, vesselmnist3d, ...)")
     head_init = cfg.get("head_init", "random")

@@ -115,6 +115,44 @@ def best_candidate(scores: dict[str, dict[str, float]], c_values: list[float]) -
     return best
 
 
+@dataclass
+class ValFit:
+    """The (read-out, ``C``) best on val, with the scaler and classifier fitted on train for it.
+
+    Attributes:
+        mode: the chosen read-out.
+        C: the chosen inverse L2 strength.
+        scaler: the train standardisation of ``mode``'s features.
+        model: the classifier fitted on standardised train features at ``C``.
+        scores: ``{mode: {str(C): val metric}}`` of every candidate.
+    """
+
+    mode: str
+    C: float
+    scaler: StandardScaler
+    model: Any
+    scores: dict[str, dict[str, float]]
+
+
+def fit_on_val(
+    feats: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray], task: str, c_values: list[float],
+    metric: str, fit: Any,
+) -> ValFit:
+    """Fit one classifier per read-out in ``feats`` (``{mode: {split: (N, D_mode)}}``, splits ``train`` and
+    ``val``) and ``C`` in ``c_values`` on standardised train features, score each on val, keep the best
+    (:func:`best_candidate`). The linear probe's ``select_on=val`` and LP-FT's starting head both choose so."""
+    scores: dict[str, dict[str, float]] = {}
+    fitted: dict[tuple[str, float], tuple[StandardScaler, Any]] = {}
+    for mode, by_split in feats.items():
+        scaler, models, scores[mode] = val_scores(
+            by_split["train"], labels["train"], by_split["val"], labels["val"], task, c_values, metric, fit
+        )
+        fitted.update({(mode, c): (scaler, model) for c, model in models.items()})
+    mode, c = best_candidate(scores, c_values)
+    scaler, model = fitted[mode, c]
+    return ValFit(mode, c, scaler, model, scores)
+
+
 def select_readout(
     feats: dict[str, dict[str, np.ndarray]],
     labels: dict[str, np.ndarray],
@@ -141,23 +179,16 @@ def select_readout(
     """
     if select_on not in SELECT_ON:
         raise ValueError(f"eval.select_on must be one of {SELECT_ON}, got {select_on!r}")
-    scores: dict[str, dict[str, float]] = {}
-    fitted: dict[tuple[str, float], Any] = {}  # val mode: the scored classifiers, reused for test
     fit_splits = ("train",) if select_on == "val" else ("train", "val")
-    y_fit = np.concatenate([labels[s] for s in fit_splits])
-    for mode, by_split in feats.items():
-        x_fit = np.concatenate([by_split[s] for s in fit_splits])
-        if select_on == "cv":
-            scores[mode] = cv_scores(x_fit, y_fit, task, c_values, metric, cv_folds, seed, fit)
-            continue
-        scaler, models, scores[mode] = val_scores(x_fit, y_fit, by_split["val"], labels["val"], task, c_values, metric, fit)
-        fitted.update({(mode, c): (scaler, model) for c, model in models.items()})
-    mode, c = best_candidate(scores, c_values)
-    if (mode, c) in fitted:
-        scaler, model = fitted[mode, c]
-    else:  # cv: refit the chosen candidate on all of train + val
-        x_fit = np.concatenate([feats[mode][s] for s in fit_splits])
-        scaler = StandardScaler().fit(x_fit)
-        model = fit(scaler.transform(x_fit), y_fit, c)
+    if select_on == "val":
+        best = fit_on_val(feats, labels, task, c_values, metric, fit)
+        mode, c, scaler, model, scores = best.mode, best.C, best.scaler, best.model, best.scores
+    else:  # cv: score every candidate over folds of train + val, refit the chosen one on all of it
+        y_fit = np.concatenate([labels[s] for s in fit_splits])
+        x_fit = {m: np.concatenate([by_split[s] for s in fit_splits]) for m, by_split in feats.items()}
+        scores = {m: cv_scores(x, y_fit, task, c_values, metric, cv_folds, seed, fit) for m, x in x_fit.items()}
+        mode, c = best_candidate(scores, c_values)
+        scaler = StandardScaler().fit(x_fit[mode])
+        model = fit(scaler.transform(x_fit[mode]), y_fit, c)
     test = classification_metrics(model.predict_proba(scaler.transform(feats[mode]["test"])), labels["test"], task)
     return ReadoutChoice(mode, c, scores, test, "+".join(fit_splits))
