@@ -11,8 +11,8 @@ user runs (nothing is called behind their back):
    test; plus the linear probe of ``encoder_best/``, the encoder the online val curve selected;
 4. with ``--finetune``, ``ssl_med evaluate eval=finetune`` on the last step's encoder and its random-init
    twin (each fine-tuned over the same (LR, layer decay) grid, the best on val scored once on test); with
-   ``--finetune lpft``, from a linear-probe head instead (LP-FT, ``eval.head_init=probe``: read-out and
-   ``C`` of the probe chosen on val, the probe itself a candidate at step 0);
+   ``--finetune lpft``, ``eval=lpft`` instead: from a linear-probe head (LP-FT: read-out and ``C`` of the
+   probe chosen on val, the probe itself a candidate at step 0);
 5. with ``--label-fractions 0.01 0.1``, the linear probe of the same two encoders on that fraction of the
    training labels (three stratified draws each; read-out and C chosen on val per draw, the probe fitted
    on the drawn labels alone): where self-supervision is meant to pay, few labels.
@@ -208,20 +208,22 @@ def one_run(
     return row
 
 
-#: ``--finetune`` recipes: row-key prefix -> ``ssl_med evaluate`` overrides
+#: ``--finetune`` recipes: row-key prefix -> ``ssl_med evaluate`` arguments. ``lpft_folded`` is the LP-FT
+#: recipe before ``eval=lpft`` (the probe's standardisation folded into the head, the head at 1e-3, no warm-up),
+#: kept so the rows measured with it can be re-created.
 FINETUNE_RECIPES = {
-    "finetune": [],
-    "lpft": ["eval.head_init=probe", "eval.features=[pooled,mean_patch,pooled+mean_patch]"],
+    "finetune": ["eval=finetune"],
+    "lpft": ["eval=lpft"],
+    "lpft_folded": ["eval=finetune", "eval.head_init=probe", "eval.features=[pooled,mean_patch,pooled+mean_patch]"],
 }
 
 
 def finetune_rows(folder: Path, spec: Dataset, seed: int, recipe: str = "finetune") -> dict:
-    """``ssl_med evaluate eval=finetune`` (with ``FINETUNE_RECIPES[recipe]``) of ``<folder>/run`` (last step)
+    """``ssl_med evaluate`` with ``FINETUNE_RECIPES[recipe]`` of ``<folder>/run`` (last step)
     and its random-init twin: ``{<recipe>/<encoder>: test metrics, <recipe>_choice/<encoder>: the (read-out, lr,
     layer_decay, step) chosen on val}``."""
     eval_dir = folder / f"eval-{recipe}"
-    run(["ssl_med", "evaluate", "eval=finetune", f"checkpoint={folder / 'run'}", *spec.evaluate_args,
-         *FINETUNE_RECIPES[recipe], f"seed={seed}", f"hydra.run.dir={eval_dir}"], folder / f"{recipe}.log")
+    run(["ssl_med", "evaluate", *FINETUNE_RECIPES[recipe], f"checkpoint={folder / 'run'}", *spec.evaluate_args, f"seed={seed}", f"hydra.run.dir={eval_dir}"], folder / f"{recipe}.log")
     results = json.loads((eval_dir / "results.json").read_text())
     out = {}
     for r in results["rows"]:
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--re-evaluate", action="store_true", help="redo the evaluations of finished pretraining runs")
     parser.add_argument("--finetune", nargs="?", const="finetune", choices=sorted(FINETUNE_RECIPES), default=None,
                         help="also fine-tune every last-step encoder and its random-init twin: from a random head "
-                        "(default) or, with 'lpft', from a linear probe whose read-out and C are chosen on val")
+                        "(default), with 'lpft' (eval=lpft) from a linear probe whose read-out and C are chosen on val, "
+                        "with 'lpft_folded' by the earlier LP-FT recipe")
     parser.add_argument("--label-fractions", nargs="+", type=float, default=None, metavar="F",
                         help="also probe every last-step encoder and its random-init twin on these fractions of the "
                         "training labels (e.g. 0.01 0.1; three draws each, read-out and C chosen on val per draw)")
@@ -331,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         few_labels += f"\n\n![label efficiency]({few_plot.relative_to(args.doc.parent).as_posix()})"
     body = (
         f"{table(rows)}\n\n"
-        + (f"Fine-tuned end to end (`{' '.join(['eval=finetune', *FINETUNE_RECIPES[args.finetune or 'finetune']])}`, "
+        + (f"Fine-tuned end to end (`{' '.join(FINETUNE_RECIPES[args.finetune or 'finetune'])}`, "
            f"the last step's encoders):\n\n{finetuned}\n\n" if finetuned else "")
         + (f"Linear probe on a fraction of the training labels (`eval.label_fractions`, last step's encoders):\n\n{few_labels}\n\n" if few_labels else "")
         + f"The same probe on the raw pixels (no encoder), for scale:\n\n{pixel_table(pixels)}\n\nOnline curves (val split, step 0 = random init; the ridge-probe curve selects "

@@ -108,9 +108,9 @@ def label_efficiency_table(rows: list[dict], fractions: list[float], pixels: lis
 
 def finetune_table(rows: list[dict], recipe: str = "finetune") -> str:
     """Markdown: fine-tune test AUROC of the last-step encoders and their random-init twins under ``recipe``
-    (the row-key prefix: ``finetune`` or ``lpft``), per group, with what val chose per seed."""
+    (the row-key prefix: a ``--finetune`` recipe of bench_representation), per group, with what val chose per seed."""
     lines = [
-        "| data | encoder/patch | seeds | fine-tune AUROC | random-init fine-tune AUROC | gap | chosen on val: read-out, layer decay, step (pretrained; random-init) |",
+        "| data | encoder/patch | seeds | fine-tune AUROC | random-init fine-tune AUROC | gap | chosen on val: read-out/lr/layer decay@step (pretrained; random-init) |",
         "|---|---|---|---|---|---|---|",
     ]
     groups = group_rows(rows, "dataset", "backbone", "objective", "patch_size", keep=lambda r: f"{recipe}/pretrained" in r)
@@ -128,10 +128,10 @@ def finetune_table(rows: list[dict], recipe: str = "finetune") -> str:
 
 
 def _choice(chosen: dict) -> str:
-    """``{features, layer_decay, step}`` chosen on val -> ``cls+mp/0.75@200`` (``features`` absent in rows
-    written before the fine-tuner chose read-outs)."""
+    """``{features, lr, layer_decay, step}`` chosen on val -> ``cls+mp/3e-05/0.75@200`` (``features`` absent in
+    rows written before the fine-tuner chose read-outs)."""
     readout = SHORT.get(chosen.get("features", ""), "-")
-    return f"{readout}/{chosen['layer_decay']:g}@{chosen['step']}"
+    return f"{readout}/{chosen['lr']:g}/{chosen['layer_decay']:g}@{chosen['step']}"
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:

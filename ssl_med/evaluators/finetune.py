@@ -44,7 +44,7 @@ from ssl_med.evaluators.linear_probe import fit_logistic
 from ssl_med.evaluators.metrics import classification_metrics
 from ssl_med.evaluators.readout import fit_on_val
 from ssl_med.registry import EVALUATORS
-from ssl_med.train.schedules import cosine_schedule
+from ssl_med.train.schedules import steps_of, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -52,28 +52,39 @@ log = logging.getLogger(__name__)
 HEAD_READOUTS = {"pooled": 1, "mean_patch": 1, "pooled+mean_patch": 2}
 
 
+#: ``eval.head_norm``: what standardises the read-out in front of the linear head
+HEAD_NORMS = ("none", "batchnorm")
+
+
 class Classifier(nn.Module):
-    """``encoder`` + ``nn.Linear`` on one read-out of it: ``(B, C, *S)`` -> ``(B, K)``.
+    """``encoder`` + (optional feature norm) + ``nn.Linear`` on one read-out of it: ``(B, C, *S)`` -> ``(B, K)``.
 
     Args:
         encoder: the encoder (trained end to end).
         num_outputs: ``K``, classes (labels for multi-label).
         readout: ``pooled`` (the encoder's pooled embedding, ``(B, D)``), ``mean_patch`` (the mean patch
             token, ``(B, D)``) or ``pooled+mean_patch`` (both, ``(B, 2D)``).
+        head_norm: ``none``, or ``batchnorm``: a ``BatchNorm1d`` without affine parameters in front of the
+            linear layer (MAE's linear-probe head), which keeps re-standardising the read-out while
+            fine-tuning moves it, so a head fitted on standardised features keeps seeing them.
     """
 
-    def __init__(self, encoder: Encoder, num_outputs: int, readout: str = "pooled") -> None:
+    def __init__(self, encoder: Encoder, num_outputs: int, readout: str = "pooled", head_norm: str = "none") -> None:
         super().__init__()
         if readout not in HEAD_READOUTS:
             raise ValueError(f"eval.features={readout!r} cannot be fine-tuned through; choose from {sorted(HEAD_READOUTS)}")
+        if head_norm not in HEAD_NORMS:
+            raise ValueError(f"eval.head_norm={head_norm!r}; choose from {list(HEAD_NORMS)}")
         self.encoder = encoder
         self.readout = readout
-        self.head = nn.Linear(encoder.embed_dim * HEAD_READOUTS[readout], num_outputs)
+        width = encoder.embed_dim * HEAD_READOUTS[readout]
+        self.norm = nn.BatchNorm1d(width, affine=False) if head_norm == "batchnorm" else nn.Identity()
+        self.head = nn.Linear(width, num_outputs)
         nn.init.zeros_(self.head.bias)
         nn.init.trunc_normal_(self.head.weight, std=0.01)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(READOUTS[self.readout](self.encoder(x)))
+        return self.head(self.norm(READOUTS[self.readout](self.encoder(x))))
 
 
 def _random_flips(x: Tensor, generator: torch.Generator) -> Tensor:
@@ -130,8 +141,9 @@ def probe_head(
 ) -> tuple[Classifier, float]:
     """A :class:`Classifier` on ``encoder`` whose head is a logistic-regression probe of the frozen read-out
     (LP-FT). One probe per read-out in ``readouts`` and ``C`` in ``cfg['head_probe_C']`` is fitted on
-    standardised train features; the (read-out, ``C``) best on val is kept, and its standardisation folded
-    into the head's weights. Returns the classifier (its ``readout`` is the chosen one) and the chosen ``C``."""
+    standardised train features; the (read-out, ``C``) best on val is kept. Its standardisation goes into
+    the head's ``BatchNorm1d`` running statistics (``cfg['head_norm'] == 'batchnorm'``) or is folded into the
+    linear weights (``none``). Returns the classifier (its ``readout`` is the chosen one) and the chosen ``C``."""
     by_split = {s: extract_readouts(encoder, data.images[s], readouts, cfg["eval_batch_size"], device) for s in ("train", "val")}
     max_iter = int(cfg.get("head_probe_max_iter", 1000))
     best = fit_on_val(
@@ -139,13 +151,35 @@ def probe_head(
         _as_list(cfg.get("head_probe_C", [1.0])), cfg["select_metric"],
         lambda x, y, c: fit_logistic(x, y, c, data.task, max_iter),
     )
-    model = Classifier(encoder, data.num_classes, best.mode)
+    model = Classifier(encoder, data.num_classes, best.mode, cfg.get("head_norm", "none"))
     coef, bias = _probe_weights(best.model, data.task, model.head.out_features)
     scale = np.where(best.scaler.scale_ > 0, best.scaler.scale_, 1.0)
-    weight = coef / scale  # w . (x - mu) / sd + b = (w / sd) . x + (b - (w / sd) . mu)
+    if isinstance(model.norm, nn.BatchNorm1d):
+        # eval mode then standardises as the scaler did: (x - mu) / sqrt(var + eps) = (x - mu) / scale
+        model.norm.running_mean.copy_(torch.as_tensor(best.scaler.mean_))
+        model.norm.running_var.copy_(torch.as_tensor(np.maximum(scale**2 - model.norm.eps, 0.0)))
+        weight = coef
+    else:
+        weight = coef / scale  # w . (x - mu) / sd + b = (w / sd) . x + (b - (w / sd) . mu)
+        bias = bias - weight @ best.scaler.mean_
     model.head.weight.copy_(torch.as_tensor(weight, dtype=model.head.weight.dtype))
-    model.head.bias.copy_(torch.as_tensor(bias - weight @ best.scaler.mean_, dtype=model.head.bias.dtype))
+    model.head.bias.copy_(torch.as_tensor(bias, dtype=model.head.bias.dtype))
     return model, best.C
+
+
+def finetune_optimizer(
+    model: Classifier, cfg: dict[str, Any], lr: float, layer_decay: float
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``model`` (encoder blocks at ``lr * layer_decay^(depth - i)``, the head at ``cfg['head_lr']``,
+    or at ``lr`` when that is null) and its per-step schedule: linear warm-up over ``cfg['warmup']`` (steps,
+    or a fraction of ``cfg['steps']``), then half-cosine to 0 at the last step."""
+    groups = layer_decay_groups(model.encoder, lr, layer_decay, cfg["weight_decay"])
+    head_lr = lr if cfg.get("head_lr") is None else float(cfg["head_lr"])
+    groups.append({"params": list(model.head.parameters()), "lr": head_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
+    steps = int(cfg["steps"])
+    warmup = steps_of(float(cfg.get("warmup", 0.0)), steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, 1.0, 0.0, warmup))
 
 
 def finetune_once(
@@ -158,14 +192,11 @@ def finetune_once(
     (the probe itself; history step 0), so an LP-FT fine-tune is never chosen below its own probe on val."""
     torch.manual_seed(ctx.seed)
     generator = torch.Generator().manual_seed(ctx.seed)
-    model = Classifier(copy.deepcopy(encoder), data.num_classes, readout).to(ctx.device)
+    model = Classifier(copy.deepcopy(encoder), data.num_classes, readout, cfg.get("head_norm", "none")).to(ctx.device)
     if head_state is not None:
-        model.head.load_state_dict(head_state)
-    groups = layer_decay_groups(model.encoder, lr, layer_decay, cfg["weight_decay"])
-    groups.append({"params": list(model.head.parameters()), "lr": cfg["head_lr"], "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups)
+        model.load_state_dict(head_state, strict=False)
     steps = int(cfg["steps"])
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, steps, 1.0, 0.0))
+    optimizer, schedule = finetune_optimizer(model, cfg, lr, layer_decay)
     x_train, y_train = data.images["train"], torch.from_numpy(data.labels["train"])
     best_state, best_score, best_step, history = copy.deepcopy(model.state_dict()), -math.inf, 0, []
 
@@ -225,7 +256,8 @@ def _finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, c
     head_state = None
     if cfg.get("head_init", "random") == "probe":  # one probe for the whole grid: it depends on the frozen encoder only
         start, _ = probe_head(encoder, data, cfg, ctx.device, readouts)
-        readouts, head_state = [start.readout], copy.deepcopy(start.head.state_dict())
+        head_state = {k: v.clone() for k, v in start.state_dict().items() if not k.startswith("encoder.")}
+        readouts = [start.readout]
     runs = []
     for readout, lr, decay in itertools.product(readouts, _as_list(cfg["lr"]), _as_list(cfg["layer_decay"])):
         score, step, state, history = finetune_once(encoder, cfg, data, ctx, lr, decay, readout, head_state)
@@ -234,7 +266,7 @@ def _finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, c
             "state": state,
         })
     best = max(runs, key=lambda r: r["val_score"])
-    model = Classifier(copy.deepcopy(encoder), data.num_classes, best["features"]).to(ctx.device)
+    model = Classifier(copy.deepcopy(encoder), data.num_classes, best["features"], cfg.get("head_norm", "none")).to(ctx.device)
     model.load_state_dict(best["state"])
     scores = predict(model, data.images["test"], data.task, cfg["eval_batch_size"], ctx.device)
     test = classification_metrics(scores, data.labels["test"], data.task)

@@ -3,6 +3,7 @@ encoder through the configured read-out."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 
 from ssl_med.evaluators.base import EvalContext
 from ssl_med.evaluators.datasets import ClassificationData, load_eval_data
-from ssl_med.evaluators.finetune import Classifier, finetune, predict, probe_head
+from ssl_med.evaluators.finetune import Classifier, finetune, finetune_optimizer, predict, probe_head
 from ssl_med.evaluators.metrics import classification_metrics
 
 from .conftest import tiny_vit
@@ -72,9 +73,10 @@ def test_classifier_reads_the_configured_readout() -> None:
         Classifier(encoder, 2, "patch_tokens")
 
 
-@pytest.mark.parametrize("task", ["binary", "multi-class"])
-def test_probe_head_reproduces_the_sklearn_probe(breast: ClassificationData, task: str) -> None:
-    """LP-FT's starting head gives the probabilities of an independently fitted sklearn pipeline."""
+@pytest.mark.parametrize(("task", "head_norm"), [("binary", "none"), ("multi-class", "none"), ("binary", "batchnorm")])
+def test_probe_head_reproduces_the_sklearn_probe(breast: ClassificationData, task: str, head_norm: str) -> None:
+    """LP-FT's starting head gives the probabilities of an independently fitted sklearn pipeline, with the
+    standardisation folded into the linear weights or held by the head's BatchNorm."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -87,23 +89,47 @@ def test_probe_head_reproduces_the_sklearn_probe(breast: ClassificationData, tas
             y[s][(y[s] == 1) & bright] = 2
         data = ClassificationData(**{**vars(breast), "labels": y, "task": "multi-class", "num_classes": 3})
     encoder = tiny_vit()
-    model, c = probe_head(encoder, data, ft_cfg(head_probe_C=[0.1]), "cpu", ["mean_patch"])
+    model, c = probe_head(encoder, data, ft_cfg(head_probe_C=[0.1], head_norm=head_norm), "cpu", ["mean_patch"])
     assert (model.readout, c) == ("mean_patch", 0.1)
+    assert isinstance(model.norm, torch.nn.BatchNorm1d) == (head_norm == "batchnorm")
     x = {s: encoder(data.images[s]).patch_tokens.mean(1).detach().numpy() for s in ("train", "val")}
     reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000)).fit(x["train"], data.labels["train"])
     ours = predict(model, data.images["val"], data.task, 64, "cpu")
     np.testing.assert_allclose(ours, reference.predict_proba(x["val"]), atol=2e-4)
 
 
-def test_finetune_from_a_probe_head_starts_where_the_probe_is(breast: ClassificationData, tmp_path: Path) -> None:
-    cfg = ft_cfg(head_init="probe", head_probe_C=[1.0], steps=10, eval_every=10, lr=[1e-6], head_lr=1e-6)
+@pytest.mark.parametrize("head_norm", ["none", "batchnorm"])
+def test_finetune_from_a_probe_head_starts_where_the_probe_is(
+    breast: ClassificationData, tmp_path: Path, head_norm: str
+) -> None:
+    cfg = ft_cfg(head_init="probe", head_probe_C=[1.0], steps=10, eval_every=10, lr=[1e-6], head_lr=1e-6, head_norm=head_norm)
     result = finetune(tiny_vit(), cfg, breast, EvalContext(tmp_path, "pretrained", "breast"))
     model, _ = probe_head(tiny_vit(), breast, cfg, "cpu", ["pooled"])
     start = classification_metrics(predict(model, breast.images["val"], "binary", 64, "cpu"), breast.labels["val"], "binary")
     # ten steps at LR 1e-6 barely move it: the kept val score is the probe's
     assert result.details["grid"][0]["val_score"] == pytest.approx(start["auroc"], abs=0.02)
+    assert result.details["grid"][0]["history"][0]["val_auroc"] == pytest.approx(start["auroc"], abs=1e-6)
     with pytest.raises(ValueError, match="head_init"):
         finetune(tiny_vit(), ft_cfg(head_init="linear"), breast, EvalContext(tmp_path, "pretrained", "breast"))
+    with pytest.raises(ValueError, match="head_norm"):
+        Classifier(tiny_vit(), 2, head_norm="layernorm")
+
+
+def test_finetune_optimizer_warms_up_then_decays_and_the_head_follows_lr_when_unset() -> None:
+    model = Classifier(tiny_vit(), 2)
+    optimizer, schedule = finetune_optimizer(model, ft_cfg(steps=20, warmup=0.25, head_lr=None), lr=1e-4, layer_decay=1.0)
+    head = next(g for g in optimizer.param_groups if g["params"][0] is model.head.weight)
+    lrs = []
+    for _ in range(20):
+        lrs.append(head["lr"])
+        optimizer.step()
+        schedule.step()
+    # five warm-up steps rising to lr, then a half-cosine falling towards 0
+    np.testing.assert_allclose(lrs[:5], [1e-4 * k / 5 for k in range(1, 6)])
+    assert all(a > b for a, b in itertools.pairwise(lrs[5:])) and lrs[-1] < 1e-5
+    assert all(g["lr"] == pytest.approx(head["lr"]) for g in optimizer.param_groups)  # layer_decay 1.0: one LR
+    optimizer, _ = finetune_optimizer(model, ft_cfg(steps=20, head_lr=1e-2), lr=1e-4, layer_decay=1.0)
+    assert [g["lr"] for g in optimizer.param_groups if g["params"][0] is model.head.weight] == [1e-2]  # no warm-up
 
 
 def test_lpft_keeps_its_probe_when_fine_tuning_only_hurts_on_val(breast: ClassificationData, tmp_path: Path) -> None:

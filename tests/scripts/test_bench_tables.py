@@ -78,5 +78,5 @@ def test_finetune_table_reports_the_gap_and_what_val_chose() -> None:
     lines = bench.finetune_table(rows, "lpft").splitlines()
     cells = [c.strip() for c in lines[2].split("|")[1:-1]]
     assert cells[:6] == ["breastmnist", "vit-tiny/4 graph_matching", "0,1", "0.850 ± 0.014", "0.830 ± 0.000", "**0.020 ± 0.014**"]
-    assert cells[6] == "cls+mp/0.75@0, cls+mp/0.75@0; cls/0.75@200, cls/0.75@200"
+    assert cells[6] == "cls+mp/0.0001/0.75@0, cls+mp/0.0001/0.75@0; cls/0.0001/0.75@200, cls/0.0001/0.75@200"
     assert bench.finetune_table(rows) == ""  # no random-head fine-tune in these rows
