@@ -9,17 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backbones.mamba import (
-    MultiScanMamba,
-    VisionMamba,
-    grid_rank,
-    invert,
-    is_sequence_order,
-    parse_order,
-    scan_branches,
-    sequence_order,
-)
+from backbones.mamba import MultiScanMamba, VisionMamba, scan_branches
 from ssl_med.encoder import TokenLayout
+from ssl_med.ops.scan_order import grid_rank, invert, is_sequence_order, parse_order, sequence_order
 from ssl_med.registry import BACKBONES
 
 
