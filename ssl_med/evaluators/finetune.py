@@ -87,6 +87,31 @@ class Classifier(nn.Module):
         return self.head(self.norm(READOUTS[self.readout](self.encoder(x))))
 
 
+def set_standardisation(norm: nn.BatchNorm1d, mean: Tensor, std: Tensor) -> None:
+    """Running statistics of ``norm`` such that eval mode computes ``(x - mean) / std`` exactly,
+    ``(x - mu) / sqrt(var + eps)`` (``std == 0``: 1, as scikit-learn's ``StandardScaler``)."""
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    norm.running_mean.copy_(mean)
+    norm.running_var.copy_((std.double() ** 2 - norm.eps).clamp_min(0.0))
+
+
+@torch.no_grad()
+def refresh_head_norm(model: Classifier, images: Tensor, batch_size: int, device: str) -> None:
+    """Set the head's ``BatchNorm1d`` (``head_norm=batchnorm``; no-op otherwise) to the standardisation of
+    the read-out of ``images`` (the un-augmented train split) under the encoder as it is now: "precise BN"
+    (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021). The running averages of training batches lag an
+    encoder that fine-tuning keeps moving and describe flipped images, not the ones evaluated; a shift in
+    the statistics shifts every logit alike, which leaves AUROC alone but can put every argmax in one class."""
+    if not isinstance(model.norm, nn.BatchNorm1d):
+        return
+    model.eval()
+    feats = torch.cat([
+        READOUTS[model.readout](model.encoder(images[start : start + batch_size].to(device))).double()
+        for start in range(0, len(images), batch_size)
+    ])
+    set_standardisation(model.norm, feats.mean(0), feats.std(0, unbiased=False))
+
+
 def _random_flips(x: Tensor, generator: torch.Generator) -> Tensor:
     for axis in range(2, x.ndim):
         if torch.rand((), generator=generator) < 0.5:
@@ -155,9 +180,7 @@ def probe_head(
     coef, bias = _probe_weights(best.model, data.task, model.head.out_features)
     scale = np.where(best.scaler.scale_ > 0, best.scaler.scale_, 1.0)
     if isinstance(model.norm, nn.BatchNorm1d):
-        # eval mode then standardises as the scaler did: (x - mu) / sqrt(var + eps) = (x - mu) / scale
-        model.norm.running_mean.copy_(torch.as_tensor(best.scaler.mean_))
-        model.norm.running_var.copy_(torch.as_tensor(np.maximum(scale**2 - model.norm.eps, 0.0)))
+        set_standardisation(model.norm, torch.as_tensor(best.scaler.mean_), torch.as_tensor(scale))
         weight = coef
     else:
         weight = coef / scale  # w . (x - mu) / sd + b = (w / sd) . x + (b - (w / sd) . mu)
@@ -202,6 +225,8 @@ def finetune_once(
 
     def check(step: int, loss: float) -> None:
         nonlocal best_score, best_state, best_step
+        if step > 0:  # at step 0 the head's statistics are the probe's, from the same train images
+            refresh_head_norm(model, x_train, cfg["eval_batch_size"], ctx.device)
         scores = predict(model, data.images["val"], data.task, cfg["eval_batch_size"], ctx.device)
         val = classification_metrics(scores, data.labels["val"], data.task)
         history.append({"step": step, "loss": loss, **{f"val_{k}": v for k, v in val.items() if "/" not in k}})

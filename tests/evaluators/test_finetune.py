@@ -13,7 +13,14 @@ import torch
 
 from ssl_med.evaluators.base import EvalContext
 from ssl_med.evaluators.datasets import ClassificationData, load_eval_data
-from ssl_med.evaluators.finetune import Classifier, finetune, finetune_optimizer, predict, probe_head
+from ssl_med.evaluators.finetune import (
+    Classifier,
+    finetune,
+    finetune_optimizer,
+    predict,
+    probe_head,
+    refresh_head_norm,
+)
 from ssl_med.evaluators.metrics import classification_metrics
 
 from .conftest import tiny_vit
@@ -192,3 +199,23 @@ def test_a_readout_list_joins_the_random_head_grid(breast: ClassificationData, t
     assert result.details["chosen"]["features"] == best["features"] == result.details["features"]
     with pytest.raises(ValueError, match="cannot be fine-tuned through"):
         finetune(tiny_vit(), ft_cfg(features=["pooled", "patch_tokens"]), breast, EvalContext(tmp_path, "x", "breast"))
+
+
+def test_refresh_head_norm_standardises_the_train_readout_of_the_encoder_as_it_is_now(breast: ClassificationData) -> None:
+    """Precise BN: after the encoder moved (here: one block's weights scaled), the head's BatchNorm
+    standardises the un-augmented train read-out exactly as an independent StandardScaler fitted on it."""
+    from sklearn.preprocessing import StandardScaler
+
+    model = Classifier(tiny_vit(), 2, "pooled+mean_patch", head_norm="batchnorm")
+    with torch.no_grad():
+        next(model.encoder.parameters()).mul_(3.0)
+    images = breast.images["train"][:80]
+    refresh_head_norm(model, images, 32, "cpu")
+    assert not model.training
+    out = model.encoder(images)
+    feats = torch.cat([out.pooled, out.patch_tokens.mean(1)], dim=1).detach()
+    np.testing.assert_allclose(model.norm(feats).detach().numpy(), StandardScaler().fit_transform(feats.double().numpy()), atol=2e-3)
+    plain = Classifier(tiny_vit(), 2)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    refresh_head_norm(plain, images, 32, "cpu")  # no BatchNorm: nothing to refresh
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
