@@ -96,20 +96,31 @@ def set_standardisation(norm: nn.BatchNorm1d, mean: Tensor, std: Tensor) -> None
 
 
 @torch.no_grad()
-def refresh_head_norm(model: Classifier, images: Tensor, batch_size: int, device: str) -> None:
+def refresh_head_norm(model: Classifier, images: Tensor, batch_size: int, device: str, generator: torch.Generator) -> None:
     """Set the head's ``BatchNorm1d`` (``head_norm=batchnorm``; no-op otherwise) to the standardisation of
-    the read-out of ``images`` (the un-augmented train split) under the encoder as it is now: "precise BN"
-    (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021). The running averages of training batches lag an
-    encoder that fine-tuning keeps moving and describe flipped images, not the ones evaluated; a shift in
-    the statistics shifts every logit alike, which leaves AUROC alone but can put every argmax in one class."""
+    the read-out of the train ``images`` under the encoder as it is now, each image flipped as training
+    flips them (every spatial axis with probability 1/2, drawn from ``generator``), so the statistics are
+    those of the distribution the head is trained on: "precise BN" (Wu & Johnson, "Rethinking 'Batch' in
+    BatchNorm", 2021). The running averages of the last training batches lag an encoder that fine-tuning
+    keeps moving and are noisy at batch 32: a shift of them shifts every logit alike, which leaves AUROC
+    alone but can put every test argmax in one class."""
     if not isinstance(model.norm, nn.BatchNorm1d):
         return
     model.eval()
-    feats = torch.cat([
-        READOUTS[model.readout](model.encoder(images[start : start + batch_size].to(device))).double()
-        for start in range(0, len(images), batch_size)
-    ])
+    feats = []
+    for start in range(0, len(images), batch_size):
+        batch = _flip_each(images[start : start + batch_size], generator)
+        feats.append(READOUTS[model.readout](model.encoder(batch.to(device))).double())
+    feats = torch.cat(feats)
     set_standardisation(model.norm, feats.mean(0), feats.std(0, unbiased=False))
+
+
+def _flip_each(x: Tensor, generator: torch.Generator) -> Tensor:
+    """``x`` ``(B, C, *S)`` with each sample flipped along each spatial axis with probability 1/2."""
+    for axis in range(2, x.ndim):
+        flip = (torch.rand(len(x), generator=generator) < 0.5).view(-1, *[1] * (x.ndim - 1))
+        x = torch.where(flip, x.flip(axis), x)
+    return x
 
 
 def _random_flips(x: Tensor, generator: torch.Generator) -> Tensor:
@@ -225,8 +236,8 @@ def finetune_once(
 
     def check(step: int, loss: float) -> None:
         nonlocal best_score, best_state, best_step
-        if step > 0:  # at step 0 the head's statistics are the probe's, from the same train images
-            refresh_head_norm(model, x_train, cfg["eval_batch_size"], ctx.device)
+        if step > 0:  # at step 0 the head's statistics are the probe's
+            refresh_head_norm(model, x_train, cfg["eval_batch_size"], ctx.device, torch.Generator().manual_seed(ctx.seed))
         scores = predict(model, data.images["val"], data.task, cfg["eval_batch_size"], ctx.device)
         val = classification_metrics(scores, data.labels["val"], data.task)
         history.append({"step": step, "loss": loss, **{f"val_{k}": v for k, v in val.items() if "/" not in k}})

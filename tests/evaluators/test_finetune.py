@@ -203,19 +203,28 @@ def test_a_readout_list_joins_the_random_head_grid(breast: ClassificationData, t
 
 def test_refresh_head_norm_standardises_the_train_readout_of_the_encoder_as_it_is_now(breast: ClassificationData) -> None:
     """Precise BN: after the encoder moved (here: one block's weights scaled), the head's BatchNorm
-    standardises the un-augmented train read-out exactly as an independent StandardScaler fitted on it."""
+    standardises the train read-out, flipped as training flips, exactly as an independent StandardScaler
+    fitted on it."""
     from sklearn.preprocessing import StandardScaler
 
     model = Classifier(tiny_vit(), 2, "pooled+mean_patch", head_norm="batchnorm")
     with torch.no_grad():
         next(model.encoder.parameters()).mul_(3.0)
     images = breast.images["train"][:80]
-    refresh_head_norm(model, images, 32, "cpu")
+    refresh_head_norm(model, images, 80, "cpu", torch.Generator().manual_seed(0))  # one batch: one draw per axis
     assert not model.training
-    out = model.encoder(images)
+    # the same flips as training draws them, one draw per image: rows flipped along H, W, both or neither
+    generator = torch.Generator().manual_seed(0)
+    flips = [torch.rand(len(images), generator=generator) < 0.5 for _ in range(2)]
+    flipped = torch.stack([
+        img.flip(*[axis + 1 for axis, f in enumerate(flips) if f[i]]) if any(f[i] for f in flips) else img
+        for i, img in enumerate(images)
+    ])
+    assert 10 < sum(not torch.equal(a, b) for a, b in zip(flipped, images)) < 80
+    out = model.encoder(flipped)
     feats = torch.cat([out.pooled, out.patch_tokens.mean(1)], dim=1).detach()
     np.testing.assert_allclose(model.norm(feats).detach().numpy(), StandardScaler().fit_transform(feats.double().numpy()), atol=2e-3)
     plain = Classifier(tiny_vit(), 2)
     before = {k: v.clone() for k, v in plain.state_dict().items()}
-    refresh_head_norm(plain, images, 32, "cpu")  # no BatchNorm: nothing to refresh
+    refresh_head_norm(plain, images, 32, "cpu", torch.Generator())  # no BatchNorm: nothing to refresh
     assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
