@@ -23,7 +23,7 @@ from ssl_med.encoder import Encoder
 from ssl_med.evaluators.base import EvalContext, EvalResult
 from ssl_med.evaluators.channels import check_channel_request
 from ssl_med.evaluators.datasets import ClassificationData, load_eval_data, resolve_eval_data
-from ssl_med.evaluators.plots import label_efficiency_plot
+from ssl_med.evaluators.plots import finetune_curves, finetune_curves_plot, label_efficiency_plot
 from ssl_med.evaluators.report import write_results
 from ssl_med.registry import EVALUATORS, OBJECTIVES
 from ssl_med.weights import CONFIG_NAME, is_sharded_checkpoint
@@ -187,6 +187,9 @@ def evaluate(
             label_efficiency_plot(
                 curves, metric, out / f"label_efficiency_{metric}.png", f"{data.name}: {eval_cfg['name']}"
             )
+    if eval_cfg["name"] == "finetune" and (fine_tunes := finetune_curves(rows)):
+        metric = eval_cfg.get("select_metric", "auroc")
+        finetune_curves_plot({f"{data_cfg['name']}: fine-tune grid": fine_tunes}, metric, out / f"finetune_val_{metric}.png")
     write_results(results, out)
     return results
 

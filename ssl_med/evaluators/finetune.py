@@ -19,6 +19,11 @@ et al., "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Dis
 logistic regression on the frozen read-out of train (standardised; read-out among ``features`` and ``C``
 among ``head_probe_C`` chosen together on val) is folded into the head, so the first gradient steps do not
 have to undo a random head's pull on the encoder. The fine-tune then trains through the probe's read-out.
+Folded into the linear weights, the probe's standardisation multiplies every change of a low-spread feature by
+1/std and the first steps diverge; ``head_norm=batchnorm`` keeps it in an affine-free ``BatchNorm1d`` in front of
+the head instead (MAE's linear-probe head), whose statistics are recomputed on the train images before each val
+check (:func:`refresh_head_norm`). ``eval=lpft`` is that recipe: BatchNorm head, the head at the encoder's LR,
+warm-up, small encoder LRs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Plots: probe metric vs label fraction, segmentation overlays, weight-interpolation curves, summaries.
+"""Plots: probe metric vs label fraction, fine-tune val curves, segmentation overlays, weight-interpolation
+curves, summaries.
 
 All functions write a PNG (matplotlib's object API, no pyplot global state) and return its path.
 """
@@ -38,6 +39,34 @@ def label_efficiency_plot(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def finetune_curves_plot(panels: dict[str, dict[str, list[dict[str, float]]]], metric: str, path: Path) -> Path:
+    """One panel per ``panels`` item (title -> ``{line label: val history}``), each history a list of
+    ``{"step": s, "val_<metric>": v}`` as the fine-tuner records it: the val curve of every fine-tune of the
+    grid (step 0 of an LP-FT run is its probe); random-init lines are dashed."""
+    fig = Figure(figsize=(4.2 * len(panels), 3.2))
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (title, curves) in zip(axes, panels.items(), strict=True):
+        for label, history in curves.items():
+            ax.plot([h["step"] for h in history], [h[f"val_{metric}"] for h in history], marker=".",
+                    linestyle="--" if label.startswith("random-init") else "-", label=label)
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel(f"val {metric}")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    return save_figure(fig, path)
+
+
+def finetune_curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    """``results.json`` rows of a fine-tune -> ``{"<encoder> <read-out> lr=<lr> ld=<decay>": val history}``."""
+    return {
+        f"{row['encoder']} {g['features']} lr={g['lr']:g} ld={g['layer_decay']:g}": g["history"]
+        for row in rows
+        for g in row["details"].get("grid", [])
+        if g.get("history")
+    }
 
 
 def overlay_png(

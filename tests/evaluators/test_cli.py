@@ -69,6 +69,24 @@ def test_evaluate_cli_knn_and_probe_then_report(encoder_run: Path, shared_data: 
     assert main(["report", str(tmp_path / "nothing")]) == 1
 
 
+def test_evaluate_cli_lpft_preset_fine_tunes_from_the_probe_and_plots_the_val_curves(
+    encoder_run: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "lpft"
+    assert main([
+        "evaluate", "eval=lpft", f"checkpoint={encoder_run}", "eval_data=breastmnist",
+        f"eval_data.path={shared_data}/medmnist/breastmnist.npz", "eval_data.subset=40", "eval_data.image_size=32",
+        "eval.steps=4", "eval.eval_every=2", "eval.lr=[1e-4]", f"hydra.run.dir={out}",
+    ]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for row in results["rows"]:
+        assert results["config"]["eval"]["head_norm"] == "batchnorm" and results["config"]["eval"]["head_lr"] is None
+        history = row["details"]["grid"][0]["history"]
+        assert [h["step"] for h in history] == [0, 2, 4]  # the probe, then two checks
+        assert row["details"]["features"] in ("pooled", "mean_patch", "pooled+mean_patch")
+    assert (out / "finetune_val_auroc.png").stat().st_size > 0
+
+
 def test_evaluate_api_segmentation_on_kvasir(encoder_run: Path, kvasir_cfg: dict, tmp_path: Path) -> None:
     encoder_dir = resolve_encoder_dir(encoder_run)
     baseline = random_init_like(encoder_dir, seed=0)
