@@ -21,6 +21,16 @@ def save_figure(fig: Figure, path: Path, dpi: int = 120) -> Path:
     return path
 
 
+def label_axes(ax: Any, xlabel: str, ylabel: str, title: str = "", legend_size: int = 8) -> None:
+    """The decoration every line plot here shares: axis labels, a small title, a light grid, a legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def label_efficiency_plot(
     curves: dict[str, dict[str, dict[str, list[float]]]], metric: str, path: Path, title: str = ""
 ) -> Path:
@@ -33,11 +43,7 @@ def label_efficiency_plot(
         std = [curve[f][metric][1] for f in fractions]
         ax.errorbar([100 * float(f) for f in fractions], mean, yerr=std, marker="o", capsize=3, label=label)
     ax.set_xscale("log")
-    ax.set_xlabel("training labels (%)")
-    ax.set_ylabel(f"linear probe test {metric}")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    label_axes(ax, "training labels (%)", f"linear probe test {metric}", title)
     return save_figure(fig, path)
 
 
@@ -51,11 +57,7 @@ def finetune_curves_plot(panels: dict[str, dict[str, list[dict[str, float]]]], m
         for label, history in curves.items():
             ax.plot([h["step"] for h in history], [h[f"val_{metric}"] for h in history], marker=".",
                     linestyle="--" if label.startswith("random-init") else "-", label=label)
-        ax.set_xlabel("fine-tuning step")
-        ax.set_ylabel(f"val {metric}")
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        label_axes(ax, "fine-tuning step", f"val {metric}", title, legend_size=6)
     return save_figure(fig, path)
 
 
@@ -138,8 +140,5 @@ def sweep_plot(series: dict[str, list[tuple[float, float]]], key: str, path: Pat
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
     if xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
         ax.set_xscale("log")
-    ax.set_xlabel(key)
-    ax.set_ylabel("metric (higher is better)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    label_axes(ax, key, "metric (higher is better)", legend_size=7)
     return save_figure(fig, path)
