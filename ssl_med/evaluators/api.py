@@ -187,7 +187,7 @@ def evaluate(
             label_efficiency_plot(
                 curves, metric, out / f"label_efficiency_{metric}.png", f"{data.name}: {eval_cfg['name']}"
             )
-    if eval_cfg["name"] == "finetune" and (fine_tunes := finetune_curves(rows)):
+    if fine_tunes := finetune_curves(rows):  # rows whose details hold a fine-tune grid with val histories
         metric = eval_cfg.get("select_metric", "auroc")
         finetune_curves_plot({f"{data_cfg['name']}: fine-tune grid": fine_tunes}, metric, out / f"finetune_val_{metric}.png")
     write_results(results, out)

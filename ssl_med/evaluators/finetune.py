@@ -129,6 +129,7 @@ def _flip_each(x: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def _random_flips(x: Tensor, generator: torch.Generator) -> Tensor:
+    """``x`` ``(B, C, *S)`` flipped along each spatial axis with probability 1/2, the whole batch alike (training)."""
     for axis in range(2, x.ndim):
         if torch.rand((), generator=generator) < 0.5:
             x = x.flip(axis)
@@ -194,12 +195,11 @@ def probe_head(
     )
     model = Classifier(encoder, data.num_classes, best.mode, cfg.get("head_norm", "none"))
     coef, bias = _probe_weights(best.model, data.task, model.head.out_features)
-    scale = np.where(best.scaler.scale_ > 0, best.scaler.scale_, 1.0)
     if isinstance(model.norm, nn.BatchNorm1d):
-        set_standardisation(model.norm, torch.as_tensor(best.scaler.mean_), torch.as_tensor(scale))
+        set_standardisation(model.norm, torch.as_tensor(best.scaler.mean_), torch.as_tensor(best.scaler.scale_))
         weight = coef
     else:
-        weight = coef / scale  # w . (x - mu) / sd + b = (w / sd) . x + (b - (w / sd) . mu)
+        weight = coef / np.where(best.scaler.scale_ > 0, best.scaler.scale_, 1.0)  # w.(x - mu)/sd + b = (w/sd).x + b - (w/sd).mu
         bias = bias - weight @ best.scaler.mean_
     model.head.weight.copy_(torch.as_tensor(weight, dtype=model.head.weight.dtype))
     model.head.bias.copy_(torch.as_tensor(bias, dtype=model.head.bias.dtype))
@@ -223,7 +223,7 @@ def finetune_optimizer(
 
 def finetune_once(
     encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ctx: EvalContext, lr: float, layer_decay: float,
-    readout: str, head_state: dict[str, Tensor] | None = None,
+    readout: str, head_state: dict[str, dict[str, Tensor]] | None = None,
 ) -> tuple[float, int, dict[str, Tensor], list[dict[str, float]]]:
     """Fine-tune a copy of ``encoder`` through ``readout`` at one (``lr``, ``layer_decay``), from ``head_state`` when given
     (the LP-FT head); returns the best val score, the step and weights that reached it, and the val history. Val is
@@ -233,7 +233,8 @@ def finetune_once(
     generator = torch.Generator().manual_seed(ctx.seed)
     model = Classifier(copy.deepcopy(encoder), data.num_classes, readout, cfg.get("head_norm", "none")).to(ctx.device)
     if head_state is not None:
-        model.load_state_dict(head_state, strict=False)
+        model.norm.load_state_dict(head_state["norm"])
+        model.head.load_state_dict(head_state["head"])
     steps = int(cfg["steps"])
     optimizer, schedule = finetune_optimizer(model, cfg, lr, layer_decay)
     x_train, y_train = data.images["train"], torch.from_numpy(data.labels["train"])
@@ -297,7 +298,7 @@ def _finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, c
     head_state = None
     if cfg.get("head_init", "random") == "probe":  # one probe for the whole grid: it depends on the frozen encoder only
         start, _ = probe_head(encoder, data, cfg, ctx.device, readouts)
-        head_state = {k: v.clone() for k, v in start.state_dict().items() if not k.startswith("encoder.")}
+        head_state = copy.deepcopy({"norm": start.norm.state_dict(), "head": start.head.state_dict()})
         readouts = [start.readout]
     runs = []
     for readout, lr, decay in itertools.product(readouts, _as_list(cfg["lr"]), _as_list(cfg["layer_decay"])):
