@@ -36,6 +36,7 @@ from ssl_med.data.readers import ReadError, Record, Source, StackRecord, read_so
 from ssl_med.data.readers.discover import discover
 from ssl_med.data.readers.medmnist import SPLITS, row_name
 from ssl_med.data.store import IMAGES_GROUP, ImageMeta, ImageStore
+from ssl_med.data.writer_lock import exclusive_writer
 from ssl_med.lifetimes import Interrupted, StopSignals, abandonable, init_worker, stop_workers
 
 INGEST_VERSION = 1
@@ -274,71 +275,72 @@ def ingest(
     if given_names:
         check_channel_names(sources, given_names)
     report.skipped += problems
-    store = ImageStore(out, mode="a")
-    hashes = {name: meta.content_hash for name, meta in store.manifest.items()}
-    existing, known = legacy_names(hashes), known_digests(hashes.values())
-    todo, report.present = plan_sources(sources, store.manifest)
-    pending: dict[str, ImageMeta] = {}
-    last_flush = time.perf_counter()
-
-    def collect(result: SourceResult) -> None:
-        nonlocal last_flush
-        report.present += result.present
-        report.skipped += result.skipped
-        for what, why in result.skipped:
-            log(f"skipped {what}: {why}")
-        if result.written and result.digest in known:  # a copy of a file another worker wrote in this run
-            _discard(store, result.written)
-            report.present += len(result.written)
-            return
-        if result.written:
-            known[result.digest] = len(result.written)
-        pending.update({n: ImageMeta.from_dict(d) for n, d in result.written.items()})
-        if pending and (
-            len(pending) >= FLUSH_EVERY_IMAGES or time.perf_counter() - last_flush > FLUSH_EVERY_SECONDS
-        ):
-            flush()
-
-    def flush() -> None:
-        nonlocal last_flush
-        report.written += len(pending)
-        store.record(dict(sorted(pending.items())))
-        pending.clear()
+    with exclusive_writer(out, log):  # a second ingest into this store waits, saying for whom
+        store = ImageStore(out, mode="a")
+        hashes = {name: meta.content_hash for name, meta in store.manifest.items()}
+        existing, known = legacy_names(hashes), known_digests(hashes.values())
+        todo, report.present = plan_sources(sources, store.manifest)
+        pending: dict[str, ImageMeta] = {}
         last_flush = time.perf_counter()
 
-    # picklable for the pool; in this process it sees ``known`` grow, so a second copy is not even read
-    work = partial(ingest_source, store.path, options=options, existing=existing, known=known, channel_names=given_names)
-    def failed(source: Source, exc: BaseException) -> None:  # a worker died (e.g. out of memory)
-        report.skipped.append((source.describe(), f"worker failed ({exc!r})"))
+        def collect(result: SourceResult) -> None:
+            nonlocal last_flush
+            report.present += result.present
+            report.skipped += result.skipped
+            for what, why in result.skipped:
+                log(f"skipped {what}: {why}")
+            if result.written and result.digest in known:  # a copy of a file another worker wrote in this run
+                _discard(store, result.written)
+                report.present += len(result.written)
+                return
+            if result.written:
+                known[result.digest] = len(result.written)
+            pending.update({n: ImageMeta.from_dict(d) for n, d in result.written.items()})
+            if pending and (
+                len(pending) >= FLUSH_EVERY_IMAGES or time.perf_counter() - last_flush > FLUSH_EVERY_SECONDS
+            ):
+                flush()
 
-    bar = _progress(len(todo), progress)
-    stop = StopSignals("ingest")
-    try:
-        with stop:
-            if workers <= 1 or len(todo) <= 1:
-                for source in todo:
-                    if stop.received is not None:
-                        break
-                    result = None
-                    with stop.abandoning():  # a signal ends the source being read; its arrays are not listed
-                        result = work(source)
-                    if result is not None:  # finished before any signal
-                        collect(result)
-                        bar.update(1)
-            else:
-                _run_in_pool(work, todo, workers, stop, collect, failed, bar.update)
-    finally:
-        bar.close()
-        if pending:
-            flush()
-    store.record({}, sort=True)
-    report.seconds = time.perf_counter() - start
-    if stop.received is not None:
-        raise Interrupted(
-            stop.received, f"stopped by {stop.signal_name}: {report.written} images written and listed, "
-            f"{report.present} already in the store; run the same command again to continue",
-        )  # fmt: skip
-    return report
+        def flush() -> None:
+            nonlocal last_flush
+            report.written += len(pending)
+            store.record(dict(sorted(pending.items())))
+            pending.clear()
+            last_flush = time.perf_counter()
+
+        # picklable for the pool; in this process it sees ``known`` grow, so a second copy is not even read
+        work = partial(ingest_source, store.path, options=options, existing=existing, known=known, channel_names=given_names)
+        def failed(source: Source, exc: BaseException) -> None:  # a worker died (e.g. out of memory)
+            report.skipped.append((source.describe(), f"worker failed ({exc!r})"))
+
+        bar = _progress(len(todo), progress)
+        stop = StopSignals("ingest")
+        try:
+            with stop:
+                if workers <= 1 or len(todo) <= 1:
+                    for source in todo:
+                        if stop.received is not None:
+                            break
+                        result = None
+                        with stop.abandoning():  # a signal ends the source being read; its arrays are not listed
+                            result = work(source)
+                        if result is not None:  # finished before any signal
+                            collect(result)
+                            bar.update(1)
+                else:
+                    _run_in_pool(work, todo, workers, stop, collect, failed, bar.update)
+        finally:
+            bar.close()
+            if pending:
+                flush()
+        store.record({}, sort=True)
+        report.seconds = time.perf_counter() - start
+        if stop.received is not None:
+            raise Interrupted(
+                stop.received, f"stopped by {stop.signal_name}: {report.written} images written and listed, "
+                f"{report.present} already in the store; run the same command again to continue",
+            )  # fmt: skip
+        return report
 
 
 def _run_in_pool(

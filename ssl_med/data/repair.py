@@ -23,6 +23,7 @@ from ssl_med.data.readers import Source, StackRecord, read_source
 from ssl_med.data.readers.discover import discover
 from ssl_med.data.store import IMAGES_GROUP, ImageMeta, ImageStore
 from ssl_med.data.verify import VerifyReport
+from ssl_med.data.writer_lock import exclusive_writer
 
 
 @dataclass
@@ -45,8 +46,13 @@ class RepairReport:
 
 def repair(path: str, report: VerifyReport) -> RepairReport:
     """Re-ingest the images in ``report.damaged`` (from :func:`~ssl_med.data.verify.verify`) from their
-    recorded sources; run ``verify`` again afterwards to see what the store holds now."""
-    store = ImageStore(path, mode="a")
+    recorded sources; run ``verify`` again afterwards to see what the store holds now. Holds the store's
+    writer lock (:mod:`ssl_med.data.writer_lock`): an ingest into the same store waits for it, and it for that."""
+    with exclusive_writer(path):
+        return _repair(ImageStore(path, mode="a"), report)
+
+
+def _repair(store: ImageStore, report: VerifyReport) -> RepairReport:
     result = RepairReport()
     groups: dict[tuple[str, str], list[str]] = {}
     for name in sorted(report.damaged):
