@@ -1,4 +1,4 @@
-"""Reusable layers shared by every backbone and decoder (patch/position embedding, attention)."""
+"""Reusable layers of the backbones and decoders (patch/position embedding, attention; Vision-LSTM's in :mod:`ssl_med.layers.vil`)."""
 
 from ssl_med.layers.attention import Attention, attention, pack_padded, unpack_padded
 from ssl_med.layers.patch_embed import PatchEmbed, patchify, unpatchify

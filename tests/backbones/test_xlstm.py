@@ -230,7 +230,7 @@ def test_mlstm_forms_give_the_same_model(spatial_dims: int) -> None:
 @pytest.mark.parametrize("dim", [32, 24, 20])  # 8, 6, 5 blocks of 4: groups of 4, 2 and 1 blocks
 def test_headwise_projection_is_block_diagonal_with_gradients(dim: int) -> None:
     """The grouped product equals the dense block-diagonal map, also in its gradients."""
-    from backbones.xlstm import LinearHeadwise
+    from ssl_med.layers.vil import LinearHeadwise
 
     proj = LinearHeadwise(dim, 4).double()
     randomise(proj)
