@@ -8,7 +8,9 @@ Augmentation: random flips along every spatial axis.
 
 ``lr``, ``layer_decay`` and ``features`` may be lists: every combination is fine-tuned and the weights with
 the best validation ``select_metric`` (checked every ``eval_every`` steps, over all of them) are scored
-once on test. A pretrained encoder is usually fine-tuned with a decayed, small encoder LR (BEiT/MAE:
+once on test; within a run, a later check replaces the kept weights only when its val score is ahead by more than
+``select_min_gain`` (default 0: any gain), so that a difference below val's resolution keeps the weights with
+fewer fine-tuning steps. A pretrained encoder is usually fine-tuned with a decayed, small encoder LR (BEiT/MAE:
 layer decay 0.65–0.75) and a network trained from scratch with one LR for every layer (layer decay 1.0);
 giving both settings to both rows and choosing on val keeps the random-init row from being judged by a
 recipe that suits only pretrained weights. A read-out list does the same for the head's input, as the
@@ -228,7 +230,8 @@ def finetune_once(
     """Fine-tune a copy of ``encoder`` through ``readout`` at one (``lr``, ``layer_decay``), from ``head_state`` when given
     (the LP-FT head); returns the best val score, the step and weights that reached it, and the val history. Val is
     checked every ``eval_every`` steps, at the last step and, from an LP-FT head, before the first step
-    (the probe itself; history step 0), so an LP-FT fine-tune is never chosen below its own probe on val."""
+    (the probe itself; history step 0), so an LP-FT fine-tune is never chosen below its own probe on val. A check
+    replaces the kept weights only when it is ahead of them by more than ``select_min_gain``."""
     torch.manual_seed(ctx.seed)
     generator = torch.Generator().manual_seed(ctx.seed)
     model = Classifier(copy.deepcopy(encoder), data.num_classes, readout, cfg.get("head_norm", "none")).to(ctx.device)
@@ -239,6 +242,7 @@ def finetune_once(
     optimizer, schedule = finetune_optimizer(model, cfg, lr, layer_decay)
     x_train, y_train = data.images["train"], torch.from_numpy(data.labels["train"])
     best_state, best_score, best_step, history = copy.deepcopy(model.state_dict()), -math.inf, 0, []
+    min_gain = float(cfg.get("select_min_gain", 0.0))
 
     def check(step: int, loss: float) -> None:
         nonlocal best_score, best_state, best_step
@@ -254,7 +258,7 @@ def finetune_once(
             "finetune [%s] %s lr=%g layer_decay=%g step %d/%d: loss %.4f, val %s %.4f",
             ctx.encoder_label, readout, lr, layer_decay, step, steps, loss, cfg["select_metric"], score,
         )
-        if score > best_score:
+        if score > best_score + min_gain:  # near-ties keep the earlier weights (under LP-FT, the probe)
             best_score, best_state, best_step = score, copy.deepcopy(model.state_dict()), step
 
     if head_state is not None:  # the LP-FT start (the probe itself) is a candidate: 0 steps of fine-tuning

@@ -139,6 +139,28 @@ def test_finetune_optimizer_warms_up_then_decays_and_the_head_follows_lr_when_un
     assert [g["lr"] for g in optimizer.param_groups if g["params"][0] is model.head.weight] == [1e-2]  # no warm-up
 
 
+@pytest.mark.parametrize("min_gain", [0.0, 0.01, 1.0])
+def test_a_check_replaces_the_kept_weights_only_when_ahead_by_more_than_select_min_gain(
+    breast: ClassificationData, tmp_path: Path, min_gain: float
+) -> None:
+    """The kept step is the one a plain reading of the recorded val history gives: walk the checks in order and
+    move on only past a gain larger than ``select_min_gain``; 1.0 (more than AUROC can gain) keeps the probe."""
+    cfg = ft_cfg(head_init="probe", head_probe_C=[1.0], steps=12, eval_every=3, lr=[3e-4], head_lr=3e-4,
+                 select_min_gain=min_gain)  # fmt: skip
+    result = finetune(tiny_vit(), cfg, breast, EvalContext(tmp_path, "pretrained", "breast"))
+    history = result.details["grid"][0]["history"]
+    kept = history[0]
+    for check in history[1:]:
+        if check["val_auroc"] - kept["val_auroc"] > min_gain:
+            kept = check
+    assert result.details["chosen"]["step"] == kept["step"]
+    assert result.details["chosen"]["val_score"] == kept["val_auroc"]
+    if min_gain == 1.0:
+        assert kept["step"] == 0
+    if min_gain == 0.0:
+        assert kept["val_auroc"] == max(h["val_auroc"] for h in history)
+
+
 def test_lpft_keeps_its_probe_when_fine_tuning_only_hurts_on_val(breast: ClassificationData, tmp_path: Path) -> None:
     """From a probe head, step 0 (the probe itself) is checked on val and is kept when every later check
     is worse: here an absurd LR wrecks the encoder in the first step."""
