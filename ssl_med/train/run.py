@@ -100,6 +100,16 @@ def expect_module_batch_hooks() -> None:
         warnings.filterwarnings("ignore", message=rf"You have overridden `{hook}` in `LightningModule` but")
 
 
+def expect_lightning_leafspec() -> None:
+    """Silence torch's "`isinstance(treespec, LeafSpec)` is deprecated" FutureWarning, raised once per run from
+    Lightning's own ``utilities/_pytree.py`` (Lightning 2.6 against torch >= 2.10): it is about Lightning's code,
+    not the user's, and says nothing a user can act on. Raised from anywhere else it still shows."""
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
 def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     """Train ``cfg`` into ``run_dir``; returns the folder of the exported encoder."""
     t = cfg.trainer
@@ -178,6 +188,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     )
     expect_eval_mode(objective)
     expect_module_batch_hooks()
+    expect_lightning_leafspec()
     try:
         with relaunch_this_job("pretrain"), stop:
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code

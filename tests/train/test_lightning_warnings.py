@@ -1,5 +1,6 @@
-"""Lightning's warning that the module's batch-transfer hooks run (they are meant to) is silenced, and
-only that one: its warning for a hook both the module and the datamodule define still shows."""
+"""Lightning warnings a run silences, and only those: that the module's batch-transfer hooks run (they are
+meant to; the warning for a hook both the module and the datamodule define still shows), and torch's LeafSpec
+deprecation raised from Lightning's own code (raised from anywhere else it still shows)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.trainer.connectors import data_connector
 from lightning.pytorch.trainer.connectors.data_connector import _DataHookSelector
+from lightning.pytorch.utilities import _pytree as lightning_pytree
+from torch.utils._pytree import LeafSpec
 
 from ssl_med.train.module import PretrainModule
-from ssl_med.train.run import expect_module_batch_hooks
+from ssl_med.train.run import expect_lightning_leafspec, expect_module_batch_hooks
 
 HOOKS = ("on_before_batch_transfer", "on_after_batch_transfer")
 
@@ -45,3 +48,21 @@ def test_module_hooks_warning_is_silenced() -> None:
 def test_hooks_defined_twice_still_warn() -> None:
     messages = _messages(OwnHooks(), silence=True)
     assert len(messages) == 2 and all("in both `LightningModule` and `LightningDataModule`" in m for m in messages)
+
+
+def _leafspec_messages(silence: bool, from_lightning: bool) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if silence:
+            expect_lightning_leafspec()
+        if from_lightning:
+            lightning_pytree._tree_flatten(1.0)  # a leaf: Lightning builds a LeafSpec
+        else:
+            LeafSpec()
+    return [str(w.message) for w in caught if "LeafSpec" in str(w.message)]
+
+
+def test_lightning_leafspec_deprecation_is_silenced_only_where_lightning_raises_it() -> None:
+    assert len(_leafspec_messages(silence=False, from_lightning=True)) == 1
+    assert _leafspec_messages(silence=True, from_lightning=True) == []
+    assert len(_leafspec_messages(silence=True, from_lightning=False)) == 1
