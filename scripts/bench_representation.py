@@ -23,6 +23,10 @@ written to ``--doc`` between ``<!-- in-domain:begin -->`` and ``<!-- in-domain:e
 
     python scripts/bench_representation.py --datasets breastmnist --objectives mae dino --seeds 0 1 2
 
+``--jobs N`` runs N of them at once (give each its share of the cores: ``num_threads=1
+data.num_workers=1`` for two jobs on two cores); they share one store per dataset, written by one
+ingest at a time.
+
 ``--datasets`` takes the built-in names (the files in the shared data folder, with their published
 rows) or the path of any MedMNIST-style ``.npz`` of your own: it is ingested, pretrained on with
 ``recipe=small_2d`` or ``small_3d`` (from its image arrays) and evaluated through
@@ -39,6 +43,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,9 +168,10 @@ def one_run(
         return None
     folder.mkdir(parents=True, exist_ok=True)
     store = out / "stores" / f"{name}.zarr"
-    if not store.exists():
-        store.parent.mkdir(parents=True, exist_ok=True)
-        run(["ssl_med", "ingest", str(spec.file), "--out", str(store), "--no-progress"], folder / "ingest.log")
+    store.parent.mkdir(parents=True, exist_ok=True)
+    # every run ingests: a no-op on a finished store ("already in the store"), the rest of an interrupted one;
+    # runs started together (--jobs) wait for the store's one writer (ssl_med.data.writer_lock)
+    run(["ssl_med", "ingest", str(spec.file), "--out", str(store), "--no-progress"], folder / "ingest.log")
     run_dir = folder / "run"
     pretrain = [
         "ssl_med", "pretrain", f"recipe={spec.recipe}", f"objective={objective}", f"backbone={backbone}",
@@ -299,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-fractions", nargs="+", type=float, default=None, metavar="F",
                         help="also probe every last-step encoder and its random-init twin on these fractions of the "
                         "training labels (e.g. 0.01 0.1; three draws each, read-out and C chosen on val per draw)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs (dataset, objective, seed) at once, each in its own processes; give each a share "
+                        "of the cores with the overrides, e.g. --jobs 2 num_threads=1 data.num_workers=1 on 2 cores")
     parser.add_argument("overrides", nargs="*", help="extra ssl_med pretrain overrides (key=value, anywhere on the "
                         "line) for every run")
     argv = sys.argv[1:] if argv is None else argv
@@ -307,15 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args([a for a in argv if a not in overrides])
     args.overrides = overrides
     datasets = dict(dataset(name) for name in args.datasets)
-    rows = []
-    for name, spec in datasets.items():
-        for objective in args.objectives:
-            for seed in args.seeds:
-                print(f"[{name} / {objective} / seed {seed}]", flush=True)
-                row = one_run(args.out, name, spec, objective, args.backbone, seed, args.steps, args.overrides, args.cached_only, args.re_evaluate, args.finetune,
-                              args.label_fractions)
-                if row is not None:
-                    rows.append(row)
+    def one(job: tuple[str, Dataset, str, int]) -> dict | None:
+        name, spec, objective, seed = job
+        print(f"[{name} / {objective} / seed {seed}]", flush=True)
+        return one_run(args.out, name, spec, objective, args.backbone, seed, args.steps, args.overrides, args.cached_only,
+                       args.re_evaluate, args.finetune, args.label_fractions)
+
+    jobs = [(name, spec, objective, seed) for name, spec in datasets.items() for objective in args.objectives for seed in args.seeds]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads: the work runs in each job's subprocesses
+        rows = [row for row in pool.map(one, jobs) if row is not None]  # in job order, whatever finishes first
     if not rows:
         print("no finished runs: nothing to tabulate", file=sys.stderr)
         return 1

@@ -1,0 +1,46 @@
+"""scripts/bench_representation.py: ``--jobs`` runs several (dataset, objective, seed) at once and tabulates
+them in job order, the same table as one at a time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+bench = pytest.importorskip("bench_representation")
+ROWS = REPO / "docs" / "benchmarks" / "rows" / "breast_gm"
+
+
+@pytest.mark.parametrize("jobs", [2, 3])
+def test_jobs_run_at_once_and_tabulate_in_job_order(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: int
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(ROWS, out)
+    active, most, lock = [0], [0], threading.Lock()
+
+    def fake_one_run(folder: Path, name: str, spec, objective: str, backbone: str, seed: int, *args) -> dict:
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.3 - 0.1 * seed)  # the later seeds finish first
+        with lock:
+            active[0] -= 1
+        return json.loads((folder / f"{name}-{backbone}-{objective}-s{seed}" / "row.json").read_text())
+
+    argv = ["--datasets", "breastmnist", "--objectives", "graph_matching", "--seeds", "0", "1", "2", "--steps", "300",
+            "--out", str(out), "--doc", str(tmp_path / "one.md")]  # fmt: skip
+    assert bench.main([*argv, "--cached-only"]) == 0  # the real, cached path, one at a time
+    one_at_a_time = (out / "in_domain.md").read_text()
+    monkeypatch.setattr(bench, "one_run", fake_one_run)
+    assert bench.main([*argv, "--jobs", str(jobs)]) == 0
+    assert most[0] == min(jobs, 3)
+    assert (out / "in_domain.md").read_text() == one_at_a_time
+    assert "| breastmnist | vit-tiny/4 graph_matching | 0,1,2 |" in one_at_a_time
