@@ -28,6 +28,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench_representation import REPO, SHARED, run, write_doc
@@ -42,8 +43,11 @@ OBJECTIVES = {
 BEGIN, END = "<!-- brats:begin -->", "<!-- brats:end -->"
 
 
-def pretrain_command(store: Path, objective: str, seed: int, steps: int, run_dir: Path) -> list[str]:
-    """``ssl_med pretrain`` of ``objective`` on the 4-sequence store: 32^3 crops, patch 8, foreground-biased."""
+def pretrain_command(
+    store: Path, objective: str, seed: int, steps: int, run_dir: Path, overrides: Sequence[str] = ()
+) -> list[str]:
+    """``ssl_med pretrain`` of ``objective`` on the 4-sequence store: 32^3 crops, patch 8, foreground-biased;
+    ``overrides`` (``key=value``) come last, so they win."""
     return [
         "ssl_med", "pretrain", "backbone=vit", f"objective={objective}", "data=store", f"data.store={store}",
         "data.spatial_dims=3", "data.num_channels=4", f"data.channels=[{','.join(SEQUENCES)}]",
@@ -51,7 +55,7 @@ def pretrain_command(store: Path, objective: str, seed: int, steps: int, run_dir
         "data.channel_dropout=0.25", "data.num_workers=1", f"trainer.max_steps={steps}",
         f"trainer.checkpoint_every_n_steps={steps}", "trainer.preview_every_n_steps=0", "trainer.progress_bar=false",
         "resume=never", f"seed={seed}", "optim.warmup_steps=0.1", f"experiment=brats-{objective}-s{seed}",
-        f"hydra.run.dir={run_dir}",
+        f"hydra.run.dir={run_dir}", *overrides,
     ]
 
 
@@ -71,13 +75,15 @@ def dice_by_subset(seed_dir: Path, objective: str) -> dict[str, dict[str, float]
     return found
 
 
-def one_seed(out: Path, store: Path, objective: str, seed: int, steps: int, subsets: list[list[str]]) -> None:
+def one_seed(
+    out: Path, store: Path, objective: str, seed: int, steps: int, subsets: list[list[str]], overrides: Sequence[str] = ()
+) -> None:
     """Pretrain (if not done) and evaluate the subsets not yet evaluated for one objective and seed."""
     seed_dir = out / f"brats-s{seed}"
     run_dir = seed_dir / objective
     seed_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "encoder" / "config.json").is_file():
-        seconds = run(pretrain_command(store, objective, seed, steps, run_dir), seed_dir / f"{objective}.pretrain.log")
+        seconds = run(pretrain_command(store, objective, seed, steps, run_dir, overrides), seed_dir / f"{objective}.pretrain.log")
         print(f"  pretrained {objective} seed {seed} in {seconds / 60:.1f} min", flush=True)
     done = dice_by_subset(seed_dir, objective)
     missing = [s for s in subsets if subset_key(s) not in done]
@@ -135,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_brats")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md", help="markdown file to update")
     parser.add_argument("--cached-only", action="store_true", help="build the table from finished evaluations only")
+    parser.add_argument("overrides", nargs="*", help="extra ssl_med pretrain overrides (key=value) for every run, e.g. "
+                        "data.batch_size=32 optim.lr=1.5e-3; give them their own --out")
     args = parser.parse_args(argv)
     subsets = [s.split(",") for s in args.subsets]
     unknown = sorted({c for s in subsets for c in s} - set(SEQUENCES))
@@ -147,13 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     store = args.out / "brats2mm.zarr"
     if not args.cached_only:
         args.out.mkdir(parents=True, exist_ok=True)
-        if not store.exists():
-            run(["ssl_med", "ingest", str(case), "--out", str(store), "--spacing", "2", "2", "2", "--no-progress"],
-                args.out / "ingest.log")
+        # a no-op on a finished store, the rest of an interrupted one
+        run(["ssl_med", "ingest", str(case), "--out", str(store), "--spacing", "2", "2", "2", "--no-progress"],
+            args.out / "ingest.log")
         for seed in args.seeds:
             for objective in args.objectives:
                 print(f"[{objective} / seed {seed}]", flush=True)
-                one_seed(args.out, store, objective, seed, args.steps, subsets)
+                one_seed(args.out, store, objective, seed, args.steps, subsets, args.overrides)
     body = table(args.out, args.seeds, subsets)
     write_doc(args.doc, body, BEGIN, END)
     print(body)

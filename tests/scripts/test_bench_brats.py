@@ -35,3 +35,11 @@ def test_table_merges_evaluations_and_reports_gap_per_seed(tmp_path: Path) -> No
     assert rows[1].startswith("| MAE (4-channel ViT) | t1ce | 0 | 0.110 | 0.100 | **0.010** | +0.010 |")
     assert rows[2].startswith("| BM-MAE (per-modality ViT) | t1ce | 0 | 0.900")
     assert len(rows) == 3
+
+
+def test_pretrain_overrides_come_last_so_they_win(tmp_path: Path) -> None:
+    plain = bench_brats.pretrain_command(tmp_path / "s.zarr", "hi_end_mae", 0, 300, tmp_path / "run")
+    given = bench_brats.pretrain_command(tmp_path / "s.zarr", "hi_end_mae", 0, 300, tmp_path / "run",
+                                         ["data.batch_size=32", "optim.lr=1.5e-3"])  # fmt: skip
+    assert "data.batch_size=8" in plain and given[: len(plain)] == plain
+    assert given[len(plain):] == ["data.batch_size=32", "optim.lr=1.5e-3"]
