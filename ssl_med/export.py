@@ -58,6 +58,7 @@ from ssl_med.weights import (  # noqa: F401  (re-exported: the names ssl_med.exp
     load_weights_into,
     read_checkpoint_state,
     read_config,
+    read_encoder_weights,
     read_safetensors,
     refuse_pickle,
     refuse_sharded_pickle,
@@ -348,7 +349,7 @@ def load_training_config(run_dir: Path) -> dict[str, Any]:
 def load_source(
     checkpoint: str | Path,
     *,
-    weights: Literal["student", "teacher"] = "student",
+    weights: Literal["auto", "student", "teacher"] = "auto",
     trust_pickle: bool = False,
 ) -> tuple[Encoder, dict[str, Any], Path | None]:
     """Encoder, its (training) config and run folder from a run folder, a ``.ckpt`` or an export folder.
@@ -356,21 +357,26 @@ def load_source(
     A ``.ckpt`` is a file, or under ``trainer=fsdp`` a folder of shards, read on this process alone and
     only with ``trust_pickle=True`` (:func:`ssl_med.weights.read_checkpoint_state`). A run folder exports
     ``checkpoints/last.ckpt`` (the latest state, even for an interrupted run) and falls back to its
-    ``encoder/`` folder, also for the student of a sharded ``last.ckpt`` that is not trusted (with a warning).
+    ``encoder/`` folder, also for a sharded ``last.ckpt`` that is not trusted (with a warning) when ``encoder/``
+    holds the ``weights`` asked for. ``weights="auto"`` is the EMA teacher where the checkpoint holds one, else
+    the student: the encoder the run itself exports (``Objective.eval_encoder``). The config returned records
+    which one was read (``exported_weights``).
     """
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint={path}: no such file or folder (a run folder, a .ckpt or an export folder)")
     if path.is_dir() and not (is_sharded_checkpoint(path) or path.suffix == ".ckpt"):
         if (path / CONFIG_NAME).is_file():
-            if weights != "student":
-                raise ExportError(f"{path} is an export folder (student weights only); export the run's .ckpt for {weights}")
+            held = exported_weights(path)
+            if weights not in ("auto", held):
+                raise ExportError(f"{path} is an export folder (the {held} encoder only); export the run's .ckpt for {weights}")
             encoder = load_pretrained(path, trust_pickle=trust_pickle)
             config = {k: v for k, v in encoder.pretrained_config.items() if k in ("backbone", "objective", "data")}  # type: ignore[union-attr]
-            return encoder, config, find_run_dir(path.parent)
+            return encoder, {**config, "exported_weights": held}, find_run_dir(path.parent)
         last, export_dir = path / "checkpoints" / "last.ckpt", path / "encoder"
         untrusted_shards = last.is_dir() and not trust_pickle
-        if last.exists() and not (untrusted_shards and weights == "student" and (export_dir / CONFIG_NAME).is_file()):
+        exported = (export_dir / CONFIG_NAME).is_file() and weights in ("auto", exported_weights(export_dir))
+        if last.exists() and not (untrusted_shards and exported):
             path = last  # a file, or a sharded checkpoint's folder (refused below unless trusted)
         elif (export_dir / CONFIG_NAME).is_file():
             if untrusted_shards:
@@ -393,9 +399,15 @@ def load_source(
             "ssl_med pretraining run (its config says which backbone to build)"
         )
     config = load_training_config(run_dir)
-    state = read_checkpoint_state(path, weights=weights, trust_pickle=trust_pickle)
+    state, chosen = read_encoder_weights(path, weights=weights, trust_pickle=trust_pickle)
     encoder = build_encoder(config["backbone"], weights=state, origin=str(path))
-    return encoder.eval(), config, run_dir
+    return encoder.eval(), {**config, "exported_weights": chosen}, run_dir
+
+
+def exported_weights(export_dir: Path) -> str:
+    """Which encoder an export folder holds (``config.json``'s ``exported_weights``; folders written before it
+    was recorded hold the student)."""
+    return json.loads((export_dir / CONFIG_NAME).read_text()).get("exported_weights", "student")
 
 
 def resolve_license(license: str | None, data: Mapping[str, Any] | None) -> str:
@@ -411,7 +423,7 @@ def export_encoder(
     checkpoint: str | Path,
     out: str | Path,
     *,
-    weights: Literal["student", "teacher"] = "student",
+    weights: Literal["auto", "student", "teacher"] = "auto",
     license: str | None = None,
     datasets: Sequence[str] | None = None,
     push_to: str | None = None,
@@ -443,7 +455,6 @@ def export_encoder(
     out = check_export_target(out, push_to, overwrite)
     encoder, config, run_dir = load_source(checkpoint, weights=weights, trust_pickle=trust_pickle)
     results = find_results(run_dir)
-    config = {**config, "exported_weights": weights}
     license = resolve_license(license, config.get("data"))
     card_options = {"license": license, "datasets": datasets, "repo_id": push_to, "results": results}
     if format == "monai_bundle":

@@ -155,6 +155,11 @@ class Objective(nn.Module, ABC):
         objective keeps one (its features are the ones DINO/VoCo report), else the trained encoder."""
         return self.encoder
 
+    def eval_weights(self) -> str:
+        """Which encoder :meth:`eval_encoder` is: ``"teacher"`` or ``"student"`` (recorded with exports as
+        ``exported_weights``, the names ``ssl_med export weights=...`` takes)."""
+        return "student" if self.eval_encoder() is self.encoder else "teacher"
+
     def eval_mode_modules(self) -> list[nn.Module]:
         """Sub-modules kept in eval mode while the rest trains, by design (e.g. an EMA teacher run
         without drop-path); the trainer tells Lightning they are intentional. Default: none."""

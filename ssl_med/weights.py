@@ -34,8 +34,11 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
-#: Lightning module keys of the encoder, per choice of ``weights``
-CHECKPOINT_PREFIXES = {"student": "objective.encoder.", "teacher": "objective.teacher.encoder."}
+#: Lightning module keys of the encoder, per choice of ``weights`` (the EMA teacher: DINO's ``teacher["encoder"]``,
+#: VoCo's ``teacher_encoder``); ``"auto"`` is the teacher where a checkpoint holds one, else the student: the
+#: encoder the objective is evaluated by (``Objective.eval_encoder``), which a pretraining run exports itself
+CHECKPOINT_PREFIXES = {"student": ("objective.encoder.",), "teacher": ("objective.teacher.encoder.", "objective.teacher_encoder.")}
+WEIGHTS_CHOICES = ("auto", "student", "teacher")
 #: in a sharded checkpoint folder: the index ``torch.distributed.checkpoint`` writes after every shard
 SHARD_INDEX = ".metadata"
 #: in a sharded checkpoint: the entry holding the Lightning module's state dict (the others are optimisers)
@@ -165,9 +168,9 @@ def is_sharded_checkpoint(path: Path) -> bool:
 
 
 def read_checkpoint_state(
-    path: Path, *, weights: Literal["student", "teacher"] = "student", trust_pickle: bool = False
+    path: Path, *, weights: Literal["auto", "student", "teacher"] = "student", trust_pickle: bool = False
 ) -> dict[str, Tensor]:
-    """The encoder's state dict from a Lightning pretraining checkpoint.
+    """The encoder's state dict from a Lightning pretraining checkpoint (``weights``: :data:`CHECKPOINT_PREFIXES`).
 
     A checkpoint file is read with ``torch.load(weights_only=True)`` (tensors and plain containers only,
     no code); ``trust_pickle=True`` allows a full unpickle for checkpoints that need it. A checkpoint
@@ -176,18 +179,37 @@ def read_checkpoint_state(
     unpickler but ``torch.distributed.checkpoint`` reads its index with a full one, so a folder needs
     ``trust_pickle=True`` (:class:`UnsafeWeightsError` otherwise).
     """
-    if weights not in CHECKPOINT_PREFIXES:
-        raise ExportError(f"weights must be one of {sorted(CHECKPOINT_PREFIXES)}, got {weights!r}")
+    return read_encoder_weights(path, weights=weights, trust_pickle=trust_pickle)[0]
+
+
+def read_encoder_weights(
+    path: Path, *, weights: Literal["auto", "student", "teacher"] = "auto", trust_pickle: bool = False
+) -> tuple[dict[str, Tensor], str]:
+    """:func:`read_checkpoint_state` and which encoder it read (``"student"`` or ``"teacher"``, ``weights`` resolved)."""
+    if weights not in WEIGHTS_CHOICES:
+        raise ExportError(f"weights must be one of {list(WEIGHTS_CHOICES)}, got {weights!r}")
     path = Path(path)
     if path.is_dir():
         if not trust_pickle:
             raise refuse_sharded_pickle(path)
-        names = _encoder_names(sharded_model_keys(path), path, weights)
+        keys = sharded_model_keys(path)
+        chosen = resolve_weights(keys, weights)
+        names = _encoder_names(keys, path, chosen)
         state = read_sharded_tensors(path, names)
     else:
         state = _checkpoint_file_state(path, trust_pickle)
-        names = _encoder_names(state, path, weights)
-    return {name: state[key] for key, name in names.items()}
+        chosen = resolve_weights(state, weights)
+        names = _encoder_names(state, path, chosen)
+    return {name: state[key] for key, name in names.items()}, chosen
+
+
+def resolve_weights(keys: Iterable[str], weights: str) -> str:
+    """``"student"`` or ``"teacher"`` for a checkpoint's module ``keys``: ``weights`` itself, or for ``"auto"``
+    the teacher where the checkpoint holds one (the encoder a run exports), else the student."""
+    if weights != "auto":
+        return weights
+    teacher = CHECKPOINT_PREFIXES["teacher"]
+    return "teacher" if any(key.removeprefix("module.").startswith(teacher) for key in keys) else "student"
 
 
 def _checkpoint_file_state(path: Path, trust_pickle: bool) -> dict[str, Any]:
@@ -210,13 +232,15 @@ def _checkpoint_file_state(path: Path, trust_pickle: bool) -> dict[str, Any]:
 def _encoder_names(keys: Iterable[str], path: Path, weights: str) -> dict[str, str]:
     """Checkpoint key -> encoder parameter name, for the keys of the ``weights`` encoder (``module.``
     removed); :class:`ExportError` naming what the checkpoint holds when there are none."""
-    prefix = CHECKPOINT_PREFIXES[weights]
+    prefixes = CHECKPOINT_PREFIXES[weights]
     stripped = {key: key.removeprefix("module.") for key in keys}
-    names = {key: name.removeprefix(prefix) for key, name in stripped.items() if name.startswith(prefix)}
+    names = {
+        key: name.removeprefix(prefix) for key, name in stripped.items() for prefix in prefixes if name.startswith(prefix)
+    }
     if not names:
         roots = sorted({".".join(name.split(".")[:2]) for name in stripped.values()})
-        other = "" if weights == "student" else " (only DINO-style objectives keep a teacher)"
-        raise ExportError(f"{path} has no {weights} encoder weights under {prefix!r}{other}; it holds {roots[:8]}")
+        other = "" if weights == "student" else " (only objectives with an EMA teacher keep one: DINO, VoCo large_scale)"
+        raise ExportError(f"{path} has no {weights} encoder weights under {' or '.join(map(repr, prefixes))}{other}; it holds {roots[:8]}")
     return names
 
 

@@ -228,14 +228,20 @@ def weight_checksum(module: torch.nn.Module) -> Tensor:
 class ExportEncoder(L.Callback):
     """Writes the trained encoder (safetensors + config) into the run folder when training ends, after
     checking that every process holds the same weights (their checksums go to ``rank_checksums.json``).
-    A sharded (FSDP) encoder is gathered into an ordinary one first."""
+    A sharded (FSDP) encoder is gathered into an ordinary one first.
+
+    The encoder written is :meth:`~ssl_med.objective.Objective.eval_encoder`: the EMA teacher where the
+    objective keeps one (DINO, VoCo ``large_scale``), as DINO, DINOv2 and RAD-DINO evaluate and release theirs,
+    else the trained encoder. It is the encoder the online curve reads and ``online_eval.keep_best`` exports,
+    so the last point of the curve is the encoder in ``encoder/``; ``config.json`` records which
+    (``exported_weights``)."""
 
     def __init__(self, out_dir: Path, config: dict[str, Any]) -> None:
         self.out_dir = out_dir
         self.config = config
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        encoder = full_encoder(pl_module.objective.encoder, self.config["backbone"])  # FSDP: gathered
+        encoder = full_encoder(pl_module.objective.eval_encoder(), self.config["backbone"])  # FSDP: gathered
         checksum = weight_checksum(encoder).to(pl_module.device)  # NCCL gathers device tensors only
         checksums = trainer.strategy.all_gather(checksum).reshape(-1).tolist()
         if trainer.is_global_zero:
@@ -243,7 +249,7 @@ class ExportEncoder(L.Callback):
 
             if max(checksums) - min(checksums) > 1e-6 * max(abs(c) for c in checksums):
                 raise RuntimeError(f"processes finished with different encoder weights (checksums {checksums})")
-            save_encoder(encoder, self.out_dir, self.config)
+            save_encoder(encoder, self.out_dir, {**self.config, "exported_weights": pl_module.objective.eval_weights()})
             (self.out_dir / "rank_checksums.json").write_text(json.dumps(checksums))
 
 

@@ -214,7 +214,9 @@ class OnlineEval(L.Callback):
         from ssl_med.export import save_encoder
 
         self.best = {"step": step, **metrics}
-        save_encoder(pl_module.objective.eval_encoder(), self.best_dir, {**self.export_config, "selected_on": {"val": key, **self.best}})
+        save_encoder(pl_module.objective.eval_encoder(), self.best_dir, {
+            **self.export_config, "exported_weights": pl_module.objective.eval_weights(), "selected_on": {"val": key, **self.best},
+        })
         log.info("online eval: best val %s so far (%.3f at step %d): encoder written to %s", key, metrics[key], step, self.best_dir)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

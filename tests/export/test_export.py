@@ -28,6 +28,8 @@ from ssl_med.feature_model import FeatureModel
 from ssl_med.hub import PICKLE_SUFFIXES, HubError, load_timm_vit_weights, ssl_med_to_timm_vit
 from ssl_med.registry import BACKBONES
 
+from .conftest import TINY_RUN
+
 TINY = {"embed_dim": 48, "depth": 2, "patch_size": 4, "img_size": 16}
 
 
@@ -297,3 +299,30 @@ def test_push_fails_clearly_after_the_local_export(run_dir: Path, tmp_path: Path
     with pytest.raises(HubError, match="could not push"):
         export_encoder(run_dir, tmp_path / "unreachable", push_to="org/name")
     assert (tmp_path / "unreachable" / CONFIG_NAME).is_file()
+
+
+def test_a_run_exports_the_encoder_its_objective_is_evaluated_by(run_dir: Path, tmp_path: Path) -> None:
+    """DINO's ``encoder/`` is its EMA teacher (what the online curve reads and DINO/DINOv2/RAD-DINO release), read back
+    by ``ssl_med export``'s default; MAE, with no teacher, exports the trained encoder."""
+    from hydra import compose, initialize_config_module
+
+    from ssl_med.config import parse_pretrain_config
+    from ssl_med.train.run import pretrain
+
+    overrides = [o for o in TINY_RUN if not o.startswith("objective.")] + [
+        "objective=dino", "objective.out_dim=64", "objective.hidden_dim=32", "objective.bottleneck_dim=16",
+        "objective.views.global_crop_size=[16,16]", "objective.views.local_crop_size=[8,8]", "objective.views.n_local_crops=2",
+    ]  # fmt: skip
+    with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
+        cfg = parse_pretrain_config(compose(config_name="pretrain", overrides=overrides))
+    run = tmp_path / "dino"
+    pretrain(cfg, run)
+    exported = load_file(run / "encoder" / WEIGHTS_NAME)
+    last = run / "checkpoints" / "last.ckpt"
+    teacher, student = read_checkpoint_state(last, weights="teacher"), read_checkpoint_state(last, weights="student")
+    assert exported.keys() == teacher.keys() and all(torch.equal(exported[k], teacher[k]) for k in teacher)
+    assert not all(torch.equal(teacher[k], student[k]) for k in teacher)  # three steps moved them apart
+    assert json.loads((run / "encoder" / CONFIG_NAME).read_text())["exported_weights"] == "teacher"
+    again = load_file(export_encoder(run, tmp_path / "export") / WEIGHTS_NAME)  # weights=auto
+    assert all(torch.equal(again[k], teacher[k]) for k in teacher)
+    assert json.loads((run_dir / "encoder" / CONFIG_NAME).read_text())["exported_weights"] == "student"  # MAE

@@ -9,6 +9,7 @@ checkpoints with, from the tiny run's single-file checkpoint (one process, so on
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -21,7 +22,14 @@ from safetensors.torch import load_file
 import ssl_med
 from ssl_med.cli import main as cli
 from ssl_med.evaluators.api import resolve_encoder_dir
-from ssl_med.export import WEIGHTS_NAME, ExportError, UnsafeWeightsError, export_encoder, load_source
+from ssl_med.export import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ExportError,
+    UnsafeWeightsError,
+    export_encoder,
+    load_source,
+)
 from ssl_med.weights import (
     is_sharded_checkpoint,
     read_checkpoint_state,
@@ -62,13 +70,16 @@ def test_export_reads_a_sharded_checkpoint_folder_and_its_run_folder(run_dir: Pa
     assert is_sharded_checkpoint(folder) and not is_sharded_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     student = read_checkpoint_state(run_dir / "checkpoints" / "last.ckpt")
     for source, name in ((folder, "from_folder"), (sharded_run, "from_run")):
-        out = export_encoder(source, tmp_path / name, trust_pickle=True)
+        out = export_encoder(source, tmp_path / name, weights="student", trust_pickle=True)
         exported = load_file(out / WEIGHTS_NAME)
         assert exported.keys() == student.keys()
         for key, value in student.items():
             assert torch.equal(exported[key], value), key
     teacher = load_file(export_encoder(folder, tmp_path / "teacher", weights="teacher", trust_pickle=True) / WEIGHTS_NAME)
     torch.testing.assert_close(teacher["cls_token"], student["cls_token"] + 1, rtol=0, atol=0)
+    auto = export_encoder(folder, tmp_path / "auto", trust_pickle=True)  # the default: the teacher, as a run exports
+    torch.testing.assert_close(load_file(auto / WEIGHTS_NAME)["cls_token"], student["cls_token"] + 1, rtol=0, atol=0)
+    assert json.loads((auto / CONFIG_NAME).read_text())["exported_weights"] == "teacher"
     assert cli(["export", f"checkpoint={folder}", f"out={tmp_path / 'cli'}", "trust_pickle=true"]) == 0
     assert load_source(folder, trust_pickle=True)[2] == sharded_run.resolve()  # the run folder the config came from
 
@@ -108,8 +119,8 @@ def test_load_pretrained_takes_a_sharded_checkpoint_when_pickles_are_trusted(run
         ssl_med.load_pretrained(folder)
     encoder = ssl_med.load_pretrained(folder, trust_pickle=True)
     student = read_checkpoint_state(run_dir / "checkpoints" / "last.ckpt")
-    for key, value in encoder.state_dict().items():
-        assert torch.equal(value, student[key]), key
+    for key, value in encoder.state_dict().items():  # the encoder the run exports: its teacher (the student + 1)
+        assert torch.equal(value, student[key] + 1), key
 
 
 def test_folders_that_are_no_checkpoint_fail_naming_the_folder(sharded_run: Path, tmp_path: Path) -> None:
