@@ -400,8 +400,8 @@ class VoCo(Objective):
         )
         self.student_head = ProjectionHead(encoder.embed_dim, proj_hidden_dim, proj_dim)
         self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
-        # the original version keeps a full teacher network; stored outside the module tree's
-        # "encoder" name so that export picks the student
+        # the original version keeps a full EMA teacher network (eval_encoder: what the online curve reads and a
+        # run exports; ``ssl_med export weights=student`` gives the trained encoder)
         self.teacher_encoder: nn.Module | None = None
         if version == "original":
             self.teacher_encoder = copy.deepcopy(encoder).requires_grad_(False)

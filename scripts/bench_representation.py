@@ -185,6 +185,8 @@ def one_run(
         done = {"pretrain_s": round(run(pretrain, folder / "pretrain.log"), 1), "command": " ".join(pretrain)}
         done_file.write_text(json.dumps(done))
     row = {"dataset": name, "objective": objective, "backbone": backbone, "seed": seed, "steps": steps, **done}
+    # which encoder "last step" is: DINO's EMA teacher for runs since 2026-12-01, its student before (rows without it)
+    row["encoder_weights"] = json.loads((run_dir / "encoder" / "config.json").read_text()).get("exported_weights", "student")
     for evaluator in ("linear_probe", "knn"):
         eval_dir = folder / f"eval-{evaluator}"
         run(["ssl_med", "evaluate", f"eval={evaluator}", f"checkpoint={run_dir}", *spec.evaluate_args,

@@ -35,7 +35,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 #: Lightning module keys of the encoder, per choice of ``weights`` (the EMA teacher: DINO's ``teacher["encoder"]``,
-#: VoCo's ``teacher_encoder``); ``"auto"`` is the teacher where a checkpoint holds one, else the student: the
+#: VoCo's ``teacher_encoder`` under ``version="original"``); ``"auto"`` is the teacher where a checkpoint holds one, else the student: the
 #: encoder the objective is evaluated by (``Objective.eval_encoder``), which a pretraining run exports itself
 CHECKPOINT_PREFIXES = {"student": ("objective.encoder.",), "teacher": ("objective.teacher.encoder.", "objective.teacher_encoder.")}
 WEIGHTS_CHOICES = ("auto", "student", "teacher")
@@ -239,7 +239,7 @@ def _encoder_names(keys: Iterable[str], path: Path, weights: str) -> dict[str, s
     }
     if not names:
         roots = sorted({".".join(name.split(".")[:2]) for name in stripped.values()})
-        other = "" if weights == "student" else " (only objectives with an EMA teacher keep one: DINO, VoCo large_scale)"
+        other = "" if weights == "student" else " (only objectives with an EMA teacher keep one: DINO, VoCo version=original)"
         raise ExportError(f"{path} has no {weights} encoder weights under {' or '.join(map(repr, prefixes))}{other}; it holds {roots[:8]}")
     return names
 

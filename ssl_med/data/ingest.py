@@ -275,7 +275,7 @@ def ingest(
     if given_names:
         check_channel_names(sources, given_names)
     report.skipped += problems
-    with exclusive_writer(out, log):  # a second ingest into this store waits, saying for whom
+    with exclusive_writer(out):  # a second ingest into this store waits, saying for whom
         store = ImageStore(out, mode="a")
         hashes = {name: meta.content_hash for name, meta in store.manifest.items()}
         existing, known = legacy_names(hashes), known_digests(hashes.values())

@@ -12,6 +12,7 @@ the same checkpoint and dataset pay for one forward pass.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def cached_readouts(
         out[mode] = {split: feats[mode] for split, feats in per_split.items()}
         if mode in paths:
             paths[mode].parent.mkdir(parents=True, exist_ok=True)
-            tmp = paths[mode].with_suffix(".tmp.npz")
+            tmp = paths[mode].with_suffix(f".tmp{os.getpid()}.npz")  # evaluations running at once write their own
             np.savez(tmp, **out[mode])
             tmp.replace(paths[mode])
     return out

@@ -242,7 +242,7 @@ def finetune_once(
     optimizer, schedule = finetune_optimizer(model, cfg, lr, layer_decay)
     x_train, y_train = data.images["train"], torch.from_numpy(data.labels["train"])
     best_state, best_score, best_step, history = copy.deepcopy(model.state_dict()), -math.inf, 0, []
-    min_gain = float(cfg.get("select_min_gain", 0.0))
+    min_gain = float(cfg.get("select_min_gain") or 0.0)
 
     def check(step: int, loss: float) -> None:
         nonlocal best_score, best_state, best_step
@@ -293,6 +293,8 @@ def finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ct
     if head_init not in ("random", "probe"):
         raise ValueError(f"eval.head_init must be 'random' or 'probe', got {head_init!r}")
     head_readouts(cfg)  # an unknown read-out fails before any fine-tune starts
+    if float(cfg.get("select_min_gain") or 0.0) < 0:
+        raise ValueError(f"eval.select_min_gain must be >= 0 (a val gain a later check needs), got {cfg['select_min_gain']}")
     return evaluate_channels(_finetune, encoder, cfg, data, ctx, row_details=("chosen",))
 
 

@@ -231,7 +231,7 @@ class ExportEncoder(L.Callback):
     A sharded (FSDP) encoder is gathered into an ordinary one first.
 
     The encoder written is :meth:`~ssl_med.objective.Objective.eval_encoder`: the EMA teacher where the
-    objective keeps one (DINO, VoCo ``large_scale``), as DINO, DINOv2 and RAD-DINO evaluate and release theirs,
+    objective keeps one (DINO, VoCo ``version="original"``), as DINO, DINOv2 and RAD-DINO evaluate and release theirs,
     else the trained encoder. It is the encoder the online curve reads and ``online_eval.keep_best`` exports,
     so the last point of the curve is the encoder in ``encoder/``; ``config.json`` records which
     (``exported_weights``)."""
