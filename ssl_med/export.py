@@ -407,7 +407,7 @@ def load_source(
 def exported_weights(export_dir: Path) -> str:
     """Which encoder an export folder holds (``config.json``'s ``exported_weights``; folders written before it
     was recorded hold the student)."""
-    return json.loads((export_dir / CONFIG_NAME).read_text()).get("exported_weights", "student")
+    return read_config(export_dir).get("exported_weights", "student")
 
 
 def resolve_license(license: str | None, data: Mapping[str, Any] | None) -> str:

@@ -116,24 +116,28 @@ def refresh_head_norm(model: Classifier, images: Tensor, batch_size: int, device
     model.eval()
     feats = []
     for start in range(0, len(images), batch_size):
-        batch = _flip_each(images[start : start + batch_size], generator)
+        batch = _random_flips(images[start : start + batch_size], generator, per_sample=True)
         feats.append(READOUTS[model.readout](model.encoder(batch.to(device))).double())
     feats = torch.cat(feats)
     set_standardisation(model.norm, feats.mean(0), feats.std(0, unbiased=False))
 
 
-def _flip_each(x: Tensor, generator: torch.Generator) -> Tensor:
-    """``x`` ``(B, C, *S)`` with each sample flipped along each spatial axis with probability 1/2."""
-    for axis in range(2, x.ndim):
-        flip = (torch.rand(len(x), generator=generator) < 0.5).view(-1, *[1] * (x.ndim - 1))
-        x = torch.where(flip, x.flip(axis), x)
-    return x
+def select_min_gain(cfg: dict[str, Any]) -> float:
+    """``eval.select_min_gain`` (``null``: 0); a negative margin is refused."""
+    gain = float(cfg.get("select_min_gain") or 0.0)
+    if gain < 0:
+        raise ValueError(f"eval.select_min_gain must be >= 0 (a val gain a later check needs), got {gain}")
+    return gain
 
 
-def _random_flips(x: Tensor, generator: torch.Generator) -> Tensor:
-    """``x`` ``(B, C, *S)`` flipped along each spatial axis with probability 1/2, the whole batch alike (training)."""
+def _random_flips(x: Tensor, generator: torch.Generator, per_sample: bool = False) -> Tensor:
+    """``x`` ``(B, C, *S)`` flipped along each spatial axis with probability 1/2: the whole batch alike (training),
+    or each sample on its own draw (``per_sample``: the precise-BN statistics of :func:`refresh_head_norm`)."""
     for axis in range(2, x.ndim):
-        if torch.rand((), generator=generator) < 0.5:
+        if per_sample:
+            flip = (torch.rand(len(x), generator=generator) < 0.5).view(-1, *[1] * (x.ndim - 1))
+            x = torch.where(flip, x.flip(axis), x)
+        elif torch.rand((), generator=generator) < 0.5:
             x = x.flip(axis)
     return x
 
@@ -242,7 +246,7 @@ def finetune_once(
     optimizer, schedule = finetune_optimizer(model, cfg, lr, layer_decay)
     x_train, y_train = data.images["train"], torch.from_numpy(data.labels["train"])
     best_state, best_score, best_step, history = copy.deepcopy(model.state_dict()), -math.inf, 0, []
-    min_gain = float(cfg.get("select_min_gain") or 0.0)
+    min_gain = select_min_gain(cfg)
 
     def check(step: int, loss: float) -> None:
         nonlocal best_score, best_state, best_step
@@ -293,8 +297,7 @@ def finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, ct
     if head_init not in ("random", "probe"):
         raise ValueError(f"eval.head_init must be 'random' or 'probe', got {head_init!r}")
     head_readouts(cfg)  # an unknown read-out fails before any fine-tune starts
-    if float(cfg.get("select_min_gain") or 0.0) < 0:
-        raise ValueError(f"eval.select_min_gain must be >= 0 (a val gain a later check needs), got {cfg['select_min_gain']}")
+    select_min_gain(cfg)  # as does a negative margin
     return evaluate_channels(_finetune, encoder, cfg, data, ctx, row_details=("chosen",))
 
 
