@@ -145,8 +145,10 @@ def to_timm_layout(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
     The prefix in front of the encoder weights (``module.``, ``encoder.``, ``objective.encoder.``,
     ``student.backbone.``, ``dinov2.``, ... as in Lightning, DINOv2 or transformers checkpoints) is
-    the part of the key before the layout's patch-kernel anchor; when several copies are present, the
-    student/encoder is preferred over teacher/EMA copies. Other keys are dropped.
+    the part of the key before the layout's patch-kernel anchor. When a checkpoint holds several copies,
+    the teacher/EMA copy is taken: it is the encoder DINO and DINOv2 evaluate and release, and the one an
+    ssl_med run exports (``weights=auto``), so ``init_from`` a checkpoint continues from the same encoder
+    as ``init_from`` its export. Other keys are dropped.
 
     Raises:
         ValueError: no known patch-kernel key, or a layout variant that cannot be converted.
@@ -155,7 +157,7 @@ def to_timm_layout(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         anchors = [k for k in state if k == layout.anchor or k.endswith("." + layout.anchor)]
         if not anchors:
             continue
-        anchor = min(anchors, key=lambda k: ("teacher" in k or "ema" in k, len(k)))
+        anchor = min(anchors, key=lambda k: ("teacher" not in k and "ema" not in k, len(k)))
         prefix = anchor[: -len(layout.anchor)]
         stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if layout.detect(stripped):

@@ -193,12 +193,10 @@ def test_init_from_local_file(tmp_path: Path, fmt: str) -> None:
 
         path = tmp_path / "w.safetensors"
         save_file(state, str(path))
-    elif (
-        fmt == "lightning"
-    ):  # an ssl_med training checkpoint: encoder nested in the objective, plus a teacher
+    elif fmt == "lightning":  # an ssl_med DINO checkpoint: student and teacher; the teacher is read
         path = tmp_path / "last.ckpt"
-        nested = {f"objective.encoder.{k}": v for k, v in state.items()}
-        nested |= {f"objective.teacher.encoder.{k}": torch.zeros_like(v) for k, v in state.items()}
+        nested = {f"objective.encoder.{k}": torch.zeros_like(v) for k, v in state.items()}
+        nested |= {f"objective.teacher_encoder.{k}": v for k, v in state.items()}
         torch.save({"state_dict": nested, "epoch": 3}, path)
     else:
         path = tmp_path / "w.pth"
@@ -340,10 +338,10 @@ def test_init_from_official_dinov2(tmp_path: Path, variant: str) -> None:
     state = _to_official_dinov2(src.state_dict(), chunks=2 if variant == "chunked" else 0)
     assert variant != "chunked" or "blocks.1.3.ls2.gamma" in state
     assert state["mask_token"].shape == (1, 48)
-    if variant == "training_checkpoint":  # DINOv2's checkpointer: student/teacher backbones and heads
+    if variant == "training_checkpoint":  # DINOv2's checkpointer: the teacher is the encoder it releases
         payload: object = {
-            "model": {f"student.backbone.{k}": v for k, v in state.items()}
-            | {f"teacher.backbone.{k}": torch.zeros_like(v) for k, v in state.items()}
+            "model": {f"student.backbone.{k}": torch.zeros_like(v) for k, v in state.items()}
+            | {f"teacher.backbone.{k}": v for k, v in state.items()}
             | {"student.dino_head.mlp.0.weight": torch.zeros(8, 48)},
             "iteration": 10,
         }
