@@ -1,37 +1,41 @@
-"""``ssl_med report DIR [OUT] [--metric NAME]``: one summary table (+ plots) from every ``results.json``
-(and ``online_eval.json``) under ``DIR``, with a column per swept key, sorted by the metric."""
+"""``ssl_med report DIR [OUT] [--metric NAME] [--columns KEY,...]``: one summary table (+ plots) from every
+``results.json`` (and ``online_eval.json``) under ``DIR``, with a column per swept key, sorted by the metric."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ssl_med.commands import Command
 
-USAGE = """usage: ssl_med report DIR [OUT] [--metric NAME]
-
-Summarise every results.json and online_eval.json under DIR (e.g. a multirun folder) into
-OUT/summary.md, summary.json and summary_*.png (OUT defaults to DIR). Each key a sweep varied
-(from the runs' .hydra/overrides.yaml) gets a column; rows are sorted by NAME, highest first
-(default: each evaluator's headline metric; online: linear_auroc), and with one numeric swept key
+DESCRIPTION = """Summarise every results.json and online_eval.json under DIR (e.g. a multirun folder) into
+OUT/summary.md, summary.json and summary_*.png. Each key a sweep varied (from the runs'
+.hydra/overrides.yaml) gets a column, except the run's folder and name (hydra.*, experiment: the run
+column has them). Rows are sorted by the metric, highest first, and with one numeric swept key
 summary_sweep_<key>.png plots the metric against it."""
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssl_med report", description=DESCRIPTION)
+    parser.add_argument("dir", metavar="DIR", help="folder searched for results.json / online_eval.json")
+    parser.add_argument("out", metavar="OUT", nargs="?", help="where the summary goes (default: DIR)")
+    parser.add_argument(
+        "--metric", metavar="NAME",
+        help="sort and plot by this metric (default: each evaluator's headline metric; online: linear_auroc)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--columns", metavar="KEY,...", type=lambda text: [k.strip() for k in text.split(",") if k.strip()],
+        help="only these swept keys get a column (e.g. --columns optim.lr,seed)",
+    )  # fmt: skip
+    return parser
+
+
 def _run(args: list[str]) -> int:
-    metric = None
-    if "--metric" in args:
-        at = args.index("--metric")
-        if at + 1 >= len(args):
-            print("ssl_med report: --metric needs a name (e.g. --metric accuracy)", file=sys.stderr)
-            return 2
-        metric = args[at + 1]
-        args = args[:at] + args[at + 2 :]
-    if not args or args[0] in ("-h", "--help") or len(args) > 2:
-        print(USAGE)
-        return 0 if args and args[0] in ("-h", "--help") else 2
+    parsed = _parser().parse_args(args)
     from ssl_med.evaluators.report import write_summary
 
     try:
-        path = write_summary(args[0], args[1] if len(args) > 1 else None, metric=metric)
+        path = write_summary(parsed.dir, parsed.out, metric=parsed.metric, keys=parsed.columns)
     except FileNotFoundError as err:
         print(f"ssl_med report: {err}", file=sys.stderr)
         return 1

@@ -250,14 +250,16 @@ def sweep_series(
     return {label: sorted((x, sum(ys) / len(ys)) for x, ys in points.items()) for label, points in grouped.items()}
 
 
-def write_summary(root: str | Path, out_dir: str | Path | None = None, metric: str | None = None) -> Path:
+def write_summary(
+    root: str | Path, out_dir: str | Path | None = None, metric: str | None = None, keys: list[str] | None = None
+) -> Path:
     """Summarise every ``results.json`` under ``root`` into ``summary.{md,json,png}`` in ``out_dir``
     (default ``root``), with a table of the online (val) metrics of every pretraining run found.
 
     Both tables get one column per swept key (:func:`~ssl_med.evaluators.sweep.swept_keys` over the
-    runs' Hydra overrides) and are sorted by ``metric``, highest first (per evaluation and data set;
-    default: each evaluator's headline metric, ``linear_auroc`` online). When exactly one swept key
-    is numeric, ``summary_sweep_<key>.png`` plots the metric against it.
+    runs' Hydra overrides; ``keys`` keeps only those named) and are sorted by ``metric``, highest
+    first (per evaluation and data set; default: each evaluator's headline metric, ``linear_auroc``
+    online). When exactly one swept key is numeric, ``summary_sweep_<key>.png`` plots the metric against it.
     """
     from ssl_med.evaluators.plots import summary_bar_plot, sweep_plot
 
@@ -267,7 +269,7 @@ def write_summary(root: str | Path, out_dir: str | Path | None = None, metric: s
         raise FileNotFoundError(f"no {RESULTS_NAME} or {ONLINE_EVAL_FILE} found under {root}")
     out = Path(out_dir or root)
     out.mkdir(parents=True, exist_ok=True)
-    columns = _sweep_columns(rows + online, swept_keys(r["overrides"] for r in rows + online))
+    columns = _sweep_columns(rows + online, swept_keys((r["overrides"] for r in rows + online), only=keys))
     online_metric = metric if metric in ONLINE_METRICS else "linear_auroc"
     online_md = ""
     if online:

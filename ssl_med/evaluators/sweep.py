@@ -58,13 +58,23 @@ def run_overrides(path: Path, root: Path) -> dict[str, Any]:
     return merged
 
 
-def swept_keys(overrides: Iterable[Mapping[str, Any]]) -> list[str]:
+#: overrides that say where a run is kept or what it is called, not how it was trained: a new value in
+#: every run, which the ``run`` column of a summary already shows (``hydra.run.dir``, ``experiment``)
+BOOKKEEPING_KEYS = ("hydra.", "experiment")
+
+
+def swept_keys(overrides: Iterable[Mapping[str, Any]], only: Iterable[str] | None = None) -> list[str]:
     """The keys whose value differs between the runs (a key missing from a run counts as a value of
-    its own), in order of first appearance."""
+    its own), in order of first appearance; without :data:`BOOKKEEPING_KEYS`, or only those in ``only``."""
     runs = list(overrides)
     keys: list[str] = []
     for run in runs:
         keys += [k for k in run if k not in keys]
+    if only is not None:
+        wanted = list(only)
+        keys = [k for k in keys if k in wanted]
+    else:
+        keys = [k for k in keys if not any(k == b or (b.endswith(".") and k.startswith(b)) for b in BOOKKEEPING_KEYS)]
     return [k for k in keys if len({repr(run.get(k)) for run in runs}) > 1]
 
 
