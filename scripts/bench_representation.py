@@ -24,8 +24,8 @@ written to ``--doc`` between ``<!-- in-domain:begin -->`` and ``<!-- in-domain:e
     python scripts/bench_representation.py --datasets breastmnist --objectives mae dino --seeds 0 1 2
 
 ``--jobs N`` runs N of them at once (give each its share of the cores: ``num_threads=1
-data.num_workers=1`` for two jobs on two cores); they share one store per dataset, written by one
-ingest at a time.
+data.num_workers=1`` for two jobs on two cores; ``num_threads`` applies to the evaluations as well);
+they share one store per dataset, written by one ingest at a time.
 
 ``--datasets`` takes the built-in names (the files in the shared data folder, with their published
 rows) or the path of any MedMNIST-style ``.npz`` of your own: it is ingested, pretrained on with
@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench_tables import (
@@ -71,6 +71,7 @@ class Dataset:
     recipe: str        # small_2d | small_3d
     eval_group: str    # the eval_data group
     path: str | None = None  # eval_data.path (the generic ``medmnist`` group)
+    evaluate_overrides: tuple[str, ...] = ()  # every evaluation's too (the job's ``num_threads``)
 
     @property
     def path_overrides(self) -> list[str]:
@@ -80,7 +81,7 @@ class Dataset:
     @property
     def evaluate_args(self) -> list[str]:
         """``ssl_med evaluate`` overrides that select this set."""
-        return [f"eval_data={self.eval_group}", *self.path_overrides]
+        return [f"eval_data={self.eval_group}", *self.path_overrides, *self.evaluate_overrides]
 
     @property
     def online_args(self) -> list[str]:
@@ -317,7 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = parser.parse_args([a for a in argv if a not in overrides])
     args.overrides = overrides
-    datasets = dict(dataset(name) for name in args.datasets)
+    # the evaluations run as each job's pretraining does: num_threads=1 keeps --jobs N from oversubscribing the
+    # cores with BLAS threads (the linear probe's fits; ssl_med.commands.apply_num_threads)
+    threads = tuple(o for o in overrides if o.partition("=")[0] == "num_threads")
+    datasets = {name: replace(spec, evaluate_overrides=threads) for name, spec in map(dataset, args.datasets)}
+    if threads:  # and so do the raw-pixel probes, fitted in this process
+        from ssl_med.commands import apply_num_threads
+
+        apply_num_threads(OmegaConf.from_dotlist([threads[-1]]))
     def one(job: tuple[str, Dataset, str, int]) -> dict | None:
         name, spec, objective, seed = job
         print(f"[{name} / {objective} / seed {seed}]", flush=True)

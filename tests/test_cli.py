@@ -37,24 +37,32 @@ def test_pretrain_rejects_unknown_key_and_name(run_cli) -> None:
 
 
 def test_num_threads_option_of_pretrain_and_evaluate() -> None:
-    """``num_threads=N`` composes in both commands' configs and sets torch's intra-op threads."""
+    """``num_threads=N`` composes in both commands' configs and sets torch's intra-op threads and the BLAS
+    threads of numpy / scikit-learn (the linear probe's fits)."""
     import torch
     from hydra import compose, initialize_config_module
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     from ssl_med.commands import apply_num_threads
     from ssl_med.train.geometry import prepare_pretrain_config
 
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
     before = torch.get_num_threads()
     try:
-        for config in ("pretrain", "evaluate"):
-            with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
-                cfg = compose(config_name=config, overrides=["num_threads=1"])
-            if config == "pretrain":
-                prepare_pretrain_config(cfg, ["num_threads=1"])
-            torch.set_num_threads(2)
-            apply_num_threads(cfg)
+        with threadpool_limits(limits=None):  # restores the pools' sizes on exit
+            for config in ("pretrain", "evaluate"):
+                with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
+                    cfg = compose(config_name=config, overrides=["num_threads=1"])
+                if config == "pretrain":
+                    prepare_pretrain_config(cfg, ["num_threads=1"])
+                torch.set_num_threads(2)
+                threadpool_limits(limits=2, user_api="blas")
+                apply_num_threads(cfg)
+                assert torch.get_num_threads() == 1
+                assert blas_threads() and set(blas_threads()) == {1}, "numpy's BLAS (the probes' fits) on one thread"
+            apply_num_threads({"num_threads": None})  # null: left alone
             assert torch.get_num_threads() == 1
-        apply_num_threads({"num_threads": None})  # null: left alone
-        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -22,12 +22,17 @@ class Command:
 
 
 def apply_num_threads(cfg: Any) -> None:
-    """``num_threads=N`` of a command's config: torch's intra-op threads in this process (``null``: torch's
-    default, one per core; 1 is fastest on a CPU shared with other jobs)."""
+    """``num_threads=N`` of a command's config: torch's intra-op threads and the BLAS / OpenMP pools of
+    numpy, scipy and scikit-learn (``threadpoolctl``) in this process (``null``: the libraries' defaults,
+    one per core). On a CPU shared with other jobs 1 is fastest: the probes' L-BFGS fits call BLAS on
+    small matrices, and several processes each spinning one BLAS thread per core made a VesselMNIST3D
+    linear probe ~25× slower (14 min instead of 30 s) than the same fits on one thread."""
     if cfg.get("num_threads"):
         import torch
+        from threadpoolctl import threadpool_limits
 
         torch.set_num_threads(int(cfg.num_threads))
+        threadpool_limits(limits=int(cfg.num_threads))
 
 
 def run_hydra(config_name: str, prog: str, task: Callable, args: list[str]) -> int:

@@ -44,3 +44,20 @@ def test_jobs_run_at_once_and_tabulate_in_job_order(
     assert most[0] == min(jobs, 3)
     assert (out / "in_domain.md").read_text() == one_at_a_time
     assert "| breastmnist | vit-tiny/4 graph_matching | 0,1,2 |" in one_at_a_time
+
+
+def test_evaluations_run_on_the_jobs_thread_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``num_threads=1`` among the overrides reaches every ``ssl_med evaluate`` of a run, not only its pretraining
+    (evaluations spinning a BLAS thread per core each made --jobs 2 probes ~25x slower)."""
+    from threadpoolctl import threadpool_limits
+
+    calls: list[list[str]] = []
+
+    def fake_one_run(out: Path, name: str, spec, *args) -> None:
+        calls.append(spec.evaluate_args)
+
+    monkeypatch.setattr(bench, "one_run", fake_one_run)
+    monkeypatch.setitem(bench.BUILTIN, "breastmnist", bench.Dataset(Path(__file__), "small_2d", "breastmnist"))
+    with threadpool_limits(limits=None):  # main() limits this process's BLAS threads too; restored on exit
+        assert bench.main(["--datasets", "breastmnist", "--out", str(tmp_path), "num_threads=1", "data.num_workers=1"]) == 1
+    assert calls == [["eval_data=breastmnist", "num_threads=1"]] * len(calls) and calls
