@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
+
 from ssl_med.cli import main
+from ssl_med.commands import THREAD_ENV
 
 
 def test_top_level_help(capsys) -> None:
@@ -36,7 +43,7 @@ def test_pretrain_rejects_unknown_key_and_name(run_cli) -> None:
     assert bad_name.returncode != 0 and "Could not find 'backbone/vitt'" in bad_name.stderr
 
 
-def test_num_threads_option_of_pretrain_and_evaluate() -> None:
+def test_num_threads_option_of_pretrain_and_evaluate(monkeypatch: pytest.MonkeyPatch) -> None:
     """``num_threads=N`` composes in both commands' configs and sets torch's intra-op threads and the BLAS
     threads of numpy / scikit-learn (the linear probe's fits)."""
     import torch
@@ -49,6 +56,8 @@ def test_num_threads_option_of_pretrain_and_evaluate() -> None:
     def blas_threads() -> list[int]:
         return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
 
+    for name in THREAD_ENV:  # apply_num_threads sets them: restored after the test
+        monkeypatch.setenv(name, "2")
     before = torch.get_num_threads()
     try:
         with threadpool_limits(limits=None):  # restores the pools' sizes on exit
@@ -66,3 +75,21 @@ def test_num_threads_option_of_pretrain_and_evaluate() -> None:
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_num_threads_reaches_the_blas_of_libraries_loaded_later() -> None:
+    """scipy and scikit-learn bring their own OpenBLAS / OpenMP, loaded when the evaluator first imports them,
+    after the command applied ``num_threads``: they must start with that many threads too."""
+    script = (
+        "from omegaconf import OmegaConf\n"
+        "from ssl_med.commands import apply_num_threads\n"
+        "apply_num_threads(OmegaConf.create({'num_threads': 1}))\n"
+        "import scipy.linalg, sklearn.linear_model\n"
+        "from threadpoolctl import threadpool_info\n"
+        "pools = threadpool_info()\n"
+        "assert {p['user_api'] for p in pools} >= {'blas'}, pools\n"
+        "assert all(p['num_threads'] == 1 for p in pools), pools\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

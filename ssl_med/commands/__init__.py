@@ -7,12 +7,15 @@ take Hydra overrides call :func:`run_hydra` with their config name in ``conf/``.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 CONFIG_PACKAGE = "pkg://ssl_med.conf"
+#: the environment variables a BLAS / OpenMP library reads for its thread count when it is loaded
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,11 @@ def apply_num_threads(cfg: Any) -> None:
         import torch
         from threadpoolctl import threadpool_limits
 
-        torch.set_num_threads(int(cfg.num_threads))
-        threadpool_limits(limits=int(cfg.num_threads))
+        threads = int(cfg.num_threads)
+        torch.set_num_threads(threads)
+        for name in THREAD_ENV:  # the pools of libraries loaded from now on (scipy's own OpenBLAS, ...)
+            os.environ[name] = str(threads)
+        threadpool_limits(limits=threads)  # and those already loaded
 
 
 def run_hydra(config_name: str, prog: str, task: Callable, args: list[str]) -> int:
