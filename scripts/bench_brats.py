@@ -94,7 +94,7 @@ def one_seed(
     seconds = run(
         ["ssl_med", "evaluate", "eval=segmentation", f"checkpoint={run_dir}", "eval_data=brats",
          f"eval_data.modalities=[{','.join(SEQUENCES)}]", f"eval.channel_subsets=[{listed}]", f"seed={seed}",
-         "eval.overlays=0", f"hydra.run.dir={eval_dir}"],
+         "eval.overlays=0", f"hydra.run.dir={eval_dir}", *(o for o in overrides if o.partition("=")[0] == "num_threads")],
         seed_dir / f"{eval_dir.name}.log",
     )
     print(f"  evaluated {objective} seed {seed} on {len(missing)} subset(s) in {seconds / 60:.1f} min", flush=True)
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md", help="markdown file to update")
     parser.add_argument("--cached-only", action="store_true", help="build the table from finished evaluations only")
     parser.add_argument("overrides", nargs="*", help="extra ssl_med pretrain overrides (key=value) for every run, e.g. "
-                        "data.batch_size=32 optim.lr=1.5e-3; give them their own --out")
+                        "data.batch_size=32 optim.lr=1.5e-3; give them their own --out (num_threads=N applies to the "
+                        "evaluations too)")
     args = parser.parse_args(argv)
     subsets = [s.split(",") for s in args.subsets]
     unknown = sorted({c for s in subsets for c in s} - set(SEQUENCES))

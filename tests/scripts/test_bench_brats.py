@@ -43,3 +43,13 @@ def test_pretrain_overrides_come_last_so_they_win(tmp_path: Path) -> None:
                                          ["data.batch_size=32", "optim.lr=1.5e-3"])  # fmt: skip
     assert "data.batch_size=8" in plain and given[: len(plain)] == plain
     assert given[len(plain):] == ["data.batch_size=32", "optim.lr=1.5e-3"]
+
+
+def test_num_threads_reaches_the_evaluation_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commands: list[list[str]] = []
+    monkeypatch.setattr(bench_brats, "run", lambda cmd, log: commands.append(cmd) or 1.0)
+    bench_brats.one_seed(tmp_path, tmp_path / "s.zarr", "mae", 0, 300, [["flair"]], ["optim.lr=1e-3", "num_threads=1"])
+    pretrain, evaluate = commands
+    assert pretrain[-2:] == ["optim.lr=1e-3", "num_threads=1"]
+    assert evaluate[:3] == ["ssl_med", "evaluate", "eval=segmentation"] and evaluate[-1] == "num_threads=1"
+    assert "optim.lr=1e-3" not in evaluate
