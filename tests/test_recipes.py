@@ -61,7 +61,22 @@ def test_small_3d_voco_fits_a_store() -> None:
 
 
 def test_recipe_without_objective_file_composes() -> None:
-    overrides = ["recipe=small_3d", "objective=mae"]
+    overrides = ["recipe=small_3d", "objective=bm_mae"]
     with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
         cfg = compose(config_name="pretrain", overrides=overrides)
     assert cfg.data.patch_size == 8 and "views" not in cfg.objective
+
+
+@pytest.mark.parametrize(
+    ("overrides", "norm_pix_loss"),
+    [
+        (["recipe=small_3d", "objective=mae"], False),  # conf/recipe_objective/small_3d_mae.yaml: raw voxels
+        (["recipe=small_3d", "objective=mae", "objective.norm_pix_loss=true"], True),  # the command line wins
+        (["recipe=small_2d", "objective=mae"], True),
+        (["objective=mae"], True),  # MAE's own default
+    ],
+)
+def test_small_3d_mae_reconstructs_raw_voxels(overrides: list[str], norm_pix_loss: bool) -> None:
+    with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
+        cfg = prepare_pretrain_config(compose(config_name="pretrain", overrides=overrides), overrides)
+    assert cfg.objective["norm_pix_loss"] is norm_pix_loss
