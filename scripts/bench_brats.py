@@ -33,6 +33,8 @@ from pathlib import Path
 
 from bench_representation import REPO, SHARED, run, write_doc
 
+from ssl_med.commands import thread_overrides
+
 CASE = "brats2020_sample/BraTS20_Training_001"
 SEQUENCES = ("t1", "t1ce", "t2", "flair")
 OBJECTIVES = {
@@ -94,7 +96,7 @@ def one_seed(
     seconds = run(
         ["ssl_med", "evaluate", "eval=segmentation", f"checkpoint={run_dir}", "eval_data=brats",
          f"eval_data.modalities=[{','.join(SEQUENCES)}]", f"eval.channel_subsets=[{listed}]", f"seed={seed}",
-         "eval.overlays=0", f"hydra.run.dir={eval_dir}", *(o for o in overrides if o.partition("=")[0] == "num_threads")],
+         "eval.overlays=0", f"hydra.run.dir={eval_dir}", *thread_overrides(overrides)],
         seed_dir / f"{eval_dir.name}.log",
     )
     print(f"  evaluated {objective} seed {seed} on {len(missing)} subset(s) in {seconds / 60:.1f} min", flush=True)

@@ -59,6 +59,8 @@ from bench_tables import (
 )
 from omegaconf import OmegaConf
 
+from ssl_med.commands import apply_num_threads, thread_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SSL_MED_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -320,11 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = overrides
     # the evaluations run as each job's pretraining does: num_threads=1 keeps --jobs N from oversubscribing the
     # cores with BLAS threads (the linear probe's fits; ssl_med.commands.apply_num_threads)
-    threads = tuple(o for o in overrides if o.partition("=")[0] == "num_threads")
+    threads = thread_overrides(overrides)
     datasets = {name: replace(spec, evaluate_overrides=threads) for name, spec in map(dataset, args.datasets)}
     if threads:  # and so do the raw-pixel probes, fitted in this process
-        from ssl_med.commands import apply_num_threads
-
         apply_num_threads(OmegaConf.from_dotlist([threads[-1]]))
     def one(job: tuple[str, Dataset, str, int]) -> dict | None:
         name, spec, objective, seed = job

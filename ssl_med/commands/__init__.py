@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,12 @@ def apply_num_threads(cfg: Any) -> None:
         for name in THREAD_ENV:  # the pools of libraries loaded from now on (scipy's own OpenBLAS, ...)
             os.environ[name] = str(threads)
         threadpool_limits(limits=threads)  # and those already loaded
+
+
+def thread_overrides(overrides: Iterable[str]) -> tuple[str, ...]:
+    """The ``num_threads=N`` among command-line ``overrides``: what a script that passes a user's pretraining
+    overrides on gives its evaluation commands too, so a job's every process keeps to its share of the cores."""
+    return tuple(o for o in overrides if o.partition("=")[0] == "num_threads")
 
 
 def run_hydra(config_name: str, prog: str, task: Callable, args: list[str]) -> int:

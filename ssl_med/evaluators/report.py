@@ -18,6 +18,7 @@ key is numeric.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from ssl_med.evaluators.sweep import by_metric, is_number, numeric_keys, run_overrides, swept_keys
+
+log = logging.getLogger(__name__)
 
 RESULTS_NAME = "results.json"
 ONLINE_EVAL_FILE = "online_eval.json"  # written by ssl_med.train.online_eval
@@ -270,6 +273,11 @@ def write_summary(
     out = Path(out_dir or root)
     out.mkdir(parents=True, exist_ok=True)
     columns = _sweep_columns(rows + online, swept_keys((r["overrides"] for r in rows + online), only=keys))
+    for key in [k for k in keys or [] if k not in columns]:
+        log.warning(
+            "report --columns: no column of its own for %r: the runs under %s do not set it to different values "
+            "(or the table shows it already)", key, root,
+        )  # fmt: skip
     online_metric = metric if metric in ONLINE_METRICS else "linear_auroc"
     online_md = ""
     if online:

@@ -65,14 +65,14 @@ BOOKKEEPING_KEYS = ("hydra.", "experiment")
 
 def swept_keys(overrides: Iterable[Mapping[str, Any]], only: Iterable[str] | None = None) -> list[str]:
     """The keys whose value differs between the runs (a key missing from a run counts as a value of
-    its own), in order of first appearance; without :data:`BOOKKEEPING_KEYS`, or only those in ``only``."""
+    its own), in order of first appearance and without :data:`BOOKKEEPING_KEYS`; or those of ``only`` that
+    differ, in its order."""
     runs = list(overrides)
     keys: list[str] = []
     for run in runs:
         keys += [k for k in run if k not in keys]
-    if only is not None:
-        wanted = list(only)
-        keys = [k for k in keys if k in wanted]
+    if only is not None:  # in the order asked for
+        keys = [k for k in dict.fromkeys(only) if k in keys]
     else:
         keys = [k for k in keys if not any(k == b or (b.endswith(".") and k.startswith(b)) for b in BOOKKEEPING_KEYS)]
     return [k for k in keys if len({repr(run.get(k)) for run in runs}) > 1]

@@ -81,12 +81,15 @@ def test_no_plot_without_exactly_one_numeric_key_and_colliding_names(tmp_path: P
     assert not list(tmp_path.glob("summary_sweep_*.png")), "two numeric keys: no single x axis"
 
 
-def test_run_folders_are_not_columns_and_columns_chooses_keys(tmp_path: Path) -> None:
+def test_run_folders_are_not_columns_and_columns_chooses_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     for i, (lr, seed) in enumerate([(1e-4, 0), (3e-4, 1)]):
         overrides = [f"optim.lr={lr}", f"seed={seed}", f"hydra.run.dir=/runs/{i}", f"experiment=run{i}"]
         fake_run(tmp_path / f"{i}_run", overrides, 0.7 + i / 10)
     assert table(write_summary(tmp_path).read_text())[0][:3] == ["run", "optim.lr", "seed"], "no hydra.* or experiment"
     assert main(["report", str(tmp_path), str(tmp_path / "seed_only"), "--columns", "seed,"]) == 0
     assert table((tmp_path / "seed_only" / "summary.md").read_text())[0][:3] == ["run", "seed", "eval"]
+    assert main(["report", str(tmp_path), str(tmp_path / "chosen"), "--columns", "seed,optim.lr,optim.lrr"]) == 0
+    assert table((tmp_path / "chosen" / "summary.md").read_text())[0][:4] == ["run", "seed", "optim.lr", "eval"], "in the order asked"
+    assert "no column of its own for 'optim.lrr'" in caplog.text, "a misspelt key is reported, not dropped silently"
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path), "--columns"])
