@@ -64,6 +64,7 @@ Deviations from the reference, on purpose:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -90,8 +91,10 @@ from ssl_med.layers.patch_embed import patchify, unpatchify
 from ssl_med.objective import Objective, ObjectiveOutput, Sample
 from ssl_med.optim import layer_decay_scales
 from ssl_med.registry import OBJECTIVES
-from ssl_med.train.ema import ema_update
+from ssl_med.train.ema import INITIAL_SHARE_WARN, ema_update, initial_share
 from ssl_med.train.schedules import cosine_schedule, linear_warmup, steps_of
+
+log = logging.getLogger(__name__)
 
 Centering = Literal["centering", "sinkhorn_knopp"]
 
@@ -249,6 +252,19 @@ class DINO(Objective):
     def teacher_momentum(self, step: int, max_steps: int) -> float:
         """EMA momentum used after optimiser step ``step`` (1-based) of ``max_steps``."""
         return cosine_schedule(step - 1, max_steps, self.momentum_teacher, self.momentum_teacher_end)
+
+    def set_run_length(self, max_steps: int) -> None:
+        """Also report a run too short for the momentum schedule: its teacher (the encoder the run exports and
+        the online curve reads) would end as a blend of the trained weights and the random initialisation."""
+        super().set_run_length(max_steps)
+        share = initial_share(self.teacher_momentum(s, max_steps) for s in range(1, max_steps + 1))
+        if share > INITIAL_SHARE_WARN:
+            log.warning(
+                "DINO: with objective.momentum_teacher=%g -> %g over %d steps the EMA teacher still holds %.0f%% of its "
+                "random initialisation at the end, and the teacher is what the run exports and the online curve reads; "
+                "train longer, lower objective.momentum_teacher, or export the student (ssl_med export weights=student)",
+                self.momentum_teacher, self.momentum_teacher_end, max_steps, 100 * share,
+            )  # fmt: skip
 
     def eval_encoder(self) -> nn.Module:
         return self.teacher["encoder"]

@@ -28,8 +28,8 @@ def apply_num_threads(cfg: Any) -> None:
     """``num_threads=N`` of a command's config: torch's intra-op threads and the BLAS / OpenMP pools of
     numpy, scipy and scikit-learn (``threadpoolctl``) in this process (``null``: the libraries' defaults,
     one per core). On a CPU shared with other jobs 1 is fastest: the probes' L-BFGS fits call BLAS on
-    small matrices, and two VesselMNIST3D linear probes run at once on 2 cores, each spinning a BLAS
-    thread per core, took 14 min each instead of 1 min on one thread (same fits)."""
+    small matrices, and with a BLAS thread per core in every process two probes at once on 2 cores
+    took 9× as long as with one (docs/benchmarks/probe_threads.md)."""
     if cfg.get("num_threads"):
         import torch
         from threadpoolctl import threadpool_limits
