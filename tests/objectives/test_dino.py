@@ -274,6 +274,17 @@ def test_objective_ema_step_uses_cosine_momentum() -> None:
     assert int(obj.step) == 3
 
 
+def test_dino_warns_when_the_run_is_too_short_for_its_teacher(caplog) -> None:
+    obj = DINO(tiny_vit(), **TINY_HEAD, views={"n_local_crops": 0})
+    with caplog.at_level("WARNING", logger="objectives.dino"):
+        obj.set_run_length(300)
+    assert "still holds 30% of its random initialisation" in caplog.text and "momentum_teacher" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="objectives.dino"):
+        obj.set_run_length(5000)  # exp(-20): nothing left of the initialisation
+    assert obj.max_steps == 5000 and not caplog.text
+
+
 def test_dino_head_weight_norm() -> None:
     head = DINOHead(12, 20, hidden_dim=16, bottleneck_dim=8)
     out = head(torch.randn(5, 12))
