@@ -7,8 +7,9 @@ user runs, nothing behind their back):
    with channel names ``t1, t1ce, t2, flair`` (from the file names), the ``_seg`` file its label map;
 2. ``ssl_med pretrain`` of **MAE** on a 4-channel ViT (absent sequences zero-filled) and of **BM-MAE**
    on the per-modality ViT (one patch kernel per sequence, absent ones left out), and of **Hi-End-MAE**
-   (the best 3D objective on VesselMNIST3D) on the 4-channel ViT, with ``data.channel_dropout`` so all
-   see incomplete protocols;
+   (the best 3D objective on VesselMNIST3D), **VoCo** (position-aware volume contrast, made for large
+   volumes: 32x64x64 regions cut into four 32^3 bases) and **DINO** (its exported EMA teacher) on the
+   4-channel ViT, with ``data.channel_dropout`` so all see incomplete protocols;
 3. ``ssl_med evaluate eval=segmentation`` with ``eval.channel_subsets``: one frozen-encoder UNETR
    decoder per subset of sequences, the pretrained encoder beside its random-init twin (same seed);
    mean Dice over NCR / ED / ET on the test slab.
@@ -41,7 +42,12 @@ OBJECTIVES = {
     "mae": "MAE (4-channel ViT)",
     "bm_mae": "BM-MAE (per-modality ViT)",
     "hi_end_mae": "Hi-End-MAE (4-channel ViT)",
+    "voco": "VoCo (4-channel ViT)",
+    "dino": "DINO (4-channel ViT, EMA teacher)",
 }
+# Objective-specific pretraining overrides. VoCo's data crop is the region it cuts into base crops: a
+# 32x64x64 region on a 2x2 grid gives four 32^3 bases, the encoder input of every other row.
+OBJECTIVE_OVERRIDES = {"voco": ("data.crop_size=[32,64,64]", "objective.grid=[2,2]")}
 BEGIN, END = "<!-- brats:begin -->", "<!-- brats:end -->"
 
 
@@ -57,7 +63,7 @@ def pretrain_command(
         "data.channel_dropout=0.25", "data.num_workers=1", f"trainer.max_steps={steps}",
         f"trainer.checkpoint_every_n_steps={steps}", "trainer.preview_every_n_steps=0", "trainer.progress_bar=false",
         "resume=never", f"seed={seed}", "optim.warmup_steps=0.1", f"experiment=brats-{objective}-s{seed}",
-        f"hydra.run.dir={run_dir}", *overrides,
+        f"hydra.run.dir={run_dir}", *OBJECTIVE_OVERRIDES.get(objective, ()), *overrides,
     ]
 
 

@@ -91,6 +91,9 @@ class OnlineEvalConfig:
         batch_size: feature-extraction batch.
         keep_best: export the encoder of the best val value of this metric to ``encoder_best/``
             (model selection on val; ``null``: off). ``encoder/`` is always the last step's.
+        student: where the objective keeps an EMA teacher (DINO, VoCo), also read the student and log
+            its quality metrics as ``online/student_<metric>`` (twice the cost): which of the two a run
+            should export (``ssl_med export weights=student``) differs between data sets on short runs.
     """
 
     data: str | None = None
@@ -104,6 +107,7 @@ class OnlineEvalConfig:
     max_val: int | None = 1000
     batch_size: int = 256
     keep_best: str | None = "linear_auroc"
+    student: bool = False
 
 
 @dataclass

@@ -177,8 +177,8 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
 
 def collect_online(root: str | Path) -> list[dict[str, Any]]:
     """One row per pretraining run under ``root`` with an ``online_eval.json``: the online metrics at
-    the last evaluation and at step 0 (the random-init reference of the same run), val split, and the
-    run's ``overrides``."""
+    the last evaluation and at step 0 (the random-init reference of the same run), the student's at the
+    last evaluation where it was read (``online_eval.student``), val split, and the run's ``overrides``."""
     root = Path(root)
     rows = []
     for path in sorted(root.rglob(ONLINE_EVAL_FILE)):
@@ -191,6 +191,8 @@ def collect_online(root: str | Path) -> list[dict[str, Any]]:
         for name in ONLINE_METRICS:
             row[name] = last[name]
             row[f"{name} @0"] = first[name]
+            if f"student_{name}" in last:  # online_eval.student: the student beside the EMA teacher
+                row[f"student {name}"] = last[f"student_{name}"]
         row["overrides"] = run_overrides(path, root)
         rows.append(row)
     return rows
@@ -284,6 +286,7 @@ def write_summary(
         online.sort(key=lambda r: (r["data"], by_metric(online_metric)(r), r["run"]))
         table = ["run", *columns.values(), "data", "step"]
         table += [c for name in ONLINE_METRICS for c in (name, f"{name} @0")]
+        table += [f"student {name}" for name in ONLINE_METRICS if any(f"student {name}" in r for r in online)]
         online_md = (
             f"\n## Online evaluation (val split; @0 = step 0, the run's random init; sorted by {online_metric})\n\n"
             + markdown_table(_with_sweep(online, columns), table) + "\n"

@@ -15,6 +15,10 @@ teacher where the objective has one (:meth:`~ssl_med.objective.Objective.eval_en
 * ``online/embedding_std``, ``online/effective_rank``: the spread and the RankMe effective rank of the
   val embeddings (:mod:`ssl_med.train.collapse`, the collapse monitor on fixed images).
 
+With ``online_eval.student=true`` an objective with an EMA teacher has its student read too, as
+``online/student_<metric>`` for the quality metrics (solo-learn's ``momentum_classifier`` the other way
+round): on short runs the better of the two to export differs between data sets.
+
 The curve is also written to ``<run dir>/online_eval.json`` (``ssl_med report`` lists the last
 value of each run next to its step-0 value). The test split is never read. Images are loaded once (the ``eval_data`` groups of ``ssl_med
 evaluate``, resized to the pretraining geometry), features are extracted in ``eval()`` mode under
@@ -153,11 +157,11 @@ class OnlineEval(L.Callback):
         self._edge_warned = False
 
     @torch.no_grad()
-    def evaluate(self, pl_module: L.LightningModule) -> dict[str, float]:
-        """Metrics of ``pl_module.objective.eval_encoder()`` now (the encoder's mode is restored);
+    def evaluate(self, pl_module: L.LightningModule, encoder: torch.nn.Module | None = None) -> dict[str, float]:
+        """Metrics of ``encoder`` (default ``pl_module.objective.eval_encoder()``) now (its mode is restored);
         ``features: auto`` is the objective's :attr:`~ssl_med.objective.Objective.eval_features`."""
         objective = pl_module.objective
-        encoder = objective.eval_encoder()
+        encoder = objective.eval_encoder() if encoder is None else encoder
         device = str(pl_module.device)
         mode = objective.eval_features if self.cfg.features == "auto" else self.cfg.features
         feats = {
@@ -168,6 +172,15 @@ class OnlineEval(L.Callback):
             feats["train"], self.labels["train"], feats["val"], self.labels["val"], self.task, self.num_classes, self.cfg
         )
 
+    def student_metrics(self, pl_module: L.LightningModule) -> dict[str, float]:
+        """``{"student_<metric>": value}`` of the student's quality metrics with ``cfg.student`` where the
+        objective evaluates an EMA teacher; empty otherwise."""
+        objective = pl_module.objective
+        if not self.cfg.student or objective.eval_weights() == "student":
+            return {}
+        metrics = self.evaluate(pl_module, objective.encoder)
+        return {f"student_{name}": metrics[name] for name in QUALITY_METRICS}
+
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
         if step == self._last_step or not trainer.is_global_zero:
@@ -175,6 +188,7 @@ class OnlineEval(L.Callback):
         self._last_step = step
         start = time.perf_counter()
         metrics = self.evaluate(pl_module)
+        metrics.update(self.student_metrics(pl_module))
         self.seconds += time.perf_counter() - start
         self.history.append({"step": step, **metrics})
         self._keep_if_best(step, metrics, pl_module)
@@ -189,6 +203,11 @@ class OnlineEval(L.Callback):
             self.name, step, metrics["knn_accuracy"], metrics["knn_auroc"], metrics["linear_auroc"], metrics["linear_ridge"],
             metrics["embedding_std"], metrics["effective_rank"],
         )
+        if "student_linear_auroc" in metrics:
+            log.info(
+                "online eval (%s val, step %d), the student: kNN acc %.3f AUROC %.3f | ridge probe AUROC %.3f",
+                self.name, step, metrics["student_knn_accuracy"], metrics["student_knn_auroc"], metrics["student_linear_auroc"],
+            )
         self._warn_at_grid_edge(step, metrics["linear_ridge"])
 
     def _warn_at_grid_edge(self, step: int, ridge: float) -> None:

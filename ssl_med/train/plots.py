@@ -21,7 +21,8 @@ def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
 
 def plot_training_curves(metrics_file: str | Path, out_file: str | Path) -> Path | None:
     """Plot the scalars in :data:`CURVES`, every other ``train/*`` loss term and the :data:`ONLINE`
-    evaluation curve (with its step-0 random-init value dashed) from a run's ``metrics.jsonl``
+    evaluation curve (with its step-0 random-init value dashed, and the student's beside the teacher's where
+    ``online/student_*`` was logged) from a run's ``metrics.jsonl``
     (:func:`ssl_med.train.loggers.read_metrics`).
 
     Returns the written file, or ``None`` when there is nothing to plot.
@@ -47,6 +48,11 @@ def plot_training_curves(metrics_file: str | Path, out_file: str | Path) -> Path
         elif tag in ONLINE:  # step 0 is the random-init reference: a dashed line across
             ax.plot(steps, values, lw=1.2, marker="o", ms=3, color="C1")
             ax.axhline(values[0], ls="--", lw=0.8, color="grey")
+            student = series.get(tag.replace("online/", "online/student_", 1))
+            if student:  # online_eval.student: the student beside the EMA teacher
+                ax.plot([s for s, _ in student], [v for _, v in student], lw=1.2, marker="s", ms=3, color="C2", label="student")
+                ax.lines[0].set_label("teacher")
+                ax.legend(fontsize=7)
         else:  # per-batch values are noisy: faint raw values under the smoothed trend
             ax.plot(steps, values, lw=0.8, alpha=0.35, color="C0")
             ax.plot(steps, _smooth(values), lw=1.6, color="C0")

@@ -53,3 +53,19 @@ def test_num_threads_reaches_the_evaluation_too(tmp_path: Path, monkeypatch: pyt
     assert pretrain[-2:] == ["optim.lr=1e-3", "num_threads=1"]
     assert evaluate[:3] == ["ssl_med", "evaluate", "eval=segmentation"] and evaluate[-1] == "num_threads=1"
     assert "optim.lr=1e-3" not in evaluate
+
+
+@pytest.mark.parametrize("objective", sorted(bench_brats.OBJECTIVES))
+def test_every_objective_pretrains_the_same_32_cubed_encoder(tmp_path: Path, objective: str) -> None:
+    """The table compares objectives through one decoder, so every row's encoder takes 32^3 inputs of
+    the four sequences (VoCo's 32x64x64 region is cut into four such bases)."""
+    from hydra import compose, initialize_config_module
+
+    from ssl_med.train.geometry import prepare_pretrain_config
+
+    command = bench_brats.pretrain_command(tmp_path / "s.zarr", objective, 0, 300, tmp_path / "run")
+    overrides = [arg for arg in command[2:] if not arg.startswith("hydra.")]
+    with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
+        cfg = prepare_pretrain_config(compose(config_name="pretrain", overrides=overrides), overrides)
+    assert list(cfg.backbone["img_size"]) == [32, 32, 32]
+    assert cfg.data.num_channels == 4 and list(cfg.data.channels) == list(bench_brats.SEQUENCES)

@@ -157,6 +157,60 @@ def test_online_eval_uses_the_teacher_and_builds_no_graph() -> None:
     assert mae.eval_encoder() is encoder
 
 
+def test_the_student_is_read_beside_the_teacher_only_when_asked() -> None:
+    from ssl_med.train.online_eval import QUALITY_METRICS
+
+    encoder = BACKBONES.build("vit", spatial_dims=2, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    dino = OBJECTIVES.build("dino", encoder=encoder, out_dim=16, hidden_dim=16, bottleneck_dim=8, views={"n_local_crops": 1})
+    with torch.no_grad():
+        for p in dino.teacher["encoder"].parameters():
+            p.add_(0.5)
+    import ssl_med.train.online_eval as online_eval
+
+    captured: list[torch.nn.Module] = []
+    original = online_eval.extract_features
+    online_eval.extract_features = lambda enc, *a, **k: captured.append(enc) or original(enc, *a, **k)
+    try:
+        asked = OnlineEval(OnlineEvalConfig(data="toy", k=5, student=True), _tiny_data())
+        student = asked.student_metrics(_Module(dino))
+        assert captured and all(enc is dino.encoder for enc in captured), "the student, not the teacher"
+        assert set(student) == {f"student_{name}" for name in QUALITY_METRICS}
+        assert student["student_linear_auroc"] == asked.evaluate(_Module(dino), dino.encoder)["linear_auroc"]
+        captured.clear()
+        assert OnlineEval(OnlineEvalConfig(data="toy", k=5), _tiny_data()).student_metrics(_Module(dino)) == {}
+        mae = OBJECTIVES.build("mae", encoder=encoder, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+        assert asked.student_metrics(_Module(mae)) == {}, "no teacher: the student is what the curve reads already"
+        assert not captured
+    finally:
+        online_eval.extract_features = original
+
+
+def test_student_curves_share_the_teachers_panel_and_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import ssl_med.evaluators.plots as plots
+    from ssl_med.evaluators.report import collect_online, write_summary
+    from ssl_med.train.plots import plot_training_curves
+
+    records = [{"step": s, "train/loss": 1.0 / (s + 1), "online/linear_auroc": 0.6 + s / 100,
+                "online/student_linear_auroc": 0.65 + s / 200} for s in (0, 10, 20)]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=100: figures.append(fig) or path)
+    plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
+    titles = [ax.get_title() for ax in figures[0].axes]
+    assert titles == ["train/loss", "online/linear_auroc"], "no panel of its own for the student"
+    labels = [line.get_label() for line in figures[0].axes[1].lines]
+    assert "teacher" in labels and "student" in labels
+
+    history = [{"step": 0, "knn_accuracy": 0.5, "knn_auroc": 0.5, "linear_auroc": 0.6, "student_linear_auroc": 0.6},
+               {"step": 20, "knn_accuracy": 0.7, "knn_auroc": 0.7, "linear_auroc": 0.8, "student_linear_auroc": 0.75}]  # fmt: skip
+    (tmp_path / "online_eval.json").write_text(json.dumps({"data": "toy", "history": history}))
+    (row,) = collect_online(tmp_path)
+    assert row["student linear_auroc"] == 0.75 and "student knn_auroc" not in row
+    assert "student linear_auroc" in write_summary(tmp_path).read_text()
+
+
 def test_smoke_pretrain_logs_online_metrics(tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ssl_med.train import run as run_module
     from tests.train.test_pretrain import config, scalars
