@@ -92,8 +92,8 @@ class OnlineEvalConfig:
         keep_best: export the encoder of the best val value of this metric to ``encoder_best/``
             (model selection on val; ``null``: off). ``encoder/`` is always the last step's.
         student: where the objective keeps an EMA teacher (DINO, VoCo), also read the student and log
-            its quality metrics as ``online/student_<metric>`` (twice the cost): which of the two a run
-            should export (``ssl_med export weights=student``) differs between data sets on short runs.
+            its quality metrics as ``online/student_<metric>`` (twice the cost), and let ``keep_best``
+            choose between the two: which of them reads better after a short run differs between data sets.
     """
 
     data: str | None = None

@@ -32,22 +32,23 @@ def test_recipe_composes_with_every_pair(recipe: str, objective: str, backbone: 
 
 
 @pytest.mark.parametrize(
-    ("overrides", "patch", "solarize"),
+    ("overrides", "patch", "solarize", "student"),
     [
-        (["recipe=small_2d", "objective=dino"], 7, 0.2),  # conf/recipe_objective/small_2d_dino.yaml
-        (["recipe=small_2d", "objective=dino", "data.patch_size=4"], 4, 0.2),  # the command line wins
-        (["recipe=small_3d", "objective=dino"], 8, 0.0),  # conf/recipe_objective/small_3d_dino.yaml
-        (["recipe=small_3d", "objective=dino", "objective.views.solarize_prob=0.1"], 8, 0.1),
-        (["objective=dino"], 8, 0.2),  # no recipe: the objective's own defaults
+        (["recipe=small_2d", "objective=dino"], 7, 0.2, True),  # conf/recipe_objective/small_2d_dino.yaml
+        (["recipe=small_2d", "objective=dino", "data.patch_size=4"], 4, 0.2, True),  # the command line wins
+        (["recipe=small_3d", "objective=dino"], 8, 0.0, True),  # conf/recipe_objective/small_3d_dino.yaml
+        (["recipe=small_3d", "objective=dino", "objective.views.solarize_prob=0.1", "online_eval.student=false"], 8, 0.1, False),
+        (["objective=dino"], 8, 0.2, False),  # no recipe: the objective's own defaults
     ],
 )
-def test_recipe_settings_per_objective(overrides: list[str], patch: int, solarize: float) -> None:
+def test_recipe_settings_per_objective(overrides: list[str], patch: int, solarize: float, student: bool) -> None:
     """A recipe's per-objective file (recipe_objective/<recipe>_<objective>) applies on its own and
     loses to the command line."""
     with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
         cfg = prepare_pretrain_config(compose(config_name="pretrain", overrides=overrides), overrides)
     assert cfg.data.patch_size == patch
     assert cfg.objective["views"]["solarize_prob"] == solarize
+    assert cfg.online_eval.student is student
 
 
 def test_small_3d_voco_fits_a_store() -> None:

@@ -8,6 +8,11 @@ the run repeats the steps since that checkpoint and ends exactly where it would 
 files are renamed ``*.damaged`` (kept for inspection, no longer candidates, and out of the way of
 Lightning, which would otherwise write ``last-v1.ckpt`` beside an existing ``last.ckpt``).
 
+A run that does not continue from its folder's own checkpoints (``resume=never``, or ``resume=<path>``
+elsewhere) first moves the earlier run's results out of the way (:func:`set_aside_earlier_run`): left in
+place, Lightning writes the new run's last checkpoint as ``last-v1.ckpt`` beside the earlier ``last.ckpt``,
+and ``resume=auto``, ``ssl_med export`` and ``init_from`` then read the earlier run's weights.
+
 Under ``trainer=fsdp`` a checkpoint is a folder of shards (:mod:`ssl_med.train.sharding`): it is
 readable when ``torch.distributed.checkpoint``'s index (``.metadata``, written after every shard) and
 Lightning's ``meta.pt`` (step, loops, callbacks) are there and ``meta.pt`` reads cleanly;
@@ -20,7 +25,9 @@ import contextlib
 import logging
 import re
 import shutil
+import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -105,6 +112,36 @@ def remove_partial_saves(directory: Path) -> list[Path]:
         log.info("removed %d partial checkpoint file(s) of an interrupted save: %s", len(removed),
                  ", ".join(p.name for p in removed))  # fmt: skip
     return removed
+
+
+def continues_here(ckpt_path: str | None, directory: Path) -> bool:
+    """Whether a run resuming from ``ckpt_path`` (``None``: a fresh start) continues the checkpoints in
+    ``directory``."""
+    return ckpt_path is not None and Path(ckpt_path).resolve().parent == directory.resolve()
+
+
+def set_aside_earlier_run(run_dir: Path, names: Sequence[str]) -> Path | None:
+    """Move the ``names`` (files or folders) that exist in ``run_dir`` into ``run_dir/earlier-<time>/``
+    with a warning, before a run that does not continue them starts there; returns that folder, or
+    ``None`` when none of them existed. Nothing is deleted."""
+    found = [run_dir / name for name in names if (run_dir / name).exists()]
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = run_dir / f"earlier-{stamp}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = run_dir / f"earlier-{stamp}-{n}"
+    target.mkdir()
+    for path in found:
+        path.replace(target / path.name)
+    log.warning(
+        "%s held an earlier run's %s; this run starts afresh (resume is not this folder's last checkpoint), so "
+        "they are moved to %s (nothing is deleted; remove that folder when it is not needed)",
+        run_dir, ", ".join(p.name for p in found), target,
+    )  # fmt: skip
+    return target
 
 
 def _move_aside(path: Path) -> None:

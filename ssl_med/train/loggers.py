@@ -30,6 +30,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from ssl_med.config import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
+#: the line :class:`MetricsJSONL` writes before a process's first record (a start or a resume)
+START_RECORD = {"start": True}
 
 #: the package each Lightning logger imports, and how to install it when it is missing
 OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
@@ -74,6 +76,7 @@ class MetricsJSONL(Logger):
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in finalize)
+            self._file.write(json.dumps(START_RECORD) + "\n")  # a (re)start: read_metrics drops what it repeats
         record: dict[str, Any] = {"step": step}
         for key, value in metrics.items():
             value = float(value)
@@ -91,12 +94,14 @@ class MetricsJSONL(Logger):
 def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     """``{name: [(step, value), ...]}`` from a ``metrics.jsonl``, steps ascending.
 
-    When the steps go back (a run resumed from a checkpoint older than its last logged step), the
-    earlier records from that step on are dropped, as TensorBoard purges orphaned events; of several
-    values at one step the last wins. ``null`` values are skipped.
+    Every process that writes the file starts with a :data:`START_RECORD`; the first step ``S`` logged after
+    one drops the earlier records from ``S`` on (a run resumed from a checkpoint older than its last logged
+    step repeats them), as TensorBoard purges orphaned events. Within one process steps may go back by one
+    (the online evaluation after optimiser step ``N`` logs ``N``, Lightning then logs that step's loss as
+    ``N - 1``) and nothing is dropped. Of several values at one step the last wins; ``null`` values are skipped.
     """
     series: dict[str, dict[int, float]] = {}
-    last_step = -1
+    restarted = False
     path = Path(path)
     if not path.is_file():
         return {}
@@ -105,15 +110,18 @@ def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a killed run
             continue
+        if record == START_RECORD:
+            restarted = True
+            continue
         step = record.pop("step", None)
         if step is None:
             continue
         step = int(step)
-        if step < last_step:
+        if restarted:
             for values in series.values():
                 for s in [s for s in values if s >= step]:
                     del values[s]
-        last_step = step
+            restarted = False
         for key, value in record.items():
             if value is not None:
                 series.setdefault(key, {})[step] = float(value)

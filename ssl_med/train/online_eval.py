@@ -224,19 +224,24 @@ class OnlineEval(L.Callback):
         )
 
     def _keep_if_best(self, step: int, metrics: dict[str, float], pl_module: L.LightningModule) -> None:
-        """Export the evaluated encoder to ``best_dir`` when ``cfg.keep_best`` improved (val only)."""
+        """Export the evaluated encoder to ``best_dir`` when ``cfg.keep_best`` improved (val only); where the
+        student was read too (``cfg.student``), the better of teacher and student is the candidate."""
         key = self.cfg.keep_best
         if not key or self.best_dir is None or step == 0:  # step 0 is the random init, not a result
             return
-        if self.best is not None and not metrics[key] > self.best[key]:
+        objective = pl_module.objective
+        weights, encoder, value = objective.eval_weights(), objective.eval_encoder(), metrics[key]
+        if metrics.get(f"student_{key}", -np.inf) > value:
+            weights, encoder, value = "student", objective.encoder, metrics[f"student_{key}"]
+        if self.best is not None and not value > self.best["value"]:
             return
         from ssl_med.export import save_encoder
 
-        self.best = {"step": step, **metrics}
-        save_encoder(pl_module.objective.eval_encoder(), self.best_dir, {
-            **self.export_config, "exported_weights": pl_module.objective.eval_weights(), "selected_on": {"val": key, **self.best},
+        self.best = {"step": step, "weights": weights, "value": value, **metrics}
+        save_encoder(encoder, self.best_dir, {
+            **self.export_config, "exported_weights": weights, "selected_on": {"val": key, **self.best},
         })
-        log.info("online eval: best val %s so far (%.3f at step %d): encoder written to %s", key, metrics[key], step, self.best_dir)
+        log.info("online eval: best val %s so far (%.3f at step %d, the %s): encoder written to %s", key, value, step, weights, self.best_dir)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._run(trainer, pl_module)  # step 0 of a fresh run: the random-init reference

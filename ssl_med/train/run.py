@@ -9,7 +9,11 @@ A run folder holds everything of one run::
       tensorboard/           loss terms, learning rate, samples/s, collapse monitor, previews (logger=tensorboard)
       metrics.jsonl          every logged scalar, one JSON object per logging step (whatever the loggers)
       encoder/               model.safetensors + config.json (the exported encoder)
+      encoder_best/          the best-on-val encoder of the online curve (online_eval.keep_best)
+      online_eval.json       the online curve (online_eval.data)
       training_curves.png    loss terms, collapse monitor, lr and throughput at a glance
+      earlier-<time>/        an earlier run's checkpoints, encoders, curve and metrics, moved here when a run
+                             starts afresh in the same folder (resume=never), so none of them is read as this run's
 """
 
 from __future__ import annotations
@@ -42,10 +46,16 @@ from ssl_med.train.callbacks import (
     PreviewImages,
     StopOnSignal,
 )
-from ssl_med.train.checkpoints import checkpoint_problem, newest_good_checkpoint, remove_partial_saves
+from ssl_med.train.checkpoints import (
+    checkpoint_problem,
+    continues_here,
+    newest_good_checkpoint,
+    remove_partial_saves,
+    set_aside_earlier_run,
+)
 from ssl_med.train.compile import compile_settings
 from ssl_med.train.launch import relaunch_this_job
-from ssl_med.train.loggers import ForwardOnlineMetrics, build_loggers
+from ssl_med.train.loggers import METRICS_FILE, ForwardOnlineMetrics, build_loggers
 from ssl_med.train.module import PretrainModule
 from ssl_med.train.online_eval import build_online_eval
 from ssl_med.train.sharding import SHARDED_STRATEGIES, build_strategy
@@ -53,6 +63,13 @@ from ssl_med.train.sharding import SHARDED_STRATEGIES, build_strategy
 log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last.ckpt"
+BEST_DIR = "encoder_best"  # online_eval.keep_best's export
+
+
+def first_process() -> bool:
+    """Whether this is the job's first process (local rank 0 on node 0), the one that writes the run folder's
+    own files before Lightning sets up its ranks."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
 
 
 def build_objective(objective: dict, encoder: Encoder) -> Objective:
@@ -120,7 +137,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+    if first_process():
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "resolved_config.yaml")
     loggers = build_loggers(cfg.logger, run_dir)  # a missing optional package fails here, before any work
     for logger in loggers:
@@ -142,6 +159,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     export_dir = run_dir / "encoder"
+    if not continues_here(ckpt_path, checkpoint_dir) and first_process():
+        set_aside_earlier_run(run_dir, [checkpoint_dir.name, export_dir.name, BEST_DIR, ONLINE_EVAL_FILE, METRICS_FILE])
     export_config = {"backbone": cfg.backbone, "objective": cfg.objective, "data": asdict(cfg.data)}
     callbacks: list[L.Callback] = [
         FinalCheckpoint(
@@ -158,7 +177,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     ]
     input_size = config_input_size(cfg.backbone) or list(cfg.data.crop_size)
     online = build_online_eval(
-        cfg.online_eval, input_size, encoder.in_chans, run_dir / ONLINE_EVAL_FILE, run_dir / "encoder_best", export_config
+        cfg.online_eval, input_size, encoder.in_chans, run_dir / ONLINE_EVAL_FILE, run_dir / BEST_DIR, export_config
     )
     if online is not None:  # before PlotCurves, whose picture then holds the final evaluation
         at = callbacks.index(next(c for c in callbacks if isinstance(c, PlotCurves)))

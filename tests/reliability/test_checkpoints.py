@@ -142,3 +142,28 @@ def test_last_checkpoint_holds_the_final_steps(tmp_path) -> None:
     assert again["global_step"] == 5
     for key, value in weights.items():
         assert torch.equal(again["state_dict"][key], value), key
+
+
+def test_a_fresh_run_sets_the_earlier_runs_results_aside(tmp_path, caplog) -> None:
+    """resume=never in a folder holding a longer earlier run: this run's last.ckpt and encoder are its own
+    (Lightning would have written last-v1.ckpt beside the earlier last.ckpt), the earlier ones kept."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    run_module.pretrain(small_config("trainer.max_steps=5", "trainer.checkpoint_every_n_steps=3"), run_dir)
+    earlier = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    with caplog.at_level(logging.WARNING, logger="ssl_med.train.checkpoints"):
+        run_module.pretrain(small_config("trainer.max_steps=2", "resume=never", "seed=1"), run_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"], "no last-v1.ckpt, no step 3"
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2
+    encoder = load_file(run_dir / "encoder" / "model.safetensors")
+    key = next(k for k in last["state_dict"] if k.startswith("objective.encoder.") and k.endswith("weight"))
+    assert torch.equal(encoder[key.removeprefix("objective.encoder.")], last["state_dict"][key]), "this run's encoder"
+    (aside,) = run_dir.glob("earlier-*")
+    assert {p.name for p in aside.iterdir()} == {"checkpoints", "encoder"}
+    kept = torch.load(aside / "checkpoints" / "last.ckpt", weights_only=True)
+    assert kept["global_step"] == 5 and all(torch.equal(kept["state_dict"][k], v) for k, v in earlier.items())
+    assert str(aside) in caplog.text and "starts afresh" in caplog.text
+    run_module.pretrain(small_config("trainer.max_steps=2"), run_dir)  # resume=auto: continues this run, moves nothing
+    assert len(list(run_dir.glob("earlier-*"))) == 1

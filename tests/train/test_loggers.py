@@ -42,6 +42,19 @@ def test_metrics_jsonl_round_trip_drops_steps_a_resume_repeats(tmp_path: Path) -
     assert read_metrics(tmp_path / "absent.jsonl") == {}
 
 
+def test_steps_that_go_back_within_one_run_are_kept(tmp_path: Path) -> None:
+    """The online evaluation after step 10 logs step 10 and Lightning then logs that batch's loss as step 9:
+    both stay (only a restart drops what it repeats)."""
+    jsonl = MetricsJSONL(tmp_path)
+    for step in (10, 20):
+        jsonl.log_metrics({"online/linear_auroc": step / 100}, step=step)
+        jsonl.log_metrics({"train/loss": 1.0 / step}, step=step - 1)
+    jsonl.finalize("success")
+    series = read_metrics(tmp_path / METRICS_FILE)
+    assert series["online/linear_auroc"] == [(10, 0.1), (20, 0.2)]
+    assert series["train/loss"] == [(9, 0.1), (19, 0.05)]
+
+
 def test_logger_group_composes_one_or_several() -> None:
     assert list(config().logger) == ["tensorboard"]
     assert sorted(config("logger=[csv,tensorboard]").logger) == ["csv", "tensorboard"]

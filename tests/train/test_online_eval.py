@@ -185,6 +185,36 @@ def test_the_student_is_read_beside_the_teacher_only_when_asked() -> None:
         online_eval.extract_features = original
 
 
+def test_keep_best_exports_the_student_when_it_reads_better_on_val(tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    kwargs = dict(spatial_dims=2, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    dino = OBJECTIVES.build("dino", encoder=BACKBONES.build("vit", **kwargs), out_dim=16, hidden_dim=16, bottleneck_dim=8,
+                            views={"n_local_crops": 1})  # fmt: skip
+    with torch.no_grad():
+        for p in dino.teacher["encoder"].parameters():
+            p.add_(0.5)
+    callback = OnlineEval(OnlineEvalConfig(data="toy", student=True), _tiny_data(), best_dir=tmp_path / "best",
+                          export_config={"backbone": {"name": "vit", **kwargs}})  # fmt: skip
+    module = _Module(dino)
+
+    def kept() -> tuple[str, dict[str, torch.Tensor]]:
+        config = json.loads((tmp_path / "best" / "config.json").read_text())
+        return config["exported_weights"], load_file(tmp_path / "best" / "model.safetensors")
+
+    callback._keep_if_best(1, {"linear_auroc": 0.7, "student_linear_auroc": 0.6}, module)
+    weights, state = kept()
+    assert weights == "teacher" and torch.equal(state["pos_embed"], dino.teacher["encoder"].pos_embed)
+    callback._keep_if_best(2, {"linear_auroc": 0.65, "student_linear_auroc": 0.8}, module)
+    weights, state = kept()
+    assert weights == "student" and torch.equal(state["pos_embed"], dino.encoder.pos_embed)
+    assert callback.best["step"] == 2 and callback.best["value"] == 0.8
+    callback._keep_if_best(3, {"linear_auroc": 0.75, "student_linear_auroc": 0.7}, module)
+    assert callback.best["step"] == 2, "0.75 does not beat the student's 0.8"
+
+
 def test_student_curves_share_the_teachers_panel_and_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
