@@ -46,12 +46,11 @@ def plot_training_curves(metrics_file: str | Path, out_file: str | Path) -> Path
         if tag in SCHEDULES:
             ax.plot(steps, values, lw=1.6, color="C0")
         elif tag in ONLINE:  # step 0 is the random-init reference: a dashed line across
-            ax.plot(steps, values, lw=1.2, marker="o", ms=3, color="C1")
+            student = series.get(tag.replace("online/", "online/student_", 1))  # online_eval.student
+            ax.plot(steps, values, lw=1.2, marker="o", ms=3, color="C1", label="teacher" if student else None)
             ax.axhline(values[0], ls="--", lw=0.8, color="grey")
-            student = series.get(tag.replace("online/", "online/student_", 1))
-            if student:  # online_eval.student: the student beside the EMA teacher
+            if student:
                 ax.plot([s for s, _ in student], [v for _, v in student], lw=1.2, marker="s", ms=3, color="C2", label="student")
-                ax.lines[0].set_label("teacher")
                 ax.legend(fontsize=7)
         else:  # per-batch values are noisy: faint raw values under the smoothed trend
             ax.plot(steps, values, lw=0.8, alpha=0.35, color="C0")
