@@ -32,6 +32,7 @@ class DataConfig:
     slice_axis: int = 0
     split: str | None = "auto"
     small_images: str = "resize"
+    intensity_window: str = "image"  # image | dtype | auto: what each image is scaled to [0, 1] from
     min_foreground: float = 0.0
     normalise: str = "auto"
     channel_dropout: float = 0.0  # modality dropout: per-channel drop probability (ssl_med/data/channels.py)

@@ -56,14 +56,40 @@ from ssl_med.data.store import ImageMeta, ImageStore
 log = logging.getLogger(__name__)
 
 
-def intensity_window(meta: ImageMeta) -> np.ndarray:
-    """``(C, 2)`` float32: each channel's stored 0.5 and 99.5 percentiles (the ``[0, 1]`` window)."""
-    return np.stack([meta.intensity["p0.5"], meta.intensity["p99.5"]], axis=-1).astype(np.float32)
+INTENSITY_WINDOWS = ("auto", "image", "dtype")
 
 
-def normalise_intensity(crop: np.ndarray, meta: ImageMeta) -> np.ndarray:
-    """Scale each channel to ``[0, 1]`` from its stored 0.5/99.5 percentiles (clipped); NaN -> 0."""
-    window = intensity_window(meta).reshape(-1, 2, *([1] * (crop.ndim - 1)))
+def intensity_window(meta: ImageMeta, mode: str = "image") -> np.ndarray:
+    """``(C, 2)`` float32: the stored values each channel of an image maps to 0 and 1.
+
+    ``mode``:
+
+    * ``"image"``: the image's own 0.5 and 99.5 percentiles, recorded at ingest: a per-image contrast
+      stretch, the usual reading of MRI, whose intensities have no fixed unit.
+    * ``"dtype"``: the full range of the image's integer dtype (0-255 for ``uint8``): every image on
+      one scale, so that brightness itself is kept (X-ray opacity, ultrasound echogenicity), as
+      torchvision and timm read 8-bit images and as the MedMNIST evaluators read them (``/ 255``).
+    * ``"auto"``: ``"dtype"`` for 8-bit images (PNG, JPEG, MedMNIST), ``"image"`` otherwise.
+    """
+    if mode not in INTENSITY_WINDOWS:
+        raise ValueError(f"data.intensity_window must be one of {', '.join(INTENSITY_WINDOWS)}, got {mode!r}")
+    dtype = np.dtype(meta.dtype or "float32")
+    if mode == "auto":
+        mode = "dtype" if dtype.itemsize == 1 and dtype.kind in "iu" else "image"
+    if mode == "image":
+        return np.stack([meta.intensity["p0.5"], meta.intensity["p99.5"]], axis=-1).astype(np.float32)
+    if dtype.kind not in "iu":
+        raise ValueError(
+            f"data.intensity_window=dtype needs integer images, this one is stored as {dtype} (use image or auto)"
+        )
+    info = np.iinfo(dtype)
+    return np.tile(np.array([info.min, info.max], dtype=np.float32), (meta.shape[0], 1))
+
+
+def normalise_intensity(crop: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Scale each channel of ``crop`` ``(C, *S)`` to ``[0, 1]`` by its ``window`` ``(C, 2)``
+    (:func:`intensity_window`), clipped; NaN -> 0."""
+    window = window.reshape(-1, 2, *([1] * (crop.ndim - 1)))
     lo, hi = window[:, 0], window[:, 1]
     out = crop.astype(np.float32)  # in place from here on: this runs once per crop in the workers
     out -= lo
@@ -173,6 +199,9 @@ class RandomCropDataset(Dataset):
 
         small_images: ``"resize"``, ``"pad"`` or ``"error"`` for images smaller than the crop
             (see the module docstring).
+        window_mode: what each image's values are scaled to ``[0, 1]`` from: ``"image"`` (its own
+            percentiles), ``"dtype"`` (its integer dtype's range) or ``"auto"`` (see
+            :func:`intensity_window`).
     """
 
     def __init__(
@@ -196,6 +225,7 @@ class RandomCropDataset(Dataset):
         on_error: str = "raise",
         max_error_fraction: float = 0.05,
         small_images: Literal["resize", "pad", "error"] = "resize",
+        window_mode: Literal["auto", "image", "dtype"] = "image",
     ) -> None:
         self.store_path = str(store_path)
         self.crop_size = tuple(int(c) for c in crop_size)
@@ -248,6 +278,13 @@ class RandomCropDataset(Dataset):
                 log.warning("%d images have none of the channels %s: left out", usable.count(False), self.channels)
             self.names = [n for n, u in zip(self.names, usable) if u]
             self.metas = [m for m, u in zip(self.metas, usable) if u]
+        #: ``(C, 2)`` intensity window of each image, in the order of ``names``
+        self.windows = []
+        for name, meta in zip(self.names, self.metas):
+            try:
+                self.windows.append(intensity_window(meta, window_mode))
+            except ValueError as err:
+                raise ValueError(f"image {name!r} of {self.store_path}: {err}") from None
         averaged = num_channels == 1 and any(m.shape[0] > 1 for m in self.metas)
         if normalise == "auto":
             normalise = "worker" if averaged else "batch"
@@ -344,26 +381,28 @@ class RandomCropDataset(Dataset):
             region.append(slice(start, min(start + c, size)))
         return self.names[k], tuple(region)
 
-    def _crop(self, index: int, attempt: int) -> tuple[np.ndarray, ImageMeta]:
-        """Crop ``(C, *crop_region)`` of attempt ``attempt`` of sample ``index``, normalised in ``"worker"`` mode."""
+    def _crop(self, index: int, attempt: int) -> tuple[np.ndarray, int]:
+        """Crop ``(C, *crop_region)`` of attempt ``attempt`` of sample ``index`` (normalised in ``"worker"``
+        mode) and the position of its image in ``names``."""
         name, region = self.region(index, attempt)
-        meta = self.metas[self._position[name]]
+        k = self._position[name]
+        meta = self.metas[k]
         crop = self.store.read(name, region)
         if meta.spatial_dims > self.spatial_dims:
             crop = crop.squeeze(1 + self.slice_axis)
         if self.small_images == "resize" and tuple(crop.shape[1:]) != self.crop_size:
             crop = resize_up(crop, self.crop_size)
         if self.normalise == "worker":
-            return normalise_intensity(crop, meta), meta
-        return crop.astype(self.raw_dtype, copy=False), meta
+            return normalise_intensity(crop, self.windows[k]), k
+        return crop.astype(self.raw_dtype, copy=False), k
 
-    def _foreground_fraction(self, crop: np.ndarray, meta: ImageMeta) -> float:
+    def _foreground_fraction(self, crop: np.ndarray, k: int) -> float:
         """Fraction of voxels above ``foreground_threshold`` (normalised) in any channel."""
         if not crop.size:
             return 0.0
         if self.normalise == "worker":
             return float((crop.max(axis=0) > self.foreground_threshold).mean())
-        window = intensity_window(meta).astype(np.float64)  # the same test in stored units
+        window = self.windows[k].astype(np.float64)  # the same test in stored units
         lo, width = window[:, 0], np.maximum(window[:, 1] - window[:, 0], 1e-6)
         cut = (lo + self.foreground_threshold * width).reshape(-1, *([1] * (crop.ndim - 1)))
         return float((crop > cut).any(axis=0).mean())
@@ -374,20 +413,20 @@ class RandomCropDataset(Dataset):
     def _sample(self, index: int, redraw: int = 0) -> dict[str, Any]:
         """Sample ``index``; ``redraw > 0`` draws it anew (crop attempts from their own random streams)."""
         first = redraw * self.max_tries
-        crop, meta = self._crop(index, first)
+        crop, k = self._crop(index, first)
         if self.min_foreground > 0:
-            best, best_fraction = (crop, meta), -1.0
+            best, best_fraction = (crop, k), -1.0
             for attempt in range(self.max_tries):
                 if attempt:
-                    crop, meta = self._crop(index, first + attempt)
-                fraction = self._foreground_fraction(crop, meta)
+                    crop, k = self._crop(index, first + attempt)
+                fraction = self._foreground_fraction(crop, k)
                 if fraction >= self.min_foreground:
-                    best = (crop, meta)
+                    best = (crop, k)
                     break
                 if fraction > best_fraction:
-                    best, best_fraction = (crop, meta), fraction
-            crop, meta = best
-        crop, window, channel_keys = self._channel_layout(crop, meta, index, redraw)
+                    best, best_fraction = (crop, k), fraction
+            crop, k = best
+        crop, window, channel_keys = self._channel_layout(crop, k, index, redraw)
         sample: dict[str, Any] = {"image": torch.from_numpy(self._padded(crop, window))}
         if window is not None:
             sample["intensity_window"] = torch.from_numpy(window)
@@ -406,12 +445,13 @@ class RandomCropDataset(Dataset):
         }
 
     def _channel_layout(
-        self, crop: np.ndarray, meta: ImageMeta, index: int, redraw: int
+        self, crop: np.ndarray, k: int, index: int, redraw: int
     ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
         """The crop's channels as the model sees them (aligned by name to ``channels``, else matched to
         ``num_channels``), after modality dropout, with the raw crop's window (``None`` when
         normalised) and the sample's channel keys (:mod:`ssl_med.data.channels`)."""
-        window = intensity_window(meta) if self.normalise == "batch" else None
+        meta = self.metas[k]
+        window = self.windows[k] if self.normalise == "batch" else None
         available = None
         if self.channels is not None:
             crop, window, available = align_channels(crop, channel_positions(meta.channel_names, self.channels), window)

@@ -85,6 +85,7 @@ class CropDataModule(L.LightningDataModule):
                 on_error=self.cfg.on_error,
                 max_error_fraction=self.cfg.max_error_fraction,
                 small_images=self.cfg.small_images,
+                window_mode=self.cfg.intensity_window,
                 return_channel_names=True,
                 channel_dropout=self.cfg.channel_dropout,
                 channels=self.cfg.channels,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_med.data.crops import RandomCropDataset, normalise_intensity, resize_up
+from ssl_med.data.crops import RandomCropDataset, intensity_window, normalise_intensity, resize_up
 from ssl_med.data.ingest import ingest
 
 
@@ -44,8 +44,8 @@ def test_small_images_are_scaled_up_to_cover_the_crop(medmnist_like: str, caplog
     raw = ds.store.read(name, region).astype(np.float32)
     expected = torch.nn.functional.interpolate(torch.from_numpy(raw)[None], size=(32, 32), mode="bilinear")[0]
     np.testing.assert_allclose(resize_up(raw, (32, 32)), expected.numpy(), atol=1e-5)
-    got, meta = ds._crop(0, 0)
-    np.testing.assert_allclose(got, normalise_intensity(expected.numpy().round(), meta), atol=1e-6)
+    got, k = ds._crop(0, 0)
+    np.testing.assert_allclose(got, normalise_intensity(expected.numpy().round(), intensity_window(ds.metas[k])), atol=1e-6)
 
 
 def test_resize_up_matches_an_independent_linear_interpolation() -> None:
@@ -98,3 +98,42 @@ def test_pretraining_on_val_and_test_warns(medmnist_like: str, tmp_path: Path, c
     with caplog.at_level(logging.WARNING, logger="ssl_med.data.datamodule"):
         CropDataModule(DataConfig(source="store", store=medmnist_like, crop_size=[28, 28], num_workers=0), lambda s: s).setup()
     assert "not held out" not in caplog.text
+
+
+def test_auto_window_reads_8bit_images_as_the_medmnist_evaluators_do(medmnist_like: str, tmp_path: Path) -> None:
+    """``window_mode="auto"`` scales a uint8 image by 255 (its brightness kept), exactly the values the
+    evaluators read for the same image; ``"image"`` stretches each image to its own percentiles, so
+    two discs of different brightness both reach 1."""
+    from ssl_med.evaluators.datasets import load_medmnist
+
+    src = str(Path(medmnist_like).with_suffix(".npz"))
+    cfg = {"name": "tiny", "path": src, "task": None, "spatial_dims": None, "image_size": 28, "subset": None, "channel_names": None}
+    evaluated = load_medmnist(cfg).images["train"]
+    auto = RandomCropDataset(medmnist_like, (28, 28), length=8, seed=0, split="train", window_mode="auto")
+    stretched = RandomCropDataset(medmnist_like, (28, 28), length=8, seed=0, split="train", window_mode="image")
+    peaks = set()
+    for i in range(8):
+        name, _ = auto.region(i)
+        index = int(name.rsplit("_", 1)[1])
+        np.testing.assert_allclose(auto[i]["image"].numpy(), evaluated[index].numpy(), atol=1e-6)
+        peaks.add(round(float(auto[i]["image"].max()), 3))
+        assert float(stretched[i]["image"].max()) == pytest.approx(1.0)
+    assert len(peaks) > 1  # brightness differs between images under "auto", not under "image"
+
+
+def test_intensity_window_modes_and_their_errors(medmnist_like: str, tmp_path: Path) -> None:
+    from ssl_med.data.store import ImageStore
+
+    meta = ImageStore(medmnist_like).manifest["tiny_train_00000"]
+    np.testing.assert_array_equal(intensity_window(meta, "dtype"), [[0, 255]])
+    np.testing.assert_array_equal(intensity_window(meta, "auto"), intensity_window(meta, "dtype"))
+    np.testing.assert_array_equal(intensity_window(meta, "image"), [[meta.intensity["p0.5"][0], meta.intensity["p99.5"][0]]])
+    with pytest.raises(ValueError, match=r"data\.intensity_window must be one of auto, image, dtype"):
+        intensity_window(meta, "minmax")
+    # float images have no dtype range: auto keeps their percentiles, dtype is refused naming the image
+    store = ImageStore(str(tmp_path / "float.zarr"), mode="w")
+    store.add("mr", np.linspace(0, 7, 16 * 16, dtype=np.float32).reshape(1, 16, 16), (1.0, 1.0))
+    float_meta = ImageStore(str(tmp_path / "float.zarr")).manifest["mr"]
+    np.testing.assert_array_equal(intensity_window(float_meta, "auto"), intensity_window(float_meta, "image"))
+    with pytest.raises(ValueError, match=r"image 'mr' of .*float\.zarr: data.intensity_window=dtype needs integer images, this one is stored as float32"):
+        RandomCropDataset(str(tmp_path / "float.zarr"), (8, 8), num_channels=None, window_mode="dtype")

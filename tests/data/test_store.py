@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ssl_med.data.crops import EpochSampler, RandomCropDataset, match_channels, normalise_intensity
+from ssl_med.data.crops import (
+    EpochSampler,
+    RandomCropDataset,
+    intensity_window,
+    match_channels,
+    normalise_intensity,
+)
 from ssl_med.data.store import ImageStore
 
 
@@ -55,7 +61,7 @@ def test_random_crops_are_real_and_deterministic(volume_store) -> None:
     ds = RandomCropDataset(store.path, (8, 8, 8), num_channels=None, seed=3)
     name, region = ds.region(5)
     assert name == "ct"
-    expect = normalise_intensity(vol[(slice(None), *region)], store.manifest["ct"])
+    expect = normalise_intensity(vol[(slice(None), *region)], intensity_window(store.manifest["ct"]))
     np.testing.assert_allclose(ds[5]["image"].numpy(), expect)
     assert ds[5]["image"].shape == (2, 8, 8, 8)
     np.testing.assert_array_equal(
