@@ -262,8 +262,9 @@ class DINO(Objective):
             log.warning(
                 "DINO: with objective.momentum_teacher=%g -> %g over %d steps the EMA teacher still holds %.0f%% of its "
                 "random initialisation at the end, and the teacher is what the run exports and the online curve reads; "
-                "train longer, or read the student too (online_eval.student=true: encoder_best/ is then the better "
-                "of the two on val; ssl_med export weights=student)",
+                "train longer; with online_eval.student=true (the small_2d / small_3d recipes) the student is read "
+                "beside it and encoder_best/ keeps the better of the two on val (ssl_med export weights=student "
+                "exports the student of any checkpoint)",
                 self.momentum_teacher, self.momentum_teacher_end, max_steps, 100 * share,
             )  # fmt: skip
 

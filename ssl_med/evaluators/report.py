@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_NAME = "results.json"
 ONLINE_EVAL_FILE = "online_eval.json"  # written by ssl_med.train.online_eval
+EARLIER_RUN_PREFIX = "earlier-"  # a run folder's set-aside earlier run (ssl_med.train.checkpoints): not a run of its own
 HEADLINE = {"linear_probe": "auroc", "finetune": "auroc", "knn": "accuracy", "segmentation": "dice_mean"}
 ONLINE_METRICS = ("knn_accuracy", "knn_auroc", "linear_auroc")
 META = ("run", "eval", "data", "backbone", "objective", "encoder")
@@ -150,12 +151,18 @@ def write_results(results: dict[str, Any], out_dir: Path) -> Path:
     return out_dir / RESULTS_NAME
 
 
+def _found(root: Path, name: str) -> list[Path]:
+    """The files ``name`` under ``root``, sorted, except those in an earlier run set aside inside a run
+    folder (``earlier-<time>/``): they belong to the run that replaced them."""
+    return [p for p in sorted(root.rglob(name)) if not any(part.startswith(EARLIER_RUN_PREFIX) for part in p.relative_to(root).parts[:-1])]
+
+
 def collect(root: str | Path) -> list[dict[str, Any]]:
     """Flat rows (one per encoder per ``results.json`` under ``root``): run, eval, data, encoder, metrics,
     and ``overrides`` (the run's Hydra overrides, :func:`~ssl_med.evaluators.sweep.run_overrides`)."""
     root = Path(root)
     rows = []
-    for path in sorted(root.rglob(RESULTS_NAME)):
+    for path in _found(root, RESULTS_NAME):
         results = json.loads(path.read_text())
         backbone = results.get("encoder", {}).get("backbone", {})
         objective = results.get("encoder", {}).get("objective", {})
@@ -181,7 +188,7 @@ def collect_online(root: str | Path) -> list[dict[str, Any]]:
     last evaluation where it was read (``online_eval.student``), val split, and the run's ``overrides``."""
     root = Path(root)
     rows = []
-    for path in sorted(root.rglob(ONLINE_EVAL_FILE)):
+    for path in _found(root, ONLINE_EVAL_FILE):
         record = json.loads(path.read_text())
         history = record.get("history") or []
         if not history:

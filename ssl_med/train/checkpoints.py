@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from ssl_med.evaluators.report import EARLIER_RUN_PREFIX
+
 log = logging.getLogger(__name__)
 
 _STEP = re.compile(r"step(\d+)")
@@ -128,11 +130,11 @@ def set_aside_earlier_run(run_dir: Path, names: Sequence[str]) -> Path | None:
     if not found:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = run_dir / f"earlier-{stamp}"
+    target = run_dir / f"{EARLIER_RUN_PREFIX}{stamp}"
     n = 1
     while target.exists():
         n += 1
-        target = run_dir / f"earlier-{stamp}-{n}"
+        target = run_dir / f"{EARLIER_RUN_PREFIX}{stamp}-{n}"
     target.mkdir()
     for path in found:
         path.replace(target / path.name)

@@ -236,6 +236,9 @@ def test_student_curves_share_the_teachers_panel_and_the_report(tmp_path: Path, 
     history = [{"step": 0, "knn_accuracy": 0.5, "knn_auroc": 0.5, "linear_auroc": 0.6, "student_linear_auroc": 0.6},
                {"step": 20, "knn_accuracy": 0.7, "knn_auroc": 0.7, "linear_auroc": 0.8, "student_linear_auroc": 0.75}]  # fmt: skip
     (tmp_path / "online_eval.json").write_text(json.dumps({"data": "toy", "history": history}))
+    earlier = tmp_path / "earlier-20261201-120000"  # an earlier run set aside in the run folder: not a run of its own
+    earlier.mkdir()
+    (earlier / "online_eval.json").write_text(json.dumps({"data": "toy", "history": history[:1]}))
     (row,) = collect_online(tmp_path)
     assert row["student linear_auroc"] == 0.75 and "student knn_auroc" not in row
     assert "student linear_auroc" in write_summary(tmp_path).read_text()
