@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssl_med.data.crops import match_channels
+from ssl_med.data.crops import match_channels, normalise_intensity
+from ssl_med.data.stats import intensity_stats
 from ssl_med.evaluators.medmnist import SPLITS, resolve_medmnist
 
 
@@ -101,14 +102,15 @@ def resize(images: torch.Tensor, size: list[int] | tuple[int, ...], mode: str = 
     return F.interpolate(images, size=size, mode=mode, **kwargs)
 
 
-def percentile_scale(volume: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """Scale each channel of ``(C, *S)`` to ``[0, 1]`` by its non-zero 0.5/99.5 percentiles (clipped)."""
-    out = np.empty(volume.shape, dtype=np.float32)
-    for i, channel in enumerate(volume.astype(np.float32)):
-        values = channel[channel > 0] if np.any(channel > 0) else channel.ravel()
-        lo, hi = np.percentile(values, [low, high])
-        out[i] = np.clip((channel - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
-    return out
+def percentile_scale(volume: np.ndarray) -> np.ndarray:
+    """Scale each channel of ``(C, *S)`` to ``[0, 1]`` by its 0.5/99.5 percentiles over all voxels
+    (clipped): the window ``ssl_med ingest`` records for a stored image
+    (:func:`ssl_med.data.stats.intensity_stats`) and pretraining scales its crops by
+    (``data.intensity_window=image``), so that a frozen encoder reads an evaluation volume on the scale
+    it was pretrained on. (Percentiles of the non-zero voxels alone put a skull-stripped MRI on another
+    scale: BraTS T1 brain voxels span [123, 518] where the whole volume's window is [0, 489].)"""
+    stats = intensity_stats(volume)
+    return normalise_intensity(volume, np.stack([stats["p0.5"], stats["p99.5"]], axis=-1))
 
 
 def _subset(n: int, limit: int | None, labels: np.ndarray, seed: int = 0) -> np.ndarray:

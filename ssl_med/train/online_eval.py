@@ -241,7 +241,8 @@ class OnlineEval(L.Callback):
         save_encoder(encoder, self.best_dir, {
             **self.export_config, "exported_weights": weights, "selected_on": {"val": key, **self.best},
         })
-        log.info("online eval: best val %s so far (%.3f at step %d, the %s): encoder written to %s", key, value, step, weights, self.best_dir)
+        which = f", the {weights}" if f"student_{key}" in metrics else ""  # teacher or student, where both were read
+        log.info("online eval: best val %s so far (%.3f at step %d%s): encoder written to %s", key, value, step, which, self.best_dir)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._run(trainer, pl_module)  # step 0 of a fresh run: the random-init reference

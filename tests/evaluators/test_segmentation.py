@@ -125,3 +125,23 @@ def test_finetune_moves_encoder_and_frozen_does_not(mode: str, tmp_path) -> None
     train_segmenter(model, data, seg_cfg(mode=mode, steps=2, eval_every=100), EvalContext(tmp_path, "t", "k"))
     moved = any(not torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
     assert moved == (mode == "finetune")
+
+
+def test_evaluation_volumes_are_scaled_as_ingest_recorded_them(tmp_path) -> None:
+    """A skull-stripped MRI (zero background) is scaled by the window the store records for it, the one its
+    pretraining crops were scaled by, not by the percentiles of its non-zero voxels."""
+    from ssl_med.data.crops import intensity_window, normalise_intensity
+    from ssl_med.data.store import ImageStore
+    from ssl_med.evaluators.datasets import percentile_scale
+
+    rng = np.random.default_rng(0)
+    volume = np.zeros((2, 24, 24, 24), dtype=np.float32)
+    volume[:, 4:18, 5:19, 6:20] = rng.uniform([[[[120.0]]], [[[40.0]]]], [[[[520.0]]], [[[280.0]]]], (2, 14, 14, 14))
+    store = ImageStore(str(tmp_path / "mr.zarr"), mode="w")
+    store.add("case", volume, (1.0, 1.0, 1.0))
+    meta = ImageStore(str(tmp_path / "mr.zarr")).manifest["case"]
+    ours = percentile_scale(volume)
+    np.testing.assert_allclose(ours, normalise_intensity(volume, intensity_window(meta)), atol=1e-6)
+    brain = volume[0][volume[0] > 0]
+    nonzero_window = (np.percentile(brain, 0.5), np.percentile(brain, 99.5))
+    assert nonzero_window[0] > 100 and float(ours[0][volume[0] > 0].min()) > 0.15  # brain voxels keep their offset from 0
