@@ -135,19 +135,40 @@ def _store_spacing(data: Mapping[str, Any], spatial_dims: int) -> dict[str, Any]
     }
 
 
+#: how crops were scaled to [0, 1] under each ``data.intensity_window`` (:func:`ssl_med.data.crops.intensity_window`)
+_PERCENTILES = {
+    "method": "percentile",
+    "lower_percentile": 0.5,
+    "upper_percentile": 99.5,
+    "scope": "per image and channel",
+    "formula": "clip((x - p0.5) / (p99.5 - p0.5), 0, 1); NaN -> 0",
+}
+_DTYPE_RANGE = {
+    "method": "dtype_range",
+    "scope": "every image on one scale",
+    "formula": "(x - dtype min) / (dtype max - dtype min), i.e. x / 255 for 8-bit images",
+}
+
+
+def intensity_normalisation(window: str) -> dict[str, Any]:
+    """The ``preprocessing.intensity_normalisation`` record of a ``data.intensity_window`` mode."""
+    if window == "dtype":
+        return {**_DTYPE_RANGE, "intensity_window": window}
+    if window == "auto":
+        return {
+            **_PERCENTILES, "intensity_window": window, "method": "dtype_range_or_percentile", "scope": "8-bit images: one scale; others: per image and channel",
+            "formula": f"8-bit images: x / 255; others: {_PERCENTILES['formula']}",
+        }  # fmt: skip
+    return {**_PERCENTILES, "intensity_window": "image"}
+
+
 def preprocessing_info(encoder: Encoder, data: Mapping[str, Any] | None) -> dict[str, Any]:
     """What an input must look like: the pretraining crops' intensity scaling, spacing, size and channels."""
     data = dict(data or {})
     channels = encoder.in_chans
     info: dict[str, Any] = {
         "input_range": [0.0, 1.0],
-        "intensity_normalisation": {
-            "method": "percentile",
-            "lower_percentile": 0.5,
-            "upper_percentile": 99.5,
-            "scope": "per image and channel",
-            "formula": "clip((x - p0.5) / (p99.5 - p0.5), 0, 1); NaN -> 0",
-        },
+        "intensity_normalisation": intensity_normalisation(str(data.get("intensity_window") or "image")),
         "mean": [0.0] * (channels or 1),  # nothing to subtract after the scaling above
         "std": [1.0] * (channels or 1),
         "spacing": {

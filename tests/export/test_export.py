@@ -21,6 +21,7 @@ from ssl_med.export import (
     UnsafeWeightsError,
     export_encoder,
     load_pretrained,
+    preprocessing_info,
     read_checkpoint_state,
     save_encoder,
 )
@@ -95,6 +96,17 @@ def test_pretrain_export_load_round_trip(run_dir: Path, tmp_path: Path) -> None:
     assert '"mae"' in front and "datasets:" in front
     assert "| dataset | metric | pretrained | random_init |" in card and "0.8125" in card
     assert "ssl_med.load_pretrained(" in card and "Not for clinical use" in card
+
+
+def test_the_export_records_how_crops_were_scaled(tmp_path: Path) -> None:
+    """``preprocessing.intensity_normalisation`` follows ``data.intensity_window``, so a user feeds the
+    encoder images on the scale it was pretrained on."""
+    encoder = BACKBONES.build("vit", spatial_dims=2, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    record = {w: preprocessing_info(encoder, {"intensity_window": w})["intensity_normalisation"] for w in ("image", "dtype", "auto")}
+    assert record["image"]["method"] == "percentile" and record["image"]["upper_percentile"] == 99.5
+    assert record["dtype"]["method"] == "dtype_range" and "x / 255" in record["dtype"]["formula"]
+    assert "8-bit images: x / 255" in record["auto"]["formula"] and "p99.5" in record["auto"]["formula"]
+    assert preprocessing_info(encoder, {})["intensity_normalisation"] == record["image"]  # configs from before the option
 
 
 def test_cli_export_from_run_dir_and_encoder_dir(run_dir: Path, tmp_path: Path) -> None:
