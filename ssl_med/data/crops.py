@@ -279,10 +279,10 @@ class RandomCropDataset(Dataset):
             self.names = [n for n, u in zip(self.names, usable) if u]
             self.metas = [m for m, u in zip(self.metas, usable) if u]
         #: ``(C, 2)`` intensity window of each image, in the order of ``names``
-        self.windows = []
+        self.intensity_windows = []
         for name, meta in zip(self.names, self.metas):
             try:
-                self.windows.append(intensity_window(meta, window_mode))
+                self.intensity_windows.append(intensity_window(meta, window_mode))
             except ValueError as err:
                 raise ValueError(f"image {name!r} of {self.store_path}: {err}") from None
         averaged = num_channels == 1 and any(m.shape[0] > 1 for m in self.metas)
@@ -393,7 +393,7 @@ class RandomCropDataset(Dataset):
         if self.small_images == "resize" and tuple(crop.shape[1:]) != self.crop_size:
             crop = resize_up(crop, self.crop_size)
         if self.normalise == "worker":
-            return normalise_intensity(crop, self.windows[k]), k
+            return normalise_intensity(crop, self.intensity_windows[k]), k
         return crop.astype(self.raw_dtype, copy=False), k
 
     def _foreground_fraction(self, crop: np.ndarray, k: int) -> float:
@@ -402,7 +402,7 @@ class RandomCropDataset(Dataset):
             return 0.0
         if self.normalise == "worker":
             return float((crop.max(axis=0) > self.foreground_threshold).mean())
-        window = self.windows[k].astype(np.float64)  # the same test in stored units
+        window = self.intensity_windows[k].astype(np.float64)  # the same test in stored units
         lo, width = window[:, 0], np.maximum(window[:, 1] - window[:, 0], 1e-6)
         cut = (lo + self.foreground_threshold * width).reshape(-1, *([1] * (crop.ndim - 1)))
         return float((crop > cut).any(axis=0).mean())
@@ -451,7 +451,7 @@ class RandomCropDataset(Dataset):
         ``num_channels``), after modality dropout, with the raw crop's window (``None`` when
         normalised) and the sample's channel keys (:mod:`ssl_med.data.channels`)."""
         meta = self.metas[k]
-        window = self.windows[k] if self.normalise == "batch" else None
+        window = self.intensity_windows[k] if self.normalise == "batch" else None
         available = None
         if self.channels is not None:
             crop, window, available = align_channels(crop, channel_positions(meta.channel_names, self.channels), window)
