@@ -51,6 +51,7 @@ from ssl_med.data.channels import (
     zero_fill,
 )
 from ssl_med.data.faults import FaultPolicy
+from ssl_med.data.stats import percentile_window
 from ssl_med.data.store import ImageMeta, ImageStore
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def intensity_window(meta: ImageMeta, mode: str = "image") -> np.ndarray:
     if mode == "auto":
         mode = "dtype" if dtype.itemsize == 1 and dtype.kind in "iu" else "image"
     if mode == "image":
-        return np.stack([meta.intensity["p0.5"], meta.intensity["p99.5"]], axis=-1).astype(np.float32)
+        return percentile_window(meta.intensity)
     if dtype.kind not in "iu":
         raise ValueError(
             f"data.intensity_window=dtype needs integer images, this one is stored as {dtype} (use image or auto)"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 
 
@@ -21,6 +23,12 @@ def intensity_stats(array: np.ndarray) -> dict[str, list[float]]:
         stats["min"].append(float(values.min()) if values.size else 0.0)
         stats["max"].append(float(values.max()) if values.size else 0.0)
     return stats
+
+
+def percentile_window(stats: Mapping[str, Sequence[float]]) -> np.ndarray:
+    """``(C, 2)`` float32: each channel's 0.5 and 99.5 percentiles from an :func:`intensity_stats` record,
+    the window an image is scaled to ``[0, 1]`` by (``data.intensity_window=image``)."""
+    return np.stack([stats["p0.5"], stats["p99.5"]], axis=-1).astype(np.float32)
 
 
 def stack_intensity_stats(images: np.ndarray, block: int = 64) -> list[dict[str, list[float]]]:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_med.data.crops import match_channels, normalise_intensity
-from ssl_med.data.stats import intensity_stats
+from ssl_med.data.stats import intensity_stats, percentile_window
 from ssl_med.evaluators.medmnist import SPLITS, resolve_medmnist
 
 
@@ -109,8 +109,7 @@ def percentile_scale(volume: np.ndarray) -> np.ndarray:
     (``data.intensity_window=image``), so that a frozen encoder reads an evaluation volume on the scale
     it was pretrained on. (Percentiles of the non-zero voxels alone put a skull-stripped MRI on another
     scale: BraTS T1 brain voxels span [123, 518] where the whole volume's window is [0, 489].)"""
-    stats = intensity_stats(volume)
-    return normalise_intensity(volume, np.stack([stats["p0.5"], stats["p99.5"]], axis=-1))
+    return normalise_intensity(volume, percentile_window(intensity_stats(volume)))
 
 
 def _subset(n: int, limit: int | None, labels: np.ndarray, seed: int = 0) -> np.ndarray:
