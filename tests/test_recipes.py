@@ -51,14 +51,18 @@ def test_recipe_settings_per_objective(overrides: list[str], patch: int, solariz
     assert cfg.online_eval.student is student
 
 
-def test_small_3d_voco_fits_a_store() -> None:
-    """recipe_objective/small_3d_voco: a store's data config gets a region VoCo's grid divides into
-    bases of the encoder's 32^3 input (without it, recipe=small_3d's 32^3 crop fails at start-up)."""
-    overrides = ["recipe=small_3d", "objective=voco", "data=store", "data.store=x.zarr"]
+@pytest.mark.parametrize(
+    ("recipe", "region", "base"),
+    [("small_2d", [56, 56], [28, 28]), ("small_3d", [32, 64, 64], [32, 32, 32])],
+)
+def test_small_voco_fits_a_store(recipe: str, region: list[int], base: list[int]) -> None:
+    """recipe_objective/<recipe>_voco: a store's data config gets a region VoCo's 2x2 grid divides into
+    bases of the encoder's own input size (without it, the recipe's crop fails at start-up)."""
+    overrides = [f"recipe={recipe}", "objective=voco", "data=store", "data.store=x.zarr"]
     with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
         cfg = prepare_pretrain_config(compose(config_name="pretrain", overrides=overrides), overrides)
-    assert list(cfg.data.crop_size) == [32, 64, 64] and list(cfg.objective["grid"]) == [2, 2]
-    assert list(cfg.backbone["img_size"]) == [32, 32, 32]
+    assert list(cfg.data.crop_size) == region and list(cfg.objective["grid"]) == [2, 2]
+    assert list(cfg.backbone["img_size"]) == base
 
 
 def test_recipe_without_objective_file_composes() -> None:
