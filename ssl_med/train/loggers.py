@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,21 @@ def build_loggers(config: Mapping[str, Mapping[str, Any]], run_dir: str | Path) 
         loggers.append(instantiate(options, _convert_="all"))
     loggers.sort(key=lambda logger: not isinstance(logger, TensorBoardLogger))  # stable: TensorBoard first
     return [*loggers, MetricsJSONL(run_dir)]
+
+
+def local_log_dirs(loggers: Sequence[Logger], run_dir: str | Path) -> list[str]:
+    """Names of the entries directly under ``run_dir`` that ``loggers`` write into (``tensorboard``,
+    ``csv``, ...), for setting an earlier run's logs aside; loggers that write elsewhere (an MLflow
+    server, W&B) and :class:`MetricsJSONL` (its file is named by :data:`METRICS_FILE`) add nothing."""
+    run_dir = Path(run_dir).resolve()
+    names: list[str] = []
+    for logger in loggers:
+        if isinstance(logger, MetricsJSONL) or not logger.log_dir:
+            continue
+        path = Path(logger.log_dir).resolve()
+        if path != run_dir and path.is_relative_to(run_dir):
+            names.append(path.relative_to(run_dir).parts[0])
+    return names
 
 
 class ForwardOnlineMetrics(L.Callback):

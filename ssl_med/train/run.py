@@ -12,7 +12,7 @@ A run folder holds everything of one run::
       encoder_best/          the best-on-val encoder of the online curve (online_eval.keep_best)
       online_eval.json       the online curve (online_eval.data)
       training_curves.png    loss terms, collapse monitor, lr and throughput at a glance
-      earlier-<time>/        an earlier run's checkpoints, encoders, curve and metrics, moved here when a run
+      earlier-<time>/        an earlier run's checkpoints, encoders, curve, metrics and logs, moved here when a run
                              starts afresh in the same folder (resume=never), so none of them is read as this run's
 """
 
@@ -55,7 +55,7 @@ from ssl_med.train.checkpoints import (
 )
 from ssl_med.train.compile import compile_settings
 from ssl_med.train.launch import relaunch_this_job
-from ssl_med.train.loggers import METRICS_FILE, ForwardOnlineMetrics, build_loggers
+from ssl_med.train.loggers import METRICS_FILE, ForwardOnlineMetrics, build_loggers, local_log_dirs
 from ssl_med.train.module import PretrainModule
 from ssl_med.train.online_eval import build_online_eval
 from ssl_med.train.sharding import SHARDED_STRATEGIES, build_strategy
@@ -140,6 +140,15 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     if first_process():
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "resolved_config.yaml")
     loggers = build_loggers(cfg.logger, run_dir)  # a missing optional package fails here, before any work
+    checkpoint_dir = run_dir / "checkpoints"
+    remove_partial_saves(checkpoint_dir)  # left by a save that was killed before its rename
+    ckpt_path = resume_checkpoint(cfg.resume, checkpoint_dir)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    export_dir = run_dir / "encoder"
+    if not continues_here(ckpt_path, checkpoint_dir) and first_process():
+        earlier = [checkpoint_dir.name, export_dir.name, BEST_DIR, ONLINE_EVAL_FILE, METRICS_FILE]
+        set_aside_earlier_run(run_dir, [*earlier, *local_log_dirs(loggers, run_dir)])
     for logger in loggers:
         logger.log_hyperparams(asdict(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -153,14 +162,6 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
     )
     data = CropDataModule(cfg.data, objective.view_transform(), cfg.seed, objective.geometric_views)
 
-    checkpoint_dir = run_dir / "checkpoints"
-    remove_partial_saves(checkpoint_dir)  # left by a save that was killed before its rename
-    ckpt_path = resume_checkpoint(cfg.resume, checkpoint_dir)
-    if ckpt_path:
-        log.info("resuming from %s", ckpt_path)
-    export_dir = run_dir / "encoder"
-    if not continues_here(ckpt_path, checkpoint_dir) and first_process():
-        set_aside_earlier_run(run_dir, [checkpoint_dir.name, export_dir.name, BEST_DIR, ONLINE_EVAL_FILE, METRICS_FILE])
     export_config = {"backbone": cfg.backbone, "objective": cfg.objective, "data": asdict(cfg.data)}
     callbacks: list[L.Callback] = [
         FinalCheckpoint(

@@ -145,8 +145,9 @@ def test_last_checkpoint_holds_the_final_steps(tmp_path) -> None:
 
 
 def test_a_fresh_run_sets_the_earlier_runs_results_aside(tmp_path, caplog) -> None:
-    """resume=never in a folder holding a longer earlier run: this run's last.ckpt and encoder are its own
-    (Lightning would have written last-v1.ckpt beside the earlier last.ckpt), the earlier ones kept."""
+    """resume=never in a folder holding a longer earlier run: this run's last.ckpt, encoder and TensorBoard
+    curves are its own (Lightning would have written last-v1.ckpt beside the earlier last.ckpt, and TensorBoard
+    would draw both runs' events as one curve), the earlier ones kept."""
     from safetensors.torch import load_file
 
     run_dir = tmp_path / "run"
@@ -161,7 +162,8 @@ def test_a_fresh_run_sets_the_earlier_runs_results_aside(tmp_path, caplog) -> No
     key = next(k for k in last["state_dict"] if k.startswith("objective.encoder.") and k.endswith("weight"))
     assert torch.equal(encoder[key.removeprefix("objective.encoder.")], last["state_dict"][key]), "this run's encoder"
     (aside,) = run_dir.glob("earlier-*")
-    assert {p.name for p in aside.iterdir()} == {"checkpoints", "encoder"}
+    assert {p.name for p in aside.iterdir()} == {"checkpoints", "encoder", "tensorboard"}
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1, "one run's curves per TensorBoard folder"
     kept = torch.load(aside / "checkpoints" / "last.ckpt", weights_only=True)
     assert kept["global_step"] == 5 and all(torch.equal(kept["state_dict"][k], v) for k, v in earlier.items())
     assert str(aside) in caplog.text and "starts afresh" in caplog.text

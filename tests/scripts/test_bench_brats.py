@@ -69,3 +69,20 @@ def test_every_objective_pretrains_the_same_32_cubed_encoder(tmp_path: Path, obj
         cfg = prepare_pretrain_config(compose(config_name="pretrain", overrides=overrides), overrides)
     assert list(cfg.backbone["img_size"]) == [32, 32, 32]
     assert cfg.data.num_channels == 4 and list(cfg.data.channels) == list(bench_brats.SEQUENCES)
+
+
+@pytest.mark.parametrize(
+    ("objective", "key", "value"),
+    [("mae", "objective.norm_pix_loss", False), ("hi_end_mae", "data.batch_size", 32), ("hi_end_mae", "optim.lr", 1.5e-3)],
+)
+def test_one_command_recreates_the_tables_settings(tmp_path: Path, objective: str, key: str, value: object) -> None:
+    """The BraTS table's MAE reconstructs raw intensities and its Hi-End-MAE runs at VesselMNIST3D's batch
+    and learning rate: the script's defaults, so the documented command re-creates the table."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    command = bench_brats.pretrain_command(tmp_path / "s.zarr", objective, 0, 300, tmp_path / "run")
+    overrides = [arg for arg in command[2:] if not arg.startswith("hydra.")]
+    with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=overrides)
+    assert OmegaConf.select(cfg, key) == value

@@ -18,6 +18,7 @@ from ssl_med.train.loggers import (
     ForwardOnlineMetrics,
     MetricsJSONL,
     build_loggers,
+    local_log_dirs,
     read_metrics,
 )
 from tests.train.test_pretrain import config
@@ -143,3 +144,14 @@ def test_pretrain_with_mlflow_file_store(tmp_path: Path, monkeypatch: pytest.Mon
     (run,) = client.search_runs([experiment.experiment_id])
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4
     assert json.loads(json.dumps(run.data.params))  # the config was logged as parameters
+
+
+def test_local_log_dirs_name_the_run_folders_loggers_write_into(tmp_path: Path) -> None:
+    """What a fresh run sets aside: the loggers' folders inside the run folder, not a folder elsewhere and
+    not metrics.jsonl (set aside by name)."""
+    run_dir = tmp_path / "run"
+    elsewhere = TensorBoardLogger(save_dir=str(tmp_path / "shared"), name="tb", version="")
+    config = {"tensorboard": {"_target_": "lightning.pytorch.loggers.TensorBoardLogger", "save_dir": None, "name": "tensorboard", "version": ""},
+              "csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": None, "name": "csv", "version": "v0"}}  # fmt: skip
+    loggers = [*build_loggers(config, run_dir), elsewhere]
+    assert sorted(local_log_dirs(loggers, run_dir)) == ["csv", "tensorboard"]
