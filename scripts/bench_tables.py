@@ -30,14 +30,33 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+# overrides that set how a run uses the machine, not what it learns: rows that differ only in these are one group
+MACHINE_OVERRIDES = ("num_threads", "data.num_workers", "trainer.progress_bar")
+
+
+def variant(row: dict) -> str:
+    """The extra pretraining overrides a row's run was given on the benchmark's command line (those after
+    ``hydra.run.dir=``, less :data:`MACHINE_OVERRIDES`), e.g. ``objective.norm_pix_loss=false``; ``""``
+    for the recipe as shipped or a row without its command."""
+    args = row.get("command", "").split()
+    start = next((i + 1 for i, a in enumerate(args) if a.startswith("hydra.run.dir=")), len(args))
+    return " ".join(a for a in args[start:] if a.split("=", 1)[0].lstrip("+~") not in MACHINE_OVERRIDES)
+
+
 def group_rows(rows: list[dict], *fields: str, keep: Callable[[dict], bool] = lambda r: True) -> dict[tuple, list[dict]]:
-    """The rows that ``keep`` accepts, grouped by the values of ``fields`` (``patch_size`` may be missing: ``?``)
-    and sorted by them."""
+    """The rows that ``keep`` accepts, grouped by the values of ``fields`` (``patch_size`` may be missing: ``?``;
+    ``variant`` is :func:`variant`) and sorted by them."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if keep(r):
-            groups.setdefault(tuple(r.get(f, "?") for f in fields), []).append(r)
+            key = tuple(variant(r) if f == "variant" else r.get(f, "?") for f in fields)
+            groups.setdefault(key, []).append(r)
     return dict(sorted(groups.items()))
+
+
+def encoder_label(backbone: str, patch: object, objective: str, extra: str = "") -> str:
+    """``vit-tiny/8 mae`` (``, objective.norm_pix_loss=false`` appended for a :func:`variant`)."""
+    return f"{backbone}-tiny/{patch} {objective}" + (f", {extra}" if extra else "")
 
 
 SHORT = {"pooled": "cls", "mean_patch": "mp", "pooled+mean_patch": "cls+mp", "patch_tokens": "tok"}
@@ -58,7 +77,7 @@ def table(rows: list[dict]) -> str:
         "| read-outs chosen (pretrained; random-init) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (data, backbone, objective, patch), rs in group_rows(rows, "dataset", "backbone", "objective", "patch_size").items():
+    for (data, backbone, objective, patch, extra), rs in group_rows(rows, "dataset", "backbone", "objective", "patch_size", "variant").items():
         auc = [r["linear_probe/pretrained"]["auroc"] for r in rs]
         auc0 = [r["linear_probe/random-init"]["auroc"] for r in rs]
         knn = [r["knn/pretrained"]["accuracy"] for r in rs]
@@ -69,7 +88,7 @@ def table(rows: list[dict]) -> str:
         best_gaps = [r["linear_probe/best-on-val"]["auroc"] - r["linear_probe/random-init"]["auroc"] for r in selected]
         best_cell = f"{mean_std(best)} ({','.join(str(r['best_step']) for r in selected)}) | **{mean_std(best_gaps)}**" if best else "- | -"
         lines.append(
-            f"| {data} | {backbone}-tiny/{patch} {objective} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} | "
+            f"| {data} | {encoder_label(backbone, patch, objective, extra)} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['steps']} | "
             f"{statistics.mean(r['pretrain_s'] for r in rs) / 60:.1f} | {mean_std(auc)} | {mean_std(auc0)} | "
             f"**{mean_std(gaps)}** | {best_cell} | {mean_std(knn)} | {mean_std(knn0)} | "
             f"{mean_std([a - b for a, b in zip(knn, knn0)])} | {readouts(rs)} |"
@@ -87,8 +106,8 @@ def label_efficiency_table(rows: list[dict], fractions: list[float], pixels: lis
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     on_pixels = {(p["dataset"], f): v["auroc"] for p in pixels or [] for f, v in p.get("label_efficiency", {}).items()}
-    groups = group_rows(rows, "dataset", "backbone", "objective", "patch_size", "steps", keep=lambda r: has_fractions(r, fractions))
-    for (data, backbone, objective, patch, steps), rs in groups.items():
+    groups = group_rows(rows, "dataset", "backbone", "objective", "patch_size", "steps", "variant", keep=lambda r: has_fractions(r, fractions))
+    for (data, backbone, objective, patch, steps, extra), rs in groups.items():
         for f in fractions:
             auc = [r["label_efficiency/pretrained"][str(f)]["auroc"][0] for r in rs]
             auc0 = [r["label_efficiency/random-init"][str(f)]["auroc"][0] for r in rs]
@@ -99,7 +118,7 @@ def label_efficiency_table(rows: list[dict], fractions: list[float], pixels: lis
             )
             pixel = on_pixels.get((data, str(f)))
             lines.append(
-                f"| {data} | {backbone}-tiny/{patch} {objective}, {steps} steps | {','.join(str(r['seed']) for r in rs)} | "
+                f"| {data} | {encoder_label(backbone, patch, objective, extra)}, {steps} steps | {','.join(str(r['seed']) for r in rs)} | "
                 f"{100 * f:g} % | {mean_std(auc)} | {mean_std(auc0)} | **{mean_std(gaps)}** | "
                 f"{', '.join(f'{g:+.3f}' for g in gaps)} | {f'{pixel[0]:.3f} ± {pixel[1]:.3f}' if pixel else '-'} | {chosen} |"
             )
@@ -113,15 +132,15 @@ def finetune_table(rows: list[dict], recipe: str = "finetune") -> str:
         "| data | encoder/patch | seeds | fine-tune AUROC | random-init fine-tune AUROC | gap | chosen on val: read-out/lr/layer decay@step (pretrained; random-init) |",
         "|---|---|---|---|---|---|---|",
     ]
-    groups = group_rows(rows, "dataset", "backbone", "objective", "patch_size", keep=lambda r: f"{recipe}/pretrained" in r)
-    for (data, backbone, objective, patch), rs in groups.items():
+    groups = group_rows(rows, "dataset", "backbone", "objective", "patch_size", "variant", keep=lambda r: f"{recipe}/pretrained" in r)
+    for (data, backbone, objective, patch, extra), rs in groups.items():
         auc = [r[f"{recipe}/pretrained"]["auroc"] for r in rs]
         auc0 = [r[f"{recipe}/random-init"]["auroc"] for r in rs]
         chosen = "; ".join(
             ", ".join(_choice(r[f"{recipe}_choice/{e}"]) for r in rs) for e in ("pretrained", "random-init")
         )
         lines.append(
-            f"| {data} | {backbone}-tiny/{patch} {objective} | {','.join(str(r['seed']) for r in rs)} | {mean_std(auc)} | "
+            f"| {data} | {encoder_label(backbone, patch, objective, extra)} | {','.join(str(r['seed']) for r in rs)} | {mean_std(auc)} | "
             f"{mean_std(auc0)} | **{mean_std([a - b for a, b in zip(auc, auc0)])}** | {chosen} |"
         )
     return "\n".join(lines) if groups else ""
@@ -163,7 +182,7 @@ def plot_label_efficiency(rows: list[dict], fractions: list[float], pixels: list
     The 100 % point is the table's probe (read-out and ``C`` by CV), the others the label-efficiency probe."""
     from matplotlib.figure import Figure
 
-    groups = group_rows(rows, "dataset", "backbone", "objective", "steps", keep=lambda r: has_fractions(r, fractions))
+    groups = group_rows(rows, "dataset", "backbone", "objective", "steps", "variant", keep=lambda r: has_fractions(r, fractions))
     if not groups:
         return
     cols = min(4, len(groups))
@@ -173,7 +192,7 @@ def plot_label_efficiency(rows: list[dict], fractions: list[float], pixels: list
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
     xs = [*fractions, 1.0]
-    for ax, ((data, backbone, objective, steps), rs) in zip(axes.flat, groups.items()):
+    for ax, ((data, backbone, objective, steps, extra), rs) in zip(axes.flat, groups.items()):
         for encoder, colour in (("pretrained", "tab:blue"), ("random-init", "tab:grey")):
             per_seed = [[r[f"label_efficiency/{encoder}"][str(f)]["auroc"][0] for f in fractions]
                         + [r[f"linear_probe/{encoder}"]["auroc"]] for r in rs]
@@ -187,7 +206,7 @@ def plot_label_efficiency(rows: list[dict], fractions: list[float], pixels: list
                         marker="s", capsize=3, color="tab:orange", linestyle="--", label="raw pixels")
         ax.set_xscale("log")
         ax.set_xticks(xs, [f"{100 * x:g} %" for x in xs])
-        ax.set_title(f"{data}: {backbone}-tiny {objective}, {steps} steps", fontsize=8)
+        ax.set_title(f"{data}: {backbone}-tiny {objective}, {steps} steps" + (f"\n{extra}" if extra else ""), fontsize=8)
         ax.set_xlabel("training labels")
         ax.set_ylabel("test AUROC (linear probe)")
         ax.grid(alpha=0.3)

@@ -37,6 +37,20 @@ def test_label_efficiency_table_reports_seed_means_and_gaps() -> None:
     assert bench.label_efficiency_table(rows[2:], [0.01]) == ""
 
 
+def test_rows_given_extra_overrides_are_their_own_group_and_say_so() -> None:
+    """Runs given a setting beyond the recipe (raw-voxel MAE targets) are not averaged with the recipe's runs,
+    and their label names the setting; thread and worker counts split nothing."""
+    run = "ssl_med pretrain recipe=small_3d objective=mae seed={s} hydra.run.dir=/x/run{extra} num_threads=1 data.num_workers=1"
+    rows = [{**_row(s, 0.8, 0.7), "command": run.format(s=s, extra=extra)}
+            for s in (0, 1) for extra in ("", " objective.norm_pix_loss=false")]  # fmt: skip
+    assert bench.variant(rows[0]) == "" and bench.variant(rows[1]) == "objective.norm_pix_loss=false"
+    assert bench.variant({"dataset": "breastmnist"}) == ""
+    lines = bench.label_efficiency_table(rows, [0.01]).splitlines()[2:]
+    assert [line.split("|")[2].strip() for line in lines] == [
+        "vit-tiny/4 mae, 300 steps", "vit-tiny/4 mae, objective.norm_pix_loss=false, 300 steps"]  # fmt: skip
+    assert all("| 0,1 |" in line for line in lines)
+
+
 def test_label_efficiency_plot_is_written(tmp_path: Path) -> None:
     rows = [{**_row(s, 0.8, 0.7), "linear_probe/pretrained": {"auroc": 0.85}, "linear_probe/random-init": {"auroc": 0.83}}
             for s in (0, 1)]
