@@ -134,10 +134,13 @@ def online_curve(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 
 def with_geometry(row: dict, run_dir: Path) -> dict:
-    """``row`` with the patch and crop size its run trained at (from the run's resolved config)."""
-    if "crop_size" not in row and (run_dir / "resolved_config.yaml").is_file():
-        data = OmegaConf.load(run_dir / "resolved_config.yaml").data
-        row["patch_size"], row["crop_size"] = int(data.patch_size), int(data.crop_size[0])
+    """``row`` with the patch size, crop size and encoder input size its run trained at (from the run's
+    resolved config). The input size is what the evaluators and the raw-pixel probe read; it differs from
+    the crop where an objective cuts its views out of the crop (VoCo's region holds four bases)."""
+    if "input_size" not in row and (run_dir / "resolved_config.yaml").is_file():
+        resolved = OmegaConf.load(run_dir / "resolved_config.yaml")
+        row["patch_size"], row["crop_size"] = int(resolved.data.patch_size), int(resolved.data.crop_size[0])
+        row["input_size"] = int(resolved.backbone.img_size[0])
     return row
 
 
@@ -340,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     pixels = []
     for name, spec in datasets.items():
-        sizes = sorted({r["crop_size"] for r in rows if r["dataset"] == name and "crop_size" in r})
+        sizes = sorted({r.get("input_size", r.get("crop_size")) for r in rows if r["dataset"] == name} - {None})
         pixels += [pixel_probe(args.out, name, spec, size, args.label_fractions) for size in sizes]
     curves = args.doc.parent / "benchmarks" / "online_curves.png"
     plot_curves(rows, curves)

@@ -30,17 +30,19 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-# overrides that set how a run uses the machine, not what it learns: rows that differ only in these are one group
-MACHINE_OVERRIDES = ("num_threads", "data.num_workers", "trainer.progress_bar")
+# overrides that set how a run uses the machine or is watched, not what it learns (a key or a group prefix):
+# rows that differ only in these are one group
+NOT_LEARNING_OVERRIDES = ("num_threads", "data.num_workers", "trainer.progress_bar", "online_eval.")
 
 
 def variant(row: dict) -> str:
     """The extra pretraining overrides a row's run was given on the benchmark's command line (those after
-    ``hydra.run.dir=``, less :data:`MACHINE_OVERRIDES`), e.g. ``objective.norm_pix_loss=false``; ``""``
+    ``hydra.run.dir=``, less :data:`NOT_LEARNING_OVERRIDES`), e.g. ``objective.norm_pix_loss=false``; ``""``
     for the recipe as shipped or a row without its command."""
     args = row.get("command", "").split()
     start = next((i + 1 for i, a in enumerate(args) if a.startswith("hydra.run.dir=")), len(args))
-    return " ".join(a for a in args[start:] if a.split("=", 1)[0].lstrip("+~") not in MACHINE_OVERRIDES)
+    keys = [(a, a.split("=", 1)[0].lstrip("+~")) for a in args[start:]]
+    return " ".join(a for a, key in keys if not any(key == o or (o.endswith(".") and key.startswith(o)) for o in NOT_LEARNING_OVERRIDES))
 
 
 def group_rows(rows: list[dict], *fields: str, keep: Callable[[dict], bool] = lambda r: True) -> dict[tuple, list[dict]]:

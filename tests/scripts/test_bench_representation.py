@@ -61,3 +61,14 @@ def test_evaluations_run_on_the_jobs_thread_count(tmp_path: Path, monkeypatch: p
     with threadpool_limits(limits=None):  # main() limits this process's BLAS threads too; restored on exit
         assert bench.main(["--datasets", "breastmnist", "--out", str(tmp_path), "num_threads=1", "data.num_workers=1"]) == 1
     assert calls == [["eval_data=breastmnist", "num_threads=1"]] * len(calls) and calls
+
+
+def test_rows_record_the_encoders_input_size_beside_the_crop(tmp_path: Path) -> None:
+    """VoCo's 56 px region holds four 28 px bases: the raw-pixel probe beside it reads 28 px, the encoder's
+    input, not the crop."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.save({"data": {"patch_size": 4, "crop_size": [56, 56]}, "backbone": {"img_size": [28, 28]}},
+                   tmp_path / "resolved_config.yaml")  # fmt: skip
+    row = bench.with_geometry({"dataset": "breastmnist"}, tmp_path)
+    assert (row["patch_size"], row["crop_size"], row["input_size"]) == (4, 56, 28)

@@ -39,8 +39,8 @@ def test_label_efficiency_table_reports_seed_means_and_gaps() -> None:
 
 def test_rows_given_extra_overrides_are_their_own_group_and_say_so() -> None:
     """Runs given a setting beyond the recipe (raw-voxel MAE targets) are not averaged with the recipe's runs,
-    and their label names the setting; thread and worker counts split nothing."""
-    run = "ssl_med pretrain recipe=small_3d objective=mae seed={s} hydra.run.dir=/x/run{extra} num_threads=1 data.num_workers=1"
+    and their label names the setting; thread and worker counts and the online curve's settings split nothing."""
+    run = "ssl_med pretrain recipe=small_3d objective=mae seed={s} hydra.run.dir=/x/run{extra} num_threads=1 data.num_workers=1 online_eval.every_n_steps=100"
     rows = [{**_row(s, 0.8, 0.7), "command": run.format(s=s, extra=extra)}
             for s in (0, 1) for extra in ("", " objective.norm_pix_loss=false")]  # fmt: skip
     assert bench.variant(rows[0]) == "" and bench.variant(rows[1]) == "objective.norm_pix_loss=false"
