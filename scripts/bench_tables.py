@@ -30,19 +30,24 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-# overrides that set how a run uses the machine or is watched, not what it learns (a key or a group prefix):
-# rows that differ only in these are one group
-NOT_LEARNING_OVERRIDES = ("num_threads", "data.num_workers", "trainer.progress_bar", "online_eval.")
+# overrides that set how a run uses the machine or is watched, not what it learns: rows that differ only in
+# these are one group (keys, and whole groups by prefix)
+NOT_LEARNING_KEYS = frozenset({"num_threads", "data.num_workers", "trainer.progress_bar"})
+NOT_LEARNING_GROUPS = ("online_eval.",)
 
 
 def variant(row: dict) -> str:
     """The extra pretraining overrides a row's run was given on the benchmark's command line (those after
-    ``hydra.run.dir=``, less :data:`NOT_LEARNING_OVERRIDES`), e.g. ``objective.norm_pix_loss=false``; ``""``
-    for the recipe as shipped or a row without its command."""
+    ``hydra.run.dir=``, less the :data:`NOT_LEARNING_KEYS` and :data:`NOT_LEARNING_GROUPS`), e.g.
+    ``objective.norm_pix_loss=false``; ``""`` for the recipe as shipped or a row without its command."""
     args = row.get("command", "").split()
     start = next((i + 1 for i, a in enumerate(args) if a.startswith("hydra.run.dir=")), len(args))
-    keys = [(a, a.split("=", 1)[0].lstrip("+~")) for a in args[start:]]
-    return " ".join(a for a, key in keys if not any(key == o or (o.endswith(".") and key.startswith(o)) for o in NOT_LEARNING_OVERRIDES))
+    learning = []
+    for arg in args[start:]:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key not in NOT_LEARNING_KEYS and not key.startswith(NOT_LEARNING_GROUPS):
+            learning.append(arg)
+    return " ".join(learning)
 
 
 def group_rows(rows: list[dict], *fields: str, keep: Callable[[dict], bool] = lambda r: True) -> dict[tuple, list[dict]]:
