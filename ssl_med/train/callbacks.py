@@ -253,8 +253,12 @@ class ExportEncoder(L.Callback):
             (self.out_dir / "rank_checksums.json").write_text(json.dumps(checksums))
 
 
+#: the picture :class:`PlotCurves` draws in the run folder
+CURVES_FILE = "training_curves.png"
+
+
 class PlotCurves(L.Callback):
-    """Writes ``training_curves.png`` (loss terms, collapse monitor, lr, throughput, online evaluation)
+    """Writes :data:`CURVES_FILE` (loss terms, collapse monitor, lr, throughput, online evaluation)
     at the end of training, from the run's ``metrics.jsonl``."""
 
     def __init__(self, run_dir: Path) -> None:
@@ -267,4 +271,4 @@ class PlotCurves(L.Callback):
 
             for logger in trainer.loggers:
                 logger.save()
-            plot_training_curves(self.run_dir / METRICS_FILE, self.run_dir / "training_curves.png")
+            plot_training_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)

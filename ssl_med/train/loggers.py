@@ -171,12 +171,12 @@ def build_loggers(config: Mapping[str, Mapping[str, Any]], run_dir: str | Path) 
 
 def local_log_dirs(loggers: Sequence[Logger], run_dir: str | Path) -> list[str]:
     """Names of the entries directly under ``run_dir`` that ``loggers`` write into (``tensorboard``,
-    ``csv``, ...), for setting an earlier run's logs aside; loggers that write elsewhere (an MLflow
-    server, W&B) and :class:`MetricsJSONL` (its file is named by :data:`METRICS_FILE`) add nothing."""
+    ``csv``, ...), for setting an earlier run's logs aside; loggers without a log folder there (an MLflow
+    server, W&B, :class:`MetricsJSONL`, whose file is :data:`METRICS_FILE`) add nothing."""
     run_dir = Path(run_dir).resolve()
     names: list[str] = []
     for logger in loggers:
-        if isinstance(logger, MetricsJSONL) or not logger.log_dir:
+        if not logger.log_dir:
             continue
         path = Path(logger.log_dir).resolve()
         if path != run_dir and path.is_relative_to(run_dir):

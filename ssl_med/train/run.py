@@ -12,7 +12,7 @@ A run folder holds everything of one run::
       encoder_best/          the best-on-val encoder of the online curve (online_eval.keep_best)
       online_eval.json       the online curve (online_eval.data)
       training_curves.png    loss terms, collapse monitor, lr and throughput at a glance
-      earlier-<time>/        an earlier run's checkpoints, encoders, curve, metrics and logs, moved here when a run
+      earlier-<time>/        an earlier run's checkpoints, encoders, curves, metrics and logs, moved here when a run
                              starts afresh in the same folder (resume=never), so none of them is read as this run's
 """
 
@@ -39,6 +39,7 @@ from ssl_med.lifetimes import Interrupted, StopSignals
 from ssl_med.objective import Objective
 from ssl_med.registry import OBJECTIVES
 from ssl_med.train.callbacks import (
+    CURVES_FILE,
     AtomicCheckpointIO,
     ExportEncoder,
     FinalCheckpoint,
@@ -147,7 +148,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> Path:
         log.info("resuming from %s", ckpt_path)
     export_dir = run_dir / "encoder"
     if not continues_here(ckpt_path, checkpoint_dir) and first_process():
-        earlier = [checkpoint_dir.name, export_dir.name, BEST_DIR, ONLINE_EVAL_FILE, METRICS_FILE]
+        earlier = [checkpoint_dir.name, export_dir.name, BEST_DIR, ONLINE_EVAL_FILE, METRICS_FILE, CURVES_FILE]
         set_aside_earlier_run(run_dir, [*earlier, *local_log_dirs(loggers, run_dir)])
     for logger in loggers:
         logger.log_hyperparams(asdict(cfg))

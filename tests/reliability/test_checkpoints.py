@@ -169,3 +169,15 @@ def test_a_fresh_run_sets_the_earlier_runs_results_aside(tmp_path, caplog) -> No
     assert str(aside) in caplog.text and "starts afresh" in caplog.text
     run_module.pretrain(small_config("trainer.max_steps=2"), run_dir)  # resume=auto: continues this run, moves nothing
     assert len(list(run_dir.glob("earlier-*"))) == 1
+
+
+def test_a_fresh_run_sets_an_earlier_runs_curves_picture_aside(tmp_path) -> None:
+    """The earlier run's training_curves.png is not left beside a fresh run (which draws its own only at the
+    end): a run stopped early would show the earlier run's curves as its own."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "training_curves.png").write_bytes(b"earlier run")
+    run_module.pretrain(small_config("trainer.max_steps=2", "resume=never"), run_dir)
+    (aside,) = run_dir.glob("earlier-*")
+    assert (aside / "training_curves.png").read_bytes() == b"earlier run"
+    assert not (run_dir / "training_curves.png").is_file() or (run_dir / "training_curves.png").read_bytes() != b"earlier run"
