@@ -54,6 +54,10 @@ AVAILABLE_KEY = "channel_available"
 SEPARATOR = "|"
 #: keys the view transforms carry from the crop to their views (views of one sample share its channels)
 CHANNEL_KEYS = (NAMES_KEY, MASK_KEY, AVAILABLE_KEY)
+#: the name readers give the one channel of a greyscale image (PNG, DICOM, MedMNIST): it says the image
+#: has one intensity channel, not what kind, so an encoder without a vocabulary row for it uses its
+#: per-slot embedding without a warning (the right embedding for an image with nothing to name)
+GRAY = "gray"
 _PLACEHOLDER = re.compile(r"^ch\d+$")
 _warned: set[str] = set()
 
@@ -140,7 +144,8 @@ def carry_channel_keys(sample: Mapping[str, Any], views: dict[str, Any]) -> dict
 def channel_names_for(encoder: Any, names: list[list[str]] | None, batch: int) -> list[list[str] | None] | None:
     """Names an encoder can use, per image: an image's names when the encoder knows every one of them
     (``encoder.knows_channel``), else ``None`` for that image (per-slot embeddings); unknown real
-    names are reported once, naming the option that adds them (``backbone.channel_vocab``)."""
+    names are reported once, naming the option that adds them (``backbone.channel_vocab``); a lone
+    :data:`GRAY` channel is not (it names no kind of channel to learn)."""
     if names is None:
         return None
     if len(names) != batch:
@@ -154,7 +159,7 @@ def channel_names_for(encoder: Any, names: list[list[str]] | None, batch: int) -
         unknown = [n for n in image_names if knows is not None and not knows(n)]
         if unknown:
             key = ",".join(sorted(unknown))
-            if key not in _warned:
+            if key not in _warned and unknown != [GRAY]:
                 _warned.add(key)
                 log.warning(
                     "channel names %s are not in the encoder's channel vocabulary: those images get per-slot "

@@ -7,8 +7,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ssl_med.data import channels as channels_module
 from ssl_med.data.channels import (
+    GRAY,
     batch_channel_names,
+    channel_names_for,
     draw_channel_keep,
     encode_names,
     encoder_channel_kwargs,
@@ -73,6 +76,21 @@ def test_averaged_channels_carry_no_names(named_store: str) -> None:
     ds = RandomCropDataset(named_store, (8, 8, 8), num_channels=1, length=3, return_channel_names=True)
     assert all(ds[i]["channel_names"] == "" for i in range(3))
     assert encoder_channel_kwargs(chada(), next(iter(DataLoader(ds, batch_size=3)))) == {}
+
+
+def test_unknown_names_are_warned_once_but_a_grey_image_is_not(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A MedMNIST / PNG / DICOM image's lone ``gray`` channel takes the per-slot embedding quietly; a
+    real name the vocabulary lacks (a microscopy stain) is reported, once."""
+    monkeypatch.setattr(channels_module, "_warned", set())
+    enc = chada()
+    with caplog.at_level("WARNING", logger=channels_module.__name__):
+        assert channel_names_for(enc, [[GRAY], [GRAY]], 2) is None
+        assert not caplog.records
+        assert channel_names_for(enc, [["dapi"], ["flair"]], 2) == [None, ["flair"]]
+        assert channel_names_for(enc, [["dapi"]], 1) is None
+    assert len(caplog.records) == 1 and "dapi" in caplog.text and "backbone.channel_vocab" in caplog.text
 
 
 def test_aliases_and_case_map_to_the_same_embedding() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ssl_med.data.channels import GRAY
 from ssl_med.data.readers.base import ReadError, Record, Source
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -88,7 +89,7 @@ def read_series(source: Source) -> Iterator[Record]:
             pixels = np.moveaxis(pixels, -1, 0)[:3]
             names = ("R", "G", "B")
         else:
-            pixels, names = pixels[None], ("gray",)
+            pixels, names = pixels[None], (GRAY,)
         spacing = tuple(float(s) for s in getattr(first, "PixelSpacing", (1.0, 1.0)))
         yield Record(
             name=source.name, array=_compact(pixels), spacing=spacing, modality=modality,

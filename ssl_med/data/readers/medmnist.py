@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ssl_med.data.channels import GRAY
 from ssl_med.data.readers.base import ReadError, Source, StackRecord
 
 SPLITS = ("train", "val", "test")
@@ -28,11 +29,11 @@ def is_medmnist(path: str | Path) -> bool:
 def _as_stack(images: np.ndarray, name: str) -> tuple[np.ndarray, tuple[str, ...]]:
     """``(N, C, *spatial)`` from MedMNIST's ``(N, H, W)``, ``(N, H, W, 3)`` or ``(N, D, H, W)``."""
     if images.ndim == 3:
-        return images[:, None], ("gray",)
+        return images[:, None], (GRAY,)
     if images.ndim == 4 and images.shape[-1] == 3 and images.shape[1] != 3:
         return np.moveaxis(images, -1, 1), ("R", "G", "B")
     if images.ndim == 4:
-        return images[:, None], ("gray",)
+        return images[:, None], (GRAY,)
     raise ReadError(f"{name}: unexpected image array shape {images.shape}")
 
 

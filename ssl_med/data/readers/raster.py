@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ssl_med.data.channels import GRAY
 from ssl_med.data.readers.base import ReadError, Record, Source
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -25,7 +26,7 @@ def _pil(path: str) -> tuple[np.ndarray, tuple[str, ...]]:
             im = im.convert("L")
         data = np.asarray(im)
     if data.ndim == 2:
-        return data[None], ("gray",)
+        return data[None], (GRAY,)
     if data.shape[-1] == 4 and np.all(data[..., 3] == data[..., 3].max()):
         data = data[..., :3]  # constant alpha carries nothing
     names = ("R", "G", "B", "A")[: data.shape[-1]]
@@ -59,7 +60,7 @@ def _tiff(path: str) -> tuple[np.ndarray, tuple[str, ...]]:
     data = data.reshape(n_chan, *data.shape[len(chan) :])
     names = ("R", "G", "B") if axes.count("S") and n_chan == 3 else tuple(f"ch{i}" for i in range(n_chan))
     if n_chan == 1:
-        names = ("gray",)
+        names = (GRAY,)
     return data, names
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ssl_med.data.channels import GRAY
 from ssl_med.data.store import ImageStore
 from ssl_med.registry import SOURCES
 
@@ -63,7 +64,7 @@ def _skimage_images() -> list[tuple[str, np.ndarray, str, tuple[str, ...]]]:
     ]:
         img = loader()
         arr = img.transpose(2, 0, 1) if img.ndim == 3 else img[None]
-        channels = ("R", "G", "B") if arr.shape[0] == 3 else ("gray",)
+        channels = ("R", "G", "B") if arr.shape[0] == 3 else (GRAY,)
         out.append((name, arr, modality, channels))
     return out
 
