@@ -43,7 +43,6 @@ from ssl_med.config import OnlineEvalConfig
 from ssl_med.evaluators.datasets import ClassificationData, _subset
 from ssl_med.evaluators.features import extract_features
 from ssl_med.evaluators.knn import knn_scores
-from ssl_med.evaluators.linear_probe import grid_edge
 from ssl_med.evaluators.metrics import classification_metrics
 from ssl_med.train.collapse import effective_rank, embedding_std
 
@@ -72,7 +71,9 @@ def ridge_probe_scores(
     Features ``(N, D)`` are standardised with the train statistics; ``W = (XᵀX + λ N I)⁻¹ XᵀY``. With several
     ``ridge`` values, ``λ`` is the one whose leave-one-out predictions on the train split score the highest
     AUROC (``task`` as :func:`~ssl_med.evaluators.metrics.classification_metrics`; ties go to the larger
-    ``λ``). Leave-one-out is exact and needs no refits: with ``X = U S Vᵀ`` the hat matrix is
+    ``λ``). Where that is an end of the grid, one decade beyond it is scored too and taken if it scores higher, so
+    a strength at an end is one leave-one-out confirmed and a strength outside the grid says the grid cut the
+    search short (:class:`OnlineEval` warns). Leave-one-out is exact and needs no refits: with ``X = U S Vᵀ`` the hat matrix is
     ``H = U diag(s² / (s² + λN)) Uᵀ`` and the prediction for row ``i`` without it is
     ``(ŷᵢ − Hᵢᵢ yᵢ) / (1 − Hᵢᵢ)`` (Allen's PRESS identity; the standardisation statistics include row ``i``).
     Scores are a softmax of the predictions, so AUROC and argmax accuracy apply.
@@ -90,7 +91,17 @@ def ridge_probe_scores(
         loo = (fitted - leverage * y) / (1 - leverage)
         return classification_metrics(torch.softmax(loo * 10.0, dim=1).numpy(), train_labels, task)["auroc"]
 
-    lam = max(lambdas, key=loo_auroc) if len(lambdas) > 1 else lambdas[0]  # max keeps the first: the larger on ties
+    scored: dict[float, float] = {}
+
+    def score(lam: float) -> float:
+        if lam not in scored:
+            scored[lam] = loo_auroc(lam)
+        return scored[lam]
+
+    lam = max(lambdas, key=score) if len(lambdas) > 1 else lambdas[0]  # max keeps the first: the larger on ties
+    if len(lambdas) > 1 and lam in (lambdas[0], lambdas[-1]):
+        beyond = lam * 10.0 if lam == lambdas[0] else lam / 10.0
+        lam = beyond if score(beyond) > score(lam) else lam
     w = vh.T @ ((sv / (sv**2 + lam * len(x1)))[:, None] * uty)
     return torch.softmax(q1 @ w * 10.0, dim=1).numpy(), lam
 
@@ -154,7 +165,7 @@ class OnlineEval(L.Callback):
         self.history: list[dict[str, float]] = []
         self.seconds = 0.0
         self._last_step = -1
-        self._edge_warned = False
+        self._beyond_warned = False
 
     @torch.no_grad()
     def evaluate(self, pl_module: L.LightningModule, encoder: torch.nn.Module | None = None) -> dict[str, float]:
@@ -208,19 +219,21 @@ class OnlineEval(L.Callback):
                 "online eval (%s val, step %d), the student: kNN acc %.3f AUROC %.3f | ridge probe AUROC %.3f",
                 self.name, step, metrics["student_knn_accuracy"], metrics["student_knn_auroc"], metrics["student_linear_auroc"],
             )
-        self._warn_at_grid_edge(step, metrics["linear_ridge"])
+        self._warn_beyond_grid(step, metrics["linear_ridge"])
 
-    def _warn_at_grid_edge(self, step: int, ridge: float) -> None:
-        """Warn once per run when the ridge probe's strength is an end of ``online_eval.ridge``: its best
-        strength may lie beyond the grid, so ``online/linear_auroc`` may understate the encoder."""
-        edge = grid_edge(ridge, list(self.cfg.ridge))
-        if edge is None or self._edge_warned:
+    def _warn_beyond_grid(self, step: int, ridge: float) -> None:
+        """Warn once per run when the ridge probe chose a strength a decade beyond ``online_eval.ridge`` (see
+        :func:`ridge_probe_scores`): its best may lie further out, so ``online/linear_auroc`` may understate the
+        encoder. A strength at an end of the grid is not warned about: the decade beyond it scored lower."""
+        grid = [float(r) for r in self.cfg.ridge]
+        if self._beyond_warned or len(grid) < 2 or min(grid) <= ridge <= max(grid):
             return
-        self._edge_warned = True
+        self._beyond_warned = True
         log.warning(
-            "online eval (step %d): the ridge probe chose %g, the %s strength of online_eval.ridge; its best may lie "
-            "beyond the grid, so online/linear_auroc may understate this encoder (extend online_eval.ridge)",
-            step, ridge, edge,
+            "online eval (step %d): the ridge probe chose %g, a decade beyond the %s strength of online_eval.ridge "
+            "(leave-one-out on train scored it higher); its best may lie further out, so online/linear_auroc may "
+            "understate this encoder (extend online_eval.ridge)",
+            step, ridge, "smallest" if ridge < min(grid) else "largest",
         )
 
     def _keep_if_best(self, step: int, metrics: dict[str, float], pl_module: L.LightningModule) -> None:

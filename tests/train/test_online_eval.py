@@ -73,11 +73,10 @@ def _lstsq_ridge(xs: np.ndarray, targets: np.ndarray, lam: float) -> np.ndarray:
     return np.linalg.lstsq(a, np.vstack([targets, np.zeros((d, targets.shape[1]))]), rcond=None)[0]
 
 
-def test_ridge_is_chosen_by_leave_one_out_on_train() -> None:
-    """Against brute force: refit without each train row (numpy least squares), score the held-out rows by
-    sklearn's AUROC, take the best strength (ties: the larger); the probe must pick the same one and
-    return that strength's scores. Few rows and many features, so the strength matters; the best one here is
-    in the middle of the grid."""
+def _brute_force_ridge_problem(grid: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[float, float]]:
+    """Few rows and many features, so the strength matters: ``x`` ``(40, 30)``, labels, queries ``(9, 30)``, and
+    the leave-one-out AUROC of every strength of ``grid`` by brute force: refit without each train row (numpy
+    least squares), score the held-out rows by sklearn's AUROC."""
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(0)
@@ -85,7 +84,6 @@ def test_ridge_is_chosen_by_leave_one_out_on_train() -> None:
     y = rng.integers(0, 2, n)
     x = rng.standard_normal((n, d)) + 1.0 * y[:, None] * (np.arange(d) < 3)
     q = rng.standard_normal((9, d))
-    grid = [1e-4, 1e-2, 0.1, 1.0, 10.0]
     xs = np.hstack([(x - x.mean(0)) / x.std(0, ddof=1), np.ones((n, 1))])  # statistics of all rows
     targets = np.eye(2)[y]
     loo_auroc = {}
@@ -98,13 +96,38 @@ def test_ridge_is_chosen_by_leave_one_out_on_train() -> None:
             pred = xs[i] @ w
             held_out[i] = pred[1] - pred[0]
         loo_auroc[lam] = roc_auc_score(y, held_out)
-    expected = max(sorted(grid, reverse=True), key=lambda lam: loo_auroc[lam])
-    assert expected not in (min(grid), max(grid))  # neither the weakest (the train fit's choice) nor the strongest
-    scores, chosen = ridge_probe_scores(x, y, q, 2, grid, "binary")
+    return x, y, q, loo_auroc
+
+
+BRUTE_FORCE_GRID = [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0]
+
+
+def test_ridge_is_chosen_by_leave_one_out_on_train() -> None:
+    """Against brute force: take the best strength (ties: the larger); the probe must pick the same one and
+    return that strength's scores. The best one here is in the middle of the grid."""
+    x, y, q, loo_auroc = _brute_force_ridge_problem(BRUTE_FORCE_GRID)
+    expected = max(sorted(BRUTE_FORCE_GRID, reverse=True), key=lambda lam: loo_auroc[lam])
+    assert expected not in (min(BRUTE_FORCE_GRID), max(BRUTE_FORCE_GRID))  # neither the weakest (the train fit's choice) nor the strongest
+    scores, chosen = ridge_probe_scores(x, y, q, 2, BRUTE_FORCE_GRID, "binary")
     assert chosen == expected
-    w = _lstsq_ridge(xs, targets, chosen)
+    xs = np.hstack([(x - x.mean(0)) / x.std(0, ddof=1), np.ones((len(x), 1))])
+    w = _lstsq_ridge(xs, np.eye(2)[y], chosen)
     pred = np.hstack([(q - x.mean(0)) / x.std(0, ddof=1), np.ones((9, 1))]) @ w
     np.testing.assert_allclose(scores, np.exp(10 * pred) / np.exp(10 * pred).sum(1, keepdims=True), rtol=1e-6, atol=1e-9)
+
+
+def test_a_strength_at_an_end_of_the_grid_is_checked_a_decade_beyond() -> None:
+    """Against brute force: with the best strength just outside a grid, the probe takes the decade beyond
+    the grid's end (leave-one-out scores it higher); with the best at the grid's end, it stays there."""
+    x, y, q, loo_auroc = _brute_force_ridge_problem(BRUTE_FORCE_GRID)
+    best = max(sorted(BRUTE_FORCE_GRID, reverse=True), key=lambda lam: loo_auroc[lam])
+    above = [best * 10, best * 100]  # the best is a decade below the grid
+    below = [best / 100, best / 10]  # ... a decade above it
+    assert ridge_probe_scores(x, y, q, 2, above, "binary")[1] == pytest.approx(best)
+    assert ridge_probe_scores(x, y, q, 2, below, "binary")[1] == pytest.approx(best)
+    ends_at_best = [best, best * 10]
+    assert loo_auroc[best / 10] <= loo_auroc[best]
+    assert ridge_probe_scores(x, y, q, 2, ends_at_best, "binary")[1] == best
 
 
 def _tiny_data(n: int = 24) -> ClassificationData:
@@ -292,14 +315,17 @@ def test_a_file_of_ones_own_is_named_after_the_file(tmp_path: Path, shared_data:
     assert set(callback.labels) == {"train", "val"} and len(callback.labels["val"]) == 16
 
 
-def test_a_ridge_at_the_grid_edge_is_warned_once(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_ridge_beyond_the_grid_is_warned_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Inside the grid or at an end (the decade beyond scored lower) there is nothing to say; a strength
+    outside it means the grid cut the search short."""
     import logging
 
     callback = OnlineEval(OnlineEvalConfig(data="toy", ridge=[1e-3, 1e-2, 1e-1]), _tiny_data())
     with caplog.at_level(logging.WARNING, logger="ssl_med.train.online_eval"):
-        callback._warn_at_grid_edge(1, 1e-2)
-        assert not caplog.records, "an interior strength is not warned about"
-        callback._warn_at_grid_edge(2, 1e-3)
-        callback._warn_at_grid_edge(3, 1e-1)
+        for step, ridge in enumerate([1e-2, 1e-3, 1e-1]):
+            callback._warn_beyond_grid(step, ridge)
+        assert not caplog.records, "a strength inside the grid or at an end is not warned about"
+        callback._warn_beyond_grid(3, 1e-4)
+        callback._warn_beyond_grid(4, 1.0)
     assert len(caplog.records) == 1, "once per run"
-    assert "0.001, the smallest strength of online_eval.ridge" in caplog.messages[0]
+    assert "0.0001, a decade beyond the smallest strength of online_eval.ridge" in caplog.messages[0]
