@@ -87,7 +87,8 @@ class OnlineEvalConfig:
         features: ``auto``, ``pooled``, ``mean_patch``, ``pooled+mean_patch`` or ``patch_tokens`` (as ``eval.features``).
         k, temperature: kNN neighbours and vote temperature.
         ridge: L2 strengths of the closed-form probe (relative to N, on standardised features); each
-            evaluation uses the one with the best exact leave-one-out AUROC on train (one value: fixed).
+            evaluation uses the one with the best exact leave-one-out AUROC on train, or the decade beyond
+            the grid's end where that scores higher still (one value: fixed).
         max_train, max_val: stratified subsets of the train (bank) and val (query) splits.
         batch_size: feature-extraction batch.
         keep_best: export the encoder of the best val value of this metric to ``encoder_best/``

@@ -8,10 +8,10 @@ teacher where the objective has one (:meth:`~ssl_med.objective.Objective.eval_en
   :func:`ssl_med.evaluators.knn.knn_scores`) of the **val** split against the train split;
 * ``online/linear_auroc``, ``online/linear_accuracy``: a closed-form ridge classifier on
   standardised features (one SVD, no iterations), trained on train and scored on val; its L2 strength
-  is chosen per evaluation from ``online_eval.ridge`` by the exact leave-one-out AUROC on **train**
-  (``online/linear_ridge``), so a random network and a trained one are each read at the strength that
-  suits their features (a fixed strong ridge reads a random ViT well below what a tuned probe gets from
-  it, and the curve then overstates what pretraining added);
+  is chosen per evaluation from ``online_eval.ridge`` (or a decade beyond its ends, with a warning) by the
+  exact leave-one-out AUROC on **train** (``online/linear_ridge``), so a random network and a trained one
+  are each read at the strength that suits their features (a fixed strong ridge reads a random ViT well
+  below what a tuned probe gets from it, and the curve then overstates what pretraining added);
 * ``online/embedding_std``, ``online/effective_rank``: the spread and the RankMe effective rank of the
   val embeddings (:mod:`ssl_med.train.collapse`, the collapse monitor on fixed images).
 
