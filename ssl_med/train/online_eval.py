@@ -28,6 +28,7 @@ evaluate``, resized to the pretraining geometry), features are extracted in ``ev
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -71,10 +72,10 @@ def ridge_probe_scores(
     Features ``(N, D)`` are standardised with the train statistics; ``W = (XᵀX + λ N I)⁻¹ XᵀY``. With several
     ``ridge`` values, ``λ`` is the one whose leave-one-out predictions on the train split score the highest
     AUROC (``task`` as :func:`~ssl_med.evaluators.metrics.classification_metrics`; ties go to the larger
-    ``λ``). Where that is an end of the grid, one decade beyond it is scored too and taken if it scores higher, so
-    a strength at an end is one leave-one-out confirmed and a strength outside the grid says the grid cut the
-    search short (:class:`OnlineEval` warns). Leave-one-out is exact and needs no refits: with ``X = U S Vᵀ`` the hat matrix is
-    ``H = U diag(s² / (s² + λN)) Uᵀ`` and the prediction for row ``i`` without it is
+    ``λ``). Where that is an end of the grid, the decade beyond it is scored too and taken if it scores higher:
+    a chosen end is then confirmed by leave-one-out, and a strength outside the grid means the grid cut the
+    search short (:class:`OnlineEval` warns). Leave-one-out is exact and needs no refits: with ``X = U S Vᵀ``
+    the hat matrix is ``H = U diag(s² / (s² + λN)) Uᵀ`` and the prediction for row ``i`` without it is
     ``(ŷᵢ − Hᵢᵢ yᵢ) / (1 − Hᵢᵢ)`` (Allen's PRESS identity; the standardisation statistics include row ``i``).
     Scores are a softmax of the predictions, so AUROC and argmax accuracy apply.
     """
@@ -91,13 +92,7 @@ def ridge_probe_scores(
         loo = (fitted - leverage * y) / (1 - leverage)
         return classification_metrics(torch.softmax(loo * 10.0, dim=1).numpy(), train_labels, task)["auroc"]
 
-    scored: dict[float, float] = {}
-
-    def score(lam: float) -> float:
-        if lam not in scored:
-            scored[lam] = loo_auroc(lam)
-        return scored[lam]
-
+    score = functools.cache(loo_auroc)  # an end of the grid is scored again beside the decade beyond it
     lam = max(lambdas, key=score) if len(lambdas) > 1 else lambdas[0]  # max keeps the first: the larger on ties
     if len(lambdas) > 1 and lam in (lambdas[0], lambdas[-1]):
         beyond = lam * 10.0 if lam == lambdas[0] else lam / 10.0
