@@ -92,11 +92,13 @@ def test_small_3d_mae_reconstructs_raw_voxels(overrides: list[str], norm_pix_los
     [
         (["recipe=small_3d", "objective=voco"], 3.0e-4),  # conf/recipe_objective/small_3d_voco.yaml
         (["recipe=small_3d", "objective=voco", "optim.lr=1e-3"], 1.0e-3),  # the command line wins
+        (["recipe=small_3d", "objective=graph_matching"], 3.0e-4),  # conf/recipe_objective/small_3d_graph_matching.yaml
+        (["recipe=small_2d", "objective=graph_matching"], 1.0e-3),
         (["recipe=small_3d", "objective=mae"], 1.5e-3),  # the recipe's own rate
         (["recipe=small_2d", "objective=voco"], 1.0e-3),
     ],
 )
-def test_small_3d_voco_trains_at_its_own_learning_rate(overrides: list[str], lr: float) -> None:
+def test_small_3d_voco_and_graph_matching_train_at_their_own_learning_rate(overrides: list[str], lr: float) -> None:
     with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
         cfg = prepare_pretrain_config(compose(config_name="pretrain", overrides=overrides), overrides)
     assert cfg.optim.lr == pytest.approx(lr)
