@@ -8,8 +8,8 @@ user runs, nothing behind their back):
 2. ``ssl_med pretrain`` of **MAE** on a 4-channel ViT (absent sequences zero-filled) and of **BM-MAE**
    on the per-modality ViT (one patch kernel per sequence, absent ones left out), and of **Hi-End-MAE**
    (the best 3D objective on VesselMNIST3D), **VoCo** (position-aware volume contrast, made for large
-   volumes: 32x64x64 regions cut into four 32^3 bases) and **DINO** (its exported EMA teacher) on the
-   4-channel ViT, with ``data.channel_dropout`` so all see incomplete protocols;
+   volumes: 32x64x64 regions cut into four 32^3 bases), **DINO** (its exported EMA teacher) and **graph
+   matching** (LVM-Med) on the 4-channel ViT, with ``data.channel_dropout`` so all see incomplete protocols;
 3. ``ssl_med evaluate eval=segmentation`` with ``eval.channel_subsets``: one frozen-encoder UNETR
    decoder per subset of sequences, the pretrained encoder beside its random-init twin (same seed);
    mean Dice over NCR / ED / ET on the test slab.
@@ -44,16 +44,19 @@ OBJECTIVES = {
     "hi_end_mae": "Hi-End-MAE (4-channel ViT)",
     "voco": "VoCo (4-channel ViT)",
     "dino": "DINO (4-channel ViT, EMA teacher)",
+    "graph_matching": "Graph matching (4-channel ViT)",
 }
 # Objective-specific pretraining overrides, the settings of the table in docs/results.md. VoCo's data crop
 # is the region it cuts into base crops: a 32x64x64 region on a 2x2 grid gives four 32^3 bases, the encoder
 # input of every other row. MAE reconstructs raw intensities (as recipe=small_3d's MAE: per-patch
 # normalised targets discard a patch's brightness, which is what a tumour is in FLAIR and T1ce);
-# Hi-End-MAE runs with VesselMNIST3D's batch and learning rate.
+# Hi-End-MAE runs with VesselMNIST3D's batch and learning rate, graph matching with recipe=small_3d's
+# (batch 32, so each sub-graph of 10 images is drawn from one batch; learning rate 3e-4).
 OBJECTIVE_OVERRIDES = {
     "voco": ("data.crop_size=[32,64,64]", "objective.grid=[2,2]"),
     "mae": ("objective.norm_pix_loss=false",),
     "hi_end_mae": ("data.batch_size=32", "optim.lr=1.5e-3"),
+    "graph_matching": ("data.batch_size=32", "optim.lr=3e-4"),
 }
 BEGIN, END = "<!-- brats:begin -->", "<!-- brats:end -->"
 

@@ -73,11 +73,18 @@ def test_every_objective_pretrains_the_same_32_cubed_encoder(tmp_path: Path, obj
 
 @pytest.mark.parametrize(
     ("objective", "key", "value"),
-    [("mae", "objective.norm_pix_loss", False), ("hi_end_mae", "data.batch_size", 32), ("hi_end_mae", "optim.lr", 1.5e-3)],
+    [
+        ("mae", "objective.norm_pix_loss", False),
+        ("hi_end_mae", "data.batch_size", 32),
+        ("hi_end_mae", "optim.lr", 1.5e-3),
+        ("graph_matching", "data.batch_size", 32),
+        ("graph_matching", "optim.lr", 3e-4),
+    ],
 )
 def test_one_command_recreates_the_tables_settings(tmp_path: Path, objective: str, key: str, value: object) -> None:
-    """The BraTS table's MAE reconstructs raw intensities and its Hi-End-MAE runs at VesselMNIST3D's batch
-    and learning rate: the script's defaults, so the documented command re-creates the table."""
+    """The BraTS table's MAE reconstructs raw intensities, its Hi-End-MAE runs at VesselMNIST3D's batch
+    and learning rate and its graph matching at recipe=small_3d's: the script's defaults, so the documented
+    command re-creates the table."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
