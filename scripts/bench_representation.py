@@ -155,7 +155,7 @@ def one_run(
     folder = out / key
     row_file = folder / "row.json"
     done_file = folder / "pretrain.json"  # a finished pretraining: evaluations may be redone without it
-    if row_file.is_file() and not done_file.is_file():  # rows written before pretrain.json existed
+    if row_file.is_file() and not done_file.is_file() and not cached_only:  # rows written before pretrain.json existed
         old = json.loads(row_file.read_text())
         done_file.write_text(json.dumps({k: old[k] for k in ("pretrain_s", "command")}))
     if row_file.is_file() and not re_evaluate:
@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         few_plot = args.doc.parent / "benchmarks" / f"label_efficiency_{tag}.png"
         plot_label_efficiency(rows, args.label_fractions, pixels, few_plot)
         few_labels += f"\n\n![label efficiency]({few_plot.relative_to(args.doc.parent).as_posix()})"
+    run_steps = {row["steps"] for row in rows}  # the finished runs' budget, not the flag's default (--cached-only)
+    steps = run_steps.pop() if len(run_steps) == 1 else args.steps
     body = (
         f"{table(rows)}\n\n"
         + (f"Fine-tuned end to end (`{' '.join(FINETUNE_RECIPES[args.finetune or 'finetune'])}`, "
@@ -365,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `python scripts/bench_representation.py --datasets {' '.join(args.datasets)} "
         f"--objectives {' '.join(args.objectives)}"
         + (f" --backbone {args.backbone}" if args.backbone != "vit" else "")
-        + f" --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}"
+        + f" --seeds {' '.join(map(str, args.seeds))} --steps {steps}"
         + (f" --label-fractions {' '.join(map(str, args.label_fractions))}" if args.label_fractions else "")
         + (f" --finetune{'' if args.finetune == 'finetune' else ' ' + args.finetune}" if args.finetune else "")
         + (f" {' '.join(args.overrides)}" if args.overrides else "") + "`"

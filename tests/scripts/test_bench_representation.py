@@ -72,3 +72,16 @@ def test_rows_record_the_encoders_input_size_beside_the_crop(tmp_path: Path) -> 
                    tmp_path / "resolved_config.yaml")  # fmt: skip
     row = bench.with_geometry({"dataset": "breastmnist"}, tmp_path)
     assert (row["patch_size"], row["crop_size"], row["input_size"]) == (4, 56, 28)
+
+
+def test_cached_only_reads_without_writing_and_names_the_runs_budget(shared_data: Path, tmp_path: Path) -> None:
+    """``--cached-only`` over a kept rows folder leaves its run folders as they are (no ``pretrain.json`` added
+    to rows that predate it) and its command line names the runs' 300 steps, not the flag's default."""
+    out = tmp_path / "out"
+    shutil.copytree(ROWS, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*") if p.parent != out)
+    argv = ["--datasets", "breastmnist", "--objectives", "graph_matching", "--seeds", "0", "1", "2",
+            "--out", str(out), "--doc", str(tmp_path / "doc.md"), "--cached-only"]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.parent != out) == before
+    assert "--seeds 0 1 2 --steps 300`" in (out / "in_domain.md").read_text()
