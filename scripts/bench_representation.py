@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("no finished runs: nothing to tabulate", file=sys.stderr)
         return 1
+    run_steps = {row["steps"] for row in rows}  # the finished runs' budget, not the flag's default (--cached-only)
+    steps = run_steps.pop() if len(run_steps) == 1 else args.steps
     pixels = []
     for name, spec in datasets.items():
         sizes = sorted({r.get("input_size", r.get("crop_size")) for r in rows if r["dataset"] == name} - {None})
@@ -350,12 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     finetuned = finetune_table(rows, args.finetune or "finetune")
     few_labels = label_efficiency_table(rows, args.label_fractions, pixels) if args.label_fractions else ""
     if few_labels:
-        tag = f"{'-'.join(datasets)}_{args.backbone}_{args.steps}"
+        tag = f"{'-'.join(datasets)}_{args.backbone}_{steps}"
         few_plot = args.doc.parent / "benchmarks" / f"label_efficiency_{tag}.png"
         plot_label_efficiency(rows, args.label_fractions, pixels, few_plot)
         few_labels += f"\n\n![label efficiency]({few_plot.relative_to(args.doc.parent).as_posix()})"
-    run_steps = {row["steps"] for row in rows}  # the finished runs' budget, not the flag's default (--cached-only)
-    steps = run_steps.pop() if len(run_steps) == 1 else args.steps
     body = (
         f"{table(rows)}\n\n"
         + (f"Fine-tuned end to end (`{' '.join(FINETUNE_RECIPES[args.finetune or 'finetune'])}`, "
