@@ -224,9 +224,11 @@ def one_run(
 
 #: ``--finetune`` recipes: row-key prefix -> ``ssl_med evaluate`` arguments. ``lpft_folded`` is the LP-FT
 #: recipe before ``eval=lpft`` (the probe's standardisation folded into the head, the head at 1e-3, no warm-up),
-#: kept so the rows measured with it can be re-created.
+#: kept so the rows measured with it can be re-created, as is ``finetune_unnormed``, the random-head recipe before
+#: ``eval=finetune`` put a BatchNorm in front of its head (rows measured until 2026-12-03 under the key ``finetune``).
 FINETUNE_RECIPES = {
     "finetune": ["eval=finetune"],
+    "finetune_unnormed": ["eval=finetune", "eval.head_norm=none"],
     "lpft": ["eval=lpft"],
     "lpft_folded": ["eval=finetune", "eval.head_init=probe", "eval.features=[pooled,mean_patch,pooled+mean_patch]"],
 }

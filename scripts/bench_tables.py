@@ -134,10 +134,12 @@ def label_efficiency_table(rows: list[dict], fractions: list[float], pixels: lis
 
 def finetune_table(rows: list[dict], recipe: str = "finetune") -> str:
     """Markdown: fine-tune test AUROC of the last-step encoders and their random-init twins under ``recipe``
-    (the row-key prefix: a ``--finetune`` recipe of bench_representation), per group, with what val chose per seed."""
+    (the row-key prefix: a ``--finetune`` recipe of bench_representation), per group, with their balanced accuracy
+    (0.5: the classifier predicts one class for every test image, whatever its AUROC) and what val chose per seed."""
     lines = [
-        "| data | encoder/patch | seeds | fine-tune AUROC | random-init fine-tune AUROC | gap | chosen on val: read-out/lr/layer decay@step (pretrained; random-init) |",
-        "|---|---|---|---|---|---|---|",
+        "| data | encoder/patch | seeds | fine-tune AUROC | random-init fine-tune AUROC | gap | balanced accuracy (pretrained; random-init) "
+        "| chosen on val: read-out/lr/layer decay@step (pretrained; random-init) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     groups = group_rows(rows, "dataset", "backbone", "objective", "patch_size", "variant", keep=lambda r: f"{recipe}/pretrained" in r)
     for (data, backbone, objective, patch, extra), rs in groups.items():
@@ -146,9 +148,13 @@ def finetune_table(rows: list[dict], recipe: str = "finetune") -> str:
         chosen = "; ".join(
             ", ".join(_choice(r[f"{recipe}_choice/{e}"]) for r in rs) for e in ("pretrained", "random-init")
         )
+        balanced = "; ".join(
+            ", ".join(f"{r[f'{recipe}/{e}']['balanced_accuracy']:.2f}" if "balanced_accuracy" in r[f"{recipe}/{e}"] else "-" for r in rs)
+            for e in ("pretrained", "random-init")
+        )
         lines.append(
             f"| {data} | {encoder_label(backbone, patch, objective, extra)} | {','.join(str(r['seed']) for r in rs)} | {mean_std(auc)} | "
-            f"{mean_std(auc0)} | **{mean_std([a - b for a, b in zip(auc, auc0)])}** | {chosen} |"
+            f"{mean_std(auc0)} | **{mean_std([a - b for a, b in zip(auc, auc0)])}** | {balanced} | {chosen} |"
         )
     return "\n".join(lines) if groups else ""
 

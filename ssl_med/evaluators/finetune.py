@@ -4,7 +4,10 @@ Encoder + linear head on a read-out of the encoder (``eval.features``: ``auto`` 
 objective's, the mean patch token for MAE-family encoders as in MAE's fine-tuning recipe, whose CLS token
 no loss trains; the pooled embedding otherwise), AdamW with layer-wise LR decay and a cosine schedule,
 cross-entropy (BCE for multi-label), for a fixed budget of ``steps`` (the same for every encoder).
-Augmentation: random flips along every spatial axis.
+Augmentation: random flips along every spatial axis. ``head_norm=batchnorm`` (the config's default) puts an
+affine-free ``BatchNorm1d`` in front of the head: a ViT's read-out carries its label in directions of small
+spread beside a large shared one, and a near-zero head on the raw read-out does not reach them within a short
+budget (it predicts the majority class; :func:`warn_if_one_class` names such weights in the log).
 
 ``lr``, ``layer_decay`` and ``features`` may be lists: every combination is fine-tuned and the weights with
 the best validation ``select_metric`` (checked every ``eval_every`` steps, over all of them) are scored
@@ -319,6 +322,7 @@ def _finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, c
     best = max(runs, key=lambda r: r["val_score"])
     model = Classifier(copy.deepcopy(encoder), data.num_classes, best["features"], cfg.get("head_norm", "none")).to(ctx.device)
     model.load_state_dict(best["state"])
+    warn_if_one_class(model, data, cfg, ctx, best)
     scores = predict(model, data.images["test"], data.task, cfg["eval_batch_size"], ctx.device)
     test = classification_metrics(scores, data.labels["test"], data.task)
     details = {
@@ -328,3 +332,22 @@ def _finetune(encoder: Encoder, cfg: dict[str, Any], data: ClassificationData, c
         "grid": [{k: r[k] for k in ("features", "lr", "layer_decay", "val_score", "history")} for r in runs],
     }
     return EvalResult(metrics=test, details=details)
+
+
+def warn_if_one_class(model: Classifier, data: ClassificationData, cfg: dict[str, Any], ctx: EvalContext, best: dict[str, Any]) -> bool:
+    """Log a warning when the fine-tuned classifier kept on val predicts the same class for every val image
+    (single-label tasks): its AUROC then ranks images by a head that never crossed a decision boundary, and its
+    accuracy is the majority class's share. Returns whether it warned."""
+    if data.task == "multi-label":
+        return False
+    predicted = np.unique(predict(model, data.images["val"], data.task, cfg["eval_batch_size"], ctx.device).argmax(1))
+    if len(predicted) > 1:
+        return False
+    log.warning(
+        "finetune [%s]: the weights kept on val (%s, lr=%g, layer_decay=%g, step %d of %d) predict class %d for every "
+        "val image: the head has not learnt a decision boundary within eval.steps. Give it more steps, a larger "
+        "eval.head_lr, eval.head_norm=batchnorm, or start from a probe (eval=lpft)",
+        ctx.encoder_label, best["features"], best["lr"], best["layer_decay"], best["step"], int(cfg["steps"]),
+        int(predicted[0]),
+    )
+    return True

@@ -20,6 +20,7 @@ from ssl_med.evaluators.finetune import (
     predict,
     probe_head,
     refresh_head_norm,
+    warn_if_one_class,
 )
 from ssl_med.evaluators.metrics import classification_metrics
 
@@ -57,7 +58,7 @@ def test_finetune_keeps_the_grid_point_best_on_val(
     cfg = ft_cfg(steps=20, lr=[1e-5, 1e-3], layer_decay=[0.5, 1.0])
     with caplog.at_level("INFO", logger="ssl_med.evaluators.finetune"):
         result = finetune(tiny_vit(), cfg, breast, EvalContext(tmp_path, "random-init", "breast"))
-    progress = [r.getMessage() for r in caplog.records if "step" in r.getMessage()]
+    progress = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and "step" in r.getMessage()]
     assert len(progress) == 4 * 2 and "[random-init] pooled lr=1e-05 layer_decay=0.5 step 10/20" in progress[0]
     grid = result.details["grid"]
     assert [(g["lr"], g["layer_decay"]) for g in grid] == [(1e-5, 0.5), (1e-5, 1.0), (1e-3, 0.5), (1e-3, 1.0)]
@@ -250,3 +251,24 @@ def test_refresh_head_norm_standardises_the_train_readout_of_the_encoder_as_it_i
     before = {k: v.clone() for k, v in plain.state_dict().items()}
     refresh_head_norm(plain, images, 32, "cpu", torch.Generator())  # no BatchNorm: nothing to refresh
     assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+
+
+def test_weights_that_predict_one_class_on_val_are_named_in_the_log(
+    breast: ClassificationData, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A head whose bias outweighs every read-out predicts the majority class for every val image: the log
+    says so, naming the grid point; a probe head (two classes predicted) passes silently."""
+    ctx = EvalContext(tmp_path, "random-init", "breast")
+    best = {"features": "pooled", "lr": 1e-4, "layer_decay": 1.0, "step": 200}
+    stuck = Classifier(tiny_vit(), breast.num_classes)
+    with torch.no_grad():
+        stuck.head.bias.copy_(torch.tensor([0.0, 100.0]))
+    with caplog.at_level("WARNING", logger="ssl_med.evaluators.finetune"):
+        assert warn_if_one_class(stuck, breast, ft_cfg(), ctx, best)
+    assert "predict class 1 for every val image" in caplog.text and "lr=0.0001, layer_decay=1, step 200 of 40" in caplog.text
+    caplog.clear()
+    probe, _ = probe_head(tiny_vit(), breast, ft_cfg(head_probe_C=[10.0]), "cpu", ["pooled"])
+    assert len(np.unique(predict(probe, breast.images["val"], "binary", 64, "cpu").argmax(1))) == 2
+    with caplog.at_level("WARNING", logger="ssl_med.evaluators.finetune"):
+        assert not warn_if_one_class(probe, breast, ft_cfg(), ctx, best)
+    assert caplog.text == ""

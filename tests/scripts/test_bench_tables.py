@@ -84,7 +84,7 @@ def test_finetune_table_reports_the_gap_and_what_val_chose() -> None:
         chosen = {"features": "pooled+mean_patch", "lr": 1e-4, "layer_decay": 0.75, "val_score": 0.9, "step": 0}
         return {
             "dataset": "breastmnist", "backbone": "vit", "objective": "graph_matching", "patch_size": 4, "seed": seed,
-            "lpft/pretrained": {"auroc": pretrained}, "lpft/random-init": {"auroc": random_init},
+            "lpft/pretrained": {"auroc": pretrained, "balanced_accuracy": 0.7}, "lpft/random-init": {"auroc": random_init, "balanced_accuracy": 0.5},
             "lpft_choice/pretrained": chosen, "lpft_choice/random-init": {**chosen, "features": "pooled", "step": 200},
         }
 
@@ -92,5 +92,6 @@ def test_finetune_table_reports_the_gap_and_what_val_chose() -> None:
     lines = bench.finetune_table(rows, "lpft").splitlines()
     cells = [c.strip() for c in lines[2].split("|")[1:-1]]
     assert cells[:6] == ["breastmnist", "vit-tiny/4 graph_matching", "0,1", "0.850 ± 0.014", "0.830 ± 0.000", "**0.020 ± 0.014**"]
-    assert cells[6] == "cls+mp/0.0001/0.75@0, cls+mp/0.0001/0.75@0; cls/0.0001/0.75@200, cls/0.0001/0.75@200"
+    assert cells[6] == "0.70, 0.70; 0.50, 0.50"  # 0.5: a one-class classifier, named beside its AUROC
+    assert cells[7] == "cls+mp/0.0001/0.75@0, cls+mp/0.0001/0.75@0; cls/0.0001/0.75@200, cls/0.0001/0.75@200"
     assert bench.finetune_table(rows) == ""  # no random-head fine-tune in these rows
