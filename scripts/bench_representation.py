@@ -225,7 +225,8 @@ def one_run(
 #: ``--finetune`` recipes: row-key prefix -> ``ssl_med evaluate`` arguments. ``lpft_folded`` is the LP-FT
 #: recipe before ``eval=lpft`` (the probe's standardisation folded into the head, the head at 1e-3, no warm-up),
 #: kept so the rows measured with it can be re-created, as is ``finetune_unnormed``, the random-head recipe before
-#: ``eval=finetune`` put a BatchNorm in front of its head (rows measured until 2026-12-03 under the key ``finetune``).
+#: ``eval=finetune`` put a BatchNorm in front of its head (the rows measured with it before 2026-12-03 are kept under
+#: its key, ``finetune_unnormed``).
 FINETUNE_RECIPES = {
     "finetune": ["eval=finetune"],
     "finetune_unnormed": ["eval=finetune", "eval.head_norm=none"],
