@@ -231,7 +231,8 @@ FINETUNE_RECIPES = {
     "finetune": ["eval=finetune"],
     "finetune_unnormed": ["eval=finetune", "eval.head_norm=none"],
     "lpft": ["eval=lpft"],
-    "lpft_folded": ["eval=finetune", "eval.head_init=probe", "eval.features=[pooled,mean_patch,pooled+mean_patch]"],
+    "lpft_folded": ["eval=finetune", "eval.head_init=probe", "eval.head_norm=none",
+                    "eval.features=[pooled,mean_patch,pooled+mean_patch]"],
 }
 
 
@@ -375,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         + (f" --finetune{'' if args.finetune == 'finetune' else ' ' + args.finetune}" if args.finetune else "")
         + (f" {' '.join(args.overrides)}" if args.overrides else "") + "`"
     )
-    (args.out / "in_domain.md").write_text(body + "\n")
+    if not args.cached_only:  # a kept rows folder is read, never written
+        (args.out / "in_domain.md").write_text(body + "\n")
     write_doc(args.doc, body)
     print(body)
     return 0

@@ -38,11 +38,12 @@ def test_jobs_run_at_once_and_tabulate_in_job_order(
     argv = ["--datasets", "breastmnist", "--objectives", "graph_matching", "--seeds", "0", "1", "2", "--steps", "300",
             "--out", str(out), "--doc", str(tmp_path / "one.md")]  # fmt: skip
     assert bench.main([*argv, "--cached-only"]) == 0  # the real, cached path, one at a time
-    one_at_a_time = (out / "in_domain.md").read_text()
+    one_at_a_time = (tmp_path / "one.md").read_text()
     monkeypatch.setattr(bench, "one_run", fake_one_run)
     assert bench.main([*argv, "--jobs", str(jobs)]) == 0
     assert most[0] == min(jobs, 3)
-    assert (out / "in_domain.md").read_text() == one_at_a_time
+    assert (tmp_path / "one.md").read_text() == one_at_a_time
+    assert (out / "in_domain.md").read_text() in one_at_a_time
     assert "| breastmnist | vit-tiny/4 graph_matching | 0,1,2 |" in one_at_a_time
 
 
@@ -75,13 +76,31 @@ def test_rows_record_the_encoders_input_size_beside_the_crop(tmp_path: Path) -> 
 
 
 def test_cached_only_reads_without_writing_and_names_the_runs_budget(shared_data: Path, tmp_path: Path) -> None:
-    """``--cached-only`` over a kept rows folder leaves its run folders as they are (no ``pretrain.json`` added
-    to rows that predate it) and its command line names the runs' 300 steps, not the flag's default."""
+    """``--cached-only`` over a kept rows folder leaves it as it is (no ``pretrain.json`` added to rows that
+    predate it, no ``in_domain.md``) and its command line names the runs' 300 steps, not the flag's default."""
     out = tmp_path / "out"
     shutil.copytree(ROWS, out)
-    before = sorted(p.relative_to(out) for p in out.rglob("*") if p.parent != out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
     argv = ["--datasets", "breastmnist", "--objectives", "graph_matching", "--seeds", "0", "1", "2",
             "--out", str(out), "--doc", str(tmp_path / "doc.md"), "--cached-only"]  # fmt: skip
     assert bench.main(argv) == 0
-    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.parent != out) == before
-    assert "--seeds 0 1 2 --steps 300`" in (out / "in_domain.md").read_text()
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert "--seeds 0 1 2 --steps 300`" in (tmp_path / "doc.md").read_text()
+
+
+RECIPE_HEADS = [
+    ("finetune", "batchnorm", "random"),
+    ("finetune_unnormed", "none", "random"),
+    ("lpft", "batchnorm", "probe"),
+    ("lpft_folded", "none", "probe"),
+]
+
+
+@pytest.mark.parametrize(("recipe", "head_norm", "head_init"), RECIPE_HEADS)
+def test_finetune_recipes_keep_the_head_they_were_measured_with(recipe: str, head_norm: str, head_init: str) -> None:
+    """A recipe key re-creates its kept rows only if a later default cannot change it: the two older recipes
+    name ``eval.head_norm=none`` themselves, so ``eval=finetune``'s BatchNorm default does not reach them."""
+    from ssl_med.evaluators.datasets import compose_evaluate
+
+    cfg = compose_evaluate(bench.FINETUNE_RECIPES[recipe])
+    assert (cfg.eval.head_norm, cfg.eval.head_init) == (head_norm, head_init)
