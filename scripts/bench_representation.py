@@ -126,11 +126,16 @@ def run(cmd: list[str], log: Path) -> float:
 
 
 def online_curve(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """``[(step, value)]`` of ``tag`` from the run's TensorBoard events, one value per step: where a resumed
+    run repeated steps (one event file per process), the value written last is the run's."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+    if tag not in events.Tags()["scalars"]:
+        return []
+    last = {e.step: e.value for e in sorted(events.Scalars(tag), key=lambda e: e.wall_time)}
+    return sorted(last.items())
 
 
 def with_geometry(row: dict, run_dir: Path) -> dict:

@@ -213,6 +213,10 @@ class ForwardOnlineMetrics(L.Callback):
         self._sent = len(self.online.history)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resumed run restores the history its checkpoint holds; the entries before the resume step were
+        # sent by the earlier process, the one at that step is sent again so that it is the first record
+        # after the restart, which :func:`read_metrics` then keeps (the records it replaces are repeats).
+        self._sent = sum(1 for entry in self.online.history if int(entry["step"]) < trainer.global_step)
         self._forward(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -20,7 +20,8 @@ With ``online_eval.student=true`` an objective with an EMA teacher has its stude
 round): on short runs the better of the two to export differs between data sets.
 
 The curve is also written to ``<run dir>/online_eval.json`` (``ssl_med report`` lists the last
-value of each run next to its step-0 value). The test split is never read. Images are loaded once (the ``eval_data`` groups of ``ssl_med
+value of each run next to its step-0 value). Checkpoints keep the curve and the best val evaluation, so a
+resumed run continues both; ``encoder_best/`` is then replaced only by an encoder that beats the one it holds. The test split is never read. Images are loaded once (the ``eval_data`` groups of ``ssl_med
 evaluate``, resized to the pretraining geometry), features are extracted in ``eval()`` mode under
 ``torch.no_grad`` on the training device, so the cost is one forward pass over
 ``max_train + max_val`` images per evaluation and nothing enters the training graph.
@@ -252,8 +253,46 @@ class OnlineEval(L.Callback):
         which = f", the {weights}" if f"student_{key}" in metrics else ""  # teacher or student, where both were read
         log.info("online eval: best val %s so far (%.3f at step %d%s): encoder written to %s", key, value, step, which, self.best_dir)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The curve so far, the best val evaluation and the seconds spent: Lightning keeps them in every
+        checkpoint, so a resumed run continues its curve instead of starting a new one."""
+        return {"history": self.history, "best": self.best, "seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        self.best = state_dict.get("best")
+        self.seconds = float(state_dict.get("seconds", 0.0))
+        self._last_step = int(self.history[-1]["step"]) if self.history else -1  # evaluated before the save
+
+    def _best_on_disk(self) -> dict[str, Any] | None:
+        """The ``selected_on`` record of the encoder in ``best_dir`` (``None`` when there is none)."""
+        config = self.best_dir / "config.json" if self.best_dir is not None else None
+        if config is None or not config.is_file():
+            return None
+        record = dict(json.loads(config.read_text()).get("selected_on") or {})
+        record.pop("val", None)
+        return record or None
+
+    def _resume(self, step: int) -> None:
+        """Make :attr:`best` describe the encoder ``best_dir`` holds when a run resumes at ``step``: a run
+        killed after exporting a new best and before its next checkpoint resumes from a step before that
+        export, so the file on disk, not the checkpoint, says which encoder a later evaluation must beat."""
+        on_disk = self._best_on_disk()
+        if on_disk != self.best:
+            if on_disk is not None and int(on_disk.get("step", -1)) > step:
+                log.info(
+                    "online eval: %s holds the step-%d encoder of the interrupted attempt (val %s %.3f); the repeated "
+                    "steps replace it only where they score higher", self.best_dir, on_disk["step"], self.cfg.keep_best,
+                    on_disk.get("value", float("nan")),
+                )  # fmt: skip
+            self.best = on_disk
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._run(trainer, pl_module)  # step 0 of a fresh run: the random-init reference
+        step = trainer.global_step
+        if step > 0:
+            self._resume(step)
+        if step == 0 or (self.cfg.every_n_steps > 0 and step % self.cfg.every_n_steps == 0):
+            self._run(trainer, pl_module)  # step 0 of a fresh run: the random-init reference
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.cfg.every_n_steps > 0 and trainer.global_step % self.cfg.every_n_steps == 0:

@@ -104,3 +104,19 @@ def test_finetune_recipes_keep_the_head_they_were_measured_with(recipe: str, hea
 
     cfg = compose_evaluate(bench.FINETUNE_RECIPES[recipe])
     assert (cfg.eval.head_norm, cfg.eval.head_init) == (head_norm, head_init)
+
+
+def test_online_curve_keeps_one_value_per_step_the_last_written(tmp_path: Path) -> None:
+    """A resumed run writes a second event file that repeats the steps after its checkpoint: the curve
+    has each step once, with the resumed process's value."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for values in ({0: 0.5, 2: 0.9, 4: 0.7}, {4: 0.6, 6: 0.8}):  # killed after step 4, resumed from step 2
+        writer = SummaryWriter(str(tmp_path / "tensorboard"))
+        for step, value in values.items():
+            writer.add_scalar("online/linear_auroc", value, step)
+        writer.close()
+    curve = bench.online_curve(tmp_path, "online/linear_auroc")
+    assert [s for s, _ in curve] == [0, 2, 4, 6]
+    assert dict(curve)[4] == pytest.approx(0.6)
+    assert bench.online_curve(tmp_path, "online/knn_auroc") == []

@@ -86,7 +86,7 @@ def test_online_metrics_reach_the_loggers_tensorboard_does_not_cover(tmp_path: P
     first = SimpleNamespace(experiment=Writer(), log_metrics=lambda *a, **k: pytest.fail("written twice"))
     jsonl = MetricsJSONL(tmp_path)
     online = SimpleNamespace(history=[{"step": 0, "knn_auroc": 0.5}], seconds=1.5)
-    trainer = SimpleNamespace(is_global_zero=True, logger=first, loggers=[first, jsonl])
+    trainer = SimpleNamespace(is_global_zero=True, global_step=0, logger=first, loggers=[first, jsonl])
     forward = ForwardOnlineMetrics(online)
     forward.on_train_start(trainer, None)
     online.history.append({"step": 4, "knn_auroc": 0.75})

@@ -329,3 +329,70 @@ def test_a_ridge_beyond_the_grid_is_warned_once(caplog: pytest.LogCaptureFixture
         callback._warn_beyond_grid(4, 1.0)
     assert len(caplog.records) == 1, "once per run"
     assert "0.0001, a decade beyond the smallest strength of online_eval.ridge" in caplog.messages[0]
+
+
+def _medmnist_file(path: Path, n: int = 32, size: int = 28) -> Path:
+    """A MedMNIST-style ``.npz`` of two classes a linear probe can tell apart (bright vs dark images)."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in ("train", "val", "test"):
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 100, (n, size, size)) + 100 * labels[:, None, None]
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images.astype(np.uint8), labels[:, None]
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("killed_step_6, best_step", [(0.7, 2), (0.95, 6)])
+def test_a_resumed_run_continues_its_curve_and_keeps_its_best_encoder(
+    killed_step_6: float, best_step: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed at step 7 (checkpoint at step 4), the run resumes from step 4 and repeats step 6, which now
+    reads 0.55: the curve holds every step once, and the kept encoder is the best one evaluated, by either
+    attempt — step 2's 0.9, or the killed attempt's step 6 where it read 0.95 and was exported before the
+    kill — never the repeated step 6 that read worse; ``metrics.jsonl`` keeps the loss logged before step 4."""
+    import json
+
+    from ssl_med.train import run as run_module
+    from ssl_med.train.loggers import read_metrics
+    from ssl_med.train.module import PretrainModule
+    from tests.train.test_pretrain import Crash, config
+
+    scripted = {0: 0.5, 2: 0.9, 4: 0.6, 6: killed_step_6, 8: 0.65}  # val linear AUROC by step
+    original_evaluate = OnlineEval.evaluate
+
+    def evaluate(self, pl_module, encoder=None):
+        metrics = original_evaluate(self, pl_module, encoder)
+        return {**metrics, "linear_auroc": scripted[pl_module.trainer.global_step]}
+
+    monkeypatch.setattr(OnlineEval, "evaluate", evaluate)
+    cfg = config(
+        "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=4", "trainer.log_every_n_steps=1",
+        "online_eval.data=medmnist", f"online_eval.path={_medmnist_file(tmp_path / 'toy.npz')}",
+        "online_eval.every_n_steps=2", "online_eval.student=false",
+    )  # fmt: skip
+    original_step = PretrainModule.training_step
+
+    def crashing_step(self, batch, batch_idx):
+        if self.global_step == 7:
+            raise Crash("simulated kill at step 7")
+        return original_step(self, batch, batch_idx)
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(PretrainModule, "training_step", crashing_step)
+    with pytest.raises(Crash):
+        run_module.pretrain(cfg, run_dir)
+    before = read_metrics(run_dir / "metrics.jsonl")["train/loss"]
+    monkeypatch.setattr(PretrainModule, "training_step", original_step)
+    scripted[6] = 0.55  # the repeated step reads differently (a run is not bit-reproducible under every setting)
+    run_module.pretrain(cfg, run_dir)  # resume=auto: from step 4
+
+    record = json.loads((run_dir / "online_eval.json").read_text())
+    assert [h["step"] for h in record["history"]] == [0, 2, 4, 6, 8]
+    assert [h["linear_auroc"] for h in record["history"]] == [0.5, 0.9, 0.6, 0.55, 0.65]
+    best = json.loads((run_dir / "encoder_best" / "config.json").read_text())["selected_on"]
+    assert best["step"] == best_step and best["linear_auroc"] == max(0.9, killed_step_6)
+    assert record["best"] == {k: v for k, v in best.items() if k != "val"}, "the record names the encoder on disk"
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert [s for s, _ in metrics["online/linear_auroc"]] == [0, 2, 4, 6, 8]
+    assert metrics["train/loss"][: len(before) - 3] == before[: len(before) - 3], "the loss before step 4 is kept"
