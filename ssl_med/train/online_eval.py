@@ -271,7 +271,7 @@ class OnlineEval(L.Callback):
             return None
         record = dict(json.loads(config.read_text()).get("selected_on") or {})
         record.pop("val", None)
-        return record or None
+        return record if "value" in record and "step" in record else None
 
     def _resume(self, step: int) -> None:
         """Make :attr:`best` describe the encoder ``best_dir`` holds when a run resumes at ``step``: a run
