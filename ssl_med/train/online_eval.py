@@ -20,8 +20,8 @@ With ``online_eval.student=true`` an objective with an EMA teacher has its stude
 round): on short runs the better of the two to export differs between data sets.
 
 The curve is also written to ``<run dir>/online_eval.json`` (``ssl_med report`` lists the last
-value of each run next to its step-0 value). Checkpoints keep the curve and the best val evaluation, so a
-resumed run continues both; ``encoder_best/`` is then replaced only by an encoder that beats the one it holds. The test split is never read. Images are loaded once (the ``eval_data`` groups of ``ssl_med
+value of each run next to its step-0 value). Checkpoints keep the curve, so a resumed run continues it, and
+``encoder_best/`` is then replaced only by an encoder that beats the one it holds. The test split is never read. Images are loaded once (the ``eval_data`` groups of ``ssl_med
 evaluate``, resized to the pretraining geometry), features are extracted in ``eval()`` mode under
 ``torch.no_grad`` on the training device, so the cost is one forward pass over
 ``max_train + max_val`` images per evaluation and nothing enters the training graph.
@@ -254,38 +254,39 @@ class OnlineEval(L.Callback):
         log.info("online eval: best val %s so far (%.3f at step %d%s): encoder written to %s", key, value, step, which, self.best_dir)
 
     def state_dict(self) -> dict[str, Any]:
-        """The curve so far, the best val evaluation and the seconds spent: Lightning keeps them in every
-        checkpoint, so a resumed run continues its curve instead of starting a new one."""
-        return {"history": self.history, "best": self.best, "seconds": self.seconds}
+        """The curve so far and the seconds spent: Lightning keeps them in every checkpoint, so a resumed run
+        continues its curve instead of starting a new one (the best is read back from ``best_dir``)."""
+        return {"history": self.history, "seconds": self.seconds}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
-        self.best = state_dict.get("best")
         self.seconds = float(state_dict.get("seconds", 0.0))
         self._last_step = int(self.history[-1]["step"]) if self.history else -1  # evaluated before the save
 
-    def _best_on_disk(self) -> dict[str, Any] | None:
-        """The ``selected_on`` record of the encoder in ``best_dir`` (``None`` when there is none)."""
-        config = self.best_dir / "config.json" if self.best_dir is not None else None
-        if config is None or not config.is_file():
-            return None
-        record = dict(json.loads(config.read_text()).get("selected_on") or {})
-        record.pop("val", None)
-        return record if "value" in record and "step" in record else None
-
     def _resume(self, step: int) -> None:
-        """Make :attr:`best` describe the encoder ``best_dir`` holds when a run resumes at ``step``: a run
+        """Make :attr:`best` the record of the encoder ``best_dir`` holds when a run resumes at ``step``: a run
         killed after exporting a new best and before its next checkpoint resumes from a step before that
         export, so the file on disk, not the checkpoint, says which encoder a later evaluation must beat."""
-        on_disk = self._best_on_disk()
-        if on_disk != self.best:
-            if on_disk is not None and int(on_disk.get("step", -1)) > step:
-                log.info(
-                    "online eval: %s holds the step-%d encoder of the interrupted attempt (val %s %.3f); the repeated "
-                    "steps replace it only where they score higher", self.best_dir, on_disk["step"], self.cfg.keep_best,
-                    on_disk.get("value", float("nan")),
-                )  # fmt: skip
-            self.best = on_disk
+        from ssl_med.weights import CONFIG_NAME, ExportError, read_config
+
+        self.best = None
+        if self.best_dir is None or not (self.best_dir / CONFIG_NAME).is_file():
+            return
+        try:
+            record = dict(read_config(self.best_dir).get("selected_on") or {})
+        except ExportError as err:
+            log.warning("online eval: %s; the next better evaluation replaces it", err)
+            return
+        record.pop("val", None)
+        if "value" not in record or "step" not in record:  # an export that names no selection
+            return
+        self.best = record
+        if record["step"] > step:
+            log.info(
+                "online eval: %s holds the step-%d encoder of the interrupted attempt (val %s %.3f); the repeated "
+                "steps replace it only where they score higher", self.best_dir, record["step"], self.cfg.keep_best,
+                record["value"],
+            )  # fmt: skip
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step

@@ -331,18 +331,6 @@ def test_a_ridge_beyond_the_grid_is_warned_once(caplog: pytest.LogCaptureFixture
     assert "0.0001, a decade beyond the smallest strength of online_eval.ridge" in caplog.messages[0]
 
 
-def _medmnist_file(path: Path, n: int = 32, size: int = 28) -> Path:
-    """A MedMNIST-style ``.npz`` of two classes a linear probe can tell apart (bright vs dark images)."""
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split in ("train", "val", "test"):
-        labels = np.arange(n) % 2
-        images = rng.integers(0, 100, (n, size, size)) + 100 * labels[:, None, None]
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images.astype(np.uint8), labels[:, None]
-    np.savez(path, **arrays)
-    return path
-
-
 @pytest.mark.parametrize("killed_step_6, best_step", [(0.7, 2), (0.95, 6)])
 def test_a_resumed_run_continues_its_curve_and_keeps_its_best_encoder(
     killed_step_6: float, best_step: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -356,6 +344,7 @@ def test_a_resumed_run_continues_its_curve_and_keeps_its_best_encoder(
     from ssl_med.train import run as run_module
     from ssl_med.train.loggers import read_metrics
     from ssl_med.train.module import PretrainModule
+    from tests.evaluators.test_medmnist_group import cycle, write_npz
     from tests.train.test_pretrain import Crash, config
 
     scripted = {0: 0.5, 2: 0.9, 4: 0.6, 6: killed_step_6, 8: 0.65}  # val linear AUROC by step
@@ -368,7 +357,7 @@ def test_a_resumed_run_continues_its_curve_and_keeps_its_best_encoder(
     monkeypatch.setattr(OnlineEval, "evaluate", evaluate)
     cfg = config(
         "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=4", "trainer.log_every_n_steps=1",
-        "online_eval.data=medmnist", f"online_eval.path={_medmnist_file(tmp_path / 'toy.npz')}",
+        "online_eval.data=medmnist", f"online_eval.path={write_npz(tmp_path / 'toy.npz', (28, 28), cycle(32, 2), n=32)}",
         "online_eval.every_n_steps=2", "online_eval.student=false",
     )  # fmt: skip
     original_step = PretrainModule.training_step
