@@ -12,7 +12,10 @@ Deviations from the reference, on purpose:
       visible tokens in scan order; for attention this changes nothing;
     * the decoder receives patch tokens only (the reference also carries the encoder's CLS token
       through the decoder, where the loss never uses it);
-    * 3D uses the same code with 3D patches and the 3D sin-cos table (Hi-End-MAE's MAE baseline).
+    * 3D uses the same code with 3D patches and the 3D sin-cos table (Hi-End-MAE's MAE baseline);
+    * the views are random flips on every spatial axis, and the reference's random resized crop
+      (``RandomResizedCrop(scale=(0.2, 1.0))`` in ``main_pretrain.py``) only with ``crop_scale`` set: the
+      3D rows of docs/results.md were measured with flips alone.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from objectives.losses.precision import upcast
-from objectives.views import RandFlips, ReseededViews
+from objectives.views import RandFlips, ReseededViews, draw_crops, render_crops
 from ssl_med.data.channels import encoder_channel_kwargs
 from ssl_med.encoder import Encoder
 from ssl_med.layers.patch_embed import grid_shape, patchify, unpatchify
@@ -84,8 +87,14 @@ def reconstruction_channels(encoder: Encoder, in_chans: int | None) -> int:
 
 
 class MAEViews(ReseededViews):
-    """``{"image": (C, *S)}`` -> the image flipped on each spatial axis with ``flip_prob``, plus
-    ``sample["mask_noise"]``, uniform noise ``(N,)`` per patch token, both drawn from one generator.
+    """``{"image": (C, *S)}`` -> the image flipped on each spatial axis with ``flip_prob`` (with
+    ``crop_scale``: a random resized crop of it first), plus ``sample["mask_noise"]``, uniform noise
+    ``(N,)`` per patch token, all drawn from one generator.
+
+    The resized crop covers an area (volume) fraction in ``crop_scale`` with each side drawn on its own
+    (:func:`~objectives.views.draw_crops`) and is scaled back to ``S`` (bilinear / trilinear), as MAE's
+    ``RandomResizedCrop``; it interpolates, so it expects the ``[0, 1]`` crops a worker normalises
+    (:attr:`MAE.geometric_views` is then False).
 
     Drawing the masking noise in the (per-sample seeded) view transform makes masks a function of the
     crop index: the same with any number of workers, and the same sample gets the same mask whether
@@ -93,15 +102,33 @@ class MAEViews(ReseededViews):
     :class:`~objectives.views.ReseededViews`.
     """
 
-    def __init__(self, spatial_dims: int, patch_size: tuple[int, ...], flip_prob: float = 0.5) -> None:
+    def __init__(
+        self,
+        spatial_dims: int,
+        patch_size: tuple[int, ...],
+        flip_prob: float = 0.5,
+        crop_scale: tuple[float, float] | None = None,
+    ) -> None:
         self.flips = RandFlips(spatial_dims, flip_prob)
         self.patch_size = patch_size
+        self.crop_scale = tuple(crop_scale) if crop_scale is not None else None
 
     def __call__(self, sample: Sample) -> Sample:
         rng = self.rng()
-        sample = self.flips.apply(sample, rng)
+        sample = self.flips.apply(sample, rng) if self.crop_scale is None else self._resized_crop(sample, rng)
         n = math.prod(grid_shape(sample["image"].shape[1:], self.patch_size))
         return {**sample, "mask_noise": torch.from_numpy(rng.random_sample(n).astype(np.float32))}
+
+    def _resized_crop(self, sample: Sample, rng: np.random.RandomState) -> Sample:
+        image = torch.as_tensor(sample["image"], dtype=torch.float32)
+        if hasattr(image, "as_tensor"):  # a MONAI MetaTensor: plain ops on a plain tensor
+            image = image.as_tensor()
+        shape = image.shape[1:]
+        none = (0.0,)
+        p = draw_crops(
+            rng, shape, 1, self.crop_scale, self.flips.axes, self.flips.prob, 0.0, 0.0, 0.0, none, (0.0, 0.0), none
+        )
+        return {**sample, "image": render_crops(image, p, shape)[0]}
 
 
 class MAEDecoder(nn.Module):
@@ -155,6 +182,8 @@ class MAE(Objective):
         norm_pix_loss: per-patch normalised targets (True, as the reference recipe).
         decoder_dim, decoder_depth, decoder_heads: decoder size (reference: 512, 8, 16).
         flip_prob: probability of a random flip per spatial axis in the view transform.
+        crop_scale: area (volume) fraction range of a random resized crop before the flips (the
+            reference's ``(0.2, 1.0)``); ``None`` (default): flips only.
         in_chans: channels to reconstruct; only needed for channel-adaptive encoders (``in_chans`` None),
             whose input channel count is set by the data (the YAML passes ``${data.num_channels}``).
     """
@@ -172,6 +201,7 @@ class MAE(Objective):
         decoder_heads: int = 16,
         flip_prob: float = 0.5,
         in_chans: int | None = None,
+        crop_scale: tuple[float, float] | None = None,
     ) -> None:
         super().__init__(encoder)
         self.in_chans = reconstruction_channels(encoder, in_chans)
@@ -180,11 +210,15 @@ class MAE(Objective):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.flip_prob = flip_prob
+        if crop_scale is not None and not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+            raise ValueError(f"objective.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(crop_scale)}")
+        self.crop_scale = tuple(crop_scale) if crop_scale is not None else None
+        self.geometric_views = self.crop_scale is None  # a resized crop interpolates normalised crops
         patch_dim = math.prod(encoder.patch_size) * self.in_chans
         self.decoder = MAEDecoder(encoder.embed_dim, decoder_dim, decoder_depth, decoder_heads, patch_dim)
 
     def view_transform(self) -> Callable[[Sample], Sample]:
-        return MAEViews(self.encoder.spatial_dims, self.encoder.patch_size, self.flip_prob)
+        return MAEViews(self.encoder.spatial_dims, self.encoder.patch_size, self.flip_prob, self.crop_scale)
 
     def forward(self, batch: dict[str, Any], noise: Tensor | None = None) -> ObjectiveOutput:
         """One step; masking noise ``(B, N)`` from ``noise``, else ``batch["mask_noise"]`` (drawn in the

@@ -58,6 +58,15 @@ def _tiny_mae(spatial_dims: int, img: int) -> MAE:
     return MAE(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2)
 
 
+def test_mae_with_a_resized_crop_asks_for_normalised_crops() -> None:
+    """The resized crop interpolates, so the data module must hand it ``[0, 1]`` crops."""
+    enc = _tiny_mae(2, 32).encoder
+    assert MAE(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2).geometric_views
+    assert not MAE(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2, crop_scale=(0.2, 1.0)).geometric_views
+    with pytest.raises(ValueError, match="crop_scale"):
+        MAE(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2, crop_scale=(0.0, 1.0))
+
+
 def test_fixed_noise_is_deterministic() -> None:
     mae = _tiny_mae(2, 32).eval()
     x = torch.rand(2, 1, 32, 32)

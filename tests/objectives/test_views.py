@@ -3,11 +3,14 @@ parameters and what each pixel op does."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader
 
 import objectives.views as views_mod
@@ -233,6 +236,33 @@ def test_rand_flips_and_mae_views(spatial_dims: int) -> None:
     assert a["mask_noise"].shape == (2**spatial_dims,) and a["mask_noise"].dtype == torch.float32
     assert torch.equal(a["mask_noise"], b["mask_noise"]) and torch.equal(a["image"], b["image"])
     assert not torch.equal(a["mask_noise"], c["mask_noise"])
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_mae_resized_crop_is_a_box_of_the_drawn_area_scaled_back(spatial_dims: int) -> None:
+    """With ``crop_scale`` MAE's view is a random box of the given area fraction, resized back to the
+    input size, as torchvision's ``resized_crop`` / ``F.interpolate`` of that box give it."""
+    image = torch.rand((1,) + (8,) * spatial_dims)
+    views = MAEViews(spatial_dims, (4,) * spatial_dims, flip_prob=0.0, crop_scale=(0.5**spatial_dims,) * 2)
+    mode = "bilinear" if spatial_dims == 2 else "trilinear"
+    origins = set()
+    for s in range(30):
+        out = views.set_random_state(seed=s)({"image": image})
+        assert out["image"].shape == image.shape and out["mask_noise"].shape == (2**spatial_dims,)
+        matches = []
+        for start in itertools.product(range(5), repeat=spatial_dims):  # every 4-voxel box of 8
+            box = image[(slice(None), *(slice(a, a + 4) for a in start))]
+            if spatial_dims == 2:
+                ref = TF.resized_crop(image, start[0], start[1], 4, 4, [8, 8], antialias=False)
+            else:
+                ref = F.interpolate(box[None], size=(8,) * 3, mode=mode, align_corners=False)[0]
+            if torch.allclose(out["image"], ref, atol=1e-6):
+                matches.append(start)
+        assert len(matches) == 1
+        origins.add(matches[0])
+    assert len(origins) > 5  # the box moves between samples
+    whole = MAEViews(spatial_dims, (4,) * spatial_dims, flip_prob=0.0, crop_scale=(1.0, 1.0))
+    assert torch.equal(whole.set_random_state(seed=0)({"image": image})["image"], image)
 
 
 def test_hi_end_mae_views() -> None:
