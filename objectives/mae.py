@@ -120,9 +120,15 @@ class MAEViews(ReseededViews):
         return {**sample, "mask_noise": torch.from_numpy(rng.random_sample(n).astype(np.float32))}
 
     def _resized_crop(self, sample: Sample, rng: np.random.RandomState) -> Sample:
-        image = torch.as_tensor(sample["image"], dtype=torch.float32)
+        image = torch.as_tensor(sample["image"])
         if hasattr(image, "as_tensor"):  # a MONAI MetaTensor: plain ops on a plain tensor
             image = image.as_tensor()
+        if not image.is_floating_point() or image.amin() < 0 or image.amax() > 1:
+            raise ValueError(
+                "objective.crop_scale: the resized crop expects crops normalised to [0, 1] (data.normalise=worker "
+                f"or auto), got {image.dtype} values in [{float(image.amin()):g}, {float(image.amax()):g}]"
+            )
+        image = image.float()
         shape = image.shape[1:]
         none = (0.0,)
         p = draw_crops(

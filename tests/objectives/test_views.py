@@ -263,6 +263,8 @@ def test_mae_resized_crop_is_a_box_of_the_drawn_area_scaled_back(spatial_dims: i
     assert len(origins) > 5  # the box moves between samples
     whole = MAEViews(spatial_dims, (4,) * spatial_dims, flip_prob=0.0, crop_scale=(1.0, 1.0))
     assert torch.equal(whole.set_random_state(seed=0)({"image": image})["image"], image)
+    with pytest.raises(ValueError, match="crop_scale"):  # raw stored values would be clamped to [0, 1]
+        views({"image": (image * 255).to(torch.uint8)})
 
 
 def test_hi_end_mae_views() -> None:
