@@ -13,9 +13,9 @@ Deviations from the reference, on purpose:
     * the decoder receives patch tokens only (the reference also carries the encoder's CLS token
       through the decoder, where the loss never uses it);
     * 3D uses the same code with 3D patches and the 3D sin-cos table (Hi-End-MAE's MAE baseline);
-    * the views are random flips on every spatial axis, and the reference's random resized crop
-      (``RandomResizedCrop(scale=(0.2, 1.0))`` in ``main_pretrain.py``) only with ``crop_scale`` set: the
-      3D rows of docs/results.md were measured with flips alone.
+    * the views are random flips on every spatial axis (the reference flips horizontally only); the
+      reference's random resized crop (``RandomResizedCrop(scale=(0.2, 1.0))`` in ``main_pretrain.py``)
+      is optional (``crop_scale``, off by default).
 """
 
 from __future__ import annotations
