@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from objectives.losses.precision import upcast
 from objectives.mae import MAE, MAEDecoder, masked_patch_loss, random_masking
-from objectives.views import ReseededViews
+from objectives.views import ReseededViews, plain_image
 from ssl_med.data.channels import encoder_channel_kwargs
 from ssl_med.encoder import Encoder
 from ssl_med.layers.attention import Attention, AttnImpl, attention
@@ -189,9 +189,7 @@ class HiEndMAEViews(ReseededViews):
     def __call__(self, sample: Sample) -> Sample:
         nd = self.spatial_dims
         u = self.rng().random_sample(nd + 6).tolist()
-        image = torch.as_tensor(sample["image"])
-        if hasattr(image, "as_tensor"):  # a MONAI MetaTensor: plain ops on a plain tensor
-            image = image.as_tensor()
+        image = plain_image(sample)
         flips = [1 + a for a in range(nd) if u[a] < self.flip_prob]
         if flips:
             image = torch.flip(image, flips)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from objectives.losses.precision import upcast
-from objectives.views import RandFlips, ReseededViews, draw_crops, render_crops
+from objectives.views import RandFlips, ReseededViews, draw_crops, plain_image, render_crops
 from ssl_med.data.channels import encoder_channel_kwargs
 from ssl_med.encoder import Encoder
 from ssl_med.layers.patch_embed import grid_shape, patchify, unpatchify
@@ -120,21 +120,20 @@ class MAEViews(ReseededViews):
         return {**sample, "mask_noise": torch.from_numpy(rng.random_sample(n).astype(np.float32))}
 
     def _resized_crop(self, sample: Sample, rng: np.random.RandomState) -> Sample:
-        image = torch.as_tensor(sample["image"])
-        if hasattr(image, "as_tensor"):  # a MONAI MetaTensor: plain ops on a plain tensor
-            image = image.as_tensor()
-        if not image.is_floating_point() or image.amin() < 0 or image.amax() > 1:
+        image = plain_image(sample)
+        if not image.is_floating_point():  # the data module normalises in the worker when geometric_views is False
             raise ValueError(
-                "objective.crop_scale: the resized crop expects crops normalised to [0, 1] (data.normalise=worker "
-                f"or auto), got {image.dtype} values in [{float(image.amin()):g}, {float(image.amax()):g}]"
+                f"objective.crop_scale: the resized crop expects crops normalised to [0, 1], got raw {image.dtype} "
+                "values (data.normalise=worker or auto)"
             )
-        image = image.float()
         shape = image.shape[1:]
-        none = (0.0,)
+        no_views = (0.0,)
         p = draw_crops(
-            rng, shape, 1, self.crop_scale, self.flips.axes, self.flips.prob, 0.0, 0.0, 0.0, none, (0.0, 0.0), none
-        )
-        return {**sample, "image": render_crops(image, p, shape)[0]}
+            rng, shape, n=1, scale=self.crop_scale, flip_axes=self.flips.axes, flip_prob=self.flips.prob,
+            jitter_prob=0.0, brightness=0.0, contrast=0.0, blur_prob=no_views, sigma_range=(0.0, 0.0),
+            solarize_prob=no_views,
+        )  # fmt: skip
+        return {**sample, "image": render_crops(image.float(), p, shape)[0]}
 
 
 class MAEDecoder(nn.Module):

@@ -67,6 +67,13 @@ class ReseededViews(Randomizable):
         return rng
 
 
+def plain_image(sample: Sample, dtype: torch.dtype | None = None) -> Tensor:
+    """``sample["image"]`` as a plain tensor (a MONAI ``MetaTensor`` unwrapped, so the pixel ops here pay no
+    metadata bookkeeping), cast to ``dtype`` when given."""
+    image = torch.as_tensor(sample["image"], dtype=dtype)
+    return image.as_tensor() if hasattr(image, "as_tensor") else image
+
+
 # -- pixel ops --------------------------------------------------------------------------------------
 def gaussian_blur(x: Tensor, sigma: Tensor | np.ndarray | float) -> Tensor:
     """Isotropic Gaussian blur of ``(N, C, *S)`` (2D or 3D), one ``sigma`` per image ``(N,)`` (or one
@@ -329,9 +336,7 @@ class MultiCropViews(ReseededViews):
         return g, loc_p
 
     def __call__(self, sample: Sample) -> Sample:
-        image = torch.as_tensor(sample["image"], dtype=torch.float32)
-        if hasattr(image, "as_tensor"):  # a MONAI MetaTensor: plain ops on a plain tensor
-            image = image.as_tensor()
+        image = plain_image(sample, torch.float32)
         glob_size, loc_size = self._sizes_for(tuple(image.shape[1:]))
         g, loc = self.draw(image.shape[1:])
         out = {k: v for k, v in sample.items() if k != "image"}
