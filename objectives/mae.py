@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from objectives.losses.precision import upcast
+from objectives.losses.uniformity import spectral_uniformity
 from objectives.views import RandFlips, ReseededViews, draw_crops, plain_image, render_crops
 from ssl_med.data.channels import encoder_channel_kwargs
 from ssl_med.encoder import Encoder
@@ -108,6 +109,7 @@ class MAEViews(ReseededViews):
         patch_size: tuple[int, ...],
         flip_prob: float = 0.5,
         crop_scale: tuple[float, float] | None = None,
+        uniformity_weight: float = 0.0,
     ) -> None:
         self.flips = RandFlips(spatial_dims, flip_prob)
         self.patch_size = patch_size
@@ -189,6 +191,9 @@ class MAE(Objective):
         flip_prob: probability of a random flip per spatial axis in the view transform.
         crop_scale: area (volume) fraction range of a random resized crop before the flips (the
             reference's ``(0.2, 1.0)``); ``None`` (default): flips only.
+        uniformity_weight: weight of U-MAE's uniformity term on the mean visible token, the read-out
+            evaluation uses (:func:`~objectives.losses.uniformity.spectral_uniformity`; U-MAE: 0.01); 0
+            (default): MAE's loss alone.
         in_chans: channels to reconstruct; only needed for channel-adaptive encoders (``in_chans`` None),
             whose input channel count is set by the data (the YAML passes ``${data.num_channels}``).
     """
@@ -207,6 +212,7 @@ class MAE(Objective):
         flip_prob: float = 0.5,
         in_chans: int | None = None,
         crop_scale: tuple[float, float] | None = None,
+        uniformity_weight: float = 0.0,
     ) -> None:
         super().__init__(encoder)
         self.in_chans = reconstruction_channels(encoder, in_chans)
@@ -219,6 +225,9 @@ class MAE(Objective):
             raise ValueError(f"objective.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(crop_scale)}")
         self.crop_scale = tuple(crop_scale) if crop_scale is not None else None
         self.geometric_views = self.crop_scale is None  # a resized crop interpolates normalised crops
+        if uniformity_weight < 0:
+            raise ValueError(f"objective.uniformity_weight must be >= 0, got {uniformity_weight}")
+        self.uniformity_weight = float(uniformity_weight)
         patch_dim = math.prod(encoder.patch_size) * self.in_chans
         self.decoder = MAEDecoder(encoder.embed_dim, decoder_dim, decoder_depth, decoder_heads, patch_dim)
 
@@ -237,10 +246,16 @@ class MAE(Objective):
         keep_idx, mask = random_masking(noise, self.mask_ratio)
         out = self.encoder(images, keep_idx=keep_idx, **encoder_channel_kwargs(self.encoder, batch))
         pred = self.decoder(out.patch_tokens, keep_idx, grid)
-        loss = masked_patch_loss(pred, patchify(images, self.encoder.patch_size), mask, self.norm_pix_loss)
+        mae = masked_patch_loss(pred, patchify(images, self.encoder.patch_size), mask, self.norm_pix_loss)
         # the loss never touches the CLS token, so the collapse monitor watches the mean visible token
-        embeddings = out.patch_tokens.mean(dim=1).detach()
-        return ObjectiveOutput(loss=loss, terms={"mae": loss.detach()}, embeddings=embeddings)
+        embeddings = out.patch_tokens.mean(dim=1)
+        terms = {"mae": mae.detach()}
+        loss = mae
+        if self.uniformity_weight > 0:
+            uniformity = spectral_uniformity(embeddings)
+            terms["uniformity"] = uniformity.detach()
+            loss = mae + self.uniformity_weight * uniformity
+        return ObjectiveOutput(loss=loss, terms=terms, embeddings=embeddings.detach())
 
     @torch.no_grad()
     def no_weight_decay(self) -> set[str]:

@@ -96,3 +96,16 @@ def test_mae_learns_on_demo_crops(demo_store_2d: str, fit_objective) -> None:
     assert out.loss.item() < 0.8 * before
     z = torch.nn.functional.normalize(out.embeddings, dim=1)
     assert z.std(dim=0).mean() > 0.01  # not collapsed
+
+
+def test_mae_adds_the_uniformity_term_it_is_given() -> None:
+    """``uniformity_weight`` adds U-MAE's term on the mean visible token to the reconstruction loss."""
+    plain, uniform = _tiny_mae(2, 32), _tiny_mae(2, 32)
+    uniform.uniformity_weight = 0.5
+    x, noise = torch.rand(4, 1, 32, 32), torch.rand(4, 16)
+    base, out = plain({"image": x}, noise=noise), uniform({"image": x}, noise=noise)
+    assert set(base.terms) == {"mae"} and set(out.terms) == {"mae", "uniformity"}
+    assert out.terms["mae"] == base.terms["mae"]
+    assert out.loss.item() == pytest.approx(base.loss.item() + 0.5 * out.terms["uniformity"].item())
+    with pytest.raises(ValueError, match="uniformity_weight"):
+        MAE(plain.encoder, decoder_dim=32, decoder_depth=1, decoder_heads=2, uniformity_weight=-1.0)
