@@ -109,7 +109,6 @@ class MAEViews(ReseededViews):
         patch_size: tuple[int, ...],
         flip_prob: float = 0.5,
         crop_scale: tuple[float, float] | None = None,
-        uniformity_weight: float = 0.0,
     ) -> None:
         self.flips = RandFlips(spatial_dims, flip_prob)
         self.patch_size = patch_size

@@ -36,7 +36,7 @@ import torch
 from ssl_med import load_pretrained
 from ssl_med.config import OnlineEvalConfig
 from ssl_med.evaluators.api import match_encoder, random_init_like, resolve_encoder_dir
-from ssl_med.evaluators.datasets import eval_data_config, load_eval_data
+from ssl_med.evaluators.datasets import ClassificationData, eval_data_config, load_eval_data
 from ssl_med.evaluators.features import FEATURE_MODES, extract_features
 from ssl_med.evaluators.metrics import classification_metrics
 from ssl_med.train.collapse import effective_rank
@@ -117,8 +117,10 @@ def main() -> None:
     eval_cfg, data_cfg = match_encoder({"features": args.readout}, data_cfg, read_config(folder))
     readout = eval_cfg["features"]
     data = load_eval_data(data_cfg, encoders["pretrained"].in_chans or 1)
-    if data.task == "multi-label":
-        raise SystemExit(f"--data {args.data}: multi-label sets are not supported (label R² needs single labels)")
+    if not isinstance(data, ClassificationData) or data.task == "multi-label":
+        raise SystemExit(f"--data {args.data}: a single-label classification set is needed (label R² reads one class per image)")
+    if min(args.steps) < 1:
+        raise SystemExit(f"--steps must be positive, got {args.steps}")
     head_columns = [f"head @ {s}" for s in args.steps]
     lines = [
         f"Read-out `{readout}` of `{folder}` on {data.name} (train {len(data.labels['train'])}, val "
