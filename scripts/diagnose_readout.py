@@ -36,7 +36,12 @@ import torch
 from ssl_med import load_pretrained
 from ssl_med.config import OnlineEvalConfig
 from ssl_med.evaluators.api import match_encoder, random_init_like, resolve_encoder_dir
-from ssl_med.evaluators.datasets import ClassificationData, eval_data_config, load_eval_data
+from ssl_med.evaluators.datasets import (
+    ClassificationData,
+    eval_data_config,
+    load_eval_data,
+    resolve_eval_data,
+)
 from ssl_med.evaluators.features import FEATURE_MODES, extract_features
 from ssl_med.evaluators.metrics import classification_metrics
 from ssl_med.train.collapse import effective_rank
@@ -110,17 +115,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--doc", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args()
+    if min(args.steps) < 1:
+        parser.error(f"--steps must be positive, got {args.steps}")
     torch.set_num_threads(args.threads)
     folder = resolve_encoder_dir(args.checkpoint)
     encoders = {"pretrained": load_pretrained(folder), "random init": random_init_like(folder, args.seed)}
     data_cfg = eval_data_config(args.data, [f"eval_data.path={args.data_path}"] if args.data_path else [])
     eval_cfg, data_cfg = match_encoder({"features": args.readout}, data_cfg, read_config(folder))
     readout = eval_cfg["features"]
-    data = load_eval_data(data_cfg, encoders["pretrained"].in_chans or 1)
-    if not isinstance(data, ClassificationData) or data.task == "multi-label":
+    data_cfg = resolve_eval_data(data_cfg)  # cheap: the task is read without decoding an image
+    if data_cfg.get("kind") != "medmnist" or data_cfg.get("task") == "multi-label":
         raise SystemExit(f"--data {args.data}: a single-label classification set is needed (label R² reads one class per image)")
-    if min(args.steps) < 1:
-        raise SystemExit(f"--steps must be positive, got {args.steps}")
+    data = load_eval_data(data_cfg, encoders["pretrained"].in_chans or 1)
+    assert isinstance(data, ClassificationData)
     head_columns = [f"head @ {s}" for s in args.steps]
     lines = [
         f"Read-out `{readout}` of `{folder}` on {data.name} (train {len(data.labels['train'])}, val "

@@ -64,19 +64,31 @@ def test_a_gradient_head_misses_a_label_the_closed_form_probe_reads() -> None:
     assert max(curve) < 0.75  # AUROC: the head has not found the direction of tiny variance
 
 
-def test_the_command_writes_a_row_per_encoder(tmp_path: Path, shared_data: Path) -> None:
+def _saved_encoder(folder: Path) -> Path:
     backbone = {"spatial_dims": 2, "in_chans": 1, "img_size": [28, 28], "patch_size": 7, "embed_dim": 32, "depth": 1,
                 "num_heads": 2}
     torch.manual_seed(3)
     config = {"backbone": {"name": "vit", **backbone}, "objective": {"name": "mae"}, "data": {"name": "demo"}}
-    save_encoder(BACKBONES.build("vit", **backbone), tmp_path / "run" / "encoder", config, model_card=False)
-    doc = tmp_path / "diagnosis.md"
-    out = subprocess.run(
-        [sys.executable, "scripts/diagnose_readout.py", "--checkpoint", str(tmp_path / "run"), "--data", "breastmnist",
-         "--steps", "10", "30", "--doc", str(doc)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+    save_encoder(BACKBONES.build("vit", **backbone), folder / "encoder", config, model_card=False)
+    return folder
+
+
+def _diagnose(shared_data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "scripts/diagnose_readout.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "SSL_MED_SHARED_DATA": str(shared_data), "OMP_NUM_THREADS": "1"},
     )
+
+
+def test_a_segmentation_set_is_refused_by_name(tmp_path: Path, shared_data: Path) -> None:
+    out = _diagnose(shared_data, "--checkpoint", str(_saved_encoder(tmp_path / "run")), "--data", "brats")
+    assert out.returncode != 0 and "--data brats: a single-label classification set is needed" in out.stderr
+
+
+def test_the_command_writes_a_row_per_encoder(tmp_path: Path, shared_data: Path) -> None:
+    doc = tmp_path / "diagnosis.md"
+    out = _diagnose(shared_data, "--checkpoint", str(_saved_encoder(tmp_path / "run")), "--data", "breastmnist",
+                    "--steps", "10", "30", "--doc", str(doc))
     assert out.returncode == 0, out.stderr[-2000:]
     text = doc.read_text()
     assert "Read-out `mean_patch`" in text  # auto: MAE's read-out
