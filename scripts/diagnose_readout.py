@@ -15,8 +15,8 @@ never read), for an exported encoder and for the random-init twin of ``--seed``:
 * ``closed-form probe``: val AUROC of the ridge probe of the online evaluation
   (:func:`ssl_med.train.online_eval.ridge_probe_scores`, strength chosen by leave-one-out on train);
 * ``head @ step``: val AUROC of a linear head trained by AdamW on the frozen, standardised read-out (the
-  fine-tuner's affine-free BatchNorm with the train statistics; ``eval.head_lr``, batch 32, weight decay 0.05,
-  the fine-tuner's near-zero initialisation), after each of ``--steps``: how much of the probe's
+  fine-tuner's affine-free BatchNorm with the train statistics; ``eval=finetune``'s ``head_lr``, ``batch_size``
+  and ``weight_decay``, read from its config, and its near-zero initialisation), after each of ``--steps``: how much of the probe's
   information a gradient-trained head reaches at a fine-tune's budget, with the encoder held still.
 
 ::
@@ -38,6 +38,7 @@ from ssl_med.config import OnlineEvalConfig
 from ssl_med.evaluators.api import match_encoder, random_init_like, resolve_encoder_dir
 from ssl_med.evaluators.datasets import (
     ClassificationData,
+    compose_evaluate,
     eval_data_config,
     load_eval_data,
     resolve_eval_data,
@@ -78,7 +79,7 @@ def conditioning(features: np.ndarray, labels: np.ndarray, num_classes: int) -> 
 
 def head_curve(
     train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, val_labels: np.ndarray, task: str, num_classes: int,
-    steps: Sequence[int], lr: float, seed: int, batch_size: int = 32,
+    steps: Sequence[int], lr: float, seed: int, batch_size: int = 32, weight_decay: float = 0.05,
 ) -> list[float]:
     """Val AUROC after each of ``steps`` of a linear head trained by AdamW on standardised read-outs."""
     x, q = (torch.from_numpy(a).float() for a in standardise(train, val))
@@ -87,7 +88,7 @@ def head_curve(
     head = torch.nn.Linear(x.shape[1], num_classes)
     torch.nn.init.zeros_(head.bias)
     torch.nn.init.trunc_normal_(head.weight, std=0.01, generator=generator)
-    optimiser = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.05)
+    optimiser = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     curve = []
     for step in range(1, max(steps) + 1):
         batch = torch.randint(len(x), (batch_size,), generator=generator)
@@ -111,13 +112,15 @@ def main() -> None:
                         help="auto: the pretraining objective's read-out, as eval.features=auto")
     parser.add_argument("--seed", type=int, default=0, help="the random-init twin's seed, and the head's")
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 200, 600], help="head steps at which val is read")
-    parser.add_argument("--head-lr", type=float, default=1e-3, help="the head's learning rate (eval.head_lr)")
+    parser.add_argument("--head-lr", type=float, help="the head's learning rate (default: eval=finetune's head_lr)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--doc", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args()
     if min(args.steps) < 1:
         parser.error(f"--steps must be positive, got {args.steps}")
     torch.set_num_threads(args.threads)
+    finetune = compose_evaluate(["eval=finetune"]).eval  # the head's settings, from the fine-tuner's own config
+    head_lr = float(finetune.head_lr) if args.head_lr is None else args.head_lr
     folder = resolve_encoder_dir(args.checkpoint)
     encoders = {"pretrained": load_pretrained(folder), "random init": random_init_like(folder, args.seed)}
     data_cfg = eval_data_config(args.data, [f"eval_data.path={args.data_path}"] if args.data_path else [])
@@ -131,7 +134,7 @@ def main() -> None:
     head_columns = [f"head @ {s}" for s in args.steps]
     lines = [
         f"Read-out `{readout}` of `{folder}` on {data.name} (train {len(data.labels['train'])}, val "
-        f"{len(data.labels['val'])}); random twin seed {args.seed}; head LR {args.head_lr:g}",
+        f"{len(data.labels['val'])}); random twin seed {args.seed}; head LR {head_lr:g}",
         "",
         "| encoder | " + " | ".join([*COLUMNS, "closed-form probe", *head_columns]) + " |",
         "|---" * (2 + len(COLUMNS) + len(head_columns)) + "|",
@@ -142,7 +145,10 @@ def main() -> None:
         cells = conditioning(train, data.labels["train"], data.num_classes)
         scores, _ = ridge_probe_scores(train, data.labels["train"], val, data.num_classes, OnlineEvalConfig().ridge, data.task)
         probe = classification_metrics(scores, data.labels["val"], data.task)["auroc"]
-        curve = head_curve(train, data.labels["train"], val, data.labels["val"], data.task, data.num_classes, args.steps, args.head_lr, args.seed)
+        curve = head_curve(
+            train, data.labels["train"], val, data.labels["val"], data.task, data.num_classes, args.steps, head_lr, args.seed,
+            batch_size=int(finetune.batch_size), weight_decay=float(finetune.weight_decay),
+        )
         row = [f"{cells[c]:.1f}" if c == "eff. rank" else f"{cells[c]:.3f}" for c in COLUMNS]
         lines.append(f"| {name} | " + " | ".join([*row, f"{probe:.3f}", *(f"{a:.3f}" for a in curve)]) + " |")
         print(lines[-1], flush=True)
