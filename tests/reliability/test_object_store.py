@@ -3,6 +3,7 @@ retried, and an object that is gone is named. Everything listens on 127.0.0.1 on
 
 from __future__ import annotations
 
+import gc
 import http.client
 import threading
 from collections import Counter
@@ -88,8 +89,11 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, int]]:
     try:
         yield host, port
     finally:
-        server.stop()
         s3fs.S3FileSystem.clear_instance_cache()
+        # the test's filesystems are finalised here, while fsspec's loop and the server can still close their
+        # aiohttp sessions; left to a later collection they log "Unclosed client session" into another test's stderr
+        gc.collect()
+        server.stop()
 
 
 def open_store(url: str, endpoint: str) -> ImageStore:
