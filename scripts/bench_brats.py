@@ -12,11 +12,13 @@ user runs, nothing behind their back):
    matching** (LVM-Med) on the 4-channel ViT, with ``data.channel_dropout`` so all see incomplete protocols;
 3. ``ssl_med evaluate eval=segmentation`` with ``eval.channel_subsets``: one frozen-encoder UNETR
    decoder per subset of sequences, the pretrained encoder beside its random-init twin (same seed);
-   mean Dice over NCR / ED / ET on the test slab.
+   mean Dice over NCR / ED / ET on the test slab. ``--modes frozen finetune`` also trains the encoder with the
+   decoder (``eval.mode=finetune``: encoder LR a tenth of the decoder's, layer-decayed; both arms alike, each
+   with its pretrained <-> fine-tuned weight-interpolation curve).
 
 Runs that exist are reused and only missing subsets are evaluated (each evaluation writes
-``seg-<objective>*/results.json`` in ``<out>/brats-s<seed>/``), so a table can grow a subset without
-redoing the others. The table (mean ± std over the seeds that have the subset, gap per seed) goes to
+``seg-<objective>*/results.json``, ``segft-<objective>*`` when fine-tuned, in ``<out>/brats-s<seed>/``), so a
+table can grow a subset or a mode without redoing the others. The table (mean ± std over the seeds that have the subset, gap per seed) goes to
 ``--doc`` between ``<!-- brats:begin -->`` and ``<!-- brats:end -->``::
 
     python scripts/bench_brats.py --seeds 0 1 2 --subsets t1,t1ce,t2,flair flair
@@ -26,6 +28,7 @@ redoing the others. The table (mean ± std over the seeds that have the subset, 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -59,6 +62,8 @@ OBJECTIVE_OVERRIDES = {
     "graph_matching": ("data.batch_size=32", "optim.lr=3e-4"),
 }
 BEGIN, END = "<!-- brats:begin -->", "<!-- brats:end -->"
+#: ``--modes``: ``eval.mode`` -> (evaluation folder prefix, row label suffix)
+MODES = {"frozen": ("seg", ""), "finetune": ("segft", ", fine-tuned with the decoder")}
 
 
 def pretrain_command(
@@ -82,10 +87,11 @@ def subset_key(subset: list[str]) -> str:
     return "+".join(subset)
 
 
-def dice_by_subset(seed_dir: Path, objective: str) -> dict[str, dict[str, float]]:
-    """``{subset: {"pretrained": Dice, "random-init": Dice}}`` over every ``seg-<objective>*`` evaluation."""
+def dice_by_subset(seed_dir: Path, objective: str, mode: str = "frozen") -> dict[str, dict[str, float]]:
+    """``{subset: {"pretrained": Dice, "random-init": Dice}}`` over every evaluation of ``objective`` in ``mode``
+    (``seg-<objective>*``, ``segft-<objective>*``)."""
     found: dict[str, dict[str, float]] = {}
-    for results in sorted(seed_dir.glob(f"seg-{objective}*/results.json")):
+    for results in sorted(seed_dir.glob(f"{MODES[mode][0]}-{objective}*/results.json")):
         for row in json.loads(results.read_text())["rows"]:
             for key, value in row["metrics"].items():
                 if key.endswith("/dice_mean"):
@@ -94,28 +100,30 @@ def dice_by_subset(seed_dir: Path, objective: str) -> dict[str, dict[str, float]
 
 
 def one_seed(
-    out: Path, store: Path, objective: str, seed: int, steps: int, subsets: list[list[str]], overrides: Sequence[str] = ()
+    out: Path, store: Path, objective: str, seed: int, steps: int, subsets: list[list[str]], overrides: Sequence[str] = (),
+    mode: str = "frozen",
 ) -> None:
-    """Pretrain (if not done) and evaluate the subsets not yet evaluated for one objective and seed."""
+    """Pretrain (if not done) and evaluate, in ``mode``, the subsets not yet evaluated for one objective and seed."""
     seed_dir = out / f"brats-s{seed}"
     run_dir = seed_dir / objective
     seed_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "encoder" / "config.json").is_file():
         seconds = run(pretrain_command(store, objective, seed, steps, run_dir, overrides), seed_dir / f"{objective}.pretrain.log")
         print(f"  pretrained {objective} seed {seed} in {seconds / 60:.1f} min", flush=True)
-    done = dice_by_subset(seed_dir, objective)
+    done = dice_by_subset(seed_dir, objective, mode)
     missing = [s for s in subsets if subset_key(s) not in done]
     if not missing:
         return
-    eval_dir = seed_dir / f"seg-{objective}-{len(list(seed_dir.glob(f'seg-{objective}*')))}"
+    prefix = f"{MODES[mode][0]}-{objective}"
+    eval_dir = seed_dir / f"{prefix}-{len(list(seed_dir.glob(f'{prefix}*')))}"
     listed = ",".join(f"[{','.join(s)}]" for s in missing)
     seconds = run(
         ["ssl_med", "evaluate", "eval=segmentation", f"checkpoint={run_dir}", "eval_data=brats",
          f"eval_data.modalities=[{','.join(SEQUENCES)}]", f"eval.channel_subsets=[{listed}]", f"seed={seed}",
-         "eval.overlays=0", f"hydra.run.dir={eval_dir}", *thread_overrides(overrides)],
+         f"eval.mode={mode}", "eval.overlays=0", f"hydra.run.dir={eval_dir}", *thread_overrides(overrides)],
         seed_dir / f"{eval_dir.name}.log",
     )
-    print(f"  evaluated {objective} seed {seed} on {len(missing)} subset(s) in {seconds / 60:.1f} min", flush=True)
+    print(f"  evaluated {objective} seed {seed} ({mode}) on {len(missing)} subset(s) in {seconds / 60:.1f} min", flush=True)
 
 
 def mean_std(values: list[float]) -> str:
@@ -126,13 +134,13 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(out: Path, seeds: list[int], subsets: list[list[str]]) -> str:
-    """Markdown rows objective x subset: pretrained and random-init mean Dice, their gap, per seed."""
+    """Markdown rows objective x mode x subset: pretrained and random-init mean Dice, their gap, per seed."""
     lines = [
         "| objective | sequences | seeds | pretrained mean Dice | random-init mean Dice | gap | per seed |",
         "|---|---|---|---|---|---|---|",
     ]
-    for objective, label in OBJECTIVES.items():
-        per_seed = {s: dice_by_subset(out / f"brats-s{s}", objective) for s in seeds}
+    for (objective, label), (mode, (_, suffix)) in itertools.product(OBJECTIVES.items(), MODES.items()):
+        per_seed = {s: dice_by_subset(out / f"brats-s{s}", objective, mode) for s in seeds}
         for subset in subsets:
             key = subset_key(subset)
             have = [s for s in seeds if {"pretrained", "random-init"} <= per_seed[s].get(key, {}).keys()]
@@ -143,7 +151,7 @@ def table(out: Path, seeds: list[int], subsets: list[list[str]]) -> str:
             gaps = [p - r for p, r in zip(pre, rnd)]
             name = "all four" if sorted(subset) == sorted(SEQUENCES) else key
             lines.append(
-                f"| {label} | {name} | {','.join(map(str, have))} | {mean_std(pre)} | {mean_std(rnd)} | "
+                f"| {label}{suffix} | {name} | {','.join(map(str, have))} | {mean_std(pre)} | {mean_std(rnd)} | "
                 f"**{mean_std(gaps)}** | {', '.join(f'{g:+.3f}' for g in gaps)} |"
             )
     return "\n".join(lines)
@@ -156,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subsets", nargs="+", default=[",".join(SEQUENCES), "flair"],
                         help="sequence subsets, each comma-separated (t1ce,flair)")
     parser.add_argument("--steps", type=int, default=300, help="pretraining steps per run")
+    parser.add_argument("--modes", nargs="+", default=["frozen"], choices=list(MODES),
+                        help="eval.mode of the segmentation transfer: frozen encoder, or fine-tuned with the decoder")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_brats")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md", help="markdown file to update")
     parser.add_argument("--cached-only", action="store_true", help="build the table from finished evaluations only")
@@ -180,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for objective in args.objectives:
                 print(f"[{objective} / seed {seed}]", flush=True)
-                one_seed(args.out, store, objective, seed, args.steps, subsets, args.overrides)
+                for mode in args.modes:
+                    one_seed(args.out, store, objective, seed, args.steps, subsets, args.overrides, mode)
     body = table(args.out, args.seeds, subsets)
     write_doc(args.doc, body, BEGIN, END)
     print(body)

@@ -93,3 +93,26 @@ def test_one_command_recreates_the_tables_settings(tmp_path: Path, objective: st
     with initialize_config_module(config_module="ssl_med.conf", version_base="1.3"):
         cfg = compose(config_name="pretrain", overrides=overrides)
     assert OmegaConf.select(cfg, key) == value
+
+
+def test_fine_tuned_evaluations_are_their_own_rows_and_ask_for_the_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--modes finetune`` evaluates with ``eval.mode=finetune`` into its own folders, and the table keeps
+    fine-tuned and frozen rows of the same objective apart."""
+    all_four = "t1+t1ce+t2+flair/dice_mean"
+    write_results(tmp_path / "brats-s0" / "seg-mae-0", {"pretrained": {all_four: 0.30}, "random-init": {all_four: 0.25}})
+    write_results(tmp_path / "brats-s0" / "segft-mae-0", {"pretrained": {all_four: 0.40}, "random-init": {all_four: 0.42}})
+    assert bench_brats.dice_by_subset(tmp_path / "brats-s0", "mae", "finetune")["t1+t1ce+t2+flair"]["pretrained"] == 0.40
+    rows = bench_brats.table(tmp_path, [0], [["t1", "t1ce", "t2", "flair"]]).splitlines()[2:]
+    assert rows == [
+        "| MAE (4-channel ViT) | all four | 0 | 0.300 | 0.250 | **0.050** | +0.050 |",
+        "| MAE (4-channel ViT), fine-tuned with the decoder | all four | 0 | 0.400 | 0.420 | **-0.020** | -0.020 |",
+    ]
+    commands: list[list[str]] = []
+    monkeypatch.setattr(bench_brats, "run", lambda cmd, log: commands.append(cmd) or 1.0)
+    (tmp_path / "brats-s1" / "mae" / "encoder").mkdir(parents=True)
+    (tmp_path / "brats-s1" / "mae" / "encoder" / "config.json").write_text("{}")  # pretrained: only evaluations run
+    for mode in ("frozen", "finetune"):
+        bench_brats.one_seed(tmp_path, tmp_path / "s.zarr", "mae", 1, 300, [["flair"]], (), mode)
+    frozen, finetune = commands
+    assert "eval.mode=frozen" in frozen and any(a.endswith("brats-s1/seg-mae-0") for a in frozen)
+    assert "eval.mode=finetune" in finetune and any(a.endswith("brats-s1/segft-mae-0") for a in finetune)
