@@ -16,6 +16,12 @@ Deviations from the reference, on purpose:
     * the views are random flips on every spatial axis (the reference flips horizontally only); the
       reference's random resized crop (``RandomResizedCrop(scale=(0.2, 1.0))`` in ``main_pretrain.py``)
       is optional (``crop_scale``, off by default).
+
+``encoder_input="mask_tokens"`` feeds the encoder the whole sequence with the masked patches replaced by the
+encoder's learned mask token (SimMIM, Xie et al., CVPR 2022), and the decoder every encoded token. A scan
+(Mamba, xLSTM) then reads the sequence it reads at evaluation, neighbours at their real distance, instead of
+the visible quarter packed together; MambaMIM (Tang et al., 2024, arXiv 2408.08070) keeps the masked
+positions in the sequence for this reason. The encoder then costs what an unmasked forward costs.
 """
 
 from __future__ import annotations
@@ -178,6 +184,10 @@ class MAEDecoder(nn.Module):
         return self.pred(self.mix(self.query_stream(visible, keep_idx, grid)))
 
 
+#: ``objective.encoder_input``: what the encoder reads of a masked image
+ENCODER_INPUTS = ("visible", "mask_tokens")
+
+
 @OBJECTIVES.register("mae")
 class MAE(Objective):
     """Masked autoencoder objective.
@@ -193,6 +203,8 @@ class MAE(Objective):
         uniformity_weight: weight of U-MAE's uniformity term on the mean visible token, the read-out
             evaluation uses (:func:`~objectives.losses.uniformity.spectral_uniformity`; U-MAE: 0.01); 0
             (default): MAE's loss alone.
+        encoder_input: ``visible`` (MAE: the kept tokens only) or ``mask_tokens`` (SimMIM-style: every
+            position, masked ones as the encoder's mask token; see the module docstring).
         in_chans: channels to reconstruct; only needed for channel-adaptive encoders (``in_chans`` None),
             whose input channel count is set by the data (the YAML passes ``${data.num_channels}``).
     """
@@ -212,8 +224,12 @@ class MAE(Objective):
         in_chans: int | None = None,
         crop_scale: tuple[float, float] | None = None,
         uniformity_weight: float = 0.0,
+        encoder_input: str = "visible",
     ) -> None:
         super().__init__(encoder)
+        if encoder_input not in ENCODER_INPUTS:
+            raise ValueError(f"objective.encoder_input={encoder_input!r}; choose from {list(ENCODER_INPUTS)}")
+        self.encoder_input = encoder_input
         self.in_chans = reconstruction_channels(encoder, in_chans)
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
@@ -243,11 +259,10 @@ class MAE(Objective):
         if noise is None:
             noise = torch.rand(images.shape[0], math.prod(grid), device=images.device)
         keep_idx, mask = random_masking(noise, self.mask_ratio)
-        out = self.encoder(images, keep_idx=keep_idx, **encoder_channel_kwargs(self.encoder, batch))
-        pred = self.decoder(out.patch_tokens, keep_idx, grid)
+        pred, visible = self._encode_decode(images, batch, keep_idx, mask, grid)
         mae = masked_patch_loss(pred, patchify(images, self.encoder.patch_size), mask, self.norm_pix_loss)
         # the loss never touches the CLS token, so the collapse monitor watches the mean visible token
-        embeddings = out.patch_tokens.mean(dim=1)
+        embeddings = visible.mean(dim=1)
         terms = {"mae": mae.detach()}
         loss = mae
         if self.uniformity_weight > 0:
@@ -266,13 +281,27 @@ class MAE(Objective):
         grid = self.encoder.grid_shape(images.shape[2:])
         noise = torch.rand(images.shape[0], math.prod(grid), device=images.device)
         keep_idx, mask = random_masking(noise, self.mask_ratio)
-        out = self.encoder(images, keep_idx=keep_idx, **encoder_channel_kwargs(self.encoder, batch))
-        pred = self.decoder(out.patch_tokens, keep_idx, grid)
+        pred, _ = self._encode_decode(images, batch, keep_idx, mask, grid)
         return {
             "input": images,
             "masked": self._masked_input(images, mask, grid),
             "reconstruction": self._reconstruct(pred, images, grid),
         }
+
+    def _encode_decode(
+        self, images: Tensor, batch: dict[str, Any], keep_idx: Tensor, mask: Tensor, grid: tuple[int, ...]
+    ) -> tuple[Tensor, Tensor]:
+        """Predicted patches ``(B, N, prod(p) * C)`` and the encoded visible tokens ``(B, N_keep, D)``, the
+        encoder reading the visible tokens only or, with ``encoder_input="mask_tokens"``, every position."""
+        kwargs = encoder_channel_kwargs(self.encoder, batch)
+        if self.encoder_input == "visible":
+            out = self.encoder(images, keep_idx=keep_idx, **kwargs)
+            return self.decoder(out.patch_tokens, keep_idx, grid), out.patch_tokens
+        out = self.encoder(images, mask=mask, **kwargs)
+        every = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
+        tokens = out.patch_tokens
+        visible = torch.gather(tokens, 1, keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        return self.decoder(tokens, every, grid), visible
 
     def _masked_input(self, images: Tensor, mask: Tensor, grid: tuple[int, ...]) -> Tensor:
         """``(B, C, *S)`` with masked patches zeroed (for previews)."""

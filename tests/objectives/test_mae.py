@@ -109,3 +109,56 @@ def test_mae_adds_the_uniformity_term_it_is_given() -> None:
     assert out.loss.item() == pytest.approx(base.loss.item() + 0.5 * out.terms["uniformity"].item())
     with pytest.raises(ValueError, match="uniformity_weight"):
         MAE(plain.encoder, decoder_dim=32, decoder_depth=1, decoder_heads=2, uniformity_weight=-1.0)
+
+
+@pytest.mark.parametrize("backbone", ["vit", "mamba"])
+def test_mask_token_input_reads_every_position_but_never_a_masked_pixel(backbone: str) -> None:
+    """``encoder_input=mask_tokens``: the encoder reads all N positions (its mask token where masked), so
+    a visible pixel changes the prediction of the other patches, while no masked pixel reaches the loss's
+    predictions; the encoder's mask token is trained, the decoder's is not used; its embedding is the mean
+    of the visible tokens as encoded in the full sequence."""
+    torch.manual_seed(0)
+    kwargs = {"img_size": 16, "patch_size": 4, "spatial_dims": 2, "in_chans": 1, "depth": 2}
+    encoder = BACKBONES.get(backbone)(embed_dim=32, **kwargs, **({"num_heads": 2} if backbone == "vit" else {}))
+    with torch.no_grad():
+        encoder.mask_token.normal_()
+    mae = MAE(encoder, decoder_dim=32, decoder_depth=1, decoder_heads=2, encoder_input="mask_tokens").eval()
+    x, noise = torch.rand(2, 1, 16, 16), torch.rand(2, 16)
+    keep_idx, mask = random_masking(noise, mae.mask_ratio)
+    calls = []
+    hook = encoder.register_forward_hook(lambda m, a, kw, out: calls.append((kw, out)), with_kwargs=True)
+    out = mae({"image": x}, noise=noise)
+    hook.remove()
+    (kw, encoded), = calls
+    assert kw.get("keep_idx") is None and torch.equal(kw["mask"], mask) and encoded.patch_tokens.shape[1] == 16
+    visible = torch.stack([encoded.patch_tokens[b, keep_idx[b]] for b in range(2)])
+    torch.testing.assert_close(out.embeddings, visible.mean(dim=1))
+    # masked pixels: replace them and the predictions do not move
+    pixels_of = torch.nn.functional.interpolate(mask.view(2, 1, 4, 4).float(), scale_factor=4) > 0
+    pred = mae._encode_decode(x, {"image": x}, keep_idx, mask, (4, 4))[0]
+    scrambled = torch.where(pixels_of, torch.rand_like(x), x)
+    torch.testing.assert_close(mae._encode_decode(scrambled, {"image": scrambled}, keep_idx, mask, (4, 4))[0], pred)
+    moved = torch.where(pixels_of, x, torch.rand_like(x))
+    assert not torch.allclose(mae._encode_decode(moved, {"image": moved}, keep_idx, mask, (4, 4))[0], pred)
+    mae.train()
+    mae({"image": x}, noise=noise).loss.backward()
+    assert encoder.mask_token.grad is not None and encoder.mask_token.grad.abs().sum() > 0
+    grad = mae.decoder.mask_token.grad  # every position is overwritten by an encoded token
+    assert grad is None or not grad.any()
+    with pytest.raises(ValueError, match="encoder_input"):
+        MAE(encoder, decoder_dim=32, decoder_depth=1, decoder_heads=2, encoder_input="masked")
+
+
+def test_mask_token_mae_learns_on_demo_crops(demo_store_2d: str, fit_objective) -> None:
+    mae = _tiny_mae(2, 32)
+    mae.encoder_input = "mask_tokens"
+    ds = RandomCropDataset(demo_store_2d, (32, 32), length=512, transform=mae.view_transform())
+    loader = DataLoader(ds, batch_size=32)
+    opt = torch.optim.AdamW(mae.parameters(), lr=2e-3)
+    fixed = next(iter(loader))
+    noise = torch.rand(32, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = mae(fixed, noise=noise).loss.item()
+    fit_objective(mae, itertools.chain(loader, loader), 2 * len(loader), opt)
+    with torch.no_grad():
+        assert mae(fixed, noise=noise).loss.item() < 0.8 * before
