@@ -46,29 +46,23 @@ from ssl_med.evaluators.datasets import (
 from ssl_med.evaluators.features import FEATURE_MODES, extract_features
 from ssl_med.evaluators.metrics import classification_metrics
 from ssl_med.train.collapse import effective_rank
-from ssl_med.train.online_eval import ridge_probe_scores
+from ssl_med.train.online_eval import ridge_probe_scores, standardise
 from ssl_med.weights import read_config
 
 COLUMNS = ("eff. rank", "top-5 variance", "top-20 variance", "label R² top-5", "label R² top-20", "label R² all")
 
 
-def standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    """``train`` ``(N, D)`` and each of ``others`` centred and scaled by the train mean and std (float64)."""
-    mean, std = train.mean(0), train.std(0).clip(min=1e-12)
-    return [(x.astype(np.float64) - mean) / std for x in (train, *others)]
-
-
 def conditioning(features: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
     """The :data:`COLUMNS` of a train read-out ``features`` ``(N, D)`` with single labels ``(N,)``."""
     (z,) = standardise(features)
-    u, s, _ = np.linalg.svd(z, full_matrices=False)
+    u, s, _ = np.linalg.svd(z.numpy(), full_matrices=False)
     share = s**2 / (s**2).sum()
     y = np.eye(num_classes)[labels]
     y = y - y.mean(0)
     captured = ((u.T @ y) ** 2).sum(1) / (y**2).sum()  # per principal direction, in order of variance
     rank = int((s > s[0] * 1e-10).sum())
     return {
-        "eff. rank": effective_rank(torch.from_numpy(z)),
+        "eff. rank": effective_rank(z),
         "top-5 variance": float(share[:5].sum()),
         "top-20 variance": float(share[:20].sum()),
         "label R² top-5": float(captured[:5].sum()),
@@ -82,7 +76,7 @@ def head_curve(
     steps: Sequence[int], lr: float, seed: int, batch_size: int = 32, weight_decay: float = 0.05,
 ) -> list[float]:
     """Val AUROC after each of ``steps`` of a linear head trained by AdamW on standardised read-outs."""
-    x, q = (torch.from_numpy(a).float() for a in standardise(train, val))
+    x, q = (a.float() for a in standardise(train, val))
     y = torch.from_numpy(train_labels).long()
     generator = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(x.shape[1], num_classes)

@@ -51,12 +51,18 @@ from ssl_med.train.collapse import effective_rank, embedding_std
 log = logging.getLogger(__name__)
 
 
+def standardise(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
+    """``train`` ``(N, D)`` and each of ``others`` ``(Q, D)`` centred and scaled by the train mean and std
+    (float64; a feature without spread is scaled by 1e-6, i.e. left at zero)."""
+    x = torch.from_numpy(np.asarray(train)).double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    return [(torch.from_numpy(np.asarray(a)).double() - mean) / std for a in (train, *others)]
+
+
 def _standardised_design(train: np.ndarray, query: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """``train`` ``(N, D)`` and ``query`` ``(Q, D)`` standardised with the train statistics, with a bias
     column: ``(N, D + 1)``, ``(Q, D + 1)`` float64."""
-    x, q = torch.from_numpy(train).double(), torch.from_numpy(query).double()
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    x, q = (x - mean) / std, (q - mean) / std
+    x, q = standardise(train, query)
     return torch.cat([x, x.new_ones(len(x), 1)], 1), torch.cat([q, q.new_ones(len(q), 1)], 1)
 
 
