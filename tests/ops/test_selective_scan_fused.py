@@ -83,18 +83,32 @@ LAYOUTS = [
     (65, 2, 6, 5, "constant", "grouped"),
     (129, 3, 2, 16, "shared", "variable"),
     (200, 2, 4, 3, "constant", "constant"),
+    # 16 channels of a group per vector lane (input-dependent B and C, N = 16)
+    (65, 2, 32, 16, "grouped", "grouped"),
+    (130, 1, 64, 16, "variable", "grouped"),
 ]
+
+
+def token_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``(B, D, L)`` as the transposed view of a contiguous ``(B, L, D)`` tensor (Mamba's layout)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @pytest.mark.parametrize(("L", "b", "d", "n", "B_kind", "C_kind"), LAYOUTS)
 @pytest.mark.parametrize("options", ["all", "none"])
-def test_float64_matches_reference(L, b, d, n, B_kind, C_kind, options) -> None:
-    """Outputs, last state and every gradient equal the sequential loop in float64."""
+@pytest.mark.parametrize("layout", ["channel-major", "token-major"])
+def test_float64_matches_reference(L, b, d, n, B_kind, C_kind, options, layout) -> None:
+    """Outputs, last state and every gradient equal the sequential loop in float64, whether u, delta
+    and z are contiguous (B, D, L) tensors or token-major views (the lane kernel's fused forward)."""
     tensors, extras = inputs(L, b, d, n, B_kind, C_kind)
     if options == "none":
         extras = dict.fromkeys(extras)
     softplus = options == "all"
-    assert_same(run("fused", tensors, extras, softplus), run("ref", tensors, extras, softplus))
+    expected = run("ref", tensors, extras, softplus)
+    if layout == "token-major":
+        tensors = [token_major(tensors[0]), token_major(tensors[1]), *tensors[2:]]
+        extras = {k: token_major(v) if k == "z" and v is not None else v for k, v in extras.items()}
+    assert_same(run("fused", tensors, extras, softplus), expected)
 
 
 def test_float64_matches_reference_with_wide_steps() -> None:
@@ -104,8 +118,11 @@ def test_float64_matches_reference_with_wide_steps() -> None:
     assert_same(run("fused", tensors, extras, last_weight=0.0), run("ref", tensors, extras, last_weight=0.0))
 
 
-@pytest.mark.parametrize(("n", "B_kind"), [(16, "variable"), (7, "grouped")])
-def test_float32_as_accurate_as_the_reference_in_float32(n: int, B_kind: str) -> None:
+@pytest.mark.parametrize(
+    ("n", "B_kind", "d", "layout"),
+    [(16, "variable", 4, "channel-major"), (7, "grouped", 4, "channel-major"), (16, "grouped", 32, "token-major")],
+)
+def test_float32_as_accurate_as_the_reference_in_float32(n: int, B_kind: str, d: int, layout: str) -> None:
     """Float32 (the vectorised exponential, softplus and logistic, the chunked backward) is as accurate
     as the sequential reference run in float32: against float64, its largest error per output and per
     gradient stays within 3x the reference's own float32 error.
@@ -115,10 +132,15 @@ def test_float32_as_accurate_as_the_reference_in_float32(n: int, B_kind: str) ->
     summation order, hence the exact error, changes with the CPU's vector width (AVX2 or AVX-512). A
     wrong exponential or a lost term is orders of magnitude above the reference's error.
     """
-    tensors, extras = inputs(300, 2, 4, n, B_kind, B_kind, dtype=F64, seed=1, wide_steps=True)
+    tensors, extras = inputs(300, 2, d, n, B_kind, B_kind, dtype=F64, seed=1, wide_steps=True)
     tensors[2] = tensors[2] / 8
     expected = run("ref", tensors, extras)
     as_f32 = ([t.float() for t in tensors], {k: v.float() for k, v in extras.items()})
+    if layout == "token-major":  # the lane kernels, forward and backward
+        as_f32 = (
+            [token_major(as_f32[0][0]), token_major(as_f32[0][1]), *as_f32[0][2:]],
+            {**as_f32[1], "z": token_major(as_f32[1]["z"])},
+        )
     got, ref32 = run("fused", *as_f32), run("ref", *as_f32)
     flat = [(o, last, *grads) for o, last, grads in (got, ref32, expected)]
     for i, (x, r, y) in enumerate(zip(*flat, strict=True)):
@@ -127,9 +149,10 @@ def test_float32_as_accurate_as_the_reference_in_float32(n: int, B_kind: str) ->
         assert err <= 3 * ref_err + 1e-6 * max(1.0, y.abs().max().item()), (i, err, ref_err)
 
 
-def test_results_do_not_depend_on_the_thread_count() -> None:
+@pytest.mark.parametrize("d", [8, 64])  # rows; lane blocks (three threads split a group of 32 in two)
+def test_results_do_not_depend_on_the_thread_count(d: int) -> None:
     """The per-thread partial sums of dB/dC change only the summation order."""
-    tensors, extras = inputs(100, 1, 8, 16, "variable", "grouped", dtype=torch.float32, seed=2)
+    tensors, extras = inputs(100, 1, d, 16, "variable", "grouped", dtype=torch.float32, seed=2)
     results = []
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
@@ -162,10 +185,6 @@ def test_strided_inputs_match_contiguous_ones() -> None:
     """u, delta and z as transposed (B, L, D) views (Mamba's layout): same results and gradients."""
     tensors, extras = inputs(90, 2, 5, 16, "variable", "variable")
     contiguous = run("fused", tensors, extras)
-
-    def token_major(t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).contiguous().transpose(1, 2)
-
     strided = [token_major(tensors[0]), token_major(tensors[1]), *tensors[2:]]
     got = run("fused", strided, {**extras, "z": token_major(extras["z"])})
     assert_same(got, contiguous, rtol=1e-12, atol=1e-12)

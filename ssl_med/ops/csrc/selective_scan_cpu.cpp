@@ -15,8 +15,9 @@
 //
 // Work split: every (batch, channel) row is an independent recurrence, so rows run in parallel
 // (at::parallel_for, OpenMP in torch's CPU builds) and the N states of a row are one short vector
-// (`#pragma omp simd`; N = 16 is compiled as a constant so the states live in registers). The
-// float32 exponential is a branch-free polynomial that vectorises with the rest of the step.
+// (`#pragma omp simd`; N = 16 is compiled as a constant so the states live in registers). With
+// input-dependent B and C and N = 16 (Mamba), the lane kernels of selective_scan_lanes.cpp run 16
+// channels of a group at once instead, a channel per vector lane. The float32 exponential is a branch-free polynomial that vectorises with the rest of the step.
 // The elementwise work around the recurrence (the softplus of the step sizes, dt * u, the D skip,
 // the silu(z) gate and their derivatives) runs in separate passes over tokens with the channels
 // innermost, contiguous in the token-major layout: vectorised over channels it costs the same for
@@ -129,6 +130,10 @@ void finish_grads(const Scan<T>& s, const Rows<T>& dout, TokenMajor<T> dt, Token
   const int64_t dim = s.dim;
   at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
     TokenBuffers<T> w(dim);
+    // absent D and delta_bias read as zeros, so the loops below have no branches and vectorise
+    const std::vector<T> zeros(dim, T(0));
+    const T* skip = s.Dskip ? s.Dskip : zeros.data();
+    const T* bias = s.bias ? s.bias : zeros.data();
     for (int64_t b = begin; b < end; ++b) {
       T* dskip = dskip_part + b * dim;
       T* dbias = dbias_part + b * dim;
@@ -139,12 +144,16 @@ void finish_grads(const Scan<T>& s, const Rows<T>& dout, TokenMajor<T> dt, Token
         const T* raw = s.delta.token(b, t, dim, w.raw.data());
         const T *dtt = dt.token(b, t), *dyt = dy.token(b, t);
         T *dut = du.token(b, t), *ddt = ddelta.token(b, t);
+        // dL/d(dt) through the decays and through dt * u; then through the softplus, if any
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) ddt[d] += dut[d] * u[d];
+        if (s.softplus) {
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) ddt[d] *= softplus_grad(raw[d] + bias[d]);
+        }
 #pragma omp simd
         for (int64_t d = 0; d < dim; ++d) {
-          const T skip = s.Dskip ? s.Dskip[d] : T(0), gb = dut[d];
-          const T grad_dt = ddt[d] + gb * u[d];
-          ddt[d] = s.softplus ? grad_dt * softplus_grad(raw[d] + (s.bias ? s.bias[d] : T(0))) : grad_dt;
-          dut[d] = dyt[d] * skip + gb * dtt[d];
+          dut[d] = dyt[d] * skip[d] + dut[d] * dtt[d];
           dskip[d] += dyt[d] * u[d];
           dbias[d] += ddt[d];
         }
@@ -155,8 +164,8 @@ void finish_grads(const Scan<T>& s, const Rows<T>& dout, TokenMajor<T> dt, Token
           T* dzt = dz.token(b, t);
 #pragma omp simd
           for (int64_t d = 0; d < dim; ++d) {
-            const T skip = s.Dskip ? s.Dskip[d] : T(0), sg = sigmoid(z[d]);
-            dzt[d] = go[d] * (yt[d] + skip * u[d]) * sg * (T(1) + z[d] * (T(1) - sg));
+            const T sg = sigmoid(z[d]);
+            dzt[d] = go[d] * (yt[d] + skip[d] * u[d]) * sg * (T(1) + z[d] * (T(1) - sg));
           }
         }
       }
@@ -204,15 +213,6 @@ void forward_row(const Scan<T>& s, int64_t b, int64_t d, const TokenMajor<T>& dt
 // ---------------------------------------------------------------------------------------------
 // backward: one row (b, d); chunks from last to first, recompute then reverse
 // ---------------------------------------------------------------------------------------------
-// What a row reads and writes, token-major: dt, dt * u and dL/dy in; y (when needed for dz),
-// gb = dL/d(dt u) (into du) and dL/d(dt) through the decays (into ddelta) out; finish_grads
-// turns them into the input gradients.
-template <typename T>
-struct RowIO {
-  TokenMajor<T> dt, dtu, dy, y, gb, gdt;
-  bool keep_y;
-};
-
 template <typename T>
 struct RowGrads {
   T* dA;        // (N) for this row
@@ -396,13 +396,17 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
   const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2), nstate = A.size(1);
   const int64_t chunks = (len + kChunk - 1) / kChunk;
   at::Tensor out = token_major(u, batch, dim, len);
-  at::Tensor dt = token_major(u, batch, dim, len), dtu = token_major(u, batch, dim, len);
   at::Tensor last = at::empty({batch, dim, nstate}, u.options());
   at::Tensor states = at::empty({save_states ? batch : 0, dim, chunks, nstate}, u.options());
   auto run = [&](auto tag) {
     using T = decltype(tag);
     Scan<T> s = describe<T>(u, delta, A, B, C, D, z, bias, softplus);
     T* st = save_states ? states.data_ptr<T>() : nullptr;
+    if (lanes_forward_apply(s)) {
+      forward_lanes_all(s, tokens_of<T>(out), last.data_ptr<T>(), st);
+      return;
+    }
+    at::Tensor dt = token_major(u, batch, dim, len), dtu = token_major(u, batch, dim, len);
     prepare_steps(s, tokens_of<T>(dt), tokens_of<T>(dtu));
     auto rows = nstate == 16 ? forward_all<T, 16> : forward_all<T, 0>;
     rows(s, tokens_of<T>(dt), tokens_of<T>(dtu), tokens_of<T>(out), last.data_ptr<T>(), st);
@@ -412,21 +416,16 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
   return {out.transpose(1, 2), last, states};
 }
 
-// Channels of one parallel work item: item -> (b, fine group, block) with every block inside a
-// single group of each input-dependent B/C ("fine group" = the gcd of their group sizes).
-struct Blocks {
-  int64_t fine_size, fine_groups, per_group, items;
-};
-
-Blocks plan_blocks(int64_t batch, int64_t dim, bool b_var, int64_t b_groups, bool c_var, int64_t c_groups) {
+Blocks plan_blocks(int64_t batch, int64_t dim, bool b_var, int64_t b_groups, bool c_var, int64_t c_groups,
+                   int64_t unit) {
   int64_t fine = dim;
   if (b_var) fine = std::gcd(fine, dim / b_groups);
   if (c_var) fine = std::gcd(fine, dim / c_groups);
   const int64_t fine_groups = dim / fine;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t want = (threads + batch * fine_groups - 1) / (batch * fine_groups);
-  const int64_t per_group = std::clamp<int64_t>(want, 1, fine);
-  return {fine, fine_groups, per_group, batch * fine_groups * per_group};
+  const int64_t per_group = std::clamp<int64_t>(want, 1, fine / unit);
+  return {fine, fine_groups, per_group, batch * fine_groups * per_group, unit};
 }
 
 template <typename T, int NC>
@@ -437,11 +436,8 @@ void backward_all(const Scan<T>& s, const Blocks& p, const T* states, const T* d
   at::parallel_for(0, p.items, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> work(N);
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t b = it / (p.fine_groups * p.per_group);
-      const int64_t fg = (it / p.per_group) % p.fine_groups;
-      const int64_t k = it % p.per_group;
-      const int64_t d0 = fg * p.fine_size + k * p.fine_size / p.per_group;
-      const int64_t d1 = fg * p.fine_size + (k + 1) * p.fine_size / p.per_group;
+      int64_t b, d0, d1;
+      p.range(it, b, d0, d1);
       for (int64_t d = d0; d < d1; ++d) {
         const int64_t r = b * s.dim + d;
         RowGrads<T> g;
@@ -482,7 +478,8 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   }
   const bool b_var = B.dim() == 4, c_var = C.dim() == 4;
   const int64_t b_groups = b_var ? B.size(1) : dim, c_groups = c_var ? C.size(1) : dim;
-  const Blocks p = plan_blocks(batch, dim, b_var, b_groups, c_var, c_groups);
+  const bool lanes = lanes_apply(nstate, dim, b_var, b_groups, c_var, c_groups);
+  const Blocks p = plan_blocks(batch, dim, b_var, b_groups, c_var, c_groups, lanes ? kLanes : 1);
   const auto opt = u.options();
   // gradients token-major; scratch: step sizes, dt * u, dL/dy, and y when dz needs it
   at::Tensor du = token_major(u, batch, dim, len), ddelta = token_major(u, batch, dim, len);
@@ -500,7 +497,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
                       tokens_of<T>(scratch[z ? 3 : 2]), tokens_of<T>(du), tokens_of<T>(ddelta), z.has_value()};
     prepare_steps(s, io.dt, io.dtu);
     prepare_dy(s, go, io.dy);
-    auto rows = nstate == 16 ? backward_all<T, 16> : backward_all<T, 0>;
+    auto rows = lanes ? backward_lanes_all<T> : nstate == 16 ? backward_all<T, 16> : backward_all<T, 0>;
     rows(s, p, states.data_ptr<T>(), dlast ? dlast->data_ptr<T>() : nullptr, io, dA_rows.data_ptr<T>(),
          dB_part.data_ptr<T>(), dC_part.data_ptr<T>());
     finish_grads(s, go, io.dt, io.dy, io.y, io.gb, io.gdt, z ? tokens_of<T>(dz) : io.y, dskip_part.data_ptr<T>(),

@@ -165,4 +165,64 @@ struct Scan {
   int64_t c_step() const { return c_var ? nstate : 0; }
 };
 
+// ---------------------------------------------------------------------------------------------
+// the backward's inputs and outputs, and its split into parallel work items
+// ---------------------------------------------------------------------------------------------
+// What a row (or a block of lanes) reads and writes, token-major: dt, dt * u and dL/dy in; y (when
+// needed for dz), gb = dL/d(dt u) (into du) and dL/d(dt) through the decays (into ddelta) out;
+// finish_grads turns them into the input gradients.
+template <typename T>
+struct RowIO {
+  TokenMajor<T> dt, dtu, dy, y, gb, gdt;
+  bool keep_y;
+};
+
+// Channels of one parallel work item: item -> (b, fine group, block) with every block inside a
+// single group of each input-dependent B/C ("fine group" = the gcd of their group sizes) and
+// block edges on multiples of `unit` (kLanes for the lane kernels, 1 for the row kernels).
+struct Blocks {
+  int64_t fine_size, fine_groups, per_group, items, unit;
+  // batch item b and channels [d0, d1) of work item it
+  void range(int64_t it, int64_t& b, int64_t& d0, int64_t& d1) const {
+    b = it / (fine_groups * per_group);
+    const int64_t fg = (it / per_group) % fine_groups, k = it % per_group, units = fine_size / unit;
+    d0 = fg * fine_size + k * units / per_group * unit;
+    d1 = fg * fine_size + (k + 1) * units / per_group * unit;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// lane kernels (selective_scan_lanes.cpp): kLanes channels of one B/C group at a time
+// ---------------------------------------------------------------------------------------------
+constexpr int kLanes = 16;
+
+// Whether the lane kernels take this problem: N = 16 and input-dependent B and C whose groups are
+// whole multiples of kLanes channels (Mamba's layout); the row kernels take the rest.
+inline bool lanes_apply(int64_t nstate, int64_t dim, bool b_var, int64_t b_groups, bool c_var, int64_t c_groups) {
+  return nstate == 16 && b_var && c_var && (dim / b_groups) % kLanes == 0 && (dim / c_groups) % kLanes == 0;
+}
+template <typename T>
+bool lanes_apply(const Scan<T>& s) {
+  return lanes_apply(s.nstate, s.dim, s.b_var, s.b_groups, s.c_var, s.c_groups);
+}
+
+// Whether the forward's lane kernel can read this problem's inputs: u, delta and z token-major
+// (stride 1 between channels, as Mamba's projections lay them out).
+template <typename T>
+bool lanes_forward_apply(const Scan<T>& s) {
+  return lanes_apply(s) && s.u.sd == 1 && s.delta.sd == 1 && (!s.z || s.z.sd == 1);
+}
+
+// The whole forward (prepare_steps, the recurrence of forward_row, finish_out) for every row: the
+// output into out, the last state into last (batch, dim, N) and, when states is given, the state
+// at every kChunk-th step.
+template <typename T>
+void forward_lanes_all(const Scan<T>& s, const TokenMajor<T>& out, T* last, T* states);
+
+// The recurrence backward for every row, as backward_row over the work items of p (unit kLanes):
+// dA per row into dA_rows (batch, dim, N); dB and dC per item into (items, len, N).
+template <typename T>
+void backward_lanes_all(const Scan<T>& s, const Blocks& p, const T* states, const T* dlast, const RowIO<T>& io,
+                        T* dA_rows, T* dB_part, T* dC_part);
+
 }  // namespace ssl_med_scan
