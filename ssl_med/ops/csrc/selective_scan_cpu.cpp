@@ -213,6 +213,15 @@ void forward_row(const Scan<T>& s, int64_t b, int64_t d, const TokenMajor<T>& dt
 // ---------------------------------------------------------------------------------------------
 // backward: one row (b, d); chunks from last to first, recompute then reverse
 // ---------------------------------------------------------------------------------------------
+// What a row reads and writes, token-major: dt, dt * u and dL/dy in; y (when needed for dz),
+// gb = dL/d(dt u) (into du) and dL/d(dt) through the decays (into ddelta) out; finish_grads
+// turns them into the input gradients.
+template <typename T>
+struct RowIO {
+  TokenMajor<T> dt, dtu, dy, y, gb, gdt;
+  bool keep_y;
+};
+
 template <typename T>
 struct RowGrads {
   T* dA;        // (N) for this row
@@ -402,7 +411,7 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
     using T = decltype(tag);
     Scan<T> s = describe<T>(u, delta, A, B, C, D, z, bias, softplus);
     T* st = save_states ? states.data_ptr<T>() : nullptr;
-    if (lanes_forward_apply(s)) {
+    if (lanes_apply(s)) {
       forward_lanes_all(s, tokens_of<T>(out), last.data_ptr<T>(), st);
       return;
     }
@@ -478,13 +487,15 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   }
   const bool b_var = B.dim() == 4, c_var = C.dim() == 4;
   const int64_t b_groups = b_var ? B.size(1) : dim, c_groups = c_var ? C.size(1) : dim;
-  const bool lanes = lanes_apply(nstate, dim, b_var, b_groups, c_var, c_groups);
+  const bool inputs_token_major =
+      u.stride(1) == 1 && delta.stride(1) == 1 && (!z || z->stride(1) == 1) && dout.stride(1) == 1;
+  const bool lanes = lanes_apply(nstate, dim, b_var, b_groups, c_var, c_groups, inputs_token_major);
   const Blocks p = plan_blocks(batch, dim, b_var, b_groups, c_var, c_groups, lanes ? kLanes : 1);
   const auto opt = u.options();
   // gradients token-major; scratch: step sizes, dt * u, dL/dy, and y when dz needs it
   at::Tensor du = token_major(u, batch, dim, len), ddelta = token_major(u, batch, dim, len);
   at::Tensor dz = z ? token_major(u, batch, dim, len) : at::empty({0}, opt);
-  at::Tensor scratch = at::empty({z ? 4 : 3, batch, len, dim}, opt);
+  at::Tensor scratch = at::empty({lanes ? 0 : z ? 4 : 3, batch, len, dim}, opt);  // the lane kernels need none
   at::Tensor dA_rows = at::empty({batch, dim, nstate}, opt);
   at::Tensor dskip_part = at::empty({batch, dim}, opt), dbias_part = at::empty({batch, dim}, opt);
   at::Tensor dB_part = b_var ? at::zeros({p.items, len, nstate}, opt) : at::zeros({batch, dim, nstate}, opt);
@@ -493,11 +504,18 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
     using T = decltype(tag);
     Scan<T> s = describe<T>(u, delta, A, B, C, D, z, bias, softplus);
     const Rows<T> go(dout);
+    if (lanes) {
+      const LaneGrads<T> g{tokens_of<T>(du), tokens_of<T>(ddelta), z ? tokens_of<T>(dz) : TokenMajor<T>{nullptr, 0, 0},
+                           dA_rows.data_ptr<T>(), dB_part.data_ptr<T>(), dC_part.data_ptr<T>(),
+                           dskip_part.data_ptr<T>(), dbias_part.data_ptr<T>()};
+      backward_lanes_all(s, p, states.data_ptr<T>(), dlast ? dlast->data_ptr<T>() : nullptr, go, g);
+      return;
+    }
     const RowIO<T> io{tokens_of<T>(scratch[0]), tokens_of<T>(scratch[1]), tokens_of<T>(scratch[2]),
                       tokens_of<T>(scratch[z ? 3 : 2]), tokens_of<T>(du), tokens_of<T>(ddelta), z.has_value()};
     prepare_steps(s, io.dt, io.dtu);
     prepare_dy(s, go, io.dy);
-    auto rows = lanes ? backward_lanes_all<T> : nstate == 16 ? backward_all<T, 16> : backward_all<T, 0>;
+    auto rows = nstate == 16 ? backward_all<T, 16> : backward_all<T, 0>;
     rows(s, p, states.data_ptr<T>(), dlast ? dlast->data_ptr<T>() : nullptr, io, dA_rows.data_ptr<T>(),
          dB_part.data_ptr<T>(), dC_part.data_ptr<T>());
     finish_grads(s, go, io.dt, io.dy, io.y, io.gb, io.gdt, z ? tokens_of<T>(dz) : io.y, dskip_part.data_ptr<T>(),

@@ -166,17 +166,8 @@ struct Scan {
 };
 
 // ---------------------------------------------------------------------------------------------
-// the backward's inputs and outputs, and its split into parallel work items
+// the backward's split into parallel work items
 // ---------------------------------------------------------------------------------------------
-// What a row (or a block of lanes) reads and writes, token-major: dt, dt * u and dL/dy in; y (when
-// needed for dz), gb = dL/d(dt u) (into du) and dL/d(dt) through the decays (into ddelta) out;
-// finish_grads turns them into the input gradients.
-template <typename T>
-struct RowIO {
-  TokenMajor<T> dt, dtu, dy, y, gb, gdt;
-  bool keep_y;
-};
-
 // Channels of one parallel work item: item -> (b, fine group, block) with every block inside a
 // single group of each input-dependent B/C ("fine group" = the gcd of their group sizes) and
 // block edges on multiples of `unit` (kLanes for the lane kernels, 1 for the row kernels).
@@ -196,21 +187,18 @@ struct Blocks {
 // ---------------------------------------------------------------------------------------------
 constexpr int kLanes = 16;
 
-// Whether the lane kernels take this problem: N = 16 and input-dependent B and C whose groups are
-// whole multiples of kLanes channels (Mamba's layout); the row kernels take the rest.
-inline bool lanes_apply(int64_t nstate, int64_t dim, bool b_var, int64_t b_groups, bool c_var, int64_t c_groups) {
-  return nstate == 16 && b_var && c_var && (dim / b_groups) % kLanes == 0 && (dim / c_groups) % kLanes == 0;
+// Whether the lane kernels take a problem: N = 16, input-dependent B and C whose groups are whole
+// multiples of kLanes channels, and the (batch, dim, len) inputs token-major (stride 1 between
+// channels), as Mamba lays them out; the row kernels take the rest.
+inline bool lanes_apply(int64_t nstate, int64_t dim, bool b_var, int64_t b_groups, bool c_var, int64_t c_groups,
+                        bool token_major) {
+  return token_major && nstate == 16 && b_var && c_var && (dim / b_groups) % kLanes == 0 &&
+         (dim / c_groups) % kLanes == 0;
 }
 template <typename T>
 bool lanes_apply(const Scan<T>& s) {
-  return lanes_apply(s.nstate, s.dim, s.b_var, s.b_groups, s.c_var, s.c_groups);
-}
-
-// Whether the forward's lane kernel can read this problem's inputs: u, delta and z token-major
-// (stride 1 between channels, as Mamba's projections lay them out).
-template <typename T>
-bool lanes_forward_apply(const Scan<T>& s) {
-  return lanes_apply(s) && s.u.sd == 1 && s.delta.sd == 1 && (!s.z || s.z.sd == 1);
+  const bool token_major = s.u.sd == 1 && s.delta.sd == 1 && (!s.z || s.z.sd == 1);
+  return lanes_apply(s.nstate, s.dim, s.b_var, s.b_groups, s.c_var, s.c_groups, token_major);
 }
 
 // The whole forward (prepare_steps, the recurrence of forward_row, finish_out) for every row: the
@@ -219,10 +207,18 @@ bool lanes_forward_apply(const Scan<T>& s) {
 template <typename T>
 void forward_lanes_all(const Scan<T>& s, const TokenMajor<T>& out, T* last, T* states);
 
-// The recurrence backward for every row, as backward_row over the work items of p (unit kLanes):
-// dA per row into dA_rows (batch, dim, N); dB and dC per item into (items, len, N).
+// Where the lane backward writes: du, ddelta and dz token-major; dA per row (batch, dim, N); dB and
+// dC per work item (items, len, N); the D and delta_bias gradients per row (batch, dim).
 template <typename T>
-void backward_lanes_all(const Scan<T>& s, const Blocks& p, const T* states, const T* dlast, const RowIO<T>& io,
-                        T* dA_rows, T* dB_part, T* dC_part);
+struct LaneGrads {
+  TokenMajor<T> du, ddelta, dz;
+  T *dA_rows, *dB_part, *dC_part, *dskip, *dbias;
+};
+
+// The whole backward (prepare_steps, prepare_dy, the recurrence of backward_row, finish_grads) over
+// the work items of p (unit kLanes); dout token-major.
+template <typename T>
+void backward_lanes_all(const Scan<T>& s, const Blocks& p, const T* states, const T* dlast, const Rows<T>& dout,
+                        const LaneGrads<T>& g);
 
 }  // namespace ssl_med_scan

@@ -58,6 +58,21 @@ __attribute__((always_inline)) inline void lane_step(const T (&a2)[N][W], const 
   }
 }
 
+// The block's step sizes at token (b, t): dt = softplus(delta + bias) (or without the softplus) and
+// dt * u, as prepare_steps computes them for a token's channels.
+template <typename T>
+__attribute__((always_inline)) inline void lane_steps(const Scan<T>& s, const T* raw, const T* ut, const T* bias,
+                                                      T* dt, T* dtu) {
+#pragma omp simd
+  for (int l = 0; l < W; ++l) dt[l] = raw[l] + bias[l];
+  if (s.softplus) {
+#pragma omp simd
+    for (int l = 0; l < W; ++l) dt[l] = softplus(dt[l]);
+  }
+#pragma omp simd
+  for (int l = 0; l < W; ++l) dtu[l] = dt[l] * ut[l];
+}
+
 // The whole forward of one block, elementwise work included: per step, the block's step sizes
 // dt = softplus(delta + bias) and dt * u (prepare_steps), the recurrence, and
 // out = (y + D u) * silu(z) (finish_out), so each input is read and the output written once.
@@ -74,16 +89,8 @@ void forward_block(const Scan<T>& s, int64_t b, int64_t d0, const TokenMajor<T>&
   const T* Ct = s.c_ptr(b, d0);
   for (int64_t t = 0; t < len; ++t, Bt += N, Ct += N) {
     const T* ut = s.u.p + b * s.u.sb + t * s.u.st + d0;
-    const T* raw = s.delta.p + b * s.delta.sb + t * s.delta.st + d0;
     alignas(64) T dt[W], dtu[W], y[W] = {};
-#pragma omp simd
-    for (int l = 0; l < W; ++l) dt[l] = raw[l] + bias[l];
-    if (s.softplus) {
-#pragma omp simd
-      for (int l = 0; l < W; ++l) dt[l] = softplus(dt[l]);
-    }
-#pragma omp simd
-    for (int l = 0; l < W; ++l) dtu[l] = dt[l] * ut[l];
+    lane_steps(s, s.delta.p + b * s.delta.sb + t * s.delta.st + d0, ut, bias, dt, dtu);
     lane_step(a2, dt, dtu, Bt, Ct, &h[0][0], &h[0][0], static_cast<T*>(nullptr), y);
 #pragma omp simd
     for (int l = 0; l < W; ++l) y[l] += skip[l] * ut[l];
@@ -104,25 +111,35 @@ void forward_block(const Scan<T>& s, int64_t b, int64_t d0, const TokenMajor<T>&
   }
 }
 
-// Per-thread buffers: a chunk's decays and states, and the item's per-lane dB and dC.
+// Per-thread buffers: a chunk's decays, states, step sizes and recurrence outputs, and the work
+// item's per-lane dB and dC.
 template <typename T>
 struct LaneScratch {
-  std::vector<T> a, h, dB, dC;
-  explicit LaneScratch(int64_t len) : a(kChunk * N * W), h(kChunk * N * W), dB(len * N * W), dC(len * N * W) {}
+  std::vector<T> a, h, dt, dtu, y, dB, dC;
+  explicit LaneScratch(int64_t len)
+      : a(kChunk * N * W), h(kChunk * N * W), dt(kChunk * W), dtu(kChunk * W), y(kChunk * W), dB(len * N * W),
+        dC(len * N * W) {}
 };
 
+// The whole backward of one block: the chunks from last to first, each recomputed from its saved
+// state (step sizes included), then the reverse recurrence with, per step, dL/dy from dout and the
+// gate (prepare_dy) and the input gradients from gb and gda (finish_grads).
 template <typename T>
-void backward_block(const Scan<T>& s, int64_t b, int64_t d0, const T* states, const T* dlast, const RowIO<T>& io,
-                    T* dA_rows, LaneScratch<T>& w) {
+void backward_block(const Scan<T>& s, int64_t b, int64_t d0, const T* states, const T* dlast, const Rows<T>& dout,
+                    const LaneGrads<T>& g, LaneScratch<T>& w) {
   alignas(64) T a2[N][W], a_row[N][W], carry[N][W] = {}, dA[N][W] = {}, h0[N][W];
+  alignas(64) T bias[W] = {}, skip[W] = {}, dskip[W] = {}, dbias[W] = {};
   load_a2(s, d0, a2);
   const int64_t len = s.len, chunks = (len + kChunk - 1) / kChunk, row0 = b * s.dim + d0;
-  for (int n = 0; n < N; ++n) {
-    for (int l = 0; l < W; ++l) {
+  for (int l = 0; l < W; ++l) {
+    if (s.bias) bias[l] = s.bias[d0 + l];
+    if (s.Dskip) skip[l] = s.Dskip[d0 + l];
+    for (int n = 0; n < N; ++n) {
       a_row[n][l] = s.A[(d0 + l) * N + n];
       if (dlast) carry[n][l] = dlast[(row0 + l) * N + n];  // dL/dh_{len-1} from the returned last state
     }
   }
+  const auto at = [&](const Rows<T>& r, int64_t t) { return r.p + b * r.sb + t * r.st + d0; };
   const T* B0 = s.b_ptr(b, d0);
   const T* C0 = s.c_ptr(b, d0);
   T *abuf = w.a.data(), *hbuf = w.h.data();
@@ -131,20 +148,29 @@ void backward_block(const Scan<T>& s, int64_t b, int64_t d0, const T* states, co
     for (int l = 0; l < W; ++l) {
       for (int n = 0; n < N; ++n) h0[n][l] = c > 0 ? states[((row0 + l) * chunks + c - 1) * N + n] : T(0);
     }
-    // recompute this chunk's decays and states from the saved state at its start
+    // recompute this chunk's step sizes, decays, states and (for dz) outputs from its saved state
     const T* hp = &h0[0][0];
     for (int64_t i = 0; i < m; ++i) {
       const int64_t t = t0 + i;
-      alignas(64) T y[W] = {};
-      lane_step(a2, io.dt.token(b, t) + d0, io.dtu.token(b, t) + d0, B0 + t * N, C0 + t * N, hp, hbuf + i * N * W,
-                abuf + i * N * W, io.keep_y ? y : static_cast<T*>(nullptr));
-      if (io.keep_y) std::copy(y, y + W, io.y.token(b, t) + d0);
+      T *dt = w.dt.data() + i * W, *dtu = w.dtu.data() + i * W, *y = w.y.data() + i * W;
+      lane_steps(s, at(s.delta, t), at(s.u, t), bias, dt, dtu);
+      std::fill(y, y + W, T(0));
+      lane_step(a2, dt, dtu, B0 + t * N, C0 + t * N, hp, hbuf + i * N * W, abuf + i * N * W,
+                s.z ? y : static_cast<T*>(nullptr));
       hp = hbuf + i * N * W;
     }
     // reverse recurrence through the chunk
     for (int64_t i = m - 1; i >= 0; --i) {
       const int64_t t = t0 + i;
-      const T *dtt = io.dt.token(b, t) + d0, *dyt = io.dy.token(b, t) + d0, *dtut = io.dtu.token(b, t) + d0;
+      const T *dt = w.dt.data() + i * W, *dtu = w.dtu.data() + i * W, *ut = at(s.u, t), *go = at(dout, t);
+      const T* zt = s.z ? at(s.z, t) : nullptr;
+      alignas(64) T dy[W], gb[W] = {}, gda[W] = {};
+      if (zt) {
+#pragma omp simd
+        for (int l = 0; l < W; ++l) dy[l] = go[l] * (zt[l] * sigmoid(zt[l]));
+      } else {
+        std::copy(go, go + W, dy);
+      }
       const T* Bt = B0 + t * N;
       const T* Ct = C0 + t * N;
       T* dBt = w.dB.data() + t * N * W;
@@ -152,28 +178,51 @@ void backward_block(const Scan<T>& s, int64_t b, int64_t d0, const T* states, co
       const T* ai = abuf + i * N * W;
       const T* hi = hbuf + i * N * W;
       const T* hprev = i > 0 ? hbuf + (i - 1) * N * W : &h0[0][0];
-      alignas(64) T gb[W] = {}, gda[W] = {};
       for (int n = 0; n < N; ++n) {
         const T bn = Bt[n], cn = Ct[n];
         const int64_t o = n * W;
 #pragma omp simd
         for (int l = 0; l < W; ++l) {
-          const T gn = carry[n][l] + dyt[l] * cn;  // dL/dh_t
-          dCt[o + l] += dyt[l] * hi[o + l];
-          dBt[o + l] += gn * dtut[l];
-          gb[l] += gn * bn;                           // dL/d(delta_t u_t)
+          const T gn = carry[n][l] + dy[l] * cn;  // dL/dh_t
+          dCt[o + l] += dy[l] * hi[o + l];
+          dBt[o + l] += gn * dtu[l];
+          gb[l] += gn * bn;                              // dL/d(delta_t u_t)
           const T glog = gn * ai[o + l] * hprev[o + l];  // dL/d(delta_t A_n)
-          dA[n][l] += glog * dtt[l];
+          dA[n][l] += glog * dt[l];
           gda[l] += glog * a_row[n][l];
           carry[n][l] = ai[o + l] * gn;
         }
       }
-      std::copy(gb, gb + W, io.gb.token(b, t) + d0);
-      std::copy(gda, gda + W, io.gdt.token(b, t) + d0);
+      // the input gradients of this step, as finish_grads computes them
+      T *dut = g.du.token(b, t) + d0, *ddt = g.ddelta.token(b, t) + d0;
+#pragma omp simd
+      for (int l = 0; l < W; ++l) ddt[l] = gda[l] + gb[l] * ut[l];
+      if (s.softplus) {
+        const T* raw = at(s.delta, t);
+#pragma omp simd
+        for (int l = 0; l < W; ++l) ddt[l] *= softplus_grad(raw[l] + bias[l]);
+      }
+#pragma omp simd
+      for (int l = 0; l < W; ++l) {
+        dut[l] = dy[l] * skip[l] + gb[l] * dt[l];
+        dskip[l] += dy[l] * ut[l];
+        dbias[l] += ddt[l];
+      }
+      if (zt) {
+        const T* y = w.y.data() + i * W;
+        T* dzt = g.dz.token(b, t) + d0;
+#pragma omp simd
+        for (int l = 0; l < W; ++l) {
+          const T sg = sigmoid(zt[l]);
+          dzt[l] = go[l] * (y[l] + skip[l] * ut[l]) * sg * (T(1) + zt[l] * (T(1) - sg));
+        }
+      }
     }
   }
   for (int l = 0; l < W; ++l) {
-    for (int n = 0; n < N; ++n) dA_rows[(row0 + l) * N + n] = dA[n][l];
+    for (int n = 0; n < N; ++n) g.dA_rows[(row0 + l) * N + n] = dA[n][l];
+    g.dskip[row0 + l] = dskip[l];
+    g.dbias[row0 + l] = dbias[l];
   }
 }
 
@@ -199,8 +248,8 @@ void forward_lanes_all(const Scan<T>& s, const TokenMajor<T>& out, T* last, T* s
 }
 
 template <typename T>
-void backward_lanes_all(const Scan<T>& s, const Blocks& p, const T* states, const T* dlast, const RowIO<T>& io,
-                        T* dA_rows, T* dB_part, T* dC_part) {
+void backward_lanes_all(const Scan<T>& s, const Blocks& p, const T* states, const T* dlast, const Rows<T>& dout,
+                        const LaneGrads<T>& g) {
   at::parallel_for(0, p.items, 1, [&](int64_t begin, int64_t end) {
     LaneScratch<T> work(s.len);
     for (int64_t it = begin; it < end; ++it) {
@@ -208,9 +257,9 @@ void backward_lanes_all(const Scan<T>& s, const Blocks& p, const T* states, cons
       p.range(it, b, d0, d1);
       std::fill(work.dB.begin(), work.dB.end(), T(0));
       std::fill(work.dC.begin(), work.dC.end(), T(0));
-      for (int64_t d = d0; d < d1; d += W) backward_block(s, b, d, states, dlast, io, dA_rows, work);
-      sum_lanes(work.dB, dB_part + it * s.len * N);
-      sum_lanes(work.dC, dC_part + it * s.len * N);
+      for (int64_t d = d0; d < d1; d += W) backward_block(s, b, d, states, dlast, dout, g, work);
+      sum_lanes(work.dB, g.dB_part + it * s.len * N);
+      sum_lanes(work.dC, g.dC_part + it * s.len * N);
     }
   });
 }
@@ -218,8 +267,8 @@ void backward_lanes_all(const Scan<T>& s, const Blocks& p, const T* states, cons
 template void forward_lanes_all<float>(const Scan<float>&, const TokenMajor<float>&, float*, float*);
 template void forward_lanes_all<double>(const Scan<double>&, const TokenMajor<double>&, double*, double*);
 template void backward_lanes_all<float>(const Scan<float>&, const Blocks&, const float*, const float*,
-                                        const RowIO<float>&, float*, float*, float*);
+                                        const Rows<float>&, const LaneGrads<float>&);
 template void backward_lanes_all<double>(const Scan<double>&, const Blocks&, const double*, const double*,
-                                         const RowIO<double>&, double*, double*, double*);
+                                         const Rows<double>&, const LaneGrads<double>&);
 
 }  // namespace ssl_med_scan
