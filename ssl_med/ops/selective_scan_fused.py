@@ -48,6 +48,8 @@ SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
 HEADER = SOURCE.with_suffix(".h")
 #: The scan's lane kernels (16 channels of a B/C group per vector), built into the same extension.
 LANES_SOURCE = SOURCE.with_name("selective_scan_lanes.cpp")
+#: The per-token passes around the row kernels' recurrence, built into the same extension.
+TOKENS_SOURCE = SOURCE.with_name("selective_scan_tokens.cpp")
 #: The causal depthwise conv (+ SiLU) of a Mamba branch, built into the same extension.
 CONV_SOURCE = SOURCE.with_name("causal_conv_cpu.cpp")
 #: The depthwise grid conv of a ViL (xLSTM) layer, built into the same extension.
@@ -71,7 +73,7 @@ def _load() -> tuple[Any | None, str]:
     """Build (or load the cached build of) the extension: ``(torch.ops namespace or None, why)``."""
     global ATTEMPTED
     ATTEMPTED = True
-    if not all(path.is_file() for path in (SOURCE, HEADER, LANES_SOURCE, CONV_SOURCE, GRID_SOURCE)):
+    if not all(path.is_file() for path in (SOURCE, HEADER, LANES_SOURCE, TOKENS_SOURCE, CONV_SOURCE, GRID_SOURCE)):
         return None, f"the sources in {SOURCE.parent} are missing from this installation"
     torch_logger = logging.getLogger("torch.utils.cpp_extension")
     level = torch_logger.level
@@ -94,7 +96,7 @@ def _load() -> tuple[Any | None, str]:
     try:
         cpp_extension.load(
             name=name,
-            sources=[str(SOURCE), str(LANES_SOURCE), str(CONV_SOURCE), str(GRID_SOURCE)],
+            sources=[str(SOURCE), str(LANES_SOURCE), str(TOKENS_SOURCE), str(CONV_SOURCE), str(GRID_SOURCE)],
             # -fno-trapping-math lets g++ turn the clamps of the exponential into vector min/max;
             # the header's hash is a flag because torch keys its build cache on sources and flags
             extra_cflags=[

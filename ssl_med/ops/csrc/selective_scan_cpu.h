@@ -166,6 +166,28 @@ struct Scan {
 };
 
 // ---------------------------------------------------------------------------------------------
+// per-token passes of the row kernels (selective_scan_tokens.cpp)
+// ---------------------------------------------------------------------------------------------
+// Step sizes dt = softplus(delta + bias) (or without the softplus) and dt * u for every token.
+template <typename T>
+void prepare_steps(const Scan<T>& s, TokenMajor<T> dt, TokenMajor<T> dtu);
+
+// out <- (y + D u) * silu(z) in place, every token (out holds the recurrence's y).
+template <typename T>
+void finish_out(const Scan<T>& s, TokenMajor<T> out);
+
+// dL/dy of the recurrence: dout * silu(z) (or dout), every token.
+template <typename T>
+void prepare_dy(const Scan<T>& s, const Rows<T>& dout, TokenMajor<T> dy);
+
+// The per-token input gradients from what the row kernels leave in du (gb = dL/d(dt u)) and
+// ddelta (dL/d(dt) through the decays); the D and delta_bias gradients per batch item into
+// dskip_part and dbias_part (batch, dim).
+template <typename T>
+void finish_grads(const Scan<T>& s, const Rows<T>& dout, TokenMajor<T> dt, TokenMajor<T> dy, TokenMajor<T> y,
+                  TokenMajor<T> du, TokenMajor<T> ddelta, TokenMajor<T> dz, T* dskip_part, T* dbias_part);
+
+// ---------------------------------------------------------------------------------------------
 // the backward's split into parallel work items
 // ---------------------------------------------------------------------------------------------
 // Channels of one parallel work item: item -> (b, fine group, block) with every block inside a
