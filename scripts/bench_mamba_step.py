@@ -21,10 +21,10 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
+from bench_proc import best_time
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,15 +38,6 @@ SHAPES = (
 )
 
 
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def step_time(config: dict, x: torch.Tensor, repeats: int) -> float:
     """Best time of ``encoder(x)`` forward + backward of the patch tokens' mean square."""
     from ssl_med.build import build_encoder
@@ -57,7 +48,7 @@ def step_time(config: dict, x: torch.Tensor, repeats: int) -> float:
         encoder(x).patch_tokens.square().mean().backward()
 
     step()  # warm-up: kernel build, allocator
-    return _best(step, repeats)
+    return best_time(step, repeats)
 
 
 def scan_call_times(batch: int, channels: int, length: int, groups: int, repeats: int) -> tuple[float, float]:
@@ -82,7 +73,7 @@ def scan_call_times(batch: int, channels: int, length: int, groups: int, repeats
         selective_scan(leaf, delta, A, B, C, **kw, impl="fused").square().sum().backward()
 
     forward_backward()
-    return _best(forward, repeats), _best(forward_backward, repeats)
+    return best_time(forward, repeats), best_time(forward_backward, repeats)
 
 
 def measure(args: argparse.Namespace) -> list[dict]:

@@ -2,7 +2,8 @@
 
 ``proc_status_mib`` reads a process's resident memory from ``/proc/<pid>/status`` (``VmHWM``: the peak
 resident set, ``VmRSS``: the current one); ``run_in_subprocess`` runs one configuration of a script in a
-fresh interpreter, so that each configuration's peak memory is its own.
+fresh interpreter, so that each configuration's peak memory is its own; ``best_time`` is the shortest of
+a few timings of a call.
 """
 
 from __future__ import annotations
@@ -11,8 +12,20 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """The shortest of ``repeats`` wall-clock timings of ``fn()``, in seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def proc_status_mib(key: str = "VmHWM", pid: int | str = "self") -> float:

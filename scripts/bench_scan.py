@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_proc import proc_status_mib
+from bench_proc import best_time, proc_status_mib
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -59,15 +59,6 @@ def scan_inputs(L: int, d: int, n: int = 16, b: int = 1) -> tuple:
     A = -torch.arange(1, n + 1.0).repeat(d, 1)
     B, C = torch.randn(b, n, L, generator=g), torch.randn(b, n, L, generator=g)
     return u, delta, A, B, C
-
-
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def elementwise_floor(u, delta, A, B, C) -> None:
@@ -107,15 +98,15 @@ def scan_row(d: int, L: int, repeats: int, impls: tuple[str, ...]) -> dict:
 
     row: dict = {"d": d, "L": L}
     for impl in impls:  # back to back, so ratios within a row share the machine's state
-        row[impl] = _best(lambda impl=impl: forward(impl), repeats)
-    row["ref"] = _best(lambda: forward("ref"), 1)
+        row[impl] = best_time(lambda impl=impl: forward(impl), repeats)
+    row["ref"] = best_time(lambda: forward("ref"), 1)
     with torch.no_grad():
-        row["floor"] = _best(lambda: elementwise_floor(*args), repeats)
+        row["floor"] = best_time(lambda: elementwise_floor(*args), repeats)
     if L <= FWD_BWD_MAX_LEN:
         for impl in impls:
-            row[f"{impl}_fb"] = _best(lambda impl=impl: _fwd_bwd(impl, args, kw), repeats)
+            row[f"{impl}_fb"] = best_time(lambda impl=impl: _fwd_bwd(impl, args, kw), repeats)
     if L <= REF_FWD_BWD_MAX_LEN:
-        row["ref_fb"] = _best(lambda: _fwd_bwd("ref", args, kw), 1)
+        row["ref_fb"] = best_time(lambda: _fwd_bwd("ref", args, kw), 1)
     for impl in impls:
         row[f"{impl}_diff"] = (outs[impl] - outs["ref"]).abs().max().item()
     return row

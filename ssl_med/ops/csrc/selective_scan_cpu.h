@@ -103,6 +103,39 @@ __attribute__((always_inline)) inline double sigmoid(double x) { return 1.0 / (1
 __attribute__((always_inline)) inline float softplus_grad(float x) { return sigmoid(x); }
 __attribute__((always_inline)) inline double softplus_grad(double x) { return x > 20.0 ? 1.0 : sigmoid(x); }
 
+// The input gradients of `count` adjacent channels at one token, from what the reverse recurrence
+// leaves: gb = dL/d(dt u) and gda = dL/d(dt) through the decays. Writes ddelta (through the softplus
+// when `softplus`, raw = delta before it), du, and dz when z is given (go = dL/dout, y = the
+// recurrence's output), and adds this token's terms to the D and delta_bias gradients dskip, dbias.
+// du may alias gb and ddelta gda (each element is read before it is written).
+template <typename T>
+struct TokenGradIn {
+  const T *gb, *gda, *u, *raw, *bias, *dt, *dy, *skip, *go, *z, *y;
+};
+template <typename T>
+__attribute__((always_inline)) inline void token_grads(int64_t count, bool softplus, const TokenGradIn<T>& in,
+                                                       T* du, T* ddelta, T* dz, T* dskip, T* dbias) {
+#pragma omp simd
+  for (int64_t d = 0; d < count; ++d) ddelta[d] = in.gda[d] + in.gb[d] * in.u[d];
+  if (softplus) {
+#pragma omp simd
+    for (int64_t d = 0; d < count; ++d) ddelta[d] *= softplus_grad(in.raw[d] + in.bias[d]);
+  }
+#pragma omp simd
+  for (int64_t d = 0; d < count; ++d) {
+    du[d] = in.dy[d] * in.skip[d] + in.gb[d] * in.dt[d];
+    dskip[d] += in.dy[d] * in.u[d];
+    dbias[d] += ddelta[d];
+  }
+  if (in.z) {
+#pragma omp simd
+    for (int64_t d = 0; d < count; ++d) {
+      const T sg = sigmoid(in.z[d]);
+      dz[d] = in.go[d] * (in.y[d] + in.skip[d] * in.u[d]) * sg * (T(1) + in.z[d] * (T(1) - sg));
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // problem description shared by the row kernels
 // ---------------------------------------------------------------------------------------------

@@ -194,29 +194,9 @@ void backward_block(const Scan<T>& s, int64_t b, int64_t d0, const T* states, co
         }
       }
       // the input gradients of this step, as finish_grads computes them
-      T *dut = g.du.token(b, t) + d0, *ddt = g.ddelta.token(b, t) + d0;
-#pragma omp simd
-      for (int l = 0; l < W; ++l) ddt[l] = gda[l] + gb[l] * ut[l];
-      if (s.softplus) {
-        const T* raw = at(s.delta, t);
-#pragma omp simd
-        for (int l = 0; l < W; ++l) ddt[l] *= softplus_grad(raw[l] + bias[l]);
-      }
-#pragma omp simd
-      for (int l = 0; l < W; ++l) {
-        dut[l] = dy[l] * skip[l] + gb[l] * dt[l];
-        dskip[l] += dy[l] * ut[l];
-        dbias[l] += ddt[l];
-      }
-      if (zt) {
-        const T* y = w.y.data() + i * W;
-        T* dzt = g.dz.token(b, t) + d0;
-#pragma omp simd
-        for (int l = 0; l < W; ++l) {
-          const T sg = sigmoid(zt[l]);
-          dzt[l] = go[l] * (y[l] + skip[l] * ut[l]) * sg * (T(1) + zt[l] * (T(1) - sg));
-        }
-      }
+      const TokenGradIn<T> in{gb, gda, ut, at(s.delta, t), bias, dt, dy, skip, go, zt, w.y.data() + i * W};
+      token_grads<T>(W, s.softplus, in, g.du.token(b, t) + d0, g.ddelta.token(b, t) + d0,
+                     zt ? g.dz.token(b, t) + d0 : nullptr, dskip, dbias);
     }
   }
   for (int l = 0; l < W; ++l) {

@@ -103,34 +103,12 @@ void finish_grads(const Scan<T>& s, const Rows<T>& dout, TokenMajor<T> dt, Token
       std::fill(dskip, dskip + dim, T(0));
       std::fill(dbias, dbias + dim, T(0));
       for (int64_t t = 0; t < s.len; ++t) {
-        const T* u = s.u.token(b, t, dim, w.u.data());
-        const T* raw = s.delta.token(b, t, dim, w.raw.data());
-        const T *dtt = dt.token(b, t), *dyt = dy.token(b, t);
         T *dut = du.token(b, t), *ddt = ddelta.token(b, t);
-        // dL/d(dt) through the decays and through dt * u; then through the softplus, if any
-#pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) ddt[d] += dut[d] * u[d];
-        if (s.softplus) {
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) ddt[d] *= softplus_grad(raw[d] + bias[d]);
-        }
-#pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) {
-          dut[d] = dyt[d] * skip[d] + dut[d] * dtt[d];
-          dskip[d] += dyt[d] * u[d];
-          dbias[d] += ddt[d];
-        }
-        if (s.z) {
-          const T* go = dout.token(b, t, dim, w.dout.data());
-          const T* z = s.z.token(b, t, dim, w.z.data());
-          const T* yt = y.token(b, t);
-          T* dzt = dz.token(b, t);
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) {
-            const T sg = sigmoid(z[d]);
-            dzt[d] = go[d] * (yt[d] + skip[d] * u[d]) * sg * (T(1) + z[d] * (T(1) - sg));
-          }
-        }
+        const TokenGradIn<T> in{dut, ddt, s.u.token(b, t, dim, w.u.data()), s.delta.token(b, t, dim, w.raw.data()),
+                                bias, dt.token(b, t), dy.token(b, t), skip,
+                                s.z ? dout.token(b, t, dim, w.dout.data()) : nullptr,
+                                s.z ? s.z.token(b, t, dim, w.z.data()) : nullptr, y.token(b, t)};
+        token_grads(dim, s.softplus, in, dut, ddt, s.z ? dz.token(b, t) : nullptr, dskip, dbias);
       }
     }
   });
