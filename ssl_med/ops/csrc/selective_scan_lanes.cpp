@@ -2,12 +2,14 @@
 // per vector lane (the row kernels and the entry points are in selective_scan_cpu.cpp).
 //
 // With input-dependent B and C (Mamba), the channels of a group read the same B_t and C_t, and the
-// token-major dt, dt * u, dL/dy and outputs hold neighbouring channels side by side. The row kernels
-// put a row's N states in a vector and walk one channel at a time: every step loads dt_t and dy_t
-// with a stride of `dim`, and sums y_t = <h_t, C_t> (and, backward, two more sums) across the
-// vector. Here kLanes channels run together: dt_t, dt_t u_t and dy_t of the block are one vector
-// load, B_t[n] and C_t[n] are broadcasts, and the N states of a block are N independent vector
-// recurrences with no sum across lanes. The arithmetic per state is the row kernels'; only the
+// token-major inputs (u, delta, z, dL/dout) and outputs hold neighbouring channels side by side. The
+// row kernels put a row's N states in a vector and walk one channel at a time: every step loads its
+// step size and dL/dy with a stride of `dim`, and sums y_t = <h_t, C_t> (and, backward, two more
+// sums) across the vector. Here kLanes channels run together: a block's inputs at step t are one
+// vector load each, B_t[n] and C_t[n] are broadcasts, and the N states of a block are N independent
+// vector recurrences with no sum across lanes. The elementwise work around the recurrence (the
+// per-token passes of the row kernels) runs inside the same loop over steps, so no token-major
+// scratch array is written and read back. The arithmetic per element is the row kernels'; only the
 // order of the sums over the N states (y, gb and gda) differs, by rounding.
 //
 // The gradients of B and C are sums over a group's channels. The backward keeps them per lane, in
@@ -26,6 +28,12 @@ namespace ssl_med_scan {
 namespace {
 
 constexpr int N = 16, W = kLanes;
+
+// The block's first element of a token-major (batch, dim, len) input at step t.
+template <typename T>
+__attribute__((always_inline)) inline const T* lane_ptr(const Rows<T>& r, int64_t b, int64_t t, int64_t d0) {
+  return r.p + b * r.sb + t * r.st + d0;
+}
 
 // The block's A log2(e) (for the decays), state n of channel d0 + l at [n][l].
 template <typename T>
@@ -88,14 +96,14 @@ void forward_block(const Scan<T>& s, int64_t b, int64_t d0, const TokenMajor<T>&
   const T* Bt = s.b_ptr(b, d0);
   const T* Ct = s.c_ptr(b, d0);
   for (int64_t t = 0; t < len; ++t, Bt += N, Ct += N) {
-    const T* ut = s.u.p + b * s.u.sb + t * s.u.st + d0;
+    const T* ut = lane_ptr(s.u, b, t, d0);
     alignas(64) T dt[W], dtu[W], y[W] = {};
-    lane_steps(s, s.delta.p + b * s.delta.sb + t * s.delta.st + d0, ut, bias, dt, dtu);
+    lane_steps(s, lane_ptr(s.delta, b, t, d0), ut, bias, dt, dtu);
     lane_step(a2, dt, dtu, Bt, Ct, &h[0][0], &h[0][0], static_cast<T*>(nullptr), y);
 #pragma omp simd
     for (int l = 0; l < W; ++l) y[l] += skip[l] * ut[l];
     if (s.z) {
-      const T* zt = s.z.p + b * s.z.sb + t * s.z.st + d0;
+      const T* zt = lane_ptr(s.z, b, t, d0);
 #pragma omp simd
       for (int l = 0; l < W; ++l) y[l] = y[l] * zt[l] * sigmoid(zt[l]);
     }
@@ -139,7 +147,7 @@ void backward_block(const Scan<T>& s, int64_t b, int64_t d0, const T* states, co
       if (dlast) carry[n][l] = dlast[(row0 + l) * N + n];  // dL/dh_{len-1} from the returned last state
     }
   }
-  const auto at = [&](const Rows<T>& r, int64_t t) { return r.p + b * r.sb + t * r.st + d0; };
+  const auto at = [&](const Rows<T>& r, int64_t t) { return lane_ptr(r, b, t, d0); };
   const T* B0 = s.b_ptr(b, d0);
   const T* C0 = s.c_ptr(b, d0);
   T *abuf = w.a.data(), *hbuf = w.h.data();
