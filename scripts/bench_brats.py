@@ -18,8 +18,8 @@ user runs, nothing behind their back):
 
 Runs that exist are reused and only missing subsets are evaluated (each evaluation writes
 ``seg-<objective>*/results.json``, ``segft-<objective>*`` when fine-tuned, in ``<out>/brats-s<seed>/``), so a
-table can grow a subset or a mode without redoing the others. The table (mean ± std over the seeds that have the subset, gap per seed) goes to
-``--doc`` between ``<!-- brats:begin -->`` and ``<!-- brats:end -->``::
+table can grow a subset or a mode without redoing the others. The table (mean ± std over the seeds that have
+the subset, gap per seed) goes to ``--doc`` between ``<!-- brats:begin -->`` and ``<!-- brats:end -->``::
 
     python scripts/bench_brats.py --seeds 0 1 2 --subsets t1,t1ce,t2,flair flair
     python scripts/bench_brats.py --seeds 0 --subsets t1 t1ce t2 t1ce,flair

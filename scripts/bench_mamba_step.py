@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -29,7 +30,7 @@ from bench_proc import best_time
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-#: (name, spatial dims, image size, patch, Mamba scan orders or None for the default)
+#: (name, spatial dims, image size, patch, Mamba scan orders or None for the backbone's default)
 SHAPES = (
     ("2D 28 px / p4 (49 tokens)", 2, 28, 4, None),
     ("2D 28 px / p7 (16 tokens)", 2, 28, 7, None),
@@ -38,11 +39,8 @@ SHAPES = (
 )
 
 
-def step_time(config: dict, x: torch.Tensor, repeats: int) -> float:
+def step_time(encoder: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
     """Best time of ``encoder(x)`` forward + backward of the patch tokens' mean square."""
-    from ssl_med.build import build_encoder
-
-    encoder = build_encoder(config)
 
     def step() -> None:
         encoder(x).patch_tokens.square().mean().backward()
@@ -77,6 +75,7 @@ def scan_call_times(batch: int, channels: int, length: int, groups: int, repeats
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
+    from ssl_med.build import build_encoder
     from ssl_med.ops.selective_scan_fused import fused_status
 
     torch.set_num_threads(args.threads)
@@ -86,12 +85,14 @@ def measure(args: argparse.Namespace) -> list[dict]:
         base = {"spatial_dims": dims, "in_chans": 1, "img_size": size, "patch_size": patch}
         mamba = {"name": "mamba", **base, **({"scan_orders": orders} if orders else {})}
         row = {"label": args.label, "shape": name, "batch": args.batch, "threads": args.threads}
-        row["vit_s"] = step_time({"name": "vit", **base}, x, args.repeats)
-        row["mamba_s"] = step_time(mamba, x, args.repeats)
-        tokens = (size // patch) ** dims + 1
-        num_orders = len(orders) if orders else (2 if dims == 2 else 3)
+        encoder = build_encoder(mamba)
+        row["vit_s"] = step_time(build_encoder({"name": "vit", **base}), x, args.repeats)
+        row["mamba_s"] = step_time(encoder, x, args.repeats)
+        # one block's scan call: K orders x the mixer's inner width, over the patch and class tokens
+        num_orders, inner = len(encoder.scan_orders), encoder.blocks[0].mixer.out_proj.in_features
+        tokens = math.prod(encoder.grid_shape(x.shape[2:])) + (encoder.cls_token is not None)
         row["scan_fwd_ms"], row["scan_fb_ms"] = (
-            1e3 * t for t in scan_call_times(args.batch, num_orders * 384, tokens, num_orders, args.repeats)
+            1e3 * t for t in scan_call_times(args.batch, num_orders * inner, tokens, num_orders, args.repeats)
         )
         rows.append(row)
         print(json.dumps(row), flush=True)

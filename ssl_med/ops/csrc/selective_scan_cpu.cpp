@@ -253,6 +253,17 @@ Scan<T> describe(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
 // ---------------------------------------------------------------------------------------------
 // entry points
 // ---------------------------------------------------------------------------------------------
+// Whether the lane kernels take this call: N = 16, input-dependent B and C with groups of whole
+// multiples of kLanes channels, and u, delta, z (and the backward's dout) token-major.
+bool lanes_take(const at::Tensor& u, const at::Tensor& delta, const std::optional<at::Tensor>& z,
+                const at::Tensor& B, const at::Tensor& C, int64_t nstate, const at::Tensor* dout = nullptr) {
+  const int64_t dim = u.size(1);
+  const auto token_major = [](const at::Tensor& t) { return t.stride(1) == 1; };
+  const auto lane_groups = [&](const at::Tensor& M) { return M.dim() == 4 && (dim / M.size(1)) % kLanes == 0; };
+  return nstate == 16 && lane_groups(B) && lane_groups(C) && token_major(u) && token_major(delta) &&
+         (!z || token_major(*z)) && (!dout || token_major(*dout));
+}
+
 // A token-major (batch, len, dim) tensor, returned as its (batch, dim, len) view.
 at::Tensor token_major(const at::Tensor& like, int64_t batch, int64_t dim, int64_t len) {
   return at::empty({batch, len, dim}, like.options());
@@ -285,11 +296,12 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
   at::Tensor out = token_major(u, batch, dim, len);
   at::Tensor last = at::empty({batch, dim, nstate}, u.options());
   at::Tensor states = at::empty({save_states ? batch : 0, dim, chunks, nstate}, u.options());
+  const bool lanes = lanes_take(u, delta, z, B, C, nstate);
   auto run = [&](auto tag) {
     using T = decltype(tag);
     Scan<T> s = describe<T>(u, delta, A, B, C, D, z, bias, softplus);
     T* st = save_states ? states.data_ptr<T>() : nullptr;
-    if (lanes_apply(s)) {
+    if (lanes) {
       forward_lanes_all(s, tokens_of<T>(out), last.data_ptr<T>(), st);
       return;
     }
@@ -365,9 +377,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   }
   const bool b_var = B.dim() == 4, c_var = C.dim() == 4;
   const int64_t b_groups = b_var ? B.size(1) : dim, c_groups = c_var ? C.size(1) : dim;
-  const bool inputs_token_major =
-      u.stride(1) == 1 && delta.stride(1) == 1 && (!z || z->stride(1) == 1) && dout.stride(1) == 1;
-  const bool lanes = lanes_apply(nstate, dim, b_var, b_groups, c_var, c_groups, inputs_token_major);
+  const bool lanes = lanes_take(u, delta, z, B, C, nstate, &dout);
   const Blocks p = plan_blocks(batch, dim, b_var, b_groups, c_var, c_groups, lanes ? kLanes : 1);
   const auto opt = u.options();
   // gradients token-major; scratch: step sizes, dt * u, dL/dy, and y when dz needs it

@@ -242,19 +242,9 @@ struct Blocks {
 // ---------------------------------------------------------------------------------------------
 constexpr int kLanes = 16;
 
-// Whether the lane kernels take a problem: N = 16, input-dependent B and C whose groups are whole
-// multiples of kLanes channels, and the (batch, dim, len) inputs token-major (stride 1 between
-// channels), as Mamba lays them out; the row kernels take the rest.
-inline bool lanes_apply(int64_t nstate, int64_t dim, bool b_var, int64_t b_groups, bool c_var, int64_t c_groups,
-                        bool token_major) {
-  return token_major && nstate == 16 && b_var && c_var && (dim / b_groups) % kLanes == 0 &&
-         (dim / c_groups) % kLanes == 0;
-}
-template <typename T>
-bool lanes_apply(const Scan<T>& s) {
-  const bool token_major = s.u.sd == 1 && s.delta.sd == 1 && (!s.z || s.z.sd == 1);
-  return lanes_apply(s.nstate, s.dim, s.b_var, s.b_groups, s.c_var, s.c_groups, token_major);
-}
+// The lane kernels take N = 16, input-dependent B and C whose groups are whole multiples of kLanes
+// channels, and token-major (batch, dim, len) inputs (stride 1 between channels), as Mamba lays them
+// out; lanes_take (selective_scan_cpu.cpp) decides, and the row kernels take the rest.
 
 // The whole forward (prepare_steps, the recurrence of forward_row, finish_out) for every row: the
 // output into out, the last state into last (batch, dim, N) and, when states is given, the state

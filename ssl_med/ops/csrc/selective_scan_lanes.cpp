@@ -162,7 +162,7 @@ void backward_block(const Scan<T>& s, int64_t b, int64_t d0, const T* states, co
       const int64_t t = t0 + i;
       T *dt = w.dt.data() + i * W, *dtu = w.dtu.data() + i * W, *y = w.y.data() + i * W;
       lane_steps(s, at(s.delta, t), at(s.u, t), bias, dt, dtu);
-      std::fill(y, y + W, T(0));
+      if (s.z) std::fill(y, y + W, T(0));  // the outputs only feed dz
       lane_step(a2, dt, dtu, B0 + t * N, C0 + t * N, hp, hbuf + i * N * W, abuf + i * N * W,
                 s.z ? y : static_cast<T*>(nullptr));
       hp = hbuf + i * N * W;
