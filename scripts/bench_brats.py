@@ -35,7 +35,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench_representation import REPO, SHARED, run, write_doc
+from bench_proc import write_doc
+from bench_representation import REPO, SHARED, run
 
 from ssl_med.commands import thread_overrides
 

@@ -3,7 +3,8 @@
 ``proc_status_mib`` reads a process's resident memory from ``/proc/<pid>/status`` (``VmHWM``: the peak
 resident set, ``VmRSS``: the current one); ``run_in_subprocess`` runs one configuration of a script in a
 fresh interpreter, so that each configuration's peak memory is its own; ``best_time`` is the shortest of
-a few timings of a call.
+a few timings of a call; ``write_doc`` replaces a script's generated block of a markdown file and keeps the
+hand-written text around it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def write_doc(doc: Path, body: str, begin: str, end: str) -> None:
+    """Replace the block between the ``begin`` and ``end`` markers of ``doc`` by ``body``; everything outside
+    the markers is kept. Without both markers the block is appended (a new file holds the block alone)."""
+    text = doc.read_text() if doc.is_file() else ""
+    block = f"{begin}\n{body.strip()}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
 
 
 def proc_status_mib(key: str = "VmHWM", pid: int | str = "self") -> float:

@@ -47,7 +47,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bench_proc import write_doc
 from bench_tables import (
+    BEGIN,
+    END,
     finetune_table,
     has_fractions,
     label_efficiency_table,
@@ -55,7 +58,6 @@ from bench_tables import (
     plot_curves,
     plot_label_efficiency,
     table,
-    write_doc,
 )
 from omegaconf import OmegaConf
 
@@ -383,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.cached_only:  # a kept rows folder is read, never written
         (args.out / "in_domain.md").write_text(body + "\n")
-    write_doc(args.doc, body)
+    write_doc(args.doc, body, BEGIN, END)
     print(body)
     return 0
 

@@ -1,6 +1,7 @@
 """CPU benchmark: the fused and torch selective scans vs the sequential loop, and Mamba vs ViT as tokens grow.
 
-Writes a markdown report (default ``docs/benchmarks/scan.md``)::
+Writes a markdown report (default ``docs/benchmarks/scan.md``, between ``<!-- bench_scan:begin -->`` and
+``<!-- bench_scan:end -->``; the file's hand-written sections outside those markers are kept)::
 
     nice -n 10 python scripts/bench_scan.py           # defaults below, ~10 min on 2 shared cores
     python scripts/bench_scan.py --threads 2 --depth 4 --out /tmp/scan.md
@@ -8,7 +9,9 @@ Writes a markdown report (default ``docs/benchmarks/scan.md``)::
 Part 1 times ``selective_scan`` with ``impl="fused"`` (the C++ kernel, when it builds), ``"torch"``
 and ``"ref"`` (float32, Mamba's parametrisation: softplus steps, ``A = -[1..N]``, input-dependent
 B/C) at ``L = 256 .. 16384`` for a narrow and a Vim-tiny-wide channel count, beside the elementwise
-floor, forward and forward+backward, with the max abs difference of the outputs to the reference.
+floor, forward and forward+backward, with the max abs difference of the outputs to the reference. The
+fused kernel runs twice: on channel-major ``(b, d, L)`` inputs (its row kernels) and on the token-major
+layout Mamba's blocks pass (its lane kernels, 16 channels per vector lane).
 
 Part 2 times one forward+backward of the Mamba backbone (fused and torch scan, forced through
 ``SSL_MED_SCAN_IMPL``) and of the ViT (``BACKBONES.build("vit")``) at equal width and depth over
@@ -28,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_proc import best_time, proc_status_mib
+from bench_proc import best_time, proc_status_mib, write_doc
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,6 +40,7 @@ SCAN_LENGTHS = (256, 1024, 4096, 16384)
 SCAN_CHANNELS = (32, 384)  # a narrow mixer, and Vim-tiny's d_inner
 FWD_BWD_MAX_LEN = 4096  # fused/torch forward+backward up to here
 REF_FWD_BWD_MAX_LEN = 1024  # the reference's backward is O(L^2)
+BEGIN, END = "<!-- bench_scan:begin -->", "<!-- bench_scan:end -->"
 GOAL_SPEEDUP, GOAL_FLOOR = 10.0, 2.0  # issue #21: fused fwd >= 10x ref at D = 384, L >= 1024, <= 2x floor
 SIZES_2D = (224, 448, 640, 1024)  # patch 16 -> 196 .. 4096 tokens
 SIZES_3D = (64, 96, 128, 160)  # patch 16 -> 64 .. 1000 tokens; patch 8 -> 512 .. 8000
@@ -84,31 +88,46 @@ def _fused_ready() -> bool:
     return fused_available()
 
 
+def token_major(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> tuple:
+    """The same problem in the layout Mamba's blocks pass: ``u``, ``delta`` ``(b, d, L)`` views of token-major
+    ``(b, L, d)`` storage, ``B``, ``C`` ``(b, 1, N, L)`` (one group). The fused kernel runs it on its lane
+    kernels (16 channels per vector lane) instead of the row kernels."""
+
+    def tm(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+    return tm(u), tm(delta), A, B[:, None], C[:, None]
+
+
 def scan_row(d: int, L: int, repeats: int, impls: tuple[str, ...]) -> dict:
-    """Forward and forward+backward times of ``impls`` and the reference, and the floor, for one size."""
+    """Forward and forward+backward times of ``impls`` and the reference, and the floor, for one size; with
+    the fused kernel also ``lanes``: the fused kernel on Mamba's token-major layout."""
     from ssl_med.ops.selective_scan import selective_scan
 
     args = scan_inputs(L, d)
+    variants = {impl: (impl, args) for impl in impls}
+    if "fused" in impls:
+        variants["lanes"] = ("fused", token_major(*args))
     kw = {"D": torch.ones(d), "delta_bias": torch.zeros(d) - 2.0, "delta_softplus": True}
     outs: dict[str, torch.Tensor] = {}
 
-    def forward(impl: str) -> None:
+    def forward(key: str, impl: str, inputs: tuple) -> None:
         with torch.no_grad():
-            outs[impl] = selective_scan(*args, **kw, impl=impl)
+            outs[key] = selective_scan(*inputs, **kw, impl=impl)
 
     row: dict = {"d": d, "L": L}
-    for impl in impls:  # back to back, so ratios within a row share the machine's state
-        row[impl] = best_time(lambda impl=impl: forward(impl), repeats)
-    row["ref"] = best_time(lambda: forward("ref"), 1)
+    for key, (impl, inputs) in variants.items():  # back to back, so ratios within a row share the machine's state
+        row[key] = best_time(lambda k=key, i=impl, a=inputs: forward(k, i, a), repeats)
+    row["ref"] = best_time(lambda: forward("ref", "ref", args), 1)
     with torch.no_grad():
         row["floor"] = best_time(lambda: elementwise_floor(*args), repeats)
     if L <= FWD_BWD_MAX_LEN:
-        for impl in impls:
-            row[f"{impl}_fb"] = best_time(lambda impl=impl: _fwd_bwd(impl, args, kw), repeats)
+        for key, (impl, inputs) in variants.items():
+            row[f"{key}_fb"] = best_time(lambda i=impl, a=inputs: _fwd_bwd(i, a, kw), repeats)
     if L <= REF_FWD_BWD_MAX_LEN:
         row["ref_fb"] = best_time(lambda: _fwd_bwd("ref", args, kw), 1)
-    for impl in impls:
-        row[f"{impl}_diff"] = (outs[impl] - outs["ref"]).abs().max().item()
+    for key in variants:
+        row[f"{key}_diff"] = (outs[key] - outs["ref"]).abs().max().item()
     return row
 
 
@@ -202,6 +221,10 @@ def _s(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
+def _e(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1e}"
+
+
 def scan_tables(rows: list[dict], impls: tuple[str, ...], repeats: int) -> list[str]:
     """The forward and forward+backward tables, the goal check and the reading."""
     fused = "fused" in impls
@@ -211,21 +234,25 @@ def scan_tables(rows: list[dict], impls: tuple[str, ...], repeats: int) -> list[
         f"Float32, batch 1, N = 16, softplus steps, `A = -[1..N]`, input-dependent B/C; fused and torch = best of "
         f"{repeats}, ref = one run. *Floor* = the D·L·N elementwise work any exact implementation built from "
         "torch operations must do once (decays `exp(delta A)`, drive `delta u B`, read-out `<h, C>`), timed "
-        "on whole tensors without any scan. `diff` = max abs difference of the outputs to the reference.",
+        "on whole tensors without any scan. `diff` = max abs difference of the outputs to the reference. "
+        "*Fused* reads channel-major `(b, D, L)` inputs (the row kernels: one channel's N states per vector); "
+        "*fused, token-major* is the same call on the layout Mamba's blocks pass (`u`, `delta` token-major, "
+        "B/C as one group of D channels), which the lane kernels take (16 channels per vector lane).",
         "",
         "### Forward",
         "",
         "| D | L | ref (s) | torch (s) | fused (s) | floor (s) | torch speed-up | **fused speed-up** | "
-        "torch / floor | **fused / floor** | diff torch | diff fused |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "torch / floor | **fused / floor** | diff torch | diff fused | fused, token-major (s) | token-major vs "
+        "channel-major | diff token-major |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        f = r.get("fused")
+        f, lanes = r.get("fused"), r.get("lanes")
         lines.append(
             f"| {r['d']} | {r['L']} | {r['ref']:.4f} | {r['torch']:.4f} | {_s(f)} | {r['floor']:.4f} | "
             f"{_x(r['ref'], r['torch'])} | {_x(r['ref'], f)} | {_x(r['torch'], r['floor'], 2)} | "
-            f"{_x(f, r['floor'], 2)} | {r['torch_diff']:.1e} | "
-            f"{'–' if not fused else format(r['fused_diff'], '.1e')} |"
+            f"{_x(f, r['floor'], 2)} | {r['torch_diff']:.1e} | {_e(r.get('fused_diff'))} | {_s(lanes)} | "
+            f"{_x(f, lanes, 2)} | {_e(r.get('lanes_diff'))} |"
         )
     lines += [
         "",
@@ -234,16 +261,17 @@ def scan_tables(rows: list[dict], impls: tuple[str, ...], repeats: int) -> list[
         f"Backward of `out.square().sum()`; the reference only up to L = {REF_FWD_BWD_MAX_LEN} (autograd "
         "through its loop is O(L²): each step's slice of the precomputed decays gets a full-size gradient).",
         "",
-        "| D | L | ref (s) | torch (s) | fused (s) | torch speed-up | **fused speed-up** | fused vs torch |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| D | L | ref (s) | torch (s) | fused (s) | torch speed-up | **fused speed-up** | fused vs torch | "
+        "fused, token-major (s) | token-major vs channel-major |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         if "torch_fb" not in r:
             continue
-        ref, torch_fb, fused_fb = r.get("ref_fb"), r["torch_fb"], r.get("fused_fb")
+        ref, torch_fb, fused_fb, lanes_fb = r.get("ref_fb"), r["torch_fb"], r.get("fused_fb"), r.get("lanes_fb")
         lines.append(
             f"| {r['d']} | {r['L']} | {_s(ref)} | {torch_fb:.4f} | {_s(fused_fb)} | {_x(ref, torch_fb)} | "
-            f"{_x(ref, fused_fb)} | {_x(torch_fb, fused_fb)} |"
+            f"{_x(ref, fused_fb)} | {_x(torch_fb, fused_fb)} | {_s(lanes_fb)} | {_x(fused_fb, lanes_fb, 2)} |"
         )
     lines += ["", *goal_lines(rows, fused)]
     return lines
@@ -357,8 +385,7 @@ def main() -> None:
     scan_rows, args.impls = bench_scan(args.repeats)
     bb_rows = [] if args.skip_backbones else bench_backbones(args)
     text = report(scan_rows, args.impls, bb_rows, args, time.perf_counter() - t0, (load0, os.getloadavg()[0]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_doc(args.out, text, BEGIN, END)
     print(text)
 
 

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from bench_proc import write_doc
+
 from ssl_med.evaluators.plots import save_figure
 
 
@@ -229,17 +231,6 @@ def plot_label_efficiency(rows: list[dict], fractions: list[float], pixels: list
 
 BEGIN, END = "<!-- in-domain:begin -->", "<!-- in-domain:end -->"
 LE_BEGIN, LE_END = "<!-- label-efficiency:begin -->", "<!-- label-efficiency:end -->"
-
-
-def write_doc(doc: Path, body: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace the block between the ``begin`` and ``end`` markers of ``doc`` by ``body`` (append it if absent)."""
-    text = doc.read_text() if doc.is_file() else ""
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(text)
 
 
 def collect(folders: list[Path], fractions: list[float]) -> tuple[list[dict], list[dict]]:

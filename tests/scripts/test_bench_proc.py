@@ -33,3 +33,15 @@ def test_subprocess_result_is_its_last_json_line_and_failures_are_errors(tmp_pat
     assert bench_proc.run_in_subprocess(script, {"x": 1, "fail": "bad spec"}, timeout=60) == {
         "error": "child failed: bad spec"
     }
+
+
+def test_write_doc_replaces_only_the_generated_block(tmp_path: Path) -> None:
+    doc = tmp_path / "docs" / "report.md"
+    begin, end = "<!-- x:begin -->", "<!-- x:end -->"
+    bench_proc.write_doc(doc, "# generated\n\nfirst", begin, end)
+    assert doc.read_text() == f"{begin}\n# generated\n\nfirst\n{end}\n"
+    doc.write_text("intro by hand\n\n" + doc.read_text() + "\n## Hand-measured\n\nkept\n")
+    bench_proc.write_doc(doc, "# generated\n\nsecond", begin, end)
+    text = doc.read_text()
+    assert text.startswith("intro by hand\n\n" + begin) and "second" in text and "first" not in text
+    assert text.endswith(f"{end}\n\n## Hand-measured\n\nkept\n")
