@@ -22,6 +22,11 @@ encoder's learned mask token (SimMIM, Xie et al., CVPR 2022), and the decoder ev
 (Mamba, xLSTM) then reads the sequence it reads at evaluation, neighbours at their real distance, instead of
 the visible quarter packed together; MambaMIM (Tang et al., 2024, arXiv 2408.08070) keeps the masked
 positions in the sequence for this reason. The encoder then costs what an unmasked forward costs.
+
+``target="hog"`` predicts each masked patch's histogram-of-oriented-gradients descriptor instead of its pixels
+(MaskFeat, Wei et al., CVPR 2022; :mod:`objectives.losses.hog`): edges and shape without brightness and
+contrast, averaged over cells. 2D only; ``norm_pix_loss`` applies to pixel targets alone (the descriptor is
+normalised per patch already).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from objectives.losses.hog import default_cell_size, hog_dim, hog_targets
 from objectives.losses.precision import upcast
 from objectives.losses.uniformity import spectral_uniformity
 from objectives.views import RandFlips, ReseededViews, draw_crops, plain_image, render_crops
@@ -186,6 +192,8 @@ class MAEDecoder(nn.Module):
 
 #: ``objective.encoder_input``: what the encoder reads of a masked image
 ENCODER_INPUTS = ("visible", "mask_tokens")
+#: ``objective.target``: what the decoder predicts for a masked patch
+TARGETS = ("pixels", "hog")
 
 
 @OBJECTIVES.register("mae")
@@ -205,6 +213,9 @@ class MAE(Objective):
             (default): MAE's loss alone.
         encoder_input: ``visible`` (MAE: the kept tokens only) or ``mask_tokens`` (SimMIM-style: every
             position, masked ones as the encoder's mask token; see the module docstring).
+        target: ``pixels`` (MAE) or ``hog`` (MaskFeat: each masked patch's HOG descriptor, 9 bins; 2D only).
+        hog_cell_size: HOG cell side in pixels (must divide the patch); ``None``: half the patch (MaskFeat's
+            2 x 2 cells per patch), the whole patch when it is odd.
         in_chans: channels to reconstruct; only needed for channel-adaptive encoders (``in_chans`` None),
             whose input channel count is set by the data (the YAML passes ``${data.num_channels}``).
     """
@@ -225,10 +236,15 @@ class MAE(Objective):
         crop_scale: tuple[float, float] | None = None,
         uniformity_weight: float = 0.0,
         encoder_input: str = "visible",
+        target: str = "pixels",
+        hog_cell_size: int | None = None,
     ) -> None:
         super().__init__(encoder)
         if encoder_input not in ENCODER_INPUTS:
             raise ValueError(f"objective.encoder_input={encoder_input!r}; choose from {list(ENCODER_INPUTS)}")
+        if target not in TARGETS:
+            raise ValueError(f"objective.target={target!r}; choose from {list(TARGETS)}")
+        self.target = target
         self.encoder_input = encoder_input
         self.in_chans = reconstruction_channels(encoder, in_chans)
         if not 0.0 < mask_ratio < 1.0:
@@ -244,6 +260,12 @@ class MAE(Objective):
             raise ValueError(f"objective.uniformity_weight must be >= 0, got {uniformity_weight}")
         self.uniformity_weight = float(uniformity_weight)
         patch_dim = math.prod(encoder.patch_size) * self.in_chans
+        if target == "hog":
+            self.hog_cell_size = hog_cell_size or default_cell_size(encoder.patch_size)
+            try:
+                patch_dim = hog_dim(encoder.patch_size, self.hog_cell_size, self.in_chans)
+            except ValueError as err:
+                raise ValueError(f"objective.target=hog (objective.hog_cell_size={hog_cell_size}): {err}") from None
         self.decoder = MAEDecoder(encoder.embed_dim, decoder_dim, decoder_depth, decoder_heads, patch_dim)
 
     def view_transform(self) -> Callable[[Sample], Sample]:
@@ -260,7 +282,7 @@ class MAE(Objective):
             noise = torch.rand(images.shape[0], math.prod(grid), device=images.device)
         keep_idx, mask = random_masking(noise, self.mask_ratio)
         pred, visible = self._encode_decode(images, batch, keep_idx, mask, grid)
-        mae = masked_patch_loss(pred, patchify(images, self.encoder.patch_size), mask, self.norm_pix_loss)
+        mae = masked_patch_loss(pred, self.targets(images), mask, self.norm_pix_loss and self.target == "pixels")
         # the loss never touches the CLS token, so the collapse monitor watches the mean visible token
         embeddings = visible.mean(dim=1)
         terms = {"mae": mae.detach()}
@@ -270,6 +292,13 @@ class MAE(Objective):
             terms["uniformity"] = uniformity.detach()
             loss = mae + self.uniformity_weight * uniformity
         return ObjectiveOutput(loss=loss, terms=terms, embeddings=embeddings.detach())
+
+    def targets(self, images: Tensor) -> Tensor:
+        """What the decoder predicts per patch, before ``norm_pix_loss``: ``(B, C, *S)`` -> ``(B, N, P)``, the
+        patch's pixels, or its HOG descriptor with ``target="hog"``."""
+        if self.target == "hog":
+            return hog_targets(images, self.encoder.patch_size, self.hog_cell_size)
+        return patchify(images, self.encoder.patch_size)
 
     @torch.no_grad()
     def no_weight_decay(self) -> set[str]:
@@ -281,12 +310,11 @@ class MAE(Objective):
         grid = self.encoder.grid_shape(images.shape[2:])
         noise = torch.rand(images.shape[0], math.prod(grid), device=images.device)
         keep_idx, mask = random_masking(noise, self.mask_ratio)
+        shown = {"input": images, "masked": self._masked_input(images, mask, grid)}
+        if self.target != "pixels":  # a descriptor is not an image
+            return shown
         pred, _ = self._encode_decode(images, batch, keep_idx, mask, grid)
-        return {
-            "input": images,
-            "masked": self._masked_input(images, mask, grid),
-            "reconstruction": self._reconstruct(pred, images, grid),
-        }
+        return {**shown, "reconstruction": self._reconstruct(pred, images, grid)}
 
     def _encode_decode(
         self, images: Tensor, batch: dict[str, Any], keep_idx: Tensor, mask: Tensor, grid: tuple[int, ...]

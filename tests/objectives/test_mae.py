@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from objectives.losses.hog import hog_targets
 from objectives.mae import MAE, masked_patch_loss, random_masking
 from ssl_med.data.crops import RandomCropDataset
 from ssl_med.registry import BACKBONES
@@ -52,10 +53,31 @@ def test_random_masking_ratio_and_order() -> None:
         random_masking(torch.rand(1, 3), 0.9)
 
 
-def _tiny_mae(spatial_dims: int, img: int) -> MAE:
+def _tiny_mae(spatial_dims: int, img: int, **kwargs) -> MAE:
     torch.manual_seed(0)
     enc = BACKBONES.build("vit", spatial_dims=spatial_dims, in_chans=1, img_size=img, patch_size=8, embed_dim=48, depth=2)
-    return MAE(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    return MAE(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2, **kwargs)
+
+
+def test_hog_target_is_the_masked_patches_descriptor_whatever_norm_pix_loss() -> None:
+    """``target="hog"``: the decoder predicts a 2 x 2-cell, 9-bin descriptor per patch, scored on the masked
+    patches as given (``norm_pix_loss`` is for pixels); the preview shows no reconstruction; 3D is refused."""
+    mae = _tiny_mae(2, 32, target="hog")
+    assert mae.norm_pix_loss and mae.hog_cell_size == 4 and mae.decoder.pred.out_features == 4 * 9
+    x, noise = torch.rand(3, 1, 32, 32), torch.rand(3, 16)
+    out = mae({"image": x}, noise=noise)
+    keep_idx, mask = random_masking(noise, mae.mask_ratio)
+    with torch.no_grad():
+        pred, _ = mae._encode_decode(x, {"image": x}, keep_idx, mask, (4, 4))
+    expected = masked_patch_loss(pred, hog_targets(x, (8, 8), 4), mask, norm_pix=False)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert set(mae.preview({"image": x})) == {"input", "masked"}
+    with pytest.raises(ValueError, match=r"objective\.target=hog.*2D only"):
+        _tiny_mae(3, 32, target="hog")
+    with pytest.raises(ValueError, match=r"objective\.target=hog.*must divide"):
+        _tiny_mae(2, 32, target="hog", hog_cell_size=3)
+    with pytest.raises(ValueError, match=r"objective\.target=.sift."):
+        _tiny_mae(2, 32, target="sift")
 
 
 def test_mae_with_a_resized_crop_asks_for_normalised_crops() -> None:
@@ -81,9 +103,9 @@ def test_preview_shapes() -> None:
     assert all(v.shape == (2, 1, 16, 16, 16) for v in images.values())
 
 
-@pytest.mark.parametrize("encoder_input", ["visible", "mask_tokens"])
-def test_mae_learns_on_demo_crops(demo_store_2d: str, fit_objective, encoder_input: str) -> None:
-    mae = _tiny_mae(2, 32)
+@pytest.mark.parametrize(("encoder_input", "target"), [("visible", "pixels"), ("mask_tokens", "pixels"), ("visible", "hog")])
+def test_mae_learns_on_demo_crops(demo_store_2d: str, fit_objective, encoder_input: str, target: str) -> None:
+    mae = _tiny_mae(2, 32, target=target)
     mae.encoder_input = encoder_input
     ds = RandomCropDataset(demo_store_2d, (32, 32), length=512, transform=mae.view_transform())
     loader = DataLoader(ds, batch_size=32)
