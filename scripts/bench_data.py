@@ -114,7 +114,7 @@ def run_pipeline(spec: dict) -> dict:
     from torch.utils.data import DataLoader
 
     torch.set_num_threads(1)
-    from ssl_med.data.crops import normalise_batch
+    from ssl_med.data.intensity import normalise_batch
 
     kind, n_crops = spec["kind"], spec["crops"]
     per_item = 1
@@ -130,7 +130,7 @@ def run_pipeline(spec: dict) -> dict:
     elif kind == "handoff_int16":
         ds, batch = HandOffOnly(n_crops + 8), 4
     elif kind == "memory":
-        from ssl_med.data.crops import intensity_window
+        from ssl_med.data.intensity import intensity_window
         from ssl_med.data.store import ImageStore
 
         store = ImageStore(spec["store"])

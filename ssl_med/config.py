@@ -32,6 +32,7 @@ class DataConfig:
     slice_axis: int = 0
     split: str | None = "auto"
     small_images: str = "resize"
+    large_images: str = "crop"  # crop | resize: images larger than the crop (ssl_med/data/crops.py)
     intensity_window: str = "image"  # image | dtype | auto: what each image is scaled to [0, 1] from
     min_foreground: float = 0.0
     normalise: str = "auto"

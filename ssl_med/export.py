@@ -135,7 +135,7 @@ def _store_spacing(data: Mapping[str, Any], spatial_dims: int) -> dict[str, Any]
     }
 
 
-#: how crops were scaled to [0, 1] under each ``data.intensity_window`` (:func:`ssl_med.data.crops.intensity_window`)
+#: how crops were scaled to [0, 1] under each ``data.intensity_window`` (:func:`ssl_med.data.intensity.intensity_window`)
 _PERCENTILES = {
     "method": "percentile",
     "lower_percentile": 0.5,

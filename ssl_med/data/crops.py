@@ -15,7 +15,12 @@ Images smaller than the crop along a crop axis (e.g. 28 px MedMNIST images under
 with ``small_images="resize"`` (default), read whole along that axis and scaled up isotropically
 (bilinear / trilinear) until they cover the crop, so a model never trains on padding; ``"pad"``
 keeps the old behaviour (padded at the end with what normalises to 0) and ``"error"`` refuses them
-at start-up, naming the image.
+at start-up, naming the image. Images larger than the crop along every crop axis are cropped at full
+resolution (``large_images="crop"``, default: the CT / MRI workflow), or with ``"resize"`` scaled down
+isotropically until they just cover the crop, a square image becoming exactly the crop: where an image is
+the region of interest (MedMNIST at 64-224 px, the ``small_2d`` / ``small_3d`` recipes), pretraining then
+sees whole images at the scale the evaluators read them, not a fraction of one at twice that scale. Both
+scale through :func:`ssl_med.data.resample.resize_crop`, the evaluators' rule.
 
 ``split="auto"`` trains on the ``train`` split when the store has one (MedMNIST files keep their
 splits at ingest), so that val and test images never enter pretraining by default.
@@ -23,7 +28,7 @@ splits at ingest), so that val and test images never enter pretraining by defaul
 Where the crops are normalised (``normalise=``): ``"worker"`` hands float32 ``[0, 1]`` crops to the
 view transform inside the DataLoader worker; ``"batch"`` hands the stored values (e.g. int16, half
 the bytes of float32) with their intensity window through the worker -> main-process hand-off, and
-:func:`normalise_batch` finishes them after the transfer (on the accelerator in training). The hand-off
+:func:`~ssl_med.data.intensity.normalise_batch` finishes them after the transfer (on the accelerator in training). The hand-off
 is the costliest step of loading a 96³ crop on a small machine (docs/benchmarks/data.md), so
 ``"batch"`` is used with objectives whose views only move voxels (:attr:`Objective.geometric_views`).
 """
@@ -51,88 +56,11 @@ from ssl_med.data.channels import (
     zero_fill,
 )
 from ssl_med.data.faults import FaultPolicy
-from ssl_med.data.stats import percentile_window
+from ssl_med.data.intensity import intensity_window, normalise_intensity, zero_value
+from ssl_med.data.resample import resize_crop
 from ssl_med.data.store import ImageMeta, ImageStore
 
 log = logging.getLogger(__name__)
-
-
-INTENSITY_WINDOWS = ("auto", "image", "dtype")
-
-
-def intensity_window(meta: ImageMeta, mode: str = "image") -> np.ndarray:
-    """``(C, 2)`` float32: the stored values each channel of an image maps to 0 and 1.
-
-    ``mode``:
-
-    * ``"image"``: the image's own 0.5 and 99.5 percentiles, recorded at ingest: a per-image contrast
-      stretch, the usual reading of MRI, whose intensities have no fixed unit.
-    * ``"dtype"``: the full range of the image's integer dtype (0-255 for ``uint8``): every image on
-      one scale, so that brightness itself is kept (X-ray opacity, ultrasound echogenicity), as
-      torchvision and timm read 8-bit images and as the MedMNIST evaluators read them (``/ 255``).
-    * ``"auto"``: ``"dtype"`` for 8-bit images (PNG, JPEG, MedMNIST), ``"image"`` otherwise.
-    """
-    if mode not in INTENSITY_WINDOWS:
-        raise ValueError(f"data.intensity_window must be one of {', '.join(INTENSITY_WINDOWS)}, got {mode!r}")
-    dtype = np.dtype(meta.dtype or "float32")
-    if mode == "auto":
-        mode = "dtype" if dtype.itemsize == 1 and dtype.kind in "iu" else "image"
-    if mode == "image":
-        return percentile_window(meta.intensity)
-    if dtype.kind not in "iu":
-        raise ValueError(
-            f"data.intensity_window=dtype needs integer images, this one is stored as {dtype} (use image or auto)"
-        )
-    info = np.iinfo(dtype)
-    return np.tile(np.array([info.min, info.max], dtype=np.float32), (meta.shape[0], 1))
-
-
-def normalise_intensity(crop: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """Scale each channel of ``crop`` ``(C, *S)`` to ``[0, 1]`` by its ``window`` ``(C, 2)``
-    (:func:`intensity_window`), clipped; NaN -> 0."""
-    window = window.reshape(-1, 2, *([1] * (crop.ndim - 1)))
-    lo, hi = window[:, 0], window[:, 1]
-    out = crop.astype(np.float32)  # in place from here on: this runs once per crop in the workers
-    out -= lo
-    out /= np.maximum(hi - lo, 1e-6)
-    np.clip(out, 0.0, 1.0, out=out)
-    if crop.dtype.kind == "f":
-        np.nan_to_num(out, copy=False, nan=0.0)
-    return out
-
-
-def normalise_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """Finish a batch of raw crops (``normalise="batch"``); a batch without a window is returned as is.
-
-    ``image`` ``(B, C, *spatial)`` in the stored dtype and ``intensity_window`` ``(B, C, 2)`` ->
-    ``image`` float32 in ``[0, 1]`` (clipped, NaN -> 0), the same values as :func:`normalise_intensity`;
-    the window is removed. Runs wherever the batch is (CPU, or the GPU after the transfer).
-    """
-    if "intensity_window" not in batch:
-        return batch
-    batch = dict(batch)
-    window = batch.pop("intensity_window").float()
-    image = batch["image"]
-    shape = (*window.shape[:2], *([1] * (image.ndim - 2)))
-    lo, hi = window[..., 0].reshape(shape), window[..., 1].reshape(shape)
-    scale = 1.0 / (hi - lo).clamp_min(1e-6)
-    out = torch.addcmul(-lo * scale, image.float(), scale).clamp_(0.0, 1.0)  # one fused pass + clamp
-    batch["image"] = out.nan_to_num_(nan=0.0) if image.is_floating_point() else out
-    return batch
-
-
-def zero_value(window: np.ndarray | None, dtype: np.dtype, channels: int) -> np.ndarray:
-    """``(C,)`` stored values that normalise to exactly 0: 0 for normalised crops (``window`` ``None``);
-    for raw crops with ``window`` ``(C, 2)`` one below the floor of the window's low end (clipped to
-    exactly 0 by :func:`normalise_batch`, whatever the float rounding at the low end), within ``dtype``'s
-    range. Used for padding and for dropped channels."""
-    if window is None:
-        return np.zeros(channels)
-    value = np.floor(window[:, 0]) - 1
-    if np.dtype(dtype).kind in "iu":
-        info = np.iinfo(dtype)
-        value = np.clip(value, info.min, info.max)
-    return value
 
 
 def resolve_split(split: str | None, metas: Iterable[ImageMeta]) -> str | None:
@@ -140,15 +68,6 @@ def resolve_split(split: str | None, metas: Iterable[ImageMeta]) -> str | None:
     if split != "auto":
         return split
     return "train" if any(m.split == "train" for m in metas) else None
-
-
-def resize_up(crop: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """``(C, *S)`` -> ``(C, *size)`` by bilinear / trilinear interpolation, in the crop's dtype
-    (integers rounded), for the upscaling of images smaller than the crop."""
-    x = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None]
-    mode = "bilinear" if x.ndim == 4 else "trilinear"
-    out = torch.nn.functional.interpolate(x, size=tuple(int(s) for s in size), mode=mode, align_corners=False)[0].numpy()
-    return out.round().astype(crop.dtype) if crop.dtype.kind in "iu" else out.astype(crop.dtype, copy=False)
 
 
 def match_channels(crop: np.ndarray, num_channels: int | None) -> np.ndarray:
@@ -190,7 +109,7 @@ class RandomCropDataset(Dataset):
             ``num_channels`` must then be ``None`` or ``len(channels)``.
         engine: store read engine (``"auto"``, ``"direct"``, ``"zarr"``; see :class:`ImageStore`).
         normalise: ``"worker"`` (float32 ``[0, 1]`` crops) or ``"batch"`` (stored values plus
-            ``"intensity_window"`` ``(C, 2)``; finish with :func:`normalise_batch`; the transform must
+            ``"intensity_window"`` ``(C, 2)``; finish with :func:`~ssl_med.data.intensity.normalise_batch`; the transform must
             not depend on intensities; averaging channels to ``num_channels=1`` needs normalised
             values, so it is refused) or ``"auto"`` (``"batch"`` unless channels are averaged).
         on_error: a sample whose chunks cannot be read: ``"raise"`` the error naming image and chunk,
@@ -200,9 +119,11 @@ class RandomCropDataset(Dataset):
 
         small_images: ``"resize"``, ``"pad"`` or ``"error"`` for images smaller than the crop
             (see the module docstring).
+        large_images: ``"crop"`` or ``"resize"`` for images larger than the crop along every crop axis
+            (see the module docstring).
         window_mode: what each image's values are scaled to ``[0, 1]`` from: ``"image"`` (its own
             percentiles), ``"dtype"`` (its integer dtype's range) or ``"auto"`` (see
-            :func:`intensity_window`).
+            :func:`~ssl_med.data.intensity.intensity_window`).
     """
 
     def __init__(
@@ -226,6 +147,7 @@ class RandomCropDataset(Dataset):
         on_error: str = "raise",
         max_error_fraction: float = 0.05,
         small_images: Literal["resize", "pad", "error"] = "resize",
+        large_images: Literal["crop", "resize"] = "crop",
         window_mode: Literal["auto", "image", "dtype"] = "image",
     ) -> None:
         self.store_path = str(store_path)
@@ -235,6 +157,9 @@ class RandomCropDataset(Dataset):
         if small_images not in ("resize", "pad", "error"):
             raise ValueError(f"small_images (data.small_images) must be resize, pad or error, got {small_images!r}")
         self.small_images = small_images
+        if large_images not in ("crop", "resize"):
+            raise ValueError(f"large_images (data.large_images) must be crop or resize, got {large_images!r}")
+        self.large_images = large_images
         self.spatial_dims = len(self.crop_size)
         self.num_channels = num_channels
         self.slice_axis = slice_axis
@@ -299,7 +224,7 @@ class RandomCropDataset(Dataset):
         self._position = {n: k for k, n in enumerate(self.names)}
         weights = np.array([self._num_positions(m) for m in self.metas], dtype=np.float64)
         self.weights = weights / weights.sum()
-        self._check_small_images()
+        self._check_image_sizes()
         self._store: ImageStore | None = None
         self._pid: int | None = None
 
@@ -309,6 +234,20 @@ class RandomCropDataset(Dataset):
         if meta.spatial_dims > self.spatial_dims:
             return tuple(s for i, s in enumerate(spatial) if i != self.slice_axis)
         return tuple(spatial)
+
+    def _check_image_sizes(self) -> None:
+        """Refuse (``"error"``) or report (``"resize"``, ``"pad"``) images smaller than the crop, and report
+        images scaled down to it (``large_images="resize"``), once."""
+        self._check_small_images()
+        if self.large_images != "resize":
+            return
+        large = [(n, self._plane(m)) for n, m in zip(self.names, self.metas) if self._scale(m) < 1]
+        if large:
+            name, plane = large[0]
+            log.info(
+                "%d of %d images are larger than the crop %s (e.g. %s: %s): scaled down to cover it, whole where "
+                "square (data.large_images=resize)", len(large), len(self.names), list(self.crop_size), name, list(plane),
+            )
 
     def _check_small_images(self) -> None:
         """Refuse (``"error"``) or report (``"resize"``, ``"pad"``) images smaller than the crop, once."""
@@ -326,13 +265,10 @@ class RandomCropDataset(Dataset):
             log.warning("%s: padded, %.0f%% of their crops is padding (data.small_images=pad)", what, 100 * padding)
 
     def _num_positions(self, meta: ImageMeta) -> int:
-        spatial = meta.shape[1:]
-        if meta.spatial_dims > self.spatial_dims:  # slices of a volume
-            n_slices = spatial[self.slice_axis]
-            spatial = tuple(s for i, s in enumerate(spatial) if i != self.slice_axis)
-        else:
-            n_slices = 1
-        return n_slices * math.prod(max(s - c, 0) + 1 for s, c in zip(spatial, self.crop_size))
+        """Crop positions of an image (its sampling weight): slices times positions of the region read."""
+        n_slices = meta.shape[1:][self.slice_axis] if meta.spatial_dims > self.spatial_dims else 1
+        window = self.window(meta) if self._scale(meta) < 1 and self.large_images == "resize" else self.crop_size
+        return n_slices * math.prod(max(s - c, 0) + 1 for s, c in zip(self._plane(meta), window))
 
     @property
     def store(self) -> ImageStore:
@@ -348,14 +284,19 @@ class RandomCropDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def _scale(self, meta: ImageMeta) -> float:
+        """The isotropic factor that makes the image just cover the crop: > 1 for an image smaller than the
+        crop along some axis, < 1 for one larger along every axis."""
+        return max(c / s for s, c in zip(self._plane(meta), self.crop_size))
+
     def window(self, meta: ImageMeta) -> tuple[int, ...]:
-        """The extent read along each crop axis: the crop, or with ``small_images="resize"`` the part
-        of a too-small image that scales up (isotropically) to exactly cover the crop."""
-        plane = self._plane(meta)
-        if self.small_images != "resize" or all(s >= c for s, c in zip(plane, self.crop_size)):
+        """The extent read along each crop axis: the crop, or the part of the image that scales
+        (isotropically) to exactly cover the crop, for a too-small image with ``small_images="resize"`` and
+        a larger one with ``large_images="resize"``."""
+        scale = self._scale(meta)
+        if not ((scale > 1 and self.small_images == "resize") or (scale < 1 and self.large_images == "resize")):
             return self.crop_size
-        scale = max(c / s for s, c in zip(plane, self.crop_size))
-        return tuple(min(s, math.ceil(c / scale - 1e-9)) for s, c in zip(plane, self.crop_size))
+        return tuple(min(s, math.ceil(c / scale - 1e-9)) for s, c in zip(self._plane(meta), self.crop_size))
 
     def region(self, index: int, attempt: int = 0) -> tuple[str, tuple[slice, ...]]:
         """The image name and the spatial region (in store coordinates) of crop ``index``.
@@ -391,8 +332,8 @@ class RandomCropDataset(Dataset):
         crop = self.store.read(name, region)
         if meta.spatial_dims > self.spatial_dims:
             crop = crop.squeeze(1 + self.slice_axis)
-        if self.small_images == "resize" and tuple(crop.shape[1:]) != self.crop_size:
-            crop = resize_up(crop, self.crop_size)
+        if self.window(meta) != self.crop_size:
+            crop = resize_crop(crop, self.crop_size)
         if self.normalise == "worker":
             return normalise_intensity(crop, self.intensity_windows[k]), k
         return crop.astype(self.raw_dtype, copy=False), k

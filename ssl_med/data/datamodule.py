@@ -43,7 +43,7 @@ class CropDataModule(L.LightningDataModule):
         seed: crop sampling seed.
         geometric_views: the views only move voxels, so ``data.normalise=auto`` hands raw crops over
             when training on an accelerator (unless channels are averaged) and the model normalises
-            them there after the transfer (:func:`ssl_med.data.crops.normalise_batch`); on the CPU
+            them there after the transfer (:func:`ssl_med.data.intensity.normalise_batch`); on the CPU
             the workers normalise (the main process would otherwise do it on the training cores).
 
     Workers are started with ``spawn`` (zarr v3 handles are not fork-safe once the parent has read
@@ -85,6 +85,7 @@ class CropDataModule(L.LightningDataModule):
                 on_error=self.cfg.on_error,
                 max_error_fraction=self.cfg.max_error_fraction,
                 small_images=self.cfg.small_images,
+                large_images=self.cfg.large_images,
                 window_mode=self.cfg.intensity_window,
                 return_channel_names=True,
                 channel_dropout=self.cfg.channel_dropout,

@@ -30,7 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssl_med.data.crops import match_channels, normalise_intensity
+from ssl_med.data.crops import match_channels
+from ssl_med.data.intensity import normalise_intensity
+from ssl_med.data.resample import resize
 from ssl_med.data.stats import intensity_stats, percentile_window
 from ssl_med.evaluators.medmnist import SPLITS, resolve_medmnist
 
@@ -91,17 +93,6 @@ class SegmentationData:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def resize(images: torch.Tensor, size: list[int] | tuple[int, ...], mode: str = "area") -> torch.Tensor:
-    """Resize ``(N, C, *S)`` to ``(N, C, *size)`` (``area`` for images, ``nearest`` for labels)."""
-    size = tuple(int(s) for s in size)
-    if tuple(images.shape[2:]) == size:
-        return images
-    if mode == "area" and any(s > t for s, t in zip(size, images.shape[2:])):
-        mode = "bilinear" if images.ndim == 4 else "trilinear"
-    kwargs = {"align_corners": False} if mode in ("bilinear", "trilinear") else {}
-    return F.interpolate(images, size=size, mode=mode, **kwargs)
-
-
 def percentile_scale(volume: np.ndarray) -> np.ndarray:
     """Scale each channel of ``(C, *S)`` to ``[0, 1]`` by its 0.5/99.5 percentiles over all voxels
     (clipped): the window ``ssl_med ingest`` records for a stored image

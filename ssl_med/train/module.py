@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from ssl_med.config import OptimConfig
-from ssl_med.data.crops import normalise_batch
 from ssl_med.data.faults import SKIPPED_KEY
+from ssl_med.data.intensity import normalise_batch
 from ssl_med.objective import Objective
 from ssl_med.optim import build_optimizer, param_groups
 from ssl_med.train.collapse import CollapseMonitor, effective_rank, embedding_std

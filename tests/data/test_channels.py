@@ -16,7 +16,8 @@ from ssl_med.data.channels import (
     encode_names,
     encoder_channel_kwargs,
 )
-from ssl_med.data.crops import RandomCropDataset, normalise_batch
+from ssl_med.data.crops import RandomCropDataset
+from ssl_med.data.intensity import normalise_batch
 from ssl_med.data.store import ImageStore
 from ssl_med.registry import BACKBONES
 

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_med.data.crops import RandomCropDataset, intensity_window, normalise_intensity, resize_up
+from ssl_med.data.crops import RandomCropDataset
 from ssl_med.data.ingest import ingest
+from ssl_med.data.intensity import intensity_window, normalise_intensity
+from ssl_med.data.resample import resize_crop
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +45,18 @@ def test_small_images_are_scaled_up_to_cover_the_crop(medmnist_like: str, caplog
     assert [s.stop - s.start for s in region] == [28, 28]
     raw = ds.store.read(name, region).astype(np.float32)
     expected = torch.nn.functional.interpolate(torch.from_numpy(raw)[None], size=(32, 32), mode="bilinear")[0]
-    np.testing.assert_allclose(resize_up(raw, (32, 32)), expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(resize_crop(raw, (32, 32)), expected.numpy(), atol=1e-5)
     got, k = ds._crop(0, 0)
     np.testing.assert_allclose(got, normalise_intensity(expected.numpy().round(), intensity_window(ds.metas[k])), atol=1e-6)
 
 
-def test_resize_up_matches_an_independent_linear_interpolation() -> None:
+def test_resize_crop_matches_an_independent_linear_interpolation() -> None:
     """Bilinear upscaling (half-pixel centres) of a ramp is the ramp sampled at the new centres."""
     ramp = np.tile(np.arange(8, dtype=np.float32), (8, 1))[None]  # (1, 8, 8), value = x
-    out = resize_up(ramp, (16, 16))[0]
+    out = resize_crop(ramp, (16, 16))[0]
     centres = np.clip((np.arange(16) + 0.5) / 2 - 0.5, 0, 7)  # source coordinates of the new pixels
     np.testing.assert_allclose(out[3], centres, atol=1e-6)
-    ints = resize_up(np.full((1, 4, 4), 7, dtype=np.int16), (9, 9))
+    ints = resize_crop(np.full((1, 4, 4), 7, dtype=np.int16), (9, 9))
     assert ints.dtype == np.int16 and (ints == 7).all()
 
 

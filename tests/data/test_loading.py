@@ -12,7 +12,8 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from ssl_med.data.crops import RandomCropDataset, normalise_batch
+from ssl_med.data.crops import RandomCropDataset
+from ssl_med.data.intensity import normalise_batch
 from ssl_med.data.layout import Layout
 from ssl_med.data.store import ImageStore
 

@@ -5,13 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ssl_med.data.crops import (
-    EpochSampler,
-    RandomCropDataset,
-    intensity_window,
-    match_channels,
-    normalise_intensity,
-)
+from ssl_med.data.crops import EpochSampler, RandomCropDataset, match_channels
+from ssl_med.data.intensity import intensity_window, normalise_intensity
 from ssl_med.data.store import ImageStore
 
 

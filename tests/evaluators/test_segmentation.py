@@ -130,7 +130,7 @@ def test_finetune_moves_encoder_and_frozen_does_not(mode: str, tmp_path) -> None
 def test_evaluation_volumes_are_scaled_as_ingest_recorded_them(tmp_path) -> None:
     """A skull-stripped MRI (zero background) is scaled by the window the store records for it, the one its
     pretraining crops were scaled by, not by the percentiles of its non-zero voxels."""
-    from ssl_med.data.crops import intensity_window, normalise_intensity
+    from ssl_med.data.intensity import intensity_window, normalise_intensity
     from ssl_med.data.store import ImageStore
     from ssl_med.evaluators.datasets import percentile_scale
 
