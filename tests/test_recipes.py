@@ -25,7 +25,7 @@ def test_recipe_composes_with_every_pair(recipe: str, objective: str, backbone: 
     dims = 2 if recipe == "small_2d" else 3
     assert cfg.data.spatial_dims == dims and cfg.backbone["spatial_dims"] == dims
     assert cfg.data.min_foreground == 0.0 and cfg.data.split == "auto"
-    assert cfg.data.small_images == "resize" and cfg.data.large_images == "resize", "whole images, as evaluated"
+    assert cfg.data.small_images == "resize" and cfg.data.large_images == "crop"
     assert 0 < cfg.optim.warmup_steps < 1, "warm-up as a fraction of the run"
     assert cfg.online_eval.every_n_steps > 0
     encoder = build_encoder(cfg.backbone)

@@ -18,9 +18,9 @@ keeps the old behaviour (padded at the end with what normalises to 0) and ``"err
 at start-up, naming the image. Images larger than the crop along every crop axis are cropped at full
 resolution (``large_images="crop"``, default: the CT / MRI workflow), or with ``"resize"`` scaled down
 isotropically until they just cover the crop, a square image becoming exactly the crop: where an image is
-the region of interest (MedMNIST at 64-224 px, the ``small_2d`` / ``small_3d`` recipes), pretraining then
-sees whole images at the scale the evaluators read them, not a fraction of one at twice that scale. Both
-scale through :func:`ssl_med.data.resample.resize_crop`, the evaluators' rule.
+the region of interest (MedMNIST+ at 64-224 px), pretraining then sees whole images at the scale the
+evaluators read them, not a fraction of one at a larger scale. Both scale through
+:func:`ssl_med.data.resample.resize_crop`, the evaluators' rule.
 
 ``split="auto"`` trains on the ``train`` split when the store has one (MedMNIST files keep their
 splits at ingest), so that val and test images never enter pretraining by default.
