@@ -28,8 +28,8 @@ splits at ingest), so that val and test images never enter pretraining by defaul
 Where the crops are normalised (``normalise=``): ``"worker"`` hands float32 ``[0, 1]`` crops to the
 view transform inside the DataLoader worker; ``"batch"`` hands the stored values (e.g. int16, half
 the bytes of float32) with their intensity window through the worker -> main-process hand-off, and
-:func:`~ssl_med.data.intensity.normalise_batch` finishes them after the transfer (on the accelerator in training). The hand-off
-is the costliest step of loading a 96³ crop on a small machine (docs/benchmarks/data.md), so
+:func:`~ssl_med.data.intensity.normalise_batch` finishes them after the transfer (on the accelerator in
+training). The hand-off is the costliest step of loading a 96³ crop on a small machine (docs/benchmarks/data.md), so
 ``"batch"`` is used with objectives whose views only move voxels (:attr:`Objective.geometric_views`).
 """
 
@@ -109,8 +109,8 @@ class RandomCropDataset(Dataset):
             ``num_channels`` must then be ``None`` or ``len(channels)``.
         engine: store read engine (``"auto"``, ``"direct"``, ``"zarr"``; see :class:`ImageStore`).
         normalise: ``"worker"`` (float32 ``[0, 1]`` crops) or ``"batch"`` (stored values plus
-            ``"intensity_window"`` ``(C, 2)``; finish with :func:`~ssl_med.data.intensity.normalise_batch`; the transform must
-            not depend on intensities; averaging channels to ``num_channels=1`` needs normalised
+            ``"intensity_window"`` ``(C, 2)``; finish with :func:`~ssl_med.data.intensity.normalise_batch`;
+            the transform must not depend on intensities; averaging channels to ``num_channels=1`` needs normalised
             values, so it is refused) or ``"auto"`` (``"batch"`` unless channels are averaged).
         on_error: a sample whose chunks cannot be read: ``"raise"`` the error naming image and chunk,
             or ``"skip"`` it (drawn again, counted, logged; see :mod:`ssl_med.data.faults`).
