@@ -102,17 +102,24 @@ def measure(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+TABLE_COLUMNS = [
+    "code", "shape", "ViT-tiny fwd+bwd (s)", "Mamba-tiny fwd+bwd (s)", "Mamba / ViT", "scan call fwd (ms)",
+    "scan call fwd+bwd (ms)", "load",
+]  # fmt: skip
+
+
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| code | shape | ViT-tiny fwd+bwd (s) | Mamba-tiny fwd+bwd (s) | Mamba / ViT | scan call fwd (ms) | scan call fwd+bwd (ms) | load |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    """The markdown table of measured rows, one line per (label, shape)."""
+    from ssl_med.evaluators.report import markdown_table
+
+    cells = []
     for r in rows:
-        lines.append(
-            f"| {r['label']} | {r['shape']} | {r['vit_s']:.2f} | {r['mamba_s']:.2f} | {r['mamba_s'] / r['vit_s']:.1f}x "
-            f"| {r['scan_fwd_ms']:.0f} | {r['scan_fb_ms']:.0f} | {r['load']:.1f} |"
-        )
-    return "\n".join(lines)
+        values = (
+            r["label"], r["shape"], f"{r['vit_s']:.2f}", f"{r['mamba_s']:.2f}", f"{r['mamba_s'] / r['vit_s']:.1f}x",
+            f"{r['scan_fwd_ms']:.0f}", f"{r['scan_fb_ms']:.0f}", f"{r['load']:.1f}",
+        )  # fmt: skip
+        cells.append(dict(zip(TABLE_COLUMNS, values)))
+    return markdown_table(cells, TABLE_COLUMNS)
 
 
 def main() -> None:
