@@ -41,6 +41,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from ssl_med.evaluators.report import markdown_table  # noqa: E402
 from ssl_med.objective import Objective  # noqa: E402
 from ssl_med.train.batches import objective_and_batches  # noqa: E402
 from ssl_med.train.compile import CompileSettings, compile_children  # noqa: E402
@@ -116,16 +117,24 @@ def bench(case: str, batch: int | None, steps: int, warmup: int, mode: str) -> R
 
 
 def table(results: list[Result]) -> str:
-    rows = [
-        "| case | input | batch | eager step (s) | compiled step (s) | eager / compiled | compile time (s) | loss rel. diff |",
-        "|---|---|---|---|---|---|---|---|",
+    columns = [
+        "case", "input", "batch", "eager step (s)", "compiled step (s)", "eager / compiled",
+        "compile time (s)", "loss rel. diff",
     ]
-    for r in results:
-        rows.append(
-            f"| {r.case} | {r.geometry} | {r.batch} | {r.eager_s:.3f} | {r.compiled_s:.3f} | "
-            f"{r.eager_s / r.compiled_s:.2f} | {r.compile_s:.0f} | {r.loss_diff:.1e} |"
-        )
-    return "\n".join(rows)
+    rows = [
+        {
+            "case": r.case,
+            "input": r.geometry,
+            "batch": r.batch,
+            "eager step (s)": f"{r.eager_s:.3f}",
+            "compiled step (s)": f"{r.compiled_s:.3f}",
+            "eager / compiled": f"{r.eager_s / r.compiled_s:.2f}",
+            "compile time (s)": f"{r.compile_s:.0f}",
+            "loss rel. diff": f"{r.loss_diff:.1e}",
+        }
+        for r in results
+    ]
+    return markdown_table(rows, columns)
 
 
 def machine() -> str:
