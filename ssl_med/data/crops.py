@@ -1,7 +1,8 @@
 """Random crops read straight from the chunks of an :class:`~ssl_med.data.store.ImageStore`.
 
 A crop is drawn deterministically from ``(seed, index)``: the image (weighted by its number of
-crop positions, so large volumes are sampled more), for 2D crops from a volume the slice along
+positions of the region read, :meth:`RandomCropDataset.window`, so large volumes are sampled more and
+every distinct region equally often), for 2D crops from a volume the slice along
 ``slice_axis``, and the crop origin. Only the chunks that the crop touches are read.
 
 Foreground-aware sampling (``min_foreground > 0``) redraws the crop's *position within the same
@@ -265,10 +266,10 @@ class RandomCropDataset(Dataset):
             log.warning("%s: padded, %.0f%% of their crops is padding (data.small_images=pad)", what, 100 * padding)
 
     def _num_positions(self, meta: ImageMeta) -> int:
-        """Crop positions of an image (its sampling weight): slices times positions of the region read."""
+        """Crop positions of an image (its sampling weight): slices times positions of the region read
+        (:meth:`window`), so that every distinct region of the store is drawn equally often."""
         n_slices = meta.shape[1:][self.slice_axis] if meta.spatial_dims > self.spatial_dims else 1
-        window = self.window(meta) if self._scale(meta) < 1 and self.large_images == "resize" else self.crop_size
-        return n_slices * math.prod(max(s - c, 0) + 1 for s, c in zip(self._plane(meta), window))
+        return n_slices * math.prod(max(s - w, 0) + 1 for s, w in zip(self._plane(meta), self.window(meta)))
 
     @property
     def store(self) -> ImageStore:

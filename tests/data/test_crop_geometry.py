@@ -139,3 +139,23 @@ def test_intensity_window_modes_and_their_errors(medmnist_like: str, tmp_path: P
     np.testing.assert_array_equal(intensity_window(float_meta, "auto"), intensity_window(float_meta, "image"))
     with pytest.raises(ValueError, match=r"image 'mr' of .*float\.zarr: data.intensity_window=dtype needs integer images, this one is stored as float32"):
         RandomCropDataset(str(tmp_path / "float.zarr"), (8, 8), num_channels=None, window_mode="dtype")
+
+
+def test_sampling_weight_counts_the_positions_of_the_region_read(tmp_path: Path) -> None:
+    """A 20 x 40 image under a 32 x 32 crop is read as 20 x 20 windows (scaled by 1.6): 21 positions,
+    against one for a 32 x 32 image, so it is drawn 21 times as often and every window start is drawn."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "png").mkdir()
+    Image.fromarray(rng.integers(0, 256, (20, 40), dtype=np.uint8)).save(tmp_path / "png" / "wide.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(tmp_path / "png" / "square.png")
+    ingest([str(tmp_path / "png")], str(tmp_path / "s.zarr"), progress=False, log=lambda _: None)
+    ds = RandomCropDataset(str(tmp_path / "s.zarr"), (32, 32), length=4400, seed=0)
+    wide = next(m for n, m in zip(ds.names, ds.metas) if "wide" in n)
+    assert ds.window(wide) == (20, 20) and ds._num_positions(wide) == 21
+    regions = [ds.region(i) for i in range(len(ds))]
+    starts = {r[1].start for n, r in regions if "wide" in n}
+    assert starts == set(range(21)), "every window position of the wide image is drawn"
+    share = np.mean(["wide" in n for n, _ in regions])
+    assert abs(share - 21 / 22) < 0.02, share
