@@ -223,7 +223,9 @@ class RandomCropDataset(Dataset):
         #: one dtype for every raw crop so that they collate (``normalise="batch"``)
         self.raw_dtype = np.result_type(*(np.dtype(m.dtype or "float32") for m in self.metas))
         self._position = {n: k for k, n in enumerate(self.names)}
-        weights = np.array([self._num_positions(m) for m in self.metas], dtype=np.float64)
+        #: the extent read from each image (:meth:`window`), fixed for the dataset's life: computed once
+        self.windows = [self.window(m) for m in self.metas]
+        weights = np.array([self._num_positions(k) for k in range(len(self.metas))], dtype=np.float64)
         self.weights = weights / weights.sum()
         self._check_image_sizes()
         self._store: ImageStore | None = None
@@ -265,11 +267,12 @@ class RandomCropDataset(Dataset):
             padding = np.mean([1 - math.prod(min(s, c) for s, c in zip(p, self.crop_size)) / math.prod(self.crop_size) for _, p in small])
             log.warning("%s: padded, %.0f%% of their crops is padding (data.small_images=pad)", what, 100 * padding)
 
-    def _num_positions(self, meta: ImageMeta) -> int:
+    def _num_positions(self, k: int) -> int:
         """Crop positions of an image (its sampling weight): slices times positions of the region read
         (:meth:`window`), so that every distinct region of the store is drawn equally often."""
+        meta = self.metas[k]
         n_slices = meta.shape[1:][self.slice_axis] if meta.spatial_dims > self.spatial_dims else 1
-        return n_slices * math.prod(max(s - w, 0) + 1 for s, w in zip(self._plane(meta), self.window(meta)))
+        return n_slices * math.prod(max(s - w, 0) + 1 for s, w in zip(self._plane(meta), self.windows[k]))
 
     @property
     def store(self) -> ImageStore:
@@ -312,7 +315,7 @@ class RandomCropDataset(Dataset):
         meta = self.metas[k]
         spatial = list(meta.shape[1:])
         region: list[slice] = []
-        crop = list(self.window(meta))
+        crop = list(self.windows[k])
         if meta.spatial_dims > self.spatial_dims:
             z = int(rng.integers(spatial[self.slice_axis]))
             crop.insert(self.slice_axis, 1)
@@ -333,7 +336,7 @@ class RandomCropDataset(Dataset):
         crop = self.store.read(name, region)
         if meta.spatial_dims > self.spatial_dims:
             crop = crop.squeeze(1 + self.slice_axis)
-        if self.window(meta) != self.crop_size:
+        if self.windows[k] != self.crop_size:
             crop = resize_crop(crop, self.crop_size)
         if self.normalise == "worker":
             return normalise_intensity(crop, self.intensity_windows[k]), k

@@ -152,8 +152,8 @@ def test_sampling_weight_counts_the_positions_of_the_region_read(tmp_path: Path)
     Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(tmp_path / "png" / "square.png")
     ingest([str(tmp_path / "png")], str(tmp_path / "s.zarr"), progress=False, log=lambda _: None)
     ds = RandomCropDataset(str(tmp_path / "s.zarr"), (32, 32), length=4400, seed=0)
-    wide = next(m for n, m in zip(ds.names, ds.metas) if "wide" in n)
-    assert ds.window(wide) == (20, 20) and ds._num_positions(wide) == 21
+    k = next(k for k, n in enumerate(ds.names) if "wide" in n)
+    assert ds.window(ds.metas[k]) == ds.windows[k] == (20, 20) and ds._num_positions(k) == 21
     regions = [ds.region(i) for i in range(len(ds))]
     starts = {r[1].start for n, r in regions if "wide" in n}
     assert starts == set(range(21)), "every window position of the wide image is drawn"

@@ -36,14 +36,14 @@ def test_default_crops_large_images_at_full_resolution(square_64: str) -> None:
     ds = RandomCropDataset(square_64, (28, 28), length=8, seed=0)
     _, region = ds.region(0)
     assert [s.stop - s.start for s in region] == [28, 28]
-    assert ds._num_positions(ds.metas[0]) == 37 * 37
+    assert ds._num_positions(0) == 37 * 37
 
 
 def test_resize_reads_the_whole_square_image_at_the_evaluators_scale(square_64: str, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="ssl_med.data.crops"):
         ds = RandomCropDataset(square_64, (28, 28), length=8, seed=0, large_images="resize")
     assert "larger than the crop" in caplog.text and "data.large_images=resize" in caplog.text
-    assert ds._num_positions(ds.metas[0]) == 1  # one position: the whole image
+    assert ds._num_positions(0) == 1  # one position: the whole image
     name, region = ds.region(3)
     assert [(s.start, s.stop) for s in region] == [(0, 64), (0, 64)]
     got, k = ds._crop(3, 0)
@@ -60,7 +60,7 @@ def test_resize_keeps_the_aspect_ratio_and_leaves_covering_images_alone(tmp_path
     assert ds.window(ds.metas[0]) == (24, 24)
     _, region = ds.region(1)
     assert [s.stop - s.start for s in region] == [24, 24] and region[1] == slice(0, 24)
-    assert ds._num_positions(ds.metas[0]) == 17
+    assert ds._num_positions(0) == 17
     assert ds[0]["image"].shape == (1, 12, 12)
     covering = RandomCropDataset(wide, (12, 24), length=4, seed=0, large_images="resize")
     assert covering.window(covering.metas[0]) == (12, 24)  # one axis already fits: a plain crop
