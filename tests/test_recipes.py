@@ -91,7 +91,7 @@ def test_small_3d_mae_reconstructs_raw_voxels(overrides: list[str], norm_pix_los
 @pytest.mark.parametrize(
     ("overrides", "lr"),
     [
-        (["recipe=small_3d", "objective=voco"], 3.0e-4),  # conf/recipe_objective/small_3d_voco.yaml
+        (["recipe=small_3d", "objective=voco"], 1.0e-4),  # conf/recipe_objective/small_3d_voco.yaml
         (["recipe=small_3d", "objective=voco", "optim.lr=1e-3"], 1.0e-3),  # the command line wins
         (["recipe=small_3d", "objective=graph_matching"], 3.0e-4),  # conf/recipe_objective/small_3d_graph_matching.yaml
         (["recipe=small_2d", "objective=graph_matching"], 1.0e-3),
