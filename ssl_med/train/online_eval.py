@@ -84,10 +84,26 @@ def ridge_probe_scores(
     search short (:class:`OnlineEval` warns). Leave-one-out is exact and needs no refits: with ``X = U S Vᵀ``
     the hat matrix is ``H = U diag(s² / (s² + λN)) Uᵀ`` and the prediction for row ``i`` without it is
     ``(ŷᵢ − Hᵢᵢ yᵢ) / (1 − Hᵢᵢ)`` (Allen's PRESS identity; the standardisation statistics include row ``i``).
-    Scores are a softmax of the predictions, so AUROC and argmax accuracy apply.
+    Single-label scores are a softmax of the predictions, so AUROC and argmax accuracy apply. Multi-label
+    ``train_labels`` ``(N, L)`` {0, 1} are regressed per label, centred on their train prevalence ``p`` (so a
+    strong ridge shrinks ``ŷ`` toward ``p``, not toward 0), and each label's score is ``sigmoid(10 (ŷ − 0.5))``:
+    monotone in ``ŷ`` (AUROC unchanged) and above 0.5 exactly where the regression is, so the metrics' 0.5
+    threshold reads the regression's own decision.
     """
     x1, q1 = _standardised_design(train, query)
-    y = torch.nn.functional.one_hot(torch.from_numpy(train_labels).long(), num_classes).double()
+    labels = torch.from_numpy(np.asarray(train_labels)).long()
+    multi_label = task == "multi-label"
+    if multi_label != (labels.ndim == 2):
+        raise ValueError(f"ridge probe: task {task!r} with labels of shape {tuple(labels.shape)}")
+    y = labels.double() if multi_label else torch.nn.functional.one_hot(labels, num_classes).double()
+    offset = y.mean(0) if multi_label else torch.zeros(y.shape[1], dtype=y.dtype)
+    y = y - offset
+
+    def to_scores(pred: torch.Tensor) -> torch.Tensor:
+        if multi_label:
+            return torch.sigmoid((pred + offset - 0.5) * 10.0)
+        return torch.softmax(pred * 10.0, dim=1)
+
     u, sv, vh = torch.linalg.svd(x1, full_matrices=False)
     uty = u.T @ y
     lambdas = [float(ridge)] if isinstance(ridge, (int, float)) else sorted((float(r) for r in ridge), reverse=True)
@@ -97,7 +113,7 @@ def ridge_probe_scores(
         fitted = u @ (shrink[:, None] * uty)
         leverage = (u**2 @ shrink).clamp_max(1 - 1e-9)[:, None]
         loo = (fitted - leverage * y) / (1 - leverage)
-        return classification_metrics(torch.softmax(loo * 10.0, dim=1).numpy(), train_labels, task)["auroc"]
+        return classification_metrics(to_scores(loo).numpy(), train_labels, task)["auroc"]
 
     score = functools.cache(loo_auroc)  # an end of the grid is scored again beside the decade beyond it
     lam = max(lambdas, key=score) if len(lambdas) > 1 else lambdas[0]  # max keeps the first: the larger on ties
@@ -105,13 +121,14 @@ def ridge_probe_scores(
         beyond = lam * 10.0 if lam == lambdas[0] else lam / 10.0
         lam = beyond if score(beyond) > score(lam) else lam
     w = vh.T @ ((sv / (sv**2 + lam * len(x1)))[:, None] * uty)
-    return torch.softmax(q1 @ w * 10.0, dim=1).numpy(), lam
+    return to_scores(q1 @ w).numpy(), lam
 
 
 def online_metrics(
     train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, val_labels: np.ndarray, task: str, num_classes: int, cfg: OnlineEvalConfig
 ) -> dict[str, float]:
-    """kNN and ridge-probe metrics of ``val`` ``(Q, D)`` against ``train`` ``(N, D)`` (single-label tasks)."""
+    """kNN and ridge-probe metrics of ``val`` ``(Q, D)`` against ``train`` ``(N, D)``; labels ``(N,)`` ints, or
+    ``(N, L)`` {0, 1} for ``task="multi-label"`` (AUROC and accuracy then the means over labels)."""
     knn = classification_metrics(knn_scores(train, train_labels, val, num_classes, cfg.k, cfg.temperature), val_labels, task)
     scores, ridge = ridge_probe_scores(train, train_labels, val, num_classes, cfg.ridge, task)
     lin = classification_metrics(scores, val_labels, task)
@@ -150,8 +167,6 @@ class OnlineEval(L.Callback):
         best_dir: Path | None = None,
         export_config: dict[str, Any] | None = None,
     ) -> None:
-        if data.task == "multi-label":
-            raise ValueError(f"online_eval.data={cfg.data}: multi-label data is not supported online; use ssl_med evaluate")
         self.cfg = cfg
         self.name = data.name
         self.task, self.num_classes = data.task, data.num_classes

@@ -66,6 +66,43 @@ def test_ridge_probe_matches_lstsq_reference() -> None:
     assert chosen == ridge
 
 
+def test_multi_label_ridge_probe_matches_lstsq_reference() -> None:
+    """Multi-label targets ``(N, L)`` are regressed per label around their train prevalence, against numpy's
+    least squares; each score is ``sigmoid(10 (ŷ − 0.5))``, above 0.5 exactly where the regression is."""
+    rng = np.random.default_rng(4)
+    x, q = rng.standard_normal((60, 6)), rng.standard_normal((9, 6))
+    y = (rng.random((60, 3)) < 0.4).astype(np.int64)
+    ridge = 0.2
+    mean, std = x.mean(0), x.std(0, ddof=1)
+    xs = np.hstack([(x - mean) / std, np.ones((60, 1))])
+    a = np.vstack([xs, np.sqrt(ridge * 60) * np.eye(7)])
+    prevalence = y.mean(0)
+    w = np.linalg.lstsq(a, np.vstack([y - prevalence, np.zeros((7, 3))]), rcond=None)[0]
+    pred = prevalence + np.hstack([(q - mean) / std, np.ones((9, 1))]) @ w
+    scores, chosen = ridge_probe_scores(x, y, q, 3, ridge, "multi-label")
+    np.testing.assert_allclose(scores, 1 / (1 + np.exp(-10 * (pred - 0.5))), rtol=1e-6, atol=1e-9)
+    assert chosen == ridge and ((scores > 0.5) == (pred > 0.5)).all()
+    with pytest.raises(ValueError, match="multi-label"):
+        ridge_probe_scores(x, y[:, 0], q, 2, ridge, "multi-label")
+
+
+def test_multi_label_features_score_by_label() -> None:
+    """Each of three labels reads one feature (ChestMNIST-style multi-label data): kNN and the ridge probe
+    separate every label; features that carry none of them score at chance."""
+    rng = np.random.default_rng(5)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = (rng.random((n, 3)) < 0.5).astype(np.int64)
+        feats = np.hstack([3.0 * labels + 0.1 * rng.standard_normal((n, 3)), rng.standard_normal((n, 5))])
+        return feats.astype(np.float32), labels
+
+    (train, y_train), (val, y_val) = draw(300), draw(120)
+    m = online_metrics(train, y_train, val, y_val, "multi-label", 3, OnlineEvalConfig(k=10))
+    assert m["linear_auroc"] == 1.0 and m["knn_auroc"] > 0.99 and m["linear_accuracy"] > 0.95
+    noise = online_metrics(train[:, 3:], y_train, val[:, 3:], y_val, "multi-label", 3, OnlineEvalConfig(k=10))
+    assert 0.35 < noise["linear_auroc"] < 0.65 and 0.35 < noise["knn_auroc"] < 0.65
+
+
 def _lstsq_ridge(xs: np.ndarray, targets: np.ndarray, lam: float) -> np.ndarray:
     """Ridge weights by least squares on the augmented system (penalty ``lam * N`` on every weight)."""
     d = xs.shape[1]
@@ -313,6 +350,24 @@ def test_a_file_of_ones_own_is_named_after_the_file(tmp_path: Path, shared_data:
     callback = build_online_eval(cfg, [28, 28], 1)
     assert callback is not None and callback.name == "my_ultrasound"
     assert set(callback.labels) == {"train", "val"} and len(callback.labels["val"]) == 16
+
+
+def test_a_multi_label_file_is_read_online(tmp_path: Path) -> None:
+    """A MedMNIST-style multi-label file (``(N, L)`` {0, 1} labels, as ChestMNIST) is accepted: the callback
+    keeps its label matrix and evaluates an encoder on it."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 40), ("val", 20), ("test", 20)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (rng.random((n, 4)) < 0.5).astype(np.uint8)
+    np.savez(tmp_path / "chest_like.npz", **arrays)
+    cfg = OnlineEvalConfig(data="medmnist", path=str(tmp_path / "chest_like.npz"), keep_best=None)
+    callback = build_online_eval(cfg, [28, 28], 1)
+    assert callback is not None and callback.task == "multi-label" and callback.labels["val"].shape == (20, 4)
+    encoder = BACKBONES.build("vit", spatial_dims=2, in_chans=1, img_size=28, patch_size=7, embed_dim=32, depth=1, num_heads=2)
+    feats = {s: encoder(callback.images[s]).pooled.detach().numpy() for s in ("train", "val")}
+    m = online_metrics(feats["train"], callback.labels["train"], feats["val"], callback.labels["val"], "multi-label", 4, cfg)
+    assert all(np.isfinite(m[k]) for k in ("knn_auroc", "linear_auroc", "linear_accuracy"))
 
 
 def test_a_ridge_beyond_the_grid_is_warned_once(caplog: pytest.LogCaptureFixture) -> None:
