@@ -104,12 +104,19 @@ def percentile_scale(volume: np.ndarray) -> np.ndarray:
 
 
 def _subset(n: int, limit: int | None, labels: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Indices of a stratified random subset of at most ``limit`` items (all when ``limit`` is None)."""
+    """Sorted indices of a stratified random subset of at most ``limit`` items (all when ``limit`` is None).
+
+    Stratification keeps one item of every class (multi-label: every label combination), which can exceed
+    ``limit`` where there are many rare combinations (ChestMNIST's 14 labels); the excess is then dropped at
+    random, so ``limit`` always holds."""
     if limit is None or limit >= n:
         return np.arange(n)
     from ssl_med.evaluators.label_efficiency import stratified_subset
 
-    return stratified_subset(labels, limit / n, seed=seed)
+    keep = stratified_subset(labels, limit / n, seed=seed)
+    if len(keep) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, size=limit, replace=False))
+    return keep
 
 
 # -- classification ---------------------------------------------------------------------------------

@@ -167,6 +167,19 @@ def test_stratified_subset_is_seeded_and_keeps_every_class() -> None:
     assert np.bincount(labels[stratified_subset(labels, 0.01)]).tolist() == [1, 1]
 
 
+def test_a_capped_subset_holds_its_limit_with_many_label_combinations() -> None:
+    """Multi-label data with more label combinations than the limit (ChestMNIST-like): stratification alone
+    would keep one item per combination; the cap holds, without repeats, and is seeded."""
+    from ssl_med.evaluators.datasets import _subset
+
+    labels = (np.random.default_rng(0).random((3000, 12)) < 0.3).astype(np.int64)
+    assert len(np.unique(labels, axis=0)) > 500
+    idx = _subset(len(labels), 200, labels)
+    assert len(idx) == 200 == len(np.unique(idx)) and (np.diff(idx) > 0).all()
+    np.testing.assert_array_equal(idx, _subset(len(labels), 200, labels))
+    assert len(_subset(100, 40, np.array([0] * 90 + [1] * 10))) == 40
+
+
 def test_label_efficiency_chooses_read_out_and_c_on_val_per_subset(breast: ClassificationData, breast_feats: dict) -> None:
     """Per subset: every (read-out, C) fitted on the subset alone, the best on val scored on test (sklearn reference)."""
     rng = np.random.default_rng(0)
