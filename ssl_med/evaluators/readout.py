@@ -61,7 +61,8 @@ def folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.nd
     if k < 2:
         raise ValueError(f"eval.cv_folds must be >= 2, got {k}")
     if labels.ndim == 1:
-        smallest = int(np.bincount(labels).min(initial=len(labels))) if len(labels) else 0
+        counts = np.bincount(labels)
+        smallest = int(counts[counts > 0].min(initial=len(labels))) if len(labels) else 0  # classes present
         if smallest < k:
             raise ValueError(
                 f"eval.cv_folds={k} needs at least {k} items of every class in train + val; the rarest class "
