@@ -62,7 +62,13 @@ def folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.nd
         raise ValueError(f"eval.cv_folds must be >= 2, got {k}")
     if labels.ndim == 1:
         counts = np.bincount(labels)
-        smallest = int(counts[counts > 0].min(initial=len(labels))) if len(labels) else 0  # classes present
+        missing = np.flatnonzero(counts == 0).tolist()
+        if missing:  # a probe fitted without them would score misaligned class columns
+            raise ValueError(
+                f"class ids {missing} have no item in train + val (ids run 0..{len(counts) - 1}): the probe "
+                "cannot score a class it never saw; relabel the file to consecutive ids present in train"
+            )
+        smallest = int(counts.min(initial=len(labels))) if len(labels) else 0
         if smallest < k:
             raise ValueError(
                 f"eval.cv_folds={k} needs at least {k} items of every class in train + val; the rarest class "

@@ -78,8 +78,9 @@ def test_folds_name_the_rare_class_problem() -> None:
     labels = np.array([0] * 20 + [1] * 2)
     with pytest.raises(ValueError, match=r"cv_folds=5.*rarest class has 2"):
         folds(labels, 5, 0)
-    gap = np.array([0] * 10 + [2] * 10)  # class 1 absent from train + val (a test-only class): not "0 items"
-    assert len(folds(gap, 5, 0)) == 5
+    gap = np.array([0] * 10 + [2] * 10)  # class 1 absent from train + val: named, not "the rarest class has 0"
+    with pytest.raises(ValueError, match=r"class ids \[1\] have no item in train \+ val"):
+        folds(gap, 5, 0)
     multi = np.random.default_rng(0).integers(0, 2, size=(20, 3))
     assert len(folds(multi, 4, 0)) == 4  # multi-label: plain shuffled folds
 
