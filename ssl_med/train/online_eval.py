@@ -95,13 +95,15 @@ def ridge_probe_scores(
     multi_label = task == "multi-label"
     if multi_label != (labels.ndim == 2):
         raise ValueError(f"ridge probe: task {task!r} with labels of shape {tuple(labels.shape)}")
-    y = labels.double() if multi_label else torch.nn.functional.one_hot(labels, num_classes).double()
-    offset = y.mean(0) if multi_label else torch.zeros(y.shape[1], dtype=y.dtype)
-    y = y - offset
+    if multi_label:
+        prevalence = labels.double().mean(0)
+        y = labels.double() - prevalence
+    else:
+        y = torch.nn.functional.one_hot(labels, num_classes).double()
 
     def to_scores(pred: torch.Tensor) -> torch.Tensor:
         if multi_label:
-            return torch.sigmoid((pred + offset - 0.5) * 10.0)
+            return torch.sigmoid((pred + prevalence - 0.5) * 10.0)
         return torch.softmax(pred * 10.0, dim=1)
 
     u, sv, vh = torch.linalg.svd(x1, full_matrices=False)
